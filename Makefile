@@ -1,0 +1,47 @@
+# streamtune: two commands matter, `make demo` and `make test`.
+# Both install what is missing into ./.venv (idempotent: a stamp file records
+# the lock's hash, so a second run skips the install).
+
+PY          ?= python3
+VENV        := .venv
+BIN         := $(VENV)/bin
+STAMP       := $(VENV)/.installed-$(shell cat requirements.lock Makefile pyproject.toml | sha1sum | cut -c1-12)
+DEEPSPEED   := deepspeed==0.19.8
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lint typecheck kafka-jars clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --disable-pip-version-check uv==0.13.8
+	$(BIN)/uv pip install --python $(BIN)/python -r requirements.lock
+	DS_BUILD_OPS=0 $(BIN)/uv pip install --python $(BIN)/python --no-build-isolation --no-deps $(DEEPSPEED)
+	$(BIN)/uv pip install --python $(BIN)/python --no-deps -e .
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+kafka-jars: install
+	$(BIN)/streamtune kafka fetch
+
+demo: install kafka-jars
+	$(BIN)/streamtune demo $(DEMO_ARGS)
+
+# The whole suite: unit tests, then integration tests against a real Kafka
+# broker, a local Ray instance and Ray Serve. Nothing is skipped.
+test: install kafka-jars lint typecheck
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) state .pytest_cache .mypy_cache .ruff_cache
