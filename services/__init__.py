@@ -1,0 +1,1 @@
+"""Long-running processes (ingest, the continual loop) and the `streamtune` CLI."""

@@ -1,0 +1,140 @@
+"""Typed configuration of the Kafka side: client, topics, local broker, ingest, buffer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+Protocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class KafkaConfig(_Strict):
+    """How to reach Kafka: the embedded local broker by default, or any existing cluster."""
+
+    bootstrap_servers: str = Field(
+        default="127.0.0.1:9092", description="Comma-separated host:port list of brokers."
+    )
+    security_protocol: Protocol = Field(default="PLAINTEXT", description="Kafka security protocol.")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        default=None, description="SASL mechanism, required with SASL_* protocols."
+    )
+    sasl_username: str | None = Field(default=None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(default=None, description="SASL password.")
+    ssl_cafile: Path | None = Field(default=None, description="CA bundle to verify brokers.")
+    ssl_certfile: Path | None = Field(default=None, description="Client certificate (mTLS).")
+    ssl_keyfile: Path | None = Field(default=None, description="Client private key (mTLS).")
+    client_id: str = Field(default="streamtune", description="Client id reported to brokers.")
+
+    @model_validator(mode="after")
+    def _check_sasl(self) -> KafkaConfig:
+        if self.security_protocol.startswith("SASL") and not (
+            self.sasl_mechanism and self.sasl_username and self.sasl_password
+        ):
+            raise ValueError(
+                f"security_protocol={self.security_protocol} needs sasl_mechanism, sasl_username "
+                "and sasl_password; set them or use PLAINTEXT/SSL"
+            )
+        return self
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments shared by kafka-python's producer, consumer and admin client."""
+        kw: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "security_protocol": self.security_protocol,
+            "client_id": self.client_id,
+        }
+        if self.sasl_mechanism:
+            kw["sasl_mechanism"] = self.sasl_mechanism
+            kw["sasl_plain_username"] = self.sasl_username
+            kw["sasl_plain_password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password else None
+            )
+        for key, path in (
+            ("ssl_cafile", self.ssl_cafile),
+            ("ssl_certfile", self.ssl_certfile),
+            ("ssl_keyfile", self.ssl_keyfile),
+        ):
+            if path is not None:
+                kw[key] = str(path)
+        return kw
+
+
+class TopicsConfig(_Strict):
+    """Topic names and layout."""
+
+    events: str = Field(default="streamtune.events", description="Behaviour events topic.")
+    dead_letter: str = Field(default="streamtune.events.dlq", description="Dead-letter topic.")
+    partitions: int = Field(default=4, ge=1, le=1024, description="Partitions when we create it.")
+    replication_factor: int = Field(default=1, ge=1, description="Replication when we create it.")
+
+
+class BrokerConfig(_Strict):
+    """The embedded single-node Apache Kafka broker (KRaft) that the project starts itself."""
+
+    host: str = Field(default="127.0.0.1", description="Listen address; loopback unless opened.")
+    port: int = Field(default=9092, ge=1, le=65535, description="Client listener port.")
+    controller_port: int = Field(default=9093, ge=1, le=65535, description="KRaft controller port.")
+    state_dir: Path = Field(
+        default=Path("state/kafka"), description="Log dirs, config, pid file and logs."
+    )
+    jar_cache: Path = Field(
+        default=Path.home() / ".cache" / "streamtune" / "kafka",
+        description="Where Maven-fetched broker jars are cached (outside the repo).",
+    )
+    heap: str = Field(default="768m", description="Broker JVM heap (-Xmx).")
+    start_timeout_s: float = Field(default=90.0, gt=0, description="How long `up` waits.")
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class BufferConfig(_Strict):
+    """The durable Parquet event buffer."""
+
+    path: Path = Field(default=Path("state/buffer"), description="Segment directory.")
+    compact_below_rows: int = Field(
+        default=20_000, ge=1, description="Segments smaller than this are merged by compaction."
+    )
+    compact_target_rows: int = Field(
+        default=200_000, ge=1, description="Compaction stops growing a merged segment here."
+    )
+    retention_hours: float | None = Field(
+        default=None, gt=0, description="Drop segments whose newest event is older; None keeps all."
+    )
+
+
+class IngestConfig(_Strict):
+    """The consumer-group ingest service."""
+
+    group_id: str = Field(default="streamtune-ingest", description="Kafka consumer group.")
+    instance_id: str | None = Field(
+        default=None,
+        description=(
+            "Static group membership id (one per ingest process, stable across restarts): a "
+            "restarted member takes its partitions back at once instead of waiting for the "
+            "session timeout and a rebalance."
+        ),
+    )
+    session_timeout_ms: int = Field(
+        default=10_000, ge=6_000, description="Consumer-group session timeout."
+    )
+    max_poll_records: int = Field(default=5000, ge=1, description="Records per poll.")
+    segment_rows: int = Field(
+        default=50_000, ge=1, description="Flush a segment once this many records are pending."
+    )
+    flush_interval_s: float = Field(
+        default=2.0, gt=0, description="Flush at least this often while records are pending."
+    )
+    max_event_bytes: int = Field(
+        default=64 * 1024, ge=256, description="Larger records are dead-lettered as oversized."
+    )
+    idle_exit_s: float | None = Field(
+        default=None, gt=0, description="Exit after this long with nothing new (batch mode)."
+    )
