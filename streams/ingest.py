@@ -86,6 +86,9 @@ class Ingestor:
         self.stats = IngestStats()
         self.stop_event = threading.Event()
         self._pending = _Pending()
+        # pyarrow's first list->array conversion pays a one-time lazy import (~2 s, pandas);
+        # pay it now rather than while partitions are assigned and records wait.
+        self._pending.rows.to_table()
         self.member = f"{socket.gethostname()}:{os.getpid()}"
         self._consumer: KafkaConsumer | None = None
         self._dlq: KafkaProducer | None = None

@@ -1,0 +1,178 @@
+"""Ingest throughput: Kafka -> durable buffer, against two references measured in the same run.
+
+    python -m bench.ingest [--events N] [--quick]
+
+References on the same topic and broker: (1) a bare kafka-python poll loop that only touches each
+record (the client's ceiling), (2) Kafka's own JVM consumer (ConsumerPerformance). Our number is
+sustained events/s from the first poll until the last event is durably in the buffer (fsync'd
+segments, offsets committed). The run also checks exactly-once: lost and duplicated event ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from kafka import KafkaConsumer, TopicPartition
+from rich.console import Console
+from rich.table import Table
+
+from streams.admin import ensure_topics
+from streams.broker import LocalBroker, java_cmd
+from streams.buffer import EventBuffer, Segment
+from streams.config import BrokerConfig, BufferConfig, IngestConfig, KafkaConfig, TopicsConfig
+from streams.datasets import DriftSpec, synthetic_drift
+from streams.ingest import IngestStats, Ingestor
+from streams.producer import replay
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def bare_poll(kafka: KafkaConfig, topic: str, partitions: int, n: int) -> float:
+    """events/s of a kafka-python loop that polls and touches each value, nothing else."""
+    consumer = KafkaConsumer(
+        **kafka.client_kwargs(),
+        group_id=None,
+        enable_auto_commit=False,
+        max_poll_records=5000,
+        max_partition_fetch_bytes=8 << 20,
+        fetch_max_bytes=64 << 20,
+    )
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    seen = 0
+    nbytes = 0
+    t0 = time.perf_counter()
+    while seen < n:
+        for msgs in consumer.poll(timeout_ms=1000).values():
+            for m in msgs:
+                nbytes += len(m.value)
+            seen += len(msgs)
+    dt = time.perf_counter() - t0
+    consumer.close()
+    return seen / dt
+
+
+def jvm_perf(broker: BrokerConfig, topic: str, n: int) -> float:
+    """events/s of Kafka's own ConsumerPerformance tool on the same topic."""
+    cmd = java_cmd(
+        broker, "org.apache.kafka.tools.ConsumerPerformance",
+        "--bootstrap-server", broker.bootstrap, "--topic", topic, "--messages", str(n),
+        "--group", f"perf-{time.time_ns()}", "--timeout", "60000",
+        heap="512m",
+    )  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    # Header then one CSV row: start.time, end.time, MB, MB.sec, nMsg, nMsg.sec, ...
+    header, row = next(
+        (lines[i], lines[i + 1])
+        for lines in [out.strip().splitlines()]
+        for i in range(len(lines) - 1)
+        if "nMsg.sec" in lines[i]
+    )
+    cols = [c.strip() for c in header.split(",")]
+    vals = [v.strip() for v in row.split(",")]
+    return float(vals[cols.index("nMsg.sec")])
+
+
+def durable_ingest(
+    kafka: KafkaConfig, topics: TopicsConfig, buf: EventBuffer, n: int
+) -> tuple[float, IngestStats]:
+    t0: list[float] = []
+    done: list[float] = []
+    ing: Ingestor
+
+    def on_flush(seg: Segment, stats: IngestStats) -> None:
+        if stats.ingested >= n and not done:
+            done.append(time.perf_counter())
+            ing.stop()
+
+    cfg = IngestConfig(group_id=f"bench-{time.time_ns()}", idle_exit_s=30.0)
+    ing = Ingestor(kafka, topics, cfg, buf, on_flush=on_flush)
+    t0.append(time.perf_counter())
+    stats = ing.run()
+    if not done:
+        raise RuntimeError(f"ingest stopped after {stats.ingested} of {n} events")
+    return stats.ingested / (done[0] - t0[0]), stats
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--events", type=int, default=300_000, help="events to produce and ingest")
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--quick", action="store_true", help="100k events (about a minute)")
+    args = ap.parse_args()
+    n = 100_000 if args.quick else args.events
+    console = Console()
+
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        broker_cfg = BrokerConfig(
+            port=_free_port(), controller_port=_free_port(), state_dir=Path(tmp) / "kafka"
+        )
+        broker = LocalBroker(broker_cfg)
+        with console.status("starting Kafka"):
+            broker.up()
+        try:
+            kafka = KafkaConfig(bootstrap_servers=broker_cfg.bootstrap)
+            topics = TopicsConfig(events="bench.events", partitions=args.partitions)
+            ensure_topics(kafka, topics)
+            events = list(synthetic_drift(DriftSpec(events=n, users=2000, seed=1)))
+            with console.status(f"producing {n} events"):
+                t = time.perf_counter()
+                replay(events, kafka, topics.events)
+                produce_rate = n / (time.perf_counter() - t)
+            with console.status("bare kafka-python poll loop"):
+                bare = bare_poll(kafka, topics.events, args.partitions, n)
+            with console.status("durable ingest"):
+                buf = EventBuffer(BufferConfig(path=Path(tmp) / "buffer"))
+                ours, stats = durable_ingest(kafka, topics, buf, n)
+            with console.status("Kafka ConsumerPerformance (JVM)"):
+                jvm = jvm_perf(broker_cfg, topics.events, n)
+            ids = buf.read(columns=["event_id"])["event_id"].to_pylist()
+            expected = {e.event_id for e in events}
+            lost = len(expected - set(ids))
+            duplicated = len(ids) - len(set(ids))
+        finally:
+            broker.down()
+
+    table = Table(title=f"ingest, {n} events, {args.partitions} partitions, 2-core machine")
+    table.add_column("path")
+    table.add_column("events/s", justify="right")
+    table.add_column("vs bare poll", justify="right")
+    table.add_row("streamtune ingest (durable, exactly-once)", f"{ours:,.0f}", f"{ours / bare:.2f}")
+    table.add_row("bare kafka-python poll loop", f"{bare:,.0f}", "1.00")
+    table.add_row("Kafka ConsumerPerformance (JVM)", f"{jvm:,.0f}", f"{jvm / bare:.2f}")
+    table.add_row("(producer, for reference)", f"{produce_rate:,.0f}", "")
+    console.print(table)
+    console.print(
+        f"segments={stats.segments} lost={lost} duplicated={duplicated} "
+        f"goal: >=50,000 events/s and >=0.7 of bare poll"
+    )
+    print(
+        json.dumps(
+            {
+                "events": n,
+                "events_per_s": round(ours),
+                "bare_poll_events_per_s": round(bare),
+                "jvm_perf_events_per_s": round(jvm),
+                "ratio_vs_bare_poll": round(ours / bare, 3),
+                "produce_events_per_s": round(produce_rate),
+                "segments": stats.segments,
+                "lost": lost,
+                "duplicated": duplicated,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
