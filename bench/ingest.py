@@ -27,7 +27,7 @@ from streams.broker import LocalBroker, java_cmd
 from streams.buffer import EventBuffer, Segment
 from streams.config import BrokerConfig, BufferConfig, IngestConfig, KafkaConfig, TopicsConfig
 from streams.datasets import DriftSpec, synthetic_drift
-from streams.ingest import IngestStats, Ingestor
+from streams.ingest import Ingestor, IngestStats
 from streams.producer import replay
 
 
