@@ -43,5 +43,20 @@ def settings_of(ctx: typer.Context) -> Settings:
 cli_stream.register(app, settings_of)
 
 
+@app.command()
+def demo(
+    ctx: typer.Context,
+    rate: Annotated[
+        float | None, typer.Option(help="Replay rate in events/s; omit for as fast as possible.")
+    ] = None,
+) -> None:
+    """The main job on one machine: broker up, replay MovieLens-100K, ingest, summarise."""
+    from rich.console import Console
+
+    from services.demo import run_ingest_demo
+
+    run_ingest_demo(settings_of(ctx), rate, Console())
+
+
 if __name__ == "__main__":
     app()
