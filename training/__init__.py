@@ -1,0 +1,1 @@
+"""Learning side of streamtune: model, replay, training rounds, registry, gate, evaluation."""
