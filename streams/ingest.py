@@ -183,8 +183,8 @@ class Ingestor:
             or time.monotonic() - p.since >= self.cfg.flush_interval_s
         )
 
-    def flush(self) -> Segment | None:
-        """Make pending records durable, then commit their offsets to Kafka."""
+    def flush(self, commit: bool = True) -> Segment | None:
+        """Make pending records durable, then (unless told not to) commit their offsets."""
         p = self._pending
         if p.records == 0:
             return None
@@ -195,7 +195,8 @@ class Ingestor:
         self._pending = _Pending()
         self.stats.ingested += seg.rows
         self.stats.segments += 1
-        self._commit(seg)
+        if commit:
+            self._commit(seg)
         if self.on_flush is not None:
             self.on_flush(seg, self.stats)
         return seg
@@ -231,7 +232,10 @@ class _Rebalance(ConsumerRebalanceListener):
         self.ingestor = ingestor
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self.ingestor.flush()
+        # Durable before the partitions move, so the next owner's seek sees these records.
+        # No Kafka commit here: kafka-python runs listeners on its IO thread, where a blocking
+        # commit is refused; the buffer is authoritative anyway.
+        self.ingestor.flush(commit=False)
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.ingestor._on_assigned(assigned)
