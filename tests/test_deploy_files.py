@@ -1,0 +1,43 @@
+"""The deployment files parse and say what they claim."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def test_every_yaml_and_json_parses() -> None:
+    files = list(DEPLOY.rglob("*.yaml")) + list(DEPLOY.rglob("*.yml"))
+    assert len(files) >= 3
+    for f in files:
+        docs = list(yaml.safe_load_all(f.read_text()))
+        assert docs and all(isinstance(d, dict) for d in docs), f
+    dash = json.loads((DEPLOY / "grafana" / "streamtune.json").read_text())
+    assert len(dash["panels"]) >= 10
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    for metric in ("ray_streamtune_ingested_events", "ray_streamtune_consumer_lag",
+                   "ray_streamtune_champion_version", "ray_serve_"):  # fmt: skip
+        assert metric in exprs
+
+
+def test_kuberay_gpu_training_and_loopback_compose() -> None:
+    docs = list(yaml.safe_load_all((DEPLOY / "kuberay" / "raycluster-training.yaml").read_text()))
+    cluster = next(d for d in docs if d["kind"] == "RayCluster")
+    limits = cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
+        "resources"
+    ]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"
+    compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
+    for svc in compose["services"].values():
+        for port in svc.get("ports", []):
+            assert port.startswith("127.0.0.1:"), port
+
+
+def test_kafka_pom_names_broker_and_tools() -> None:
+    pom = (DEPLOY / "kafka" / "pom.xml").read_text()
+    assert "<artifactId>kafka_2.13</artifactId>" in pom
+    assert "<artifactId>kafka-tools</artifactId>" in pom
