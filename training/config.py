@@ -1,0 +1,96 @@
+"""Typed configuration of the learning side: model, trainer, replay, gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """A SASRec-style causal transformer over item-id sequences (GPT-2 blocks from transformers)."""
+
+    max_len: int = Field(default=50, ge=2, le=4096, description="History items seen.")
+    d_model: int = Field(default=64, ge=8, le=4096, description="Hidden size = item row size.")
+    n_layers: int = Field(default=2, ge=1, le=48, description="Transformer blocks.")
+    n_heads: int = Field(default=2, ge=1, le=64, description="Attention heads per block.")
+    dropout: float = Field(default=0.2, ge=0.0, lt=1.0, description="Dropout everywhere.")
+    loss: Literal["full", "sampled"] = Field(
+        default="full", description="Full softmax over the catalog, or sampled softmax."
+    )
+    num_negatives: int = Field(
+        default=256, ge=1, description="Negatives per batch for the sampled softmax."
+    )
+    text_init: bool = Field(
+        default=True,
+        description="Initialise new items' rows from their title via MiniLM (offline, packaged).",
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}; "
+                "pick n_heads among its divisors"
+            )
+        return self
+
+
+class ReplayConfig(_Strict):
+    """The reservoir of past training sequences mixed into every round."""
+
+    capacity: int = Field(default=20_000, ge=0, description="Sequences kept (0 disables replay).")
+    ratio: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=16.0,
+        description="Replayed sequences per new sequence in a round (capped by the reservoir).",
+    )
+    kd_weight: float = Field(
+        default=0.0, ge=0.0, le=10.0, description="Distillation loss weight from the champion."
+    )
+    kd_temperature: float = Field(default=2.0, gt=0.0, description="Distillation temperature.")
+    seed: int = Field(default=0, description="Seed of the reservoir's sampling.")
+
+
+class TrainerConfig(_Strict):
+    """One training round: Ray Train workers running DeepSpeed data parallelism."""
+
+    num_workers: int = Field(default=2, ge=1, description="Ray Train workers (data parallel).")
+    use_gpu: bool | None = Field(
+        default=None, description="Train on GPUs; None = when the Ray cluster has any."
+    )
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs reserved per worker.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage.")
+    epochs: int = Field(default=3, ge=1, description="Passes over the round's data.")
+    batch_size: int = Field(default=128, ge=1, description="Sequences per worker per step.")
+    lr: float = Field(default=2e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    max_failures: int = Field(
+        default=2, ge=0, description="Retries of a round when a worker dies (Ray FailureConfig)."
+    )
+    storage_path: Path = Field(
+        default=Path("state/ray_results"),
+        description="Ray Train storage (shared storage on a multi-node cluster).",
+    )
+    seed: int = Field(default=0, description="Seed for shuffling and initialisation.")
+
+
+class GateConfig(_Strict):
+    """When a candidate may replace the champion."""
+
+    tolerance: float = Field(
+        default=0.005, ge=0.0, description="Allowed NDCG@10 drop against the champion."
+    )
+    min_eval_users: int = Field(
+        default=20, ge=1, description="Fewer held-out users than this: reject as unmeasurable."
+    )
+    replay_eval_size: int = Field(
+        default=500, ge=0, description="Replay sequences held out to measure forgetting."
+    )
+    keep_versions: int = Field(default=10, ge=2, description="Versions kept in the registry.")

@@ -1,0 +1,141 @@
+"""From buffer rows to training examples: per-user, time-ordered item-row sequences.
+
+An example is a left-padded window of ``max_len + 1`` consecutive items of one user: inputs are
+the first ``max_len``, targets the next item at every position (0 = no loss there). A round's
+examples predict only the round's new events; the user's earlier events are context.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from training.vocab import ItemVocab
+
+
+@dataclass
+class Examples:
+    inputs: np.ndarray  # [N, L] int64 item rows, left-padded
+    targets: np.ndarray  # [N, L] int64 next-item rows, 0 = ignore
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    @classmethod
+    def empty(cls, max_len: int) -> Examples:
+        z = np.zeros((0, max_len), dtype=np.int64)
+        return cls(z, z.copy())
+
+    def concat(self, other: Examples) -> Examples:
+        return Examples(
+            np.concatenate([self.inputs, other.inputs]),
+            np.concatenate([self.targets, other.targets]),
+        )
+
+    def take(self, idx: np.ndarray) -> Examples:
+        return Examples(self.inputs[idx], self.targets[idx])
+
+
+@dataclass
+class Holdout:
+    """One next-item question per user: history rows -> target row."""
+
+    histories: np.ndarray  # [U, L]
+    targets: np.ndarray  # [U]
+    seen: list[set[int]]  # rows each user already interacted with (excluded from ranking)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def user_sequences(table: pa.Table, vocab: ItemVocab) -> dict[str, list[int]]:
+    """user_id -> item rows in time order (the buffer returns rows sorted by ts)."""
+    seqs: dict[str, list[int]] = defaultdict(list)
+    users = table.column("user_id").to_pylist()
+    items = table.column("item_id").to_pylist()
+    for u, i in zip(users, items, strict=True):
+        row = vocab.index(i)
+        if row is not None:
+            seqs[u].append(row)
+    return dict(seqs)
+
+
+def left_pad(seq: list[int], length: int) -> np.ndarray:
+    out = np.zeros(length, dtype=np.int64)
+    tail = seq[-length:]
+    if tail:
+        out[length - len(tail) :] = tail
+    return out
+
+
+def windows(full: list[int], first_target: int, max_len: int) -> Examples:
+    """Examples whose targets are full[first_target:], each window max_len items of context."""
+    ins, tgs = [], []
+    end = len(full)
+    while end - 1 >= max(first_target, 1):
+        start = max(0, end - 1 - max_len)
+        x = full[start : end - 1]
+        y = full[start + 1 : end]
+        # Only positions predicting an item at index >= first_target carry loss.
+        y = [t if start + 1 + j >= first_target else 0 for j, t in enumerate(y)]
+        ins.append(left_pad(x, max_len))
+        tgs.append(left_pad(y, max_len))
+        end = start + 1
+    if not ins:
+        return Examples.empty(max_len)
+    return Examples(np.stack(ins), np.stack(tgs))
+
+
+def round_examples(
+    context: dict[str, list[int]],
+    new: dict[str, list[int]],
+    max_len: int,
+    holdout: bool,
+) -> tuple[Examples, Holdout]:
+    """Training examples over the new events (context = earlier events), and, if asked, each
+    user's last new event held out for evaluation (not trained on)."""
+    parts: list[Examples] = []
+    h_hist, h_tgt, h_seen = [], [], []
+    for user, rows in new.items():
+        ctx = context.get(user, [])
+        full = ctx + rows
+        if holdout and len(full) >= 2:
+            h_hist.append(left_pad(full[:-1], max_len))
+            h_tgt.append(full[-1])
+            h_seen.append(set(full[:-1]))
+            full = full[:-1]
+        first = len(ctx)
+        if len(full) > max(first, 1):
+            parts.append(windows(full, first, max_len))
+    ex = Examples.empty(max_len)
+    for p in parts:
+        ex = ex.concat(p)
+    hold = Holdout(
+        np.stack(h_hist) if h_hist else np.zeros((0, max_len), dtype=np.int64),
+        np.asarray(h_tgt, dtype=np.int64),
+        h_seen,
+    )
+    return ex, hold
+
+
+def holdout_from_examples(ex: Examples) -> Holdout:
+    """A replay example as an evaluation question: its last target given everything before."""
+    hist, tgt, seen = [], [], []
+    for x, y in zip(ex.inputs, ex.targets, strict=True):
+        nz = np.nonzero(y)[0]
+        if len(nz) == 0:
+            continue
+        last = int(nz[-1])
+        h = x[: last + 1]
+        hist.append(left_pad([int(v) for v in h if v], len(x)))
+        tgt.append(int(y[last]))
+        seen.append({int(v) for v in h if v})
+    L = ex.inputs.shape[1]
+    return Holdout(
+        np.stack(hist) if hist else np.zeros((0, L), dtype=np.int64),
+        np.asarray(tgt, dtype=np.int64),
+        seen,
+    )

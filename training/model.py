@@ -1,0 +1,153 @@
+"""The recommender: a causal transformer over item-id sequences (SASRec-style).
+
+GPT-2 blocks from transformers, built from ``ModelConfig`` (no hub download ever). Item ids are the
+tokens; the output layer is tied to the item embedding table, so scoring the next item is one
+matmul against it and the same table serves diversity re-ranking.
+
+Public API:
+  Recommender(cfg, n_rows)                   build (n_rows = len(ItemVocab), row 0 = padding)
+  model.loss(inputs, targets, teacher=None)  training loss; inputs/targets [B, L] item rows
+  model.score(inputs)                        [B, n_rows] next-item scores (padding = -inf)
+  model.item_embeddings()                    [n_rows, D] the tied table
+  model.grow(n_rows, init=None)              append rows for new items, old rows untouched
+  save_weights(model, path) / load_weights(path, cfg, n_rows)   safetensors, no pickle
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import GPT2Config, GPT2Model
+
+from training.config import ModelConfig
+
+
+class Recommender(nn.Module):
+    def __init__(self, cfg: ModelConfig, n_rows: int) -> None:
+        super().__init__()
+        if n_rows < 2:
+            raise ValueError("the catalog needs at least one item (n_rows counts padding too)")
+        self.cfg = cfg
+        gpt = GPT2Config(
+            vocab_size=n_rows,
+            n_positions=cfg.max_len,
+            n_embd=cfg.d_model,
+            n_layer=cfg.n_layers,
+            n_head=cfg.n_heads,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+        self.backbone = GPT2Model(gpt)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.backbone.wte.weight.shape[0])
+
+    def item_embeddings(self) -> torch.Tensor:
+        return self.backbone.wte.weight  # [V, D]
+
+    def hidden(self, inputs: torch.Tensor) -> torch.Tensor:
+        """inputs [B, L] left-padded item rows -> [B, L, D] states."""
+        mask = (inputs != 0).long()
+        out = self.backbone(input_ids=inputs, attention_mask=mask)
+        return out.last_hidden_state
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """[B, L] -> [B, L, V]: every position's next-item scores."""
+        return self.hidden(inputs) @ self.item_embeddings().T
+
+    def score(self, inputs: torch.Tensor) -> torch.Tensor:
+        """[B, L] histories (left-padded, newest last) -> [B, V] next-item scores."""
+        h = self.hidden(inputs)[:, -1]  # [B, D]
+        s = h @ self.item_embeddings().T  # [B, V]
+        s[:, 0] = float("-inf")
+        return s
+
+    def loss(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+        kd_weight: float = 0.0,
+        kd_temperature: float = 2.0,
+    ) -> torch.Tensor:
+        """Next-item cross-entropy on positions whose target is an item (target 0 = ignore).
+
+        teacher_logits [B, L, V_old] adds a distillation term over the teacher's catalog.
+        """
+        h = self.hidden(inputs)  # [B, L, D]
+        valid = targets != 0
+        hv, tv = h[valid], targets[valid]  # [N, D], [N]
+        table = self.item_embeddings()
+        if self.cfg.loss == "sampled" and self.cfg.num_negatives < table.shape[0] - 1:
+            ce = _sampled_softmax(hv, tv, table, self.cfg.num_negatives)
+        else:
+            logits = hv @ table.T  # [N, V]
+            logits[:, 0] = float("-inf")
+            ce = F.cross_entropy(logits, tv)
+        if teacher_logits is None or kd_weight == 0.0:
+            return ce
+        v_old = teacher_logits.shape[-1]
+        t = kd_temperature
+        student = (hv @ table[:v_old].T)[:, 1:] / t  # [N, V_old - 1], padding excluded
+        teacher = teacher_logits[valid][:, 1:] / t
+        kd = F.kl_div(
+            F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True,
+            reduction="batchmean",
+        ) * (t * t)  # fmt: skip
+        return ce + kd_weight * kd
+
+    @torch.no_grad()
+    def grow(self, n_rows: int, init: torch.Tensor | None = None) -> None:
+        """Append rows up to ``n_rows``; ``init`` [n_rows - old, D] sets the new rows."""
+        old = self.n_rows
+        if n_rows < old:
+            raise ValueError(f"cannot shrink the item table from {old} to {n_rows} rows")
+        if n_rows == old:
+            return
+        table = self.item_embeddings()
+        new = torch.empty(n_rows - old, table.shape[1], dtype=table.dtype)
+        if init is not None:
+            new.copy_(init)
+        else:
+            # Near the mean of known items: a neutral, in-distribution start for cold items.
+            new.normal_(0.0, float(table[1:].std())).add_(table[1:].mean(0))
+        self.backbone.resize_token_embeddings(n_rows, mean_resizing=False)
+        self.backbone.wte.weight[old:] = new
+        self.backbone.config.vocab_size = n_rows
+
+
+def _sampled_softmax(
+    h: torch.Tensor, targets: torch.Tensor, table: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Cross-entropy of the target against k shared uniform negatives (rows 1..V-1)."""
+    negatives = torch.randint(1, table.shape[0], (k,), device=h.device)  # [K]
+    pos = (h * table[targets]).sum(-1, keepdim=True)  # [N, 1]
+    neg = h @ table[negatives].T  # [N, K]
+    neg = neg.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+    logits = torch.cat([pos, neg], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(h), dtype=torch.long, device=h.device))
+
+
+def save_weights(model: Recommender, path: Path) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+
+
+def load_weights(path: Path, cfg: ModelConfig, n_rows: int | None = None) -> Recommender:
+    """Build from config and load safetensors weights (never unpickles)."""
+    state = load_file(str(path))
+    rows = int(state["backbone.wte.weight"].shape[0])
+    model = Recommender(cfg, rows)
+    model.load_state_dict(state, strict=False)
+    if n_rows is not None and n_rows > rows:
+        model.grow(n_rows)
+    return model

@@ -1,0 +1,251 @@
+"""One training round: new events + replay -> Ray Train (DeepSpeed) -> gate -> registry.
+
+    result = run_round(new, context, watermark, registry, RoundConfig())
+
+``new`` holds the events since the last round, ``context`` the same users' earlier events (their
+history, not trained on again), ``watermark`` the buffer offsets that ``new`` ends at; all are
+plain Arrow tables and dicts: this module knows nothing of Kafka. The round warm-starts from the
+champion, grows the item table for new items (text-initialised when titles are known), trains
+with N Ray Train workers (ScalingConfig: CPU + gloo here; GPUs + NCCL + bf16 on a GPU cluster,
+by config only), evaluates the candidate against the champion, and registers it with the decision.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file
+
+from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
+from training.data import Examples, holdout_from_examples, round_examples, user_sequences
+from training.gate import gate
+from training.model import Recommender, save_weights
+from training.registry import Registry
+from training.replay import Reservoir
+from training.textinit import init_rows
+from training.vocab import ItemVocab
+from training.worker import train_loop_per_worker
+
+
+class RoundConfig(BaseModel):
+    """Everything a round needs besides its data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model architecture.")
+    trainer: TrainerConfig = Field(
+        default_factory=TrainerConfig, description="Ray Train/DeepSpeed."
+    )
+    replay: ReplayConfig = Field(default_factory=ReplayConfig, description="Replay and KD.")
+    gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate.")
+
+
+@dataclass
+class RoundResult:
+    version: int
+    promoted: bool
+    reason: str
+    watermark: dict[str, int]
+    metrics: dict[str, float] = field(default_factory=dict)
+    new_events: int = 0
+    items_added: int = 0
+    train_s: float = 0.0
+
+
+def _titles(table: pa.Table) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item, text in zip(
+        table.column("item_id").to_pylist(), table.column("item_text").to_pylist(), strict=True
+    ):
+        if text:
+            out[item] = text
+    return out
+
+
+def _state_numpy(model: Recommender) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def prepare_model(
+    champion: Recommender | None,
+    vocab: ItemVocab,
+    cfg: ModelConfig,
+    titles: dict[str, str],
+    new_items: list[str],
+) -> Recommender:
+    """The round's starting point: the champion grown to the new catalog, or a fresh model."""
+    if champion is None:
+        return Recommender(cfg, len(vocab))
+    model = Recommender(champion.cfg, champion.n_rows)
+    model.load_state_dict(champion.state_dict())
+    init = None
+    if cfg.text_init and new_items and all(i in titles for i in new_items):
+        known = [i for i in vocab.items()[: champion.n_rows - 1] if i in titles]
+        rows = torch.tensor([vocab.index(i) for i in known], dtype=torch.long)
+        init = init_rows(
+            model.item_embeddings()[rows],
+            [titles[i] for i in known],
+            [titles[i] for i in new_items],
+        )
+    model.grow(len(vocab), init)
+    return model
+
+
+def train(
+    init: Recommender,
+    teacher: Recommender | None,
+    examples: Examples,
+    cfg: RoundConfig,
+    fail_at_epoch: int | None = None,
+) -> tuple[Recommender, dict[str, float]]:
+    """Run the Ray Train job; returns the trained model and the last reported metrics."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    use_gpu = cfg.trainer.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.trainer.num_workers
+    data = {
+        "inputs": examples.inputs,
+        "targets": examples.targets,
+        "init_state": _state_numpy(init),
+        "teacher_state": _state_numpy(teacher) if teacher and cfg.replay.kd_weight > 0 else None,
+    }
+    marker_dir = tempfile.mkdtemp(prefix="round-")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "data_ref": ray.put(data),
+            "model_config": init.cfg.model_dump(),
+            "trainer_config": cfg.trainer.model_dump(mode="json"),
+            "replay_config": cfg.replay.model_dump(),
+            "use_gpu": use_gpu,
+            "fail_at_epoch": fail_at_epoch,
+            "fail_marker": str(Path(marker_dir) / "died") if fail_at_epoch is not None else None,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.trainer.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=None if use_gpu else {"CPU": cfg.trainer.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=f"round-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}",
+            storage_path=str(cfg.trainer.storage_path.resolve()),
+            failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"the training round produced no checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        state = load_file(str(Path(d) / "model.safetensors"))
+    model = Recommender(init.cfg, init.n_rows)
+    model.load_state_dict(state, strict=False)
+    model.eval()
+    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+    return model, metrics
+
+
+def run_round(
+    new: pa.Table,
+    context: pa.Table,
+    watermark: dict[str, int],
+    registry: Registry,
+    cfg: RoundConfig,
+    fail_at_epoch: int | None = None,
+) -> RoundResult:
+    champ_v = registry.champion()
+    champ = registry.load(champ_v) if champ_v is not None else None
+    base_v = registry.latest()  # the replay lineage continues from the latest version
+    vocab = ItemVocab(champ.vocab.items()) if champ else ItemVocab()
+    titles: dict[str, str] = {}
+    if base_v is not None and (registry.path(base_v) / "titles.json").exists():
+        import json
+
+        titles = json.loads((registry.path(base_v) / "titles.json").read_text())
+    titles.update(_titles(context))
+    titles.update(_titles(new))
+    added = vocab.add(context.column("item_id").to_pylist() + new.column("item_id").to_pylist())
+    mcfg = champ.model.cfg if champ else cfg.model
+    init = prepare_model(champ.model if champ else None, vocab, mcfg, titles, added)
+
+    new_ex, new_hold = round_examples(
+        user_sequences(context, vocab), user_sequences(new, vocab), mcfg.max_len, holdout=True
+    )
+    if base_v is not None and (registry.path(base_v) / "replay.json").exists():
+        reservoir = Reservoir.load(registry.path(base_v), cfg.replay.capacity)
+    else:
+        reservoir = Reservoir(cfg.replay.capacity, mcfg.max_len, cfg.replay.seed)
+    eval_idx = reservoir.eval_indices(cfg.gate.replay_eval_size)
+    replay_hold = holdout_from_examples(
+        Examples(reservoir.inputs[eval_idx], reservoir.targets[eval_idx])
+    )
+    replay_ex = reservoir.sample(int(cfg.replay.ratio * len(new_ex)), exclude=eval_idx)
+    train_ex = new_ex.concat(replay_ex)
+
+    t_train = time.monotonic()
+    candidate, train_metrics = train(
+        init, champ.model if champ else None, train_ex, cfg, fail_at_epoch
+    )
+    train_s = time.monotonic() - t_train
+
+    counts = np.bincount(
+        np.asarray(vocab.encode(new.column("item_id").to_pylist()), dtype=np.int64),
+        minlength=len(vocab),
+    )
+    decision = gate(candidate, champ.model if champ else None, new_hold, replay_hold, counts,
+                    cfg.gate)  # fmt: skip
+    reservoir.add(new_ex)
+
+    def write(d: Path) -> None:
+        import json
+
+        save_weights(candidate, d / "model.safetensors")
+        vocab.save(d / "vocab.json")
+        (d / "titles.json").write_text(json.dumps(titles))
+        reservoir.save(d)
+
+    ts = new.column("ts")
+    meta: dict[str, Any] = {
+        "parent": champ_v,
+        "watermark": watermark,
+        "data_max_ts": int(pa.compute.max(ts).as_py()) if new.num_rows else None,
+        "model_config": mcfg.model_dump(),
+        "trainer_config": cfg.trainer.model_dump(mode="json"),
+        "replay_config": cfg.replay.model_dump(),
+        "metrics": {**decision.metrics, **{f"train_{k}": v for k, v in train_metrics.items()}},
+        "decision": "promote" if decision.promote else "reject",
+        "reason": decision.reason,
+        "new_events": new.num_rows,
+        "train_examples": len(train_ex),
+        "replay_examples": len(replay_ex),
+        "items_added": len(added),
+        "n_items": vocab.n_items,
+    }
+    version = registry.register(write, meta)
+    if decision.promote:
+        registry.set_champion(version, decision.reason)
+    else:
+        registry.record(version, "reject", decision.reason)
+    return RoundResult(
+        version=version,
+        promoted=decision.promote,
+        reason=decision.reason,
+        watermark=watermark,
+        metrics=meta["metrics"],
+        new_events=new.num_rows,
+        items_added=len(added),
+        train_s=train_s,
+    )
