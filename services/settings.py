@@ -16,7 +16,10 @@ from pydantic import Field, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from serving.config import RolloutConfig, ServingConfig
+from services.config import LoopConfig
 from streams.config import BrokerConfig, BufferConfig, IngestConfig, KafkaConfig, TopicsConfig
+from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
 
 
 class Settings(BaseSettings):
@@ -36,6 +39,17 @@ class Settings(BaseSettings):
     broker: BrokerConfig = Field(default_factory=BrokerConfig, description="Embedded broker.")
     buffer: BufferConfig = Field(default_factory=BufferConfig, description="Event buffer.")
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="Ingest service.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Recommender model.")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Training rounds.")
+    replay: ReplayConfig = Field(default_factory=ReplayConfig, description="Replay and KD.")
+    gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate.")
+    loop: LoopConfig = Field(default_factory=LoopConfig, description="The continual loop.")
+    serving: ServingConfig = Field(default_factory=ServingConfig, description="Ray Serve app.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollouts.")
+
+    @property
+    def registry_path(self) -> Path:
+        return self.state_dir / "registry"
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:
@@ -45,6 +59,8 @@ class Settings(BaseSettings):
             self.broker.state_dir = self.state_dir / "kafka"
         if "buffer" not in fields or "path" not in self.buffer.model_fields_set:
             self.buffer.path = self.state_dir / "buffer"
+        if "trainer" not in fields or "storage_path" not in self.trainer.model_fields_set:
+            self.trainer.storage_path = self.state_dir / "ray_results"
         if self.embedded_broker and (
             "kafka" not in fields or "bootstrap_servers" not in self.kafka.model_fields_set
         ):

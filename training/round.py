@@ -70,6 +70,19 @@ def _titles(table: pa.Table) -> dict[str, str]:
     return out
 
 
+def _popularity(registry: Registry, base: int | None, vocab: ItemVocab, new: pa.Table) -> list[int]:
+    """Cumulative interaction counts per row (serving's fallback for users with no history)."""
+    import json
+
+    counts = [0] * len(vocab)
+    if base is not None and (registry.path(base) / "popularity.json").exists():
+        for row, c in enumerate(json.loads((registry.path(base) / "popularity.json").read_text())):
+            counts[row] = c
+    for row in vocab.encode(new.column("item_id").to_pylist()):
+        counts[row] += 1
+    return counts
+
+
 def _state_numpy(model: Recommender) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
 
@@ -165,6 +178,7 @@ def run_round(
     registry: Registry,
     cfg: RoundConfig,
     fail_at_epoch: int | None = None,
+    extra_meta: dict[str, Any] | None = None,
 ) -> RoundResult:
     champ_v = registry.champion()
     champ = registry.load(champ_v) if champ_v is not None else None
@@ -209,10 +223,13 @@ def run_round(
                     cfg.gate)  # fmt: skip
     reservoir.add(new_ex)
 
+    popularity = _popularity(registry, base_v, vocab, new)
+
     def write(d: Path) -> None:
         import json
 
         save_weights(candidate, d / "model.safetensors")
+        (d / "popularity.json").write_text(json.dumps(popularity))
         vocab.save(d / "vocab.json")
         (d / "titles.json").write_text(json.dumps(titles))
         reservoir.save(d)
@@ -233,6 +250,8 @@ def run_round(
         "replay_examples": len(replay_ex),
         "items_added": len(added),
         "n_items": vocab.n_items,
+        "train_s": train_s,
+        **(extra_meta or {}),
     }
     version = registry.register(write, meta)
     if decision.promote:

@@ -1,0 +1,117 @@
+"""The continual loop: buffer -> training round -> gate -> registry (-> rollout, via serving).
+
+Decides when to train (``min_new_events`` new events or ``max_wait_s``, whichever first; skips
+rounds with too few events), reads the round's data from the buffer between two watermarks, and
+runs ``training.round.run_round``. The registry is the loop's memory: the data a round trains on
+starts at the watermark of the latest registered version, so a loop killed at any point resumes
+without skipping or re-training data (a round that never registered simply runs again).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from services.config import LoopConfig
+from streams.buffer import EventBuffer, atomic_write_bytes
+from training.registry import Registry
+from training.round import RoundConfig, RoundResult, run_round
+
+log = logging.getLogger(__name__)
+
+
+class ContinualLoop:
+    def __init__(
+        self,
+        buffer: EventBuffer,
+        registry: Registry,
+        round_cfg: RoundConfig,
+        cfg: LoopConfig,
+        state_file: Path,
+        on_round: Any = None,
+    ) -> None:
+        self.buffer, self.registry, self.round_cfg, self.cfg = buffer, registry, round_cfg, cfg
+        self.state_file = state_file
+        self.on_round = on_round
+        self.last_round_at = time.monotonic()
+        self.last_compact = time.monotonic()
+
+    # -- where we are -------------------------------------------------------------------
+    def trained_watermark(self) -> dict[str, int]:
+        """Offsets the lineage has consumed: the latest registered version's watermark."""
+        latest = self.registry.latest()
+        if latest is None:
+            return {}
+        wm: dict[str, int] = self.registry.meta(latest)["watermark"]
+        return wm
+
+    def pending(self) -> int:
+        """Records in the buffer past the trained watermark (dead letters included)."""
+        done = self.trained_watermark()
+        return sum(max(0, end - done.get(tp, 0)) for tp, end in self.buffer.watermark().items())
+
+    def should_train(self) -> bool:
+        n = self.pending()
+        waited = time.monotonic() - self.last_round_at
+        return n >= self.cfg.min_new_events or (
+            n >= self.cfg.min_round_events and waited >= self.cfg.max_wait_s
+        )
+
+    # -- one round ----------------------------------------------------------------------
+    def run_once(self, fail_at_epoch: int | None = None) -> RoundResult | None:
+        after = self.trained_watermark()
+        upto = self.buffer.watermark()
+        new = self.buffer.read(after=after, upto=upto)
+        self.last_round_at = time.monotonic()
+        if new.num_rows < self.cfg.min_round_events:
+            log.info("skip round: %d new events < %d", new.num_rows, self.cfg.min_round_events)
+            return None
+        users = pa.array(sorted(set(new.column("user_id").to_pylist())))
+        history = self.buffer.read(upto=after) if after else new.slice(0, 0)
+        context = history.filter(pc.is_in(history["user_id"], value_set=users))
+        t0 = time.monotonic()
+        result = run_round(new, context, upto, self.registry, self.round_cfg, fail_at_epoch,
+                           extra_meta={"after_watermark": after})  # fmt: skip
+        record = {**asdict(result), "started": t0, "seconds": time.monotonic() - t0,
+                  "after_watermark": after}  # fmt: skip
+        self._persist(record)
+        if self.on_round is not None:
+            self.on_round(result, record)
+        return result
+
+    def _persist(self, record: dict[str, Any]) -> None:
+        state = self.state()
+        state["rounds"].append(record)
+        atomic_write_bytes(self.state_file, json.dumps(state, default=str).encode())
+
+    def state(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads(self.state_file.read_text())
+            return data
+        except FileNotFoundError:
+            return {"rounds": []}
+
+    # -- forever ------------------------------------------------------------------------
+    def run(self, stop: threading.Event, tick: Any = None) -> None:
+        """Until ``stop``: train when due, call ``tick()`` (rollouts) between polls, compact."""
+        while not stop.is_set():
+            if self.should_train():
+                try:
+                    self.run_once()
+                except Exception:  # a failed round must not kill the service; retry later
+                    log.exception("training round failed; will retry at the next trigger")
+            if tick is not None:
+                tick()
+            if time.monotonic() - self.last_compact > self.cfg.compact_every_s:
+                self.buffer.compact()
+                self.buffer.apply_retention()
+                self.last_compact = time.monotonic()
+            stop.wait(self.cfg.poll_s)

@@ -1,0 +1,61 @@
+"""Typed configuration of serving: the HTTP app, its replicas, and the rollout controller."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServingConfig(_Strict):
+    """The Ray Serve application."""
+
+    app_name: str = Field(default="streamtune", description="Serve application name.")
+    host: str = Field(default="127.0.0.1", description="HTTP bind address; loopback unless opened.")
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
+    replicas: int = Field(default=2, ge=1, description="Replicas (the minimum when autoscaling).")
+    max_replicas: int | None = Field(
+        default=None, ge=1, description="Autoscale up to this many replicas; None = fixed count."
+    )
+    target_ongoing_requests: float = Field(
+        default=4.0, gt=0, description="Autoscaling target of in-flight requests per replica."
+    )
+    max_ongoing_requests: int = Field(default=32, ge=1, description="Per-replica concurrency cap.")
+    max_k: int = Field(default=100, ge=1, description="Largest k a request may ask for.")
+    max_history: int = Field(default=1000, ge=1, description="Longest history a request may send.")
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, description="Larger bodies get 413.")
+    history_len: int = Field(
+        default=100, ge=1, description="Recent items kept per user by the history component."
+    )
+    history_users: int = Field(
+        default=200_000, ge=1, description="Users kept in memory (least recently active dropped)."
+    )
+    history_group: str = Field(
+        default="streamtune-history", description="Kafka consumer group of the history component."
+    )
+    api_key: SecretStr | None = Field(
+        default=None, description="If set, requests must send it in the X-API-Key header."
+    )
+
+
+class RolloutConfig(_Strict):
+    """Automatic roll-forward to each champion, and rollback when a version misbehaves live."""
+
+    poll_s: float = Field(default=1.0, gt=0, description="How often the registry is checked.")
+    watch_s: float = Field(default=30.0, ge=0, description="Live watch window after a rollout.")
+    min_requests: int = Field(
+        default=20, ge=1, description="Requests a version must serve before it can be judged."
+    )
+    max_error_rate: float = Field(
+        default=0.05, ge=0, le=1, description="Roll back above this share of failed requests."
+    )
+    max_p99_ms: float = Field(default=250.0, gt=0, description="Roll back above this p99 latency.")
+    min_click_ratio: float = Field(
+        default=0.5,
+        ge=0,
+        description="Roll back if the click-through on served items falls below this fraction "
+        "of the previous version's (judged only once both have min_clicks_base clicks).",
+    )
+    min_clicks_base: int = Field(default=20, ge=1, description="Clicks needed to judge CTR.")

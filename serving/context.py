@@ -1,0 +1,202 @@
+"""ServingContext: the live state the replicas share, as one Ray actor.
+
+* Fresh user history: rebuilt from the buffer at start, then fed from Kafka by its own consumer
+  group (seeking to the buffer's watermark, so nothing is counted twice), bounded per user and in
+  users (least recently active evicted).
+* Online quality: which items each user was just served, by which version, and whether the user
+  then clicked one of them (click, cart or purchase events on a served item within ten minutes).
+* Per-version serving stats reported by replicas (requests, errors, latencies) and which version
+  each replica serves; the rollout controller judges versions from these.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from typing import Any
+
+from kafka import KafkaConsumer, TopicPartition
+
+from serving.config import ServingConfig
+from streams.buffer import EventBuffer
+from streams.config import BufferConfig, KafkaConfig, TopicsConfig
+from streams.events import DecodeError, decode
+
+ENGAGED = {"click", "cart", "purchase"}
+CLICK_WINDOW_S = 600.0
+CONTEXT_ACTOR = "streamtune-serving-context"
+
+
+class VersionStats:
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.latencies: deque[float] = deque(maxlen=5000)
+        self.served = 0
+        self.clicked = 0
+        self.first_seen = time.time()
+
+    def summary(self) -> dict[str, float]:
+        lat = sorted(self.latencies)
+        p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else 0.0
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "error_rate": self.errors / self.requests if self.requests else 0.0,
+            "p99_ms": p99,
+            "served": self.served,
+            "clicked": self.clicked,
+            "ctr": self.clicked / self.served if self.served else 0.0,
+        }
+
+
+class ServingContext:
+    """Run as a named, detached-capable Ray actor (see ``start_context``)."""
+
+    def __init__(
+        self, kafka: dict[str, Any], topics: dict[str, Any], buffer: dict[str, Any] | None,
+        cfg: dict[str, Any],
+    ) -> None:  # fmt: skip
+        self.kafka = KafkaConfig(**kafka)
+        self.topics = TopicsConfig(**topics)
+        self.cfg = ServingConfig(**cfg)
+        self.lock = threading.Lock()
+        self.history: OrderedDict[str, deque[str]] = OrderedDict()
+        self.served: dict[str, tuple[str, set[str], float]] = {}  # user -> (version, items, t)
+        self.stats: dict[str, VersionStats] = {}
+        self.replicas: dict[str, dict[str, Any]] = {}
+        self.load_failures: dict[str, str] = {}
+        self.events_seen = 0
+        self.last_event_at: float | None = None
+        start = self._rebuild(BufferConfig(**buffer)) if buffer else {}
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._consume, args=(start,), daemon=True)
+        self._thread.start()
+        self._ready.wait(timeout=30)
+
+    # -- history ------------------------------------------------------------------------
+    def _rebuild(self, bcfg: BufferConfig) -> dict[tuple[str, int], int]:
+        buf = EventBuffer(bcfg)
+        table = buf.read(columns=["user_id", "item_id"])
+        for u, i in zip(
+            table.column("user_id").to_pylist(), table.column("item_id").to_pylist(), strict=True
+        ):
+            self._push(u, i)
+        return buf.next_offsets()
+
+    def _push(self, user: str, item: str) -> None:
+        h = self.history.get(user)
+        if h is None:
+            h = self.history[user] = deque(maxlen=self.cfg.history_len)
+            if len(self.history) > self.cfg.history_users:
+                self.history.popitem(last=False)
+        else:
+            self.history.move_to_end(user)
+        h.append(item)
+
+    def _consume(self, start: dict[tuple[str, int], int]) -> None:
+        consumer = KafkaConsumer(
+            **self.kafka.client_kwargs(), group_id=self.cfg.history_group,
+            enable_auto_commit=False, auto_offset_reset="latest", fetch_max_wait_ms=50,
+        )  # fmt: skip
+        parts = consumer.partitions_for_topic(self.topics.events) or set()
+        tps = [TopicPartition(self.topics.events, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        for tp in tps:  # resume exactly where the rebuilt history ends
+            pos = start.get((tp.topic, tp.partition))
+            if pos is not None:
+                consumer.seek(tp, pos)
+            else:
+                consumer.seek_to_end(tp)
+        for tp in tps:
+            consumer.position(tp)
+        self._ready.set()
+        while not self._stop.is_set():
+            for msgs in consumer.poll(timeout_ms=100).values():
+                for m in msgs:
+                    try:
+                        e = decode(m.value)
+                    except DecodeError:
+                        continue  # ingest dead-letters it; history just skips it
+                    self._on_event(e.user_id, e.item_id, e.event_type.value)
+        consumer.close()
+
+    def _on_event(self, user: str, item: str, kind: str) -> None:
+        with self.lock:
+            self._push(user, item)
+            self.events_seen += 1
+            self.last_event_at = time.time()
+            served = self.served.get(user)
+            if kind in ENGAGED and served is not None:
+                version, items, t = served
+                if item in items and time.time() - t < CLICK_WINDOW_S:
+                    self._stats(version).clicked += 1
+                    items.discard(item)  # one click per served item
+
+    def get_history(self, user: str) -> list[str]:
+        with self.lock:
+            h = self.history.get(user)
+            return list(h) if h else []
+
+    # -- serving stats ------------------------------------------------------------------
+    def _stats(self, version: str) -> VersionStats:
+        s = self.stats.get(version)
+        if s is None:
+            s = self.stats[version] = VersionStats()
+        return s
+
+    def report(
+        self, replica: str, version: str | None, requests: dict[str, list[tuple[float, bool]]],
+        served: dict[str, tuple[str, list[str]]],
+    ) -> None:  # fmt: skip
+        """A replica's batch since its last report: per version (latency_ms, ok) samples, and
+        per user the items it was just served."""
+        with self.lock:
+            self.replicas[replica] = {"version": version, "at": time.time()}
+            for v, samples in requests.items():
+                st = self._stats(v)
+                for latency, ok in samples:
+                    st.requests += 1
+                    st.errors += 0 if ok else 1
+                    st.latencies.append(latency)
+            now = time.time()
+            for user, (v, items) in served.items():
+                self.served[user] = (v, set(items), now)
+                self._stats(v).served += len(items)
+
+    def record_load_failure(self, version: str, reason: str) -> None:
+        with self.lock:
+            self.load_failures[version] = reason
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            live = {r: d for r, d in self.replicas.items() if time.time() - d["at"] < 30}
+            return {
+                "replicas": live,
+                "versions": {v: s.summary() for v, s in self.stats.items()},
+                "load_failures": dict(self.load_failures),
+                "history_users": len(self.history),
+                "events_seen": self.events_seen,
+                "last_event_at": self.last_event_at,
+            }
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def start_context(
+    kafka: KafkaConfig, topics: TopicsConfig, buffer: BufferConfig | None, cfg: ServingConfig
+) -> Any:
+    """Start (or find) the named context actor; returns its handle."""
+    import ray
+
+    actor_cls = ray.remote(num_cpus=0, max_concurrency=64)(ServingContext)  # type: ignore[call-overload]
+    return actor_cls.options(name=CONTEXT_ACTOR, get_if_exists=True, lifetime="detached").remote(
+        kafka.model_dump(),
+        topics.model_dump(),
+        buffer.model_dump() if buffer else None,
+        cfg.model_dump(),
+    )
