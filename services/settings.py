@@ -16,8 +16,8 @@ from pydantic import Field, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from serving.config import RolloutConfig, ServingConfig
 from services.config import LoopConfig
+from serving.config import RolloutConfig, ServingConfig
 from streams.config import BrokerConfig, BufferConfig, IngestConfig, KafkaConfig, TopicsConfig
 from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
 
