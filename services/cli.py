@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from services import cli_stream
+from services import cli_loop, cli_stream
 from services.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -41,6 +41,7 @@ def settings_of(ctx: typer.Context) -> Settings:
 
 
 cli_stream.register(app, settings_of)
+cli_loop.register(app, settings_of)
 
 
 @app.command()

@@ -1,0 +1,186 @@
+"""CLI commands of the running system: up/down/status, one-off training, rollout controls."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services.settings import Settings
+from streams.buffer import EventBuffer
+
+console = Console()
+SettingsOf = Callable[[typer.Context], Settings]
+
+
+def register(app: typer.Typer, settings_of: SettingsOf) -> None:
+    @app.command()
+    def up(
+        ctx: typer.Context,
+        address: Annotated[
+            str | None, typer.Option(help="Existing Ray cluster (e.g. auto, ray://host:10001).")
+        ] = None,
+        no_serve: Annotated[bool, typer.Option(help="Train only; no Serve app.")] = False,
+    ) -> None:
+        """Start broker (embedded), Ray, ingest, history, the loop and Serve; Ctrl-C stops."""
+        from services.cli_stream import ensure_broker
+        from services.runtime import init_ray, start
+
+        s = settings_of(ctx)
+        ensure_broker(s)
+        init_ray(address)
+        running = start(s, serve_http=not no_serve)
+        pid_file = s.state_dir / "up.pid"
+        pid_file.write_text(str(os.getpid()))
+        stop = threading.Event()
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        where = f"http://{s.serving.host}:{s.serving.port}" if not no_serve else "(no serve)"
+        console.print(f"streamtune up: ingest -> rounds -> {where}. Ctrl-C to stop.")
+        tick = running.controller.step if running.controller else None
+        try:
+            running.loop.run(stop, tick=tick)
+        finally:
+            running.stop()
+            pid_file.unlink(missing_ok=True)
+            console.print("stopped: buffered data flushed")
+
+    @app.command()
+    def down(ctx: typer.Context) -> None:
+        """Stop what `up` started: the loop process (gracefully) and the embedded broker."""
+        from streams.broker import LocalBroker
+
+        s = settings_of(ctx)
+        pid_file = s.state_dir / "up.pid"
+        if pid_file.exists():
+            pid = int(pid_file.read_text())
+            try:
+                os.kill(pid, signal.SIGTERM)
+                for _ in range(120):
+                    os.kill(pid, 0)
+                    time.sleep(0.5)
+            except ProcessLookupError:
+                pass
+            pid_file.unlink(missing_ok=True)
+            console.print(f"stopped streamtune up (pid {pid})")
+        if s.embedded_broker and LocalBroker(s.broker).down():
+            console.print("stopped the embedded Kafka broker")
+
+    @app.command()
+    def status(ctx: typer.Context) -> None:
+        """Broker and lag, buffer, champion, recent rounds, serving versions, freshness."""
+        import httpx
+
+        from streams.admin import topic_lag
+        from streams.broker import LocalBroker
+        from training.registry import Registry
+
+        s = settings_of(ctx)
+        buf = EventBuffer(s.buffer)
+        st = buf.stats()
+        console.print(f"buffer: {st.rows:,} rows in {st.segments} segments")
+        b = LocalBroker(s.broker).status()
+        if not s.embedded_broker or b.answering:
+            lag = topic_lag(s.kafka, s.topics.events, buf.watermark())
+            console.print(f"broker {s.kafka.bootstrap_servers}: ingest lag {sum(lag.values()):,}")
+        else:
+            console.print("broker: not running")
+        reg = Registry(s.registry_path)
+        console.print(f"registry: versions {reg.versions()}, champion {reg.champion()}")
+        table = Table("version", "decision", "new events", "NDCG@10 new", "reason", title="rounds")
+        for d in [d for d in reg.decisions()][-10:]:
+            meta = reg.meta(d["version"]) if d["version"] in reg.versions() else {}
+            m = meta.get("metrics", {})
+            ndcg = f"{m.get('cand_new_ndcg10', float('nan')):.4f}"
+            new = str(meta.get("new_events", ""))
+            table.add_row(str(d["version"]), d["decision"], new, ndcg, d["reason"][:60])
+        console.print(table)
+        try:
+            models = httpx.get(f"http://{s.serving.host}:{s.serving.port}/models", timeout=3).json()
+            console.print(f"serving: champion {models['champion']}, replicas {models['serving']}")
+        except httpx.HTTPError:
+            console.print("serving: not reachable")
+        champ = reg.champion()
+        if champ is not None:
+            age = time.time() - reg.meta(champ)["created_at"]
+            console.print(f"freshness: champion v{champ} was trained {age:,.0f}s ago")
+
+    @app.command()
+    def train(
+        ctx: typer.Context,
+        once: Annotated[
+            bool, typer.Option("--once", help="One round on what is new, then exit.")
+        ] = False,
+    ) -> None:
+        """Run a training round on the buffer's new events (Ray Train + DeepSpeed)."""
+        from services.loop import ContinualLoop
+        from services.runtime import init_ray, round_config
+        from training.registry import Registry
+
+        if not once:
+            raise typer.BadParameter("use --once (the continuous loop is `streamtune up`)")
+        s = settings_of(ctx)
+        init_ray(None, dashboard=False)
+        reg = Registry(s.registry_path, s.gate.keep_versions)
+        loop = ContinualLoop(
+            EventBuffer(s.buffer), reg, round_config(s), s.loop, s.state_dir / "loop.json"
+        )
+        result = loop.run_once()
+        if result is None:
+            console.print("nothing to train: too few new events")
+            return
+        out = {"version": result.version, "promoted": result.promoted, "reason": result.reason}
+        console.print(json.dumps({**out, "new_events": result.new_events}))
+
+    rollout = typer.Typer(help="Inspect and steer what Serve serves.")
+    app.add_typer(rollout, name="rollout")
+
+    @rollout.command("status")
+    def rollout_status(ctx: typer.Context) -> None:
+        """Champion, rollbacks and the version each replica serves."""
+        import httpx
+
+        from training.registry import Registry
+
+        s = settings_of(ctx)
+        reg = Registry(s.registry_path)
+        console.print(f"champion: {reg.champion()}")
+        for d in reg.decisions()[-10:]:
+            console.print(f"  v{d['version']}: {d['decision']} - {d['reason']}")
+        try:
+            url = f"http://{s.serving.host}:{s.serving.port}/models"
+            console.print(httpx.get(url, timeout=3).json())
+        except httpx.HTTPError:
+            console.print("serving: not reachable")
+
+    @rollout.command("promote")
+    def rollout_promote(ctx: typer.Context, version: int) -> None:
+        """Make VERSION the champion; a running `up` rolls Serve to it within a second."""
+        from training.registry import Registry
+
+        reg = Registry(settings_of(ctx).registry_path)
+        reg.set_champion(version, "manual promote", decision="manual-promote")
+        console.print(f"v{version} is champion")
+
+    @rollout.command("rollback")
+    def rollout_rollback(ctx: typer.Context) -> None:
+        """Point the champion back at its parent; a running `up` rolls Serve back."""
+        from training.registry import Registry
+
+        reg = Registry(settings_of(ctx).registry_path)
+        champ = reg.champion()
+        if champ is None:
+            raise typer.BadParameter("no champion to roll back")
+        parent = reg.meta(champ).get("parent")
+        if parent is None:
+            raise typer.BadParameter(f"v{champ} has no parent to roll back to")
+        reg.mark_rolled_back(champ, "manual rollback", to=int(parent))
+        console.print(f"rolled back v{champ} -> v{parent}")
