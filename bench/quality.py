@@ -1,0 +1,317 @@
+"""Recommendation quality: offline leave-one-out and streaming (prequential) strategies.
+
+    python -m bench.quality                       # MovieLens-100K, offline + streaming
+    python -m bench.quality --data mine.csv       # user,item,ts[,rating] (header optional)
+    python -m bench.quality --offline-only --quick --chunks 10 --seed 0 --out ./out
+
+Offline: leave-one-out (validation = second-last event, test = last), HR@10 and NDCG@10 with full
+ranking (seen items excluded, target kept) and with 100 negatives sampled uniformly without
+replacement from the items the user never interacted with; beside a popularity baseline scored on
+the very same cases and negatives. The epoch with the best validation NDCG@10 is reported on test.
+
+Streaming: ``training.prequential`` (protocol, forgetting and strategy definitions there). All
+training runs in this process with the trainer's ``training.fit`` loop on one worker, not on Ray:
+the benchmark compares learning strategies, not distribution.
+
+Progress goes to stderr; stdout gets the tables and, last, exactly one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+from rich.table import Table
+
+from training.evaluation import (
+    Interactions,
+    Metrics,
+    ModelScorer,
+    PopularityScorer,
+    encode,
+    evaluate_cases,
+    leave_one_out,
+    load_table,
+)
+from training.prequential import (
+    STRATEGIES,
+    ModelStrategy,
+    StrategyResult,
+    StreamConfig,
+    build_chunks,
+    run_stream,
+    train_from_scratch,
+)
+
+matplotlib.use("Agg")  # no display here; must precede pyplot's import
+import matplotlib.pyplot as plt
+
+TRAINING_NOTE = (
+    "in-process, single worker (training.fit + AdamW), not Ray/DeepSpeed: this benchmark "
+    "measures the learning strategy, not distribution"
+)
+NEGATIVES_NOTE = "100 per case, uniform, without replacement, from items the user never touched"
+err = Console(stderr=True)
+
+
+class QualityConfig(BaseModel):
+    """Everything one run of the benchmark needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path | None = Field(
+        default=None, description="MovieLens-100K folder or user,item,ts[,rating] CSV; None = ML."
+    )
+    out: Path = Field(default=Path("out"), description="Folder for the plot and results.json.")
+    chunks: int = Field(default=10, ge=2, description="Streaming chunks (chunk 0 pretrains).")
+    seed: int = Field(default=0, description="Seeds training, negatives and subsampling.")
+    offline_only: bool = Field(default=False, description="Skip the streaming comparison.")
+    quick: bool = Field(default=False, description="The ~2 minute smoke-test version.")
+    offline_epochs: int = Field(default=20, ge=1, description="Max epochs of the offline model.")
+    negatives: int = Field(default=100, ge=1, description="Sampled negatives per case.")
+    max_stream_cases: int = Field(
+        default=2000, ge=1, description="Test events per chunk (seeded subsample, same for all)."
+    )
+    stream: StreamConfig = Field(
+        default_factory=StreamConfig, description="How the streaming strategies train."
+    )
+
+    @classmethod
+    def quick_preset(cls, **overrides: Any) -> QualityConfig:
+        """Fewer chunks, epochs and test events: the same code paths in about two minutes."""
+        stream = StreamConfig(pretrain_epochs=6, update_epochs=2, full_epochs=4)
+        base: dict[str, Any] = {
+            "quick": True,
+            "chunks": 4,
+            "offline_epochs": 4,
+            "max_stream_cases": 400,
+            "stream": stream,
+        }
+        return cls(**{**base, **overrides})
+
+
+def _log(msg: str, t0: float) -> None:
+    err.print(f"[dim]{time.perf_counter() - t0:7.1f}s[/dim] {msg}")
+
+
+def _metrics_dict(m: Metrics) -> dict[str, float]:
+    return {
+        "ndcg10_full": round(m.ndcg10_full, 4),
+        "hr10_full": round(m.hr10_full, 4),
+        "ndcg10_sampled": round(m.ndcg10_sampled, 4),
+        "hr10_sampled": round(m.hr10_sampled, 4),
+    }
+
+
+def run_offline(inter: Interactions, cfg: QualityConfig, t0: float) -> dict[str, Any]:
+    """Train on leave-one-out train rows, pick the epoch by validation NDCG@10, score test."""
+    split = leave_one_out(inter)
+    full_seqs = [inter.items[rows] for rows in inter.rows_by_user()]
+    valid_excl = [full_seqs[c.user] for c in split.valid]
+    test_excl = [full_seqs[c.user] for c in split.test]
+    best: dict[str, Any] = {"ndcg": -1.0}
+
+    def on_epoch(epoch: int, model: Any, vocab: Any) -> None:
+        m = evaluate_cases(
+            ModelScorer(model, vocab, inter.item_ids), split.valid, inter.n_items, valid_excl,
+            seed=cfg.seed, negatives=cfg.negatives,
+        )  # fmt: skip
+        _log(f"offline epoch {epoch + 1}: valid NDCG@10 full {m.ndcg10_full:.4f}", t0)
+        if m.ndcg10_full > best["ndcg"]:
+            best.update(
+                ndcg=m.ndcg10_full, epoch=epoch + 1, state=copy.deepcopy(model.state_dict())
+            )
+
+    t_train = time.perf_counter()
+    model, vocab, _ = train_from_scratch(
+        inter, split.train_rows, cfg.stream, cfg.offline_epochs, on_epoch
+    )
+    train_s = time.perf_counter() - t_train
+    model.load_state_dict(best["state"])
+    # Negatives seeded differently from validation so test is not tuned on the same draws.
+    model_m = evaluate_cases(
+        ModelScorer(model, vocab, inter.item_ids), split.test, inter.n_items, test_excl,
+        seed=cfg.seed + 1, negatives=cfg.negatives,
+    )  # fmt: skip
+    pop = PopularityScorer(inter.items[split.train_rows], inter.n_items)
+    pop_m = evaluate_cases(
+        pop, split.test, inter.n_items, test_excl, seed=cfg.seed + 1, negatives=cfg.negatives
+    )
+    return {
+        "model": _metrics_dict(model_m),
+        "popularity": _metrics_dict(pop_m),
+        "best_epoch": best["epoch"],
+        "valid_ndcg10_full": round(best["ndcg"], 4),
+        "train_s": round(train_s, 1),
+        "cases": model_m.cases,
+    }
+
+
+def run_streaming(
+    inter: Interactions, cfg: QualityConfig, t0: float
+) -> tuple[list[StrategyResult], float]:
+    """Pretrain once on chunk 0, then every strategy streams over the remaining chunks."""
+    chunks = build_chunks(inter, cfg.chunks, cfg.max_stream_cases, cfg.seed)
+    t_pre = time.perf_counter()
+    pretrained = train_from_scratch(
+        inter, chunks[0].train_rows, cfg.stream, cfg.stream.pretrain_epochs
+    )
+    pretrain_s = time.perf_counter() - t_pre
+    _log(f"pretrained on chunk 0 ({len(chunks[0].train_rows)} events) in {pretrain_s:.1f}s", t0)
+
+    def on_round(k: int, res: StrategyResult) -> None:
+        _log(
+            f"{res.name} chunk {k}: stream NDCG@10 {res.stream_ndcg10[-1]:.4f}, "
+            f"train {res.train_s[-1]:.1f}s",
+            t0,
+        )
+
+    strategies = [ModelStrategy(name, inter, cfg.stream, pretrained) for name in STRATEGIES]
+    return run_stream(chunks, strategies, on_round), pretrain_s
+
+
+def _offline_table(off: dict[str, Any]) -> Table:
+    table = Table(title=f"Offline leave-one-out ({off['cases']} users, test = last event)")
+    table.add_column("model")
+    for col in ("NDCG@10 full", "HR@10 full", "NDCG@10 sampled", "HR@10 sampled"):
+        table.add_column(col, justify="right")
+    for name, m in (("transformer", off["model"]), ("popularity", off["popularity"])):
+        table.add_row(name, *(f"{m[k]:.4f}" for k in m))
+    return table
+
+
+def _stream_table(results: list[StrategyResult], n_chunks: int) -> Table:
+    table = Table(title=f"Streaming, test-then-train over {n_chunks} chunks ({TRAINING_NOTE})")
+    table.add_column("strategy")
+    for col in ("stream NDCG@10", "forgetting", "train s/round", "total train s"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(
+            r.name,
+            f"{r.mean_stream_ndcg10:.4f}",
+            f"{r.forgetting:+.4f}",
+            f"{r.mean_train_s:.2f}",
+            f"{sum(r.train_s):.1f}",
+        )
+    return table
+
+
+def plot(results: list[StrategyResult], path: Path) -> Path:
+    """NDCG@10 per chunk and training seconds per round, one line per strategy."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        x = np.arange(1, len(r.stream_ndcg10) + 1)
+        ax1.plot(x, r.stream_ndcg10, marker="o", label=r.name)
+        ax2.plot(x, r.train_s, marker="o", label=r.name)
+    ax1.set(xlabel="chunk", ylabel="NDCG@10 (test-then-train)", title="Streaming quality")
+    ax2.set(xlabel="round", ylabel="seconds", title="Training time per round", yscale="log")
+    ax1.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run(cfg: QualityConfig, console: Console) -> dict[str, Any]:
+    """The whole benchmark; prints the tables and returns the JSON record."""
+    t0 = time.perf_counter()
+    torch.set_num_threads(2)  # the benchmark box has 2 cores shared with other work
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    inter = encode(load_table(cfg.data))
+    _log(f"{len(inter.items)} events, {len(inter.user_ids)} users, {inter.n_items} items", t0)
+    off = run_offline(inter, cfg, t0)
+    console.print(_offline_table(off))
+    record: dict[str, Any] = {
+        "bench": "quality",
+        "dataset": str(cfg.data) if cfg.data else "movielens-100k",
+        "events": len(inter.items),
+        "quick": cfg.quick,
+        "seed": cfg.seed,
+        "offline_ndcg10_full": off["model"]["ndcg10_full"],
+        "offline_hr10_full": off["model"]["hr10_full"],
+        "offline_ndcg10_sampled": off["model"]["ndcg10_sampled"],
+        "offline_hr10_sampled": off["model"]["hr10_sampled"],
+        "offline_valid_ndcg10_full": off["valid_ndcg10_full"],
+        "offline_best_epoch": off["best_epoch"],
+        "offline_train_s": off["train_s"],
+        "popularity": off["popularity"],
+        "negatives": NEGATIVES_NOTE,
+        "model": cfg.stream.model.model_dump(),
+        "strategies": {},
+        "replay_over_full_ndcg": None,
+        "replay_over_full_train_s": None,
+    }
+    if not cfg.offline_only:
+        results, pretrain_s = run_streaming(inter, cfg, t0)
+        console.print(_stream_table(results, cfg.chunks))
+        by_name = {r.name: r for r in results}
+        replay, full, ft = by_name["replay"], by_name["full_retrain"], by_name["finetune"]
+        ndcg_ratio = replay.mean_stream_ndcg10 / full.mean_stream_ndcg10
+        time_ratio = replay.mean_train_s / full.mean_train_s
+        record.update(
+            strategies={r.name: r.summary() for r in results},
+            replay_over_full_ndcg=round(ndcg_ratio, 4),
+            replay_over_full_train_s=round(time_ratio, 4),
+            goals={
+                "replay_ndcg_ge_98pct_of_full": ndcg_ratio >= 0.98,
+                "replay_train_s_le_25pct_of_full": time_ratio <= 0.25,
+                "replay_forgets_less_than_finetune": replay.forgetting < ft.forgetting,
+            },
+            chunks=cfg.chunks,
+            pretrain_s=round(pretrain_s, 1),
+            stream_config=cfg.stream.model_dump(exclude={"model"}),
+            full_retrain="from scratch every round (fresh model, same seed)",
+            training=TRAINING_NOTE,
+            plot=str(plot(results, cfg.out / "quality_stream.png")),
+        )
+        console.print(
+            f"replay / full_retrain: NDCG@10 {ndcg_ratio:.1%} (goal >= 98%), "
+            f"training time {time_ratio:.1%} (goal <= 25%); forgetting replay "
+            f"{replay.forgetting:+.4f} vs finetune {ft.forgetting:+.4f}"
+        )
+    record["offline_beats_popularity"] = (
+        record["offline_ndcg10_full"] > record["popularity"]["ndcg10_full"]
+    )
+    record["total_s"] = round(time.perf_counter() - t0, 1)
+    (cfg.out / "quality.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def parse_args(argv: list[str] | None = None) -> QualityConfig:
+    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, help="user,item,ts[,rating] CSV (default MovieLens-100K)")
+    p.add_argument("--chunks", type=int, help="streaming chunks (default 10; 4 with --quick)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out)")
+    p.add_argument("--offline-only", action="store_true", help="skip the streaming comparison")
+    p.add_argument("--quick", action="store_true", help="~2 minute version (smoke test)")
+    a = p.parse_args(argv)
+    if a.data is not None and not a.data.exists():
+        p.error(f"--data {a.data} does not exist; pass a CSV with user,item,ts[,rating] rows")
+    over: dict[str, Any] = {"data": a.data, "seed": a.seed, "out": a.out}
+    over["offline_only"] = a.offline_only
+    if a.chunks is not None:
+        over["chunks"] = a.chunks
+    cfg = QualityConfig.quick_preset(**over) if a.quick else QualityConfig(**over)
+    # Seeds flow into the training config too, so --seed changes model init and shuffles.
+    cfg.stream = cfg.stream.model_copy(update={"seed": a.seed})
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv)
+    record = run(cfg, Console())
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+"""Streaming (prequential, test-then-train) evaluation of continual-learning strategies.
+
+Protocol
+--------
+The time-ordered events are cut into ``n_chunks`` chunks of equal event counts (``chunk_bounds``).
+In every chunk, each user's *last* event of that chunk, if the user has an earlier event, is the
+chunk's **holdout**; holdout events are never trained on by any strategy (they stay in users'
+histories as context, as they would in production).
+
+Round 0 pretrains on chunk 0. Then for every later chunk ``k``:
+
+1. **test**: the current model predicts each event of chunk ``k`` from that user's whole earlier
+   history (every event before it, across chunks), full ranking over the items the stream has
+   seen before chunk ``k`` began, excluding the user's already-seen items except the target.
+   Items first seen inside chunk ``k`` cannot be recommended by anyone, so they count as misses
+   for every strategy alike. Events with no history are skipped. The mean is ``stream_ndcg10[k]``.
+2. **train**: the strategy updates on chunk ``k``'s non-holdout events.
+3. ``a[k][k]``: NDCG@10 on chunk ``k``'s holdout right after that round ("just learned").
+
+After the last round ``F = n_chunks - 1`` every holdout is scored again: ``a[F][k]``.
+
+Reported per strategy:
+
+- ``stream_ndcg10`` = mean of ``stream_ndcg10[k]`` over k = 1..F (each chunk weighs the same).
+- ``forgetting`` = mean over k = 0..F-1 of ``a[k][k] - a[F][k]``: how much NDCG@10 the final model
+  lost on what earlier rounds had just learned (positive = forgot; negative = later rounds helped).
+  The last chunk is left out because for it the two models coincide.
+- ``train_s`` = mean wall-clock seconds of training per round k = 1..F (pretraining excluded,
+  it is the same for all strategies).
+
+Strategies (``ModelStrategy``), all starting from the same model pretrained on chunk 0 and all
+trained with the trainer's in-process loop (``training.fit.fit`` + ``torch_step``, one process,
+no Ray: this measures the learning strategy, not distribution):
+
+- ``static``: never updates.
+- ``finetune``: warm start, trains on the new chunk's events only (earlier events as context).
+- ``replay``: like finetune plus ``replay_ratio`` x as many examples drawn from a
+  ``training.replay.Reservoir`` of every earlier round's examples; then the new examples join it.
+- ``replay_kd``: replay plus distillation from a frozen copy of the model before the round.
+- ``full_retrain``: a fresh model (same seed) trained **from scratch** on every trainable event so
+  far, for ``full_epochs`` (the classic periodic batch retrain).
+
+New items grow the item table (``Recommender.grow``, mean-of-known init; the MiniLM title init of
+production rounds is off here so that no strategy pays for it).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from training.config import ModelConfig
+from training.data import Examples, round_examples
+from training.evaluation import Case, Interactions, ModelScorer, Scorer, ndcg_hr, rank_full
+from training.fit import fit, torch_step
+from training.model import Recommender
+from training.replay import Reservoir
+from training.vocab import ItemVocab
+
+STRATEGIES = ("static", "finetune", "replay", "replay_kd", "full_retrain")
+
+
+class StreamConfig(BaseModel):
+    """How every strategy trains (one shared set of knobs, so only the strategy differs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelConfig = Field(
+        default_factory=lambda: ModelConfig(text_init=False), description="Model architecture."
+    )
+    lr: float = Field(default=2e-3, gt=0, description="AdamW learning rate, every round.")
+    batch_size: int = Field(default=128, ge=1, description="Examples per optimizer step.")
+    pretrain_epochs: int = Field(default=10, ge=1, description="Epochs on chunk 0 (shared).")
+    update_epochs: int = Field(
+        default=3, ge=1, description="Epochs per round for finetune, replay and replay_kd."
+    )
+    full_epochs: int = Field(
+        default=10, ge=1, description="Epochs per round for full_retrain (from scratch)."
+    )
+    replay_capacity: int = Field(default=20_000, ge=1, description="Reservoir size (examples).")
+    replay_ratio: float = Field(
+        default=1.0, ge=0.0, description="Replayed examples per new example in a round."
+    )
+    kd_weight: float = Field(default=0.5, ge=0.0, description="Distillation weight (replay_kd).")
+    kd_temperature: float = Field(default=2.0, gt=0.0, description="Distillation temperature.")
+    seed: int = Field(default=0, description="Seeds model init, shuffling and the reservoir.")
+
+
+def chunk_bounds(n_events: int, n_chunks: int) -> list[tuple[int, int]]:
+    """``[start, end)`` row ranges of ``n_chunks`` consecutive chunks as equal as possible."""
+    if n_chunks < 2:
+        raise ValueError(f"n_chunks={n_chunks}: streaming needs at least 2 chunks (pretrain + 1)")
+    if n_events < n_chunks:
+        raise ValueError(f"{n_events} events cannot fill {n_chunks} chunks; use fewer chunks")
+    edges = np.linspace(0, n_events, n_chunks + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk of the stream: its row range, rows to train on, and the two case lists."""
+
+    index: int
+    start: int
+    end: int
+    train_rows: np.ndarray
+    holdout: list[Case]
+    stream: list[Case]  # every event with a history, for the test-then-train score
+    known_items: int  # item codes 1..known_items appeared before this chunk
+    known_items_end: int  # ... before this chunk ended
+
+
+def build_chunks(
+    inter: Interactions, n_chunks: int, max_stream_cases: int | None = None, seed: int = 0
+) -> list[Chunk]:
+    """Cut ``inter`` into chunks with holdouts and stream cases (see the module docstring).
+
+    ``max_stream_cases`` caps the test events per chunk with a seeded uniform subsample (the same
+    events for every strategy) to bound evaluation time.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(inter.items)
+    # position of each row inside its user's sequence, and that sequence, to slice histories
+    by_user = inter.rows_by_user()
+    seqs = [inter.items[rows] for rows in by_user]
+    pos = np.empty(n, dtype=np.int64)
+    for rows in by_user:
+        pos[rows] = np.arange(len(rows))
+    # item codes are given by first appearance, so a prefix maximum tells what is known so far
+    seen_max = np.maximum.accumulate(inter.items)
+    chunks: list[Chunk] = []
+    for k, (start, end) in enumerate(chunk_bounds(n, n_chunks)):
+        rows = np.arange(start, end)
+        users = inter.users[rows]
+        # last occurrence of each user inside the chunk: first occurrence in the reversed order
+        _, last_rev = np.unique(users[::-1], return_index=True)
+        last_rows = rows[len(rows) - 1 - last_rev]
+        hold_rows = np.sort(last_rows[pos[last_rows] > 0])
+        is_hold = np.zeros(n, dtype=bool)
+        is_hold[hold_rows] = True
+        stream_rows = rows[pos[rows] > 0]
+        if max_stream_cases is not None and len(stream_rows) > max_stream_cases:
+            stream_rows = np.sort(rng.choice(stream_rows, max_stream_cases, replace=False))
+
+        def cases(sel: np.ndarray) -> list[Case]:
+            return [
+                Case(int(u), seqs[u][: pos[r]], int(inter.items[r]))
+                for r, u in zip(sel, inter.users[sel], strict=True)
+            ]
+
+        known = int(seen_max[start - 1]) if start > 0 else 0
+        chunks.append(
+            Chunk(
+                index=k,
+                start=start,
+                end=end,
+                train_rows=rows[~is_hold[rows]],
+                holdout=cases(hold_rows),
+                stream=cases(stream_rows),
+                known_items=known,
+                known_items_end=int(seen_max[end - 1]),
+            )
+        )
+    return chunks
+
+
+def ndcg_on(scorer: Scorer, cases: Sequence[Case], known_items: int, batch: int = 512) -> float:
+    """Full-ranking NDCG@10 over items ``1..known_items`` (later items scored ``-inf``)."""
+    ranks: list[np.ndarray] = []
+    for start in range(0, len(cases), batch):
+        part = cases[start : start + batch]
+        scores = scorer.score([c.history for c in part])
+        scores[:, known_items + 1 :] = -np.inf
+        targets = np.array([c.target for c in part], dtype=np.int64)
+        ranks.append(rank_full(scores, targets, [c.history for c in part]))
+    return ndcg_hr(np.concatenate(ranks))[0]
+
+
+class Strategy(Protocol):
+    """A continual-learning strategy: holds a model, learns from row sets, exposes a scorer."""
+
+    name: str
+
+    def update(self, rows: np.ndarray, seen_rows: np.ndarray) -> None:
+        """Learn from the new ``rows``; ``seen_rows`` = every trainable row so far (incl. rows)."""
+        ...
+
+    def scorer(self) -> Scorer: ...
+
+
+@dataclass
+class StrategyResult:
+    name: str
+    stream_ndcg10: list[float] = field(default_factory=list)  # chunks 1..F
+    just_learned: list[float] = field(default_factory=list)  # a[k][k], k = 0..F
+    final: list[float] = field(default_factory=list)  # a[F][k], k = 0..F
+    train_s: list[float] = field(default_factory=list)  # rounds 1..F
+
+    @property
+    def mean_stream_ndcg10(self) -> float:
+        return float(np.mean(self.stream_ndcg10))
+
+    @property
+    def forgetting(self) -> float:
+        drops = np.array(self.just_learned[:-1]) - np.array(self.final[:-1])
+        drops = drops[~np.isnan(drops)]  # a chunk without holdout users has nothing to forget
+        return float(drops.mean()) if drops.size else 0.0
+
+    @property
+    def mean_train_s(self) -> float:
+        return float(np.mean(self.train_s))
+
+    def summary(self) -> dict[str, float | list[float]]:
+        return {
+            "stream_ndcg10": round(self.mean_stream_ndcg10, 4),
+            "forgetting": round(self.forgetting, 4),
+            "train_s": round(self.mean_train_s, 2),
+            "per_chunk_ndcg10": [round(x, 4) for x in self.stream_ndcg10],
+        }
+
+
+def run_stream(
+    chunks: Sequence[Chunk],
+    strategies: Sequence[Strategy],
+    on_round: Callable[[int, StrategyResult], None] | None = None,
+) -> list[StrategyResult]:
+    """Test-then-train over ``chunks`` for each strategy (already pretrained on chunk 0)."""
+    if len(chunks) < 2:
+        raise ValueError("run_stream needs at least 2 chunks")
+    results: list[StrategyResult] = []
+    for strategy in strategies:
+        res = StrategyResult(strategy.name)
+        res.just_learned.append(_holdout_ndcg(strategy.scorer(), chunks[0]))
+        seen = chunks[0].train_rows
+        for chunk in chunks[1:]:
+            res.stream_ndcg10.append(ndcg_on(strategy.scorer(), chunk.stream, chunk.known_items))
+            seen = np.concatenate([seen, chunk.train_rows])
+            t0 = time.perf_counter()
+            strategy.update(chunk.train_rows, seen)
+            res.train_s.append(time.perf_counter() - t0)
+            res.just_learned.append(_holdout_ndcg(strategy.scorer(), chunk))
+            if on_round is not None:
+                on_round(chunk.index, res)
+        res.final = [_holdout_ndcg(strategy.scorer(), c) for c in chunks]
+        results.append(res)
+    return results
+
+
+def _holdout_ndcg(scorer: Scorer, chunk: Chunk) -> float:
+    # Scored after training on its chunk, so items first seen inside the chunk are candidates.
+    if not chunk.holdout:
+        return float("nan")
+    return ndcg_on(scorer, chunk.holdout, chunk.known_items_end)
+
+
+def sequences(inter: Interactions, rows: np.ndarray, vocab: ItemVocab) -> dict[str, list[int]]:
+    """user id -> vocab rows of ``rows`` (row indices); items the vocab lacks are dropped."""
+    out: dict[str, list[int]] = {}
+    for r in np.sort(rows):
+        row = vocab.index(inter.item_ids[inter.items[r] - 1])
+        if row is not None:
+            out.setdefault(inter.user_ids[inter.users[r]], []).append(row)
+    return out
+
+
+def vocab_of(inter: Interactions, rows: np.ndarray, vocab: ItemVocab | None = None) -> ItemVocab:
+    """``vocab`` (or a new one) extended with the items of ``rows`` in time order."""
+    vocab = ItemVocab() if vocab is None else vocab
+    vocab.add(inter.item_ids[c - 1] for c in inter.items[np.sort(rows)])
+    return vocab
+
+
+def train_from_scratch(
+    inter: Interactions,
+    rows: np.ndarray,
+    cfg: StreamConfig,
+    epochs: int,
+    on_epoch: Callable[[int, Recommender, ItemVocab], None] | None = None,
+) -> tuple[Recommender, ItemVocab, Examples]:
+    """A fresh model (seeded) trained on ``rows``; ``on_epoch`` sees the model after each epoch."""
+    vocab = vocab_of(inter, rows)
+    torch.manual_seed(cfg.seed)
+    model = Recommender(cfg.model, len(vocab))
+    examples, _ = round_examples({}, sequences(inter, rows, vocab), cfg.model.max_len, False)
+    step = torch_step(model, cfg.lr)
+    hook = None if on_epoch is None else (lambda e, _m: on_epoch(e, model, vocab))
+    fit(model, examples, step, epochs, cfg.batch_size, seed=cfg.seed, on_epoch=hook)
+    return model, vocab, examples
+
+
+class FrozenTeacher(Recommender):
+    """The model before a round, for distillation: rows it never knew (items new this round) are
+    read as padding, so it can take the grown student's inputs; it scores its old catalog only.
+
+    ``training.fit`` hands the teacher the student's inputs unchanged, and a plain copy of the old
+    model fails on them with an IndexError as soon as a round adds items.
+    """
+
+    @classmethod
+    def of(cls, model: Recommender) -> FrozenTeacher:
+        teacher = cls(model.cfg, model.n_rows)
+        teacher.load_state_dict(model.state_dict())
+        teacher.requires_grad_(False)
+        return teacher.eval()
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        return super().logits(torch.where(inputs < self.n_rows, inputs, torch.zeros_like(inputs)))
+
+
+class ModelStrategy:
+    """One strategy's lineage: model, vocab and (for replay) its reservoir."""
+
+    def __init__(
+        self,
+        name: str,
+        inter: Interactions,
+        cfg: StreamConfig,
+        pretrained: tuple[Recommender, ItemVocab, Examples],
+    ) -> None:
+        if name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {name!r}; choose among {', '.join(STRATEGIES)}")
+        self.name, self.inter, self.cfg = name, inter, cfg
+        model, vocab, examples = pretrained
+        self.model = copy.deepcopy(model)
+        self.vocab = ItemVocab(vocab.items())
+        self.reservoir = Reservoir(cfg.replay_capacity, cfg.model.max_len, cfg.seed)
+        if name.startswith("replay"):
+            self.reservoir.add(examples)
+        self.rounds = 0
+
+    def scorer(self) -> Scorer:
+        return ModelScorer(self.model, self.vocab, self.inter.item_ids)
+
+    def update(self, rows: np.ndarray, seen_rows: np.ndarray) -> None:
+        self.rounds += 1
+        cfg = self.cfg
+        seed = cfg.seed + 1000 * self.rounds  # a different shuffle every round, reproducibly
+        if self.name == "static":
+            return
+        if self.name == "full_retrain":
+            self.model, self.vocab, _ = train_from_scratch(
+                self.inter, seen_rows, cfg, cfg.full_epochs
+            )
+            return
+        teacher = FrozenTeacher.of(self.model) if self.name == "replay_kd" else None
+        vocab_of(self.inter, rows, self.vocab)
+        self.model.grow(len(self.vocab))
+        new_users = np.isin(self.inter.users, np.unique(self.inter.users[rows]))
+        context_rows = np.setdiff1d(seen_rows, rows)
+        context_rows = context_rows[new_users[context_rows]]
+        new_ex, _ = round_examples(
+            sequences(self.inter, context_rows, self.vocab),
+            sequences(self.inter, rows, self.vocab),
+            cfg.model.max_len,
+            False,
+        )
+        train_ex = new_ex
+        if self.name.startswith("replay"):
+            train_ex = new_ex.concat(self.reservoir.sample(int(cfg.replay_ratio * len(new_ex))))
+            self.reservoir.add(new_ex)
+        fit(
+            self.model,
+            train_ex,
+            torch_step(self.model, cfg.lr),
+            cfg.update_epochs,
+            cfg.batch_size,
+            seed=seed,
+            teacher=teacher,
+            kd_weight=cfg.kd_weight if teacher is not None else 0.0,
+            kd_temperature=cfg.kd_temperature,
+        )
