@@ -146,7 +146,11 @@ def run_offline(inter: Interactions, cfg: QualityConfig, t0: float) -> dict[str,
     pop_m = evaluate_cases(
         pop, split.test, inter.n_items, test_excl, seed=cfg.seed + 1, negatives=cfg.negatives
     )
+    tradeoff = diversity_tradeoff(
+        ModelScorer(model, vocab, inter.item_ids), model, split.test, test_excl
+    )
     return {
+        "diversity": tradeoff,
         "model": _metrics_dict(model_m),
         "popularity": _metrics_dict(pop_m),
         "best_epoch": best["epoch"],
@@ -154,6 +158,40 @@ def run_offline(inter: Interactions, cfg: QualityConfig, t0: float) -> dict[str,
         "train_s": round(train_s, 1),
         "cases": model_m.cases,
     }
+
+
+DIVERSITY_LEVELS = (0.0, 0.25, 0.5, 0.75)
+
+
+@torch.no_grad()
+def diversity_tradeoff(
+    scorer: ModelScorer, model: Any, cases: list[Any], seen: list[np.ndarray], max_cases: int = 1000
+) -> list[dict[str, float]]:
+    """NDCG@10 and intra-list diversity of the served top 10 at each MMR ``diversity`` level.
+
+    The same re-ranking the Serve app applies (``serving.mmr``) over the model's item rows, on
+    the top 100 by score with seen items excluded; ILD = mean pairwise (1 - cosine) in that space.
+    """
+    from serving.mmr import intra_list_diversity, mmr
+
+    rows = torch.from_numpy(scorer.code_to_row)
+    emb = torch.nn.functional.normalize(model.item_embeddings().detach().float()[rows], dim=1)
+    part = cases[:max_cases]
+    scores = torch.from_numpy(scorer.score([c.history for c in part]))
+    out = []
+    for lam in DIVERSITY_LEVELS:
+        gains, ild = [], []
+        for b, case in enumerate(part):
+            sc = scores[b].clone()
+            sc[torch.from_numpy(seen[b][seen[b] != case.target])] = float("-inf")
+            cand = torch.topk(sc, 100).indices
+            cand = cand[torch.isfinite(sc[cand])]
+            picked = mmr(sc, emb, cand, 10, lam)
+            pos = picked.index(case.target) if case.target in picked else -1
+            gains.append(1.0 / np.log2(pos + 2) if pos >= 0 else 0.0)
+            ild.append(intra_list_diversity(picked, emb))
+        out.append({"diversity": lam, "ndcg10": float(np.mean(gains)), "ild": float(np.mean(ild))})
+    return out
 
 
 def run_streaming(
@@ -186,6 +224,15 @@ def _offline_table(off: dict[str, Any]) -> Table:
         table.add_column(col, justify="right")
     for name, m in (("transformer", off["model"]), ("popularity", off["popularity"])):
         table.add_row(name, *(f"{m[k]:.4f}" for k in m))
+    return table
+
+
+def _diversity_table(rows: list[dict[str, float]]) -> Table:
+    table = Table(title="Diversity (MMR, as served) vs accuracy on the offline test users")
+    for col in ("diversity", "NDCG@10 full", "intra-list diversity"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(f"{r['diversity']:.2f}", f"{r['ndcg10']:.4f}", f"{r['ild']:.4f}")
     return table
 
 
@@ -230,6 +277,7 @@ def run(cfg: QualityConfig, console: Console) -> dict[str, Any]:
     _log(f"{len(inter.items)} events, {len(inter.user_ids)} users, {inter.n_items} items", t0)
     off = run_offline(inter, cfg, t0)
     console.print(_offline_table(off))
+    console.print(_diversity_table(off["diversity"]))
     record: dict[str, Any] = {
         "bench": "quality",
         "dataset": str(cfg.data) if cfg.data else "movielens-100k",
@@ -244,6 +292,7 @@ def run(cfg: QualityConfig, console: Console) -> dict[str, Any]:
         "offline_best_epoch": off["best_epoch"],
         "offline_train_s": off["train_s"],
         "popularity": off["popularity"],
+        "diversity_tradeoff": off["diversity"],
         "negatives": NEGATIVES_NOTE,
         "model": cfg.stream.model.model_dump(),
         "strategies": {},

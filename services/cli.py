@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from services import cli_loop, cli_stream
+from services import cli_loop, cli_stream, cli_tools
 from services.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -42,21 +42,34 @@ def settings_of(ctx: typer.Context) -> Settings:
 
 cli_stream.register(app, settings_of)
 cli_loop.register(app, settings_of)
+cli_tools.register(app, settings_of)
 
 
 @app.command()
 def demo(
     ctx: typer.Context,
-    rate: Annotated[
-        float | None, typer.Option(help="Replay rate in events/s; omit for as fast as possible.")
+    events: Annotated[
+        int | None, typer.Option(help="Replay only the first N MovieLens events (default all).")
     ] = None,
+    rate: Annotated[float, typer.Option(help="Replay rate in events/s.")] = 300.0,
+    round_events: Annotated[
+        int, typer.Option(help="Train again once this many events are new.")
+    ] = 12_000,
+    first_round_events: Annotated[
+        int, typer.Option(help="Events the first version (the static baseline) trains on.")
+    ] = 20_000,
+    query_rps: Annotated[float, typer.Option(help="Live /recommend queries per second.")] = 20.0,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep serving until Ctrl-C.")] = False,
+    out: Annotated[Path, typer.Option(help="Folder for the plot and demo.json.")] = Path("out"),
 ) -> None:
-    """The main job on one machine: broker up, replay MovieLens-100K, ingest, summarise."""
-    from rich.console import Console
+    """The main job: broker + Ray + ingest + rounds + Serve on MovieLens-100K, replayed live."""
+    from services.demo import DemoConfig, run_demo
 
-    from services.demo import run_ingest_demo
-
-    run_ingest_demo(settings_of(ctx), rate, Console())
+    cfg = DemoConfig(
+        events=events, rate=rate, round_events=round_events,
+        first_round_events=first_round_events, query_rps=query_rps, keep=keep, out=out,
+    )  # fmt: skip
+    run_demo(settings_of(ctx), cfg)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
 
         s = settings_of(ctx)
         ensure_broker(s)
-        init_ray(address)
+        init_ray(address, s)
         running = start(s, serve_http=not no_serve)
         pid_file = s.state_dir / "up.pid"
         pid_file.write_text(str(os.getpid()))
@@ -45,9 +45,12 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         where = f"http://{s.serving.host}:{s.serving.port}" if not no_serve else "(no serve)"
         console.print(f"streamtune up: ingest -> rounds -> {where}. Ctrl-C to stop.")
-        tick = running.controller.step if running.controller else None
+        if running.controller is not None:  # its own thread: rollouts never wait for a round
+            threading.Thread(
+                target=running.controller.run, args=(stop,), name="rollout", daemon=True
+            ).start()
         try:
-            running.loop.run(stop, tick=tick)
+            running.loop.run(stop)
         finally:
             running.stop()
             pid_file.unlink(missing_ok=True)
@@ -128,7 +131,7 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         if not once:
             raise typer.BadParameter("use --once (the continuous loop is `streamtune up`)")
         s = settings_of(ctx)
-        init_ray(None, dashboard=False)
+        init_ray(None, s, dashboard=False)
         reg = Registry(s.registry_path, s.gate.keep_versions)
         loop = ContinualLoop(
             EventBuffer(s.buffer), reg, round_config(s), s.loop, s.state_dir / "loop.json"

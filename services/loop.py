@@ -66,9 +66,16 @@ class ContinualLoop:
         )
 
     # -- one round ----------------------------------------------------------------------
-    def run_once(self, fail_at_epoch: int | None = None) -> RoundResult | None:
-        after = self.trained_watermark()
-        upto = self.buffer.watermark()
+    def run_once(
+        self, fail_at_epoch: int | None = None, upto: dict[str, int] | None = None
+    ) -> RoundResult | None:
+        """One round on the events between the trained watermark and ``upto`` (default: all).
+
+        With no champion (every version so far rejected) nothing has been learned yet, so the
+        round trains from scratch on everything buffered, not just on what is new.
+        """
+        after = self.trained_watermark() if self.registry.champion() is not None else {}
+        upto = self.buffer.watermark() if upto is None else upto
         new = self.buffer.read(after=after, upto=upto)
         self.last_round_at = time.monotonic()
         if new.num_rows < self.cfg.min_round_events:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -23,15 +25,26 @@ def round_config(s: Settings) -> RoundConfig:
     return RoundConfig(model=s.model, trainer=s.trainer, replay=s.replay, gate=s.gate)
 
 
-def init_ray(address: str | None, dashboard: bool = True) -> None:
+def init_ray(address: str | None, s: Settings, dashboard: bool = True) -> None:
+    """Connect to ``address``, or start a local Ray instance sized for the whole system.
+
+    Locally, Ray's CPU count is logical: a 2-core laptop must still fit the trainer's workers
+    beside the Serve replicas, or a round would wait forever for resources Serve holds.
+    """
     import ray
 
     if ray.is_initialized():
         return
     if address:
         ray.init(address=address)
-    else:  # a local instance, dashboard on loopback only
-        ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False)
+        return
+    needed = s.trainer.num_workers * s.trainer.cpus_per_worker + 0.25 * s.serving.replicas + 1
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",  # loopback only unless the user runs their own cluster
+        log_to_driver=False,
+    )
 
 
 @dataclass

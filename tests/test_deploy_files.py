@@ -41,3 +41,18 @@ def test_kafka_pom_names_broker_and_tools() -> None:
     pom = (DEPLOY / "kafka" / "pom.xml").read_text()
     assert "<artifactId>kafka_2.13</artifactId>" in pom
     assert "<artifactId>kafka-tools</artifactId>" in pom
+
+
+def test_serve_configs_name_importable_targets() -> None:
+    import importlib
+
+    serve_cfg = yaml.safe_load((DEPLOY / "serve.yaml").read_text())
+    rayservice = yaml.safe_load((DEPLOY / "kuberay" / "rayservice.yaml").read_text())
+    apps = (
+        serve_cfg["applications"]
+        + yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"]
+    )
+    assert serve_cfg["http_options"]["host"] == "127.0.0.1"
+    for app in apps:
+        module, _, attr = app["import_path"].partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), app["import_path"]

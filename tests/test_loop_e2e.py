@@ -42,6 +42,7 @@ def settings_env(kafka: KafkaConfig, state: Path, port: int) -> dict[str, str]:
         "STREAMTUNE_MODEL__MAX_LEN": "20",
         "STREAMTUNE_MODEL__D_MODEL": "32",
         "STREAMTUNE_TRAINER__EPOCHS": "3",
+        "STREAMTUNE_TRAINER__FIRST_ROUND_EPOCHS": "3",
         "STREAMTUNE_TRAINER__BATCH_SIZE": "64",
         "STREAMTUNE_TRAINER__LR": "0.005",
         "STREAMTUNE_GATE__MIN_EVAL_USERS": "10",
@@ -103,6 +104,9 @@ def test_loop_promotes_versions_and_serve_follows(system: tuple[Running, dict[st
     result = CliRunner().invoke(app, ["status"], env=env)
     assert result.exit_code == 0, result.output
     assert f"champion {r2.version}" in result.output and "promote" in result.output
+    evaluated = CliRunner().invoke(app, ["eval", "--last", "1000"], env=env)
+    assert evaluated.exit_code == 0, evaluated.output
+    assert f"v{r2.version} on the newest" in evaluated.output and "NDCG@10" in evaluated.output
 
 
 def test_loop_killed_mid_round_resumes_without_skipping(

@@ -26,8 +26,8 @@ def ray_cluster() -> Iterator[None]:
 def config(tmp: Path, **trainer: object) -> RoundConfig:
     return RoundConfig(
         model=ModelConfig(max_len=20, d_model=32, text_init=True),
-        trainer=TrainerConfig(num_workers=2, epochs=3, batch_size=64, lr=5e-3,
-                              storage_path=tmp / "ray", **trainer),  # type: ignore[arg-type]
+        trainer=TrainerConfig(num_workers=2, epochs=3, first_round_epochs=3, batch_size=64,
+                              lr=5e-3, storage_path=tmp / "ray", **trainer),  # type: ignore[arg-type]
         replay=ReplayConfig(capacity=2000, ratio=1.0),
         gate=GateConfig(min_eval_users=10, tolerance=0.02),
     )  # fmt: skip
@@ -56,6 +56,20 @@ def test_two_rounds_register_warm_start_and_grow(tmp_path: Path) -> None:
     assert meta2["replay_examples"] > 0  # history was replayed into the round
     assert reg.champion() == (2 if r2.promoted else 1)
     assert [d["version"] for d in reg.decisions()] == [1, 2]
+
+    # A rejected round still extends the item map and the replay lineage; the next round starts
+    # from the (older) champion but must keep every row the rejected version assigned.
+    champion = reg.champion()
+    third = synthetic_table(1500, seed=2, start=5000)
+    strict = cfg.model_copy(update={"gate": cfg.gate.model_copy(update={"min_eval_users": 10**6})})
+    r3 = run_round(third, second, {"events:0": 6500}, reg, strict)
+    assert not r3.promoted and reg.champion() == champion
+    fourth = synthetic_table(1500, seed=2, start=6500)
+    r4 = run_round(fourth, third, {"events:0": 8000}, reg, cfg)
+    v3, v4 = reg.load(3), reg.load(4)
+    assert v4.vocab.items()[: v3.vocab.n_items] == v3.vocab.items()
+    assert v4.model.n_rows == len(v4.vocab) and v4.meta["parent"] == champion
+    assert r4.version == 4
 
 
 def test_worker_killed_mid_round_is_retried_from_checkpoint(tmp_path: Path) -> None:

@@ -143,3 +143,24 @@ def test_ndcg_values() -> None:
     ndcg, hr = ndcg_hr(torch.tensor([0, 1, 20]), k=10)
     assert hr == pytest.approx(2 / 3)
     assert ndcg == pytest.approx((1.0 + 1 / np.log2(3)) / 3)
+
+
+def test_next_slice_holdout_asks_each_event_given_everything_before() -> None:
+    import pyarrow as pa
+
+    from training.data import next_slice_holdout
+
+    vocab = ItemVocab(["a", "b", "c"])
+    before = pa.table({"user_id": ["u1", "u1", "u2"], "item_id": ["a", "b", "c"]})
+    new = pa.table({"user_id": ["u1", "u3", "u1", "u3"], "item_id": ["c", "a", "zz", "b"]})
+    hold = next_slice_holdout(before, new, vocab, max_len=4, max_cases=10, seed=0)
+    # u1: a,b -> c; u1: a,b,c -> zz (unknown: row past the table = a miss); u3: a -> b.
+    # u3's first event has no history, so it is no question.
+    assert len(hold) == 3
+    assert hold.histories.tolist() == [[0, 0, 1, 2], [0, 1, 2, 3], [0, 0, 0, 1]]
+    assert hold.targets.tolist() == [3, len(vocab), 2]
+    assert hold.seen == [{1, 2}, {1, 2, 3}, {1}]
+    model = Recommender(ModelConfig(max_len=4, d_model=16), len(vocab))
+    assert evaluate(model, hold)["n"] == 3  # the unknown target is scored as a miss, not an error
+    capped = next_slice_holdout(before, new, vocab, max_len=4, max_cases=2, seed=0)
+    assert len(capped) <= 2

@@ -68,6 +68,11 @@ class TrainerConfig(_Strict):
     cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs reserved per worker.")
     zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage.")
     epochs: int = Field(default=3, ge=1, description="Passes over the round's data.")
+    first_round_epochs: int = Field(
+        default=10,
+        ge=1,
+        description="Passes with no champion to warm-start from (a cold model needs more).",
+    )
     batch_size: int = Field(default=128, ge=1, description="Sequences per worker per step.")
     lr: float = Field(default=2e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
@@ -86,6 +91,11 @@ class GateConfig(_Strict):
 
     tolerance: float = Field(
         default=0.005, ge=0.0, description="Allowed NDCG@10 drop against the champion."
+    )
+    confidence_z: float = Field(
+        default=1.64,
+        ge=0.0,
+        description="Reject only a drop past the tolerance by this many standard errors (0 = off).",
     )
     min_eval_users: int = Field(
         default=20, ge=1, description="Fewer held-out users than this: reject as unmeasurable."

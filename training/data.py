@@ -139,3 +139,36 @@ def holdout_from_examples(ex: Examples) -> Holdout:
         np.asarray(tgt, dtype=np.int64),
         seen,
     )
+
+
+def next_slice_holdout(
+    before: pa.Table, slice_: pa.Table, vocab: ItemVocab, max_len: int, max_cases: int, seed: int
+) -> Holdout:
+    """Test-then-train questions: each event of ``slice_`` given the user's every earlier event.
+
+    ``before`` holds the users' events before the slice (time order, like the slice). A seeded
+    subsample of at most ``max_cases`` events bounds the cost. A target the model's ``vocab`` does
+    not know gets row ``len(vocab)`` (past its table), which ``evaluate`` counts as a miss: a
+    model cannot recommend an item it has never seen, and that is part of what staleness costs.
+    """
+    seqs = user_sequences(before, vocab)
+    users = slice_.column("user_id").to_pylist()
+    items = slice_.column("item_id").to_pylist()
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(len(users), dtype=bool)
+    keep[rng.choice(len(users), min(max_cases, len(users)), replace=False)] = True
+    hist, tgt, seen = [], [], []
+    for j, (u, i) in enumerate(zip(users, items, strict=True)):
+        row = vocab.index(i)
+        prior = seqs.setdefault(u, [])
+        if keep[j] and prior:
+            hist.append(left_pad(prior, max_len))
+            tgt.append(len(vocab) if row is None else row)
+            seen.append(set(prior))
+        if row is not None:
+            prior.append(row)
+    return Holdout(
+        np.stack(hist) if hist else np.zeros((0, max_len), dtype=np.int64),
+        np.asarray(tgt, dtype=np.int64),
+        seen,
+    )

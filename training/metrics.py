@@ -25,8 +25,9 @@ def ndcg_hr(rank: torch.Tensor, k: int = 10) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def evaluate(model: Recommender, hold: Holdout, k: int = 10, batch: int = 512) -> dict[str, float]:
-    """Full-ranking NDCG@k / HR@k; items the user has seen (but not the target) are excluded."""
+def holdout_ranks(model: Recommender, hold: Holdout, batch: int = 512) -> torch.Tensor:
+    """0-based full-ranking rank of each question's target ([U]); seen items (not the target)
+    are excluded, and a target the model does not know ranks last (a miss)."""
     model.eval()
     all_ranks = []
     for s in range(0, len(hold), batch):
@@ -43,7 +44,18 @@ def evaluate(model: Recommender, hold: Holdout, k: int = 10, batch: int = 512) -
         r = torch.full_like(t, scores.shape[1])
         r[valid] = ranks(scores[valid], t[valid])
         all_ranks.append(r)
-    rank = torch.cat(all_ranks) if all_ranks else torch.zeros(0, dtype=torch.long)
+    return torch.cat(all_ranks) if all_ranks else torch.zeros(0, dtype=torch.long)
+
+
+def question_ndcg(rank: torch.Tensor, k: int = 10) -> np.ndarray:
+    """NDCG@k of each question (one relevant item: 1/log2(rank+2) inside the top k, else 0)."""
+    gain = torch.where(rank < k, 1.0 / torch.log2(rank.float() + 2.0), torch.zeros(()))
+    return gain.numpy().astype(np.float64)
+
+
+def evaluate(model: Recommender, hold: Holdout, k: int = 10, batch: int = 512) -> dict[str, float]:
+    """Full-ranking NDCG@k / HR@k; items the user has seen (but not the target) are excluded."""
+    rank = holdout_ranks(model, hold, batch)
     ndcg, hr = ndcg_hr(rank, k)
     return {f"ndcg{k}": ndcg, f"hr{k}": hr, "n": float(len(rank))}
 

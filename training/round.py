@@ -118,8 +118,12 @@ def train(
     examples: Examples,
     cfg: RoundConfig,
     fail_at_epoch: int | None = None,
+    cold: bool = False,
 ) -> tuple[Recommender, dict[str, float]]:
-    """Run the Ray Train job; returns the trained model and the last reported metrics."""
+    """Run the Ray Train job; returns the trained model and the last reported metrics.
+
+    ``cold``: no champion to start from, so ``first_round_epochs`` passes instead of ``epochs``.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -135,13 +139,16 @@ def train(
         "init_state": _state_numpy(init),
         "teacher_state": _state_numpy(teacher) if teacher and cfg.replay.kd_weight > 0 else None,
     }
+    tcfg = cfg.trainer.model_dump(mode="json")
+    if cold:
+        tcfg["epochs"] = cfg.trainer.first_round_epochs
     marker_dir = tempfile.mkdtemp(prefix="round-")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "data_ref": ray.put(data),
             "model_config": init.cfg.model_dump(),
-            "trainer_config": cfg.trainer.model_dump(mode="json"),
+            "trainer_config": tcfg,
             "replay_config": cfg.replay.model_dump(),
             "use_gpu": use_gpu,
             "fail_at_epoch": fail_at_epoch,
@@ -183,7 +190,13 @@ def run_round(
     champ_v = registry.champion()
     champ = registry.load(champ_v) if champ_v is not None else None
     base_v = registry.latest()  # the replay lineage continues from the latest version
-    vocab = ItemVocab(champ.vocab.items()) if champ else ItemVocab()
+    # The item map is one append-only lineage across every registered version, rejected ones
+    # included: the replay reservoir (which continues from the latest version) stores rows of
+    # that map, so restarting it from an older champion would point old examples at wrong rows.
+    vocab = ItemVocab()
+    if base_v is not None:
+        registry.verify(base_v)
+        vocab = ItemVocab.load(registry.path(base_v) / "vocab.json")
     titles: dict[str, str] = {}
     if base_v is not None and (registry.path(base_v) / "titles.json").exists():
         import json
@@ -191,7 +204,12 @@ def run_round(
         titles = json.loads((registry.path(base_v) / "titles.json").read_text())
     titles.update(_titles(context))
     titles.update(_titles(new))
-    added = vocab.add(context.column("item_id").to_pylist() + new.column("item_id").to_pylist())
+    rows_before = len(vocab)
+    vocab.add(context.column("item_id").to_pylist() + new.column("item_id").to_pylist())
+    if champ is not None:
+        assert vocab.items()[: len(champ.vocab) - 1] == champ.vocab.items(), "vocab lineage broke"
+    # Rows the champion lacks: items new this round, and those of rounds rejected since it.
+    added = vocab.items()[champ.model.n_rows - 1 :] if champ else []
     mcfg = champ.model.cfg if champ else cfg.model
     init = prepare_model(champ.model if champ else None, vocab, mcfg, titles, added)
 
@@ -211,7 +229,7 @@ def run_round(
 
     t_train = time.monotonic()
     candidate, train_metrics = train(
-        init, champ.model if champ else None, train_ex, cfg, fail_at_epoch
+        init, champ.model if champ else None, train_ex, cfg, fail_at_epoch, cold=champ is None
     )
     train_s = time.monotonic() - t_train
 
@@ -248,7 +266,7 @@ def run_round(
         "new_events": new.num_rows,
         "train_examples": len(train_ex),
         "replay_examples": len(replay_ex),
-        "items_added": len(added),
+        "items_added": len(vocab) - rows_before,
         "n_items": vocab.n_items,
         "train_s": train_s,
         **(extra_meta or {}),
@@ -265,6 +283,6 @@ def run_round(
         watermark=watermark,
         metrics=meta["metrics"],
         new_events=new.num_rows,
-        items_added=len(added),
+        items_added=len(vocab) - rows_before,
         train_s=train_s,
     )

@@ -1,0 +1,234 @@
+"""Freshness: how soon a published event changes what /recommend answers.
+
+    python -m bench.freshness [--quick] [--seconds S] [--rate R]
+
+The whole system runs in one process tree, as `streamtune up` runs it: a local Kafka broker,
+ingest into the buffer, the continual loop (training rounds on Ray Train + DeepSpeed), the rollout
+controller and Ray Serve. MovieLens-100K is produced at a steady rate after a first version has
+been trained on its first 20,000 events. Two clocks:
+
+(a) history path: a probe publishes a click by a brand-new user, then polls that user's
+    /recommend until the answer is built from that click (``source`` turns from "popularity"
+    to "history"); published -> visible, in ms.
+(b) model path: each replayed event's publish time is stamped, and its (partition, offset) is
+    read back from the buffer. A version covers every event below its watermark; an event's
+    model freshness is the first live /recommend answer from a version that covers it minus its
+    publish time, in seconds. Events no version covered by the end are reported as pending.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from services.demo import Clock, Queries
+from services.runtime import init_ray, start
+from services.settings import Settings, load_settings
+from streams.admin import ensure_topics
+from streams.broker import LocalBroker
+from streams.datasets import DEFAULT_ML100K, movielens_100k
+from streams.events import Event, EventType
+from streams.producer import make_producer, replay
+
+console = Console(stderr=True)
+FIRST = 20_000
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def bench_settings(root: Path) -> Settings:
+    return load_settings(
+        state_dir=root,
+        broker={"port": free_port(), "controller_port": free_port()},
+        topics={"events": "fresh.events", "dead_letter": "fresh.dlq", "partitions": 2},
+        serving={"port": free_port(), "replicas": 1},
+        loop={"min_new_events": 2000, "max_wait_s": 15.0, "min_round_events": 200, "poll_s": 0.5},
+        ingest={"flush_interval_s": 0.2},
+    )
+
+
+def probe_history(s: Settings, n: int, item: str) -> list[float]:
+    """ms from publishing a new user's first click to a /recommend answer built from it."""
+    url = f"http://{s.serving.host}:{s.serving.port}/recommend"
+    prod = make_producer(s.kafka)
+    out: list[float] = []
+    with httpx.Client(timeout=5) as client:
+        for i in range(n):
+            user = f"probe-{time.time_ns()}-{i}"
+            event = Event(
+                event_id=f"{user}-click",
+                user_id=user,
+                item_id=item,
+                event_type=EventType.CLICK,
+                value=1.0,
+                ts=int(time.time() * 1000),
+            )
+            t0 = time.perf_counter()
+            prod.send(s.topics.events, key=event.key(), value=event.encode())
+            prod.flush()
+            while time.perf_counter() - t0 < 10:
+                r = client.post(url, json={"user_id": user, "k": 10})
+                if r.status_code == 200 and r.json()["source"] == "history":
+                    out.append((time.perf_counter() - t0) * 1000)
+                    break
+                time.sleep(0.01)
+            time.sleep(0.3)
+    prod.close()
+    return out
+
+
+def run(seconds: float, rate: float, probes: int) -> dict[str, Any]:
+    import ray
+    from ray import serve
+
+    root = Path(tempfile.mkdtemp(prefix="bench-freshness-"))
+    s = bench_settings(root)
+    broker = LocalBroker(s.broker)
+    events = movielens_100k(DEFAULT_ML100K)
+    steady = events[FIRST : FIRST + int(seconds * rate)]
+    console.print("starting Kafka, Ray, ingest, the loop and Serve ...")
+    broker.up()
+    stop = threading.Event()
+    try:
+        ensure_topics(s.kafka, s.topics)
+        init_ray(None, s, dashboard=False)
+        running = start(s, serve_http=True)
+        assert running.controller is not None
+        url = f"http://{s.serving.host}:{s.serving.port}"
+        queries = Queries(url, sorted({e.user_id for e in events[:FIRST]}), rps=20.0)
+        queries.thread.start()
+        threading.Thread(target=running.controller.run, args=(stop,), daemon=True).start()
+        clock = Clock()
+        replay(clock.stamp(events[:FIRST]), s.kafka, s.topics.events)
+        console.print(f"first version: training on {FIRST:,} events")
+        loop = threading.Thread(target=running.loop.run, args=(stop,), daemon=True)
+        loop.start()
+        _wait(lambda: bool(queries.first_seen), 600, "the first version to be served")
+        console.print(f"steady: {len(steady):,} events at {rate:.0f}/s, history probes alongside")
+        steady_clock = Clock()
+        producer = threading.Thread(
+            target=replay,
+            args=(steady_clock.stamp(steady), s.kafka, s.topics.events),
+            kwargs={"rate": rate},
+            daemon=True,
+        )
+        t_steady = time.time()
+        producer.start()
+        hist = probe_history(s, probes, item=events[0].item_id)
+        producer.join()
+        # Let the loop train on the tail once more, so events late in the run get a chance too.
+        _wait(lambda: _covered(running.registry, queries) >= FIRST + len(steady), 180, "tail")
+        stop.set()
+        queries.stop.set()
+        model = _model_freshness(running, queries, steady_clock, steady)
+        rounds = [v for v in running.registry.versions() if v > 1]
+        running.stop()
+        serve.shutdown()
+        ray.shutdown()
+    finally:
+        stop.set()
+        broker.down()
+    return {"history_ms": hist, "model": model, "rounds": len(rounds), "t_steady": t_steady}
+
+
+def _wait(cond: Any, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        if time.time() > deadline:
+            raise TimeoutError(f"gave up waiting {timeout:.0f}s for {what}")
+        time.sleep(0.5)
+
+
+def _covered(registry: Any, queries: Queries) -> int:
+    """Events below the watermark of the newest version that has answered live."""
+    served = [v for v in queries.first_seen if v in registry.versions()]
+    return max((sum(registry.meta(v)["watermark"].values()) for v in served), default=0)
+
+
+def _model_freshness(
+    running: Any, queries: Queries, clock: Clock, steady: list[Event]
+) -> dict[str, Any]:
+    """Per steady event: first live answer by a version covering it - its publish time."""
+    reg = running.registry
+    served = sorted(
+        (t, reg.meta(v)["watermark"]) for v, t in queries.first_seen.items() if v in reg.versions()
+    )
+    rows = running.buffer.read(columns=["event_id", "topic", "partition", "offset"]).to_pylist()
+    where = {r["event_id"]: (f"{r['topic']}:{r['partition']}", r["offset"]) for r in rows}
+    lat, pending = [], 0
+    for i, event in enumerate(steady):
+        tp, offset = where[event.event_id]  # ingest is exactly once: every event is there
+        t = next((t for t, wm in served if offset < wm.get(tp, 0)), None)
+        if t is None:
+            pending += 1
+        else:
+            lat.append(t - clock.published(i))
+    return {"s": lat, "pending": pending, "versions": len(served)}
+
+
+def report(res: dict[str, Any], rate: float) -> dict[str, Any]:
+    h = np.asarray(res["history_ms"])
+    m = np.asarray(res["model"]["s"])
+    pct = lambda a, q: round(float(np.percentile(a, q)), 2) if len(a) else None  # noqa: E731
+    table = Table(title=f"Freshness at {rate:.0f} events/s (published -> answered by /recommend)")
+    for col in ("path", "samples", "p50", "p99", "max"):
+        table.add_column(col, justify="right")
+    table.add_row("history (ms)", str(len(h)), str(pct(h, 50)), str(pct(h, 99)), str(pct(h, 100)))
+    table.add_row("model (s)", str(len(m)), str(pct(m, 50)), str(pct(m, 99)), str(pct(m, 100)))
+    Console().print(table)
+    Console().print(
+        f"{res['rounds']} promoted-or-rejected rounds after the first version; "
+        f"{res['model']['pending']} events not yet served by a covering version at the end"
+    )
+    return {
+        "bench": "freshness",
+        "rate": rate,
+        "history_p50_ms": pct(h, 50),
+        "history_p99_ms": pct(h, 99),
+        "history_samples": len(h),
+        "model_p50_s": pct(m, 50),
+        "model_p99_s": pct(m, 99),
+        "model_samples": len(m),
+        "model_pending": res["model"]["pending"],
+        "rounds": res["rounds"],
+        "goals": {
+            "history_p99_under_2s": bool(len(h) and pct(h, 99) < 2000),  # type: ignore[operator]
+            "model_p50_under_60s": bool(len(m) and pct(m, 50) < 60),  # type: ignore[operator]
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.freshness", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--seconds", type=float, default=180.0, help="steady production time")
+    p.add_argument("--rate", type=float, default=100.0, help="events/s during the steady phase")
+    p.add_argument("--probes", type=int, default=60, help="history probes (new users)")
+    p.add_argument("--quick", action="store_true", help="90 s of steady production")
+    a = p.parse_args(argv)
+    if a.rate <= 0 or a.seconds <= 0:
+        p.error("--rate and --seconds must be positive")
+    seconds = 90.0 if a.quick else a.seconds
+    record = report(run(seconds, a.rate, a.probes), a.rate)
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()

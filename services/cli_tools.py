@@ -1,0 +1,86 @@
+"""CLI commands for looking closer: evaluate a version on the buffer, run the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services.settings import Settings
+
+console = Console()
+SettingsOf = Callable[[typer.Context], Settings]
+BENCHES = ("ingest", "quality", "train", "serving", "freshness")
+
+
+def register(app: typer.Typer, settings_of: SettingsOf) -> None:
+    @app.command("eval")
+    def eval_(
+        ctx: typer.Context,
+        version: Annotated[
+            int | None, typer.Option(help="Registry version (default: the champion).")
+        ] = None,
+        last: Annotated[
+            int, typer.Option(min=100, help="Score the buffer's newest N events.")
+        ] = 10_000,
+        cases: Annotated[int, typer.Option(min=10, help="At most this many of them.")] = 2000,
+    ) -> None:
+        """NDCG@10 / HR@10 of a version on the buffer's newest events, beside popularity.
+
+        Each event is a next-item question given everything the user did before it (full
+        ranking, seen items excluded). Events the version trained on score optimistically;
+        events past its watermark are a true test.
+        """
+        import pyarrow.compute as pc
+
+        from streams.buffer import EventBuffer
+        from training.data import next_slice_holdout
+        from training.metrics import evaluate, popularity_ndcg
+        from training.registry import Registry
+
+        s = settings_of(ctx)
+        reg = Registry(s.registry_path)
+        v = version if version is not None else reg.champion()
+        if v is None:
+            raise typer.BadParameter("the registry has no champion yet; train a round first")
+        lv = reg.load(v)
+        table = EventBuffer(s.buffer).read()
+        if table.num_rows < 2:
+            raise typer.BadParameter(f"the buffer at {s.buffer.path} holds too few events")
+        split = max(0, table.num_rows - last)
+        before, recent = table.slice(0, split), table.slice(split)
+        before = before.filter(pc.is_in(before["user_id"], value_set=recent["user_id"].unique()))
+        hold = next_slice_holdout(before, recent, lv.vocab, lv.model.cfg.max_len, cases, seed=0)
+        m = evaluate(lv.model, hold)
+        pop = json.loads((reg.path(v) / "popularity.json").read_text())[: lv.model.n_rows]
+        counts = np.zeros(lv.model.n_rows)
+        counts[: len(pop)] = pop
+        pop_ndcg = popularity_ndcg(counts, hold)
+        wm = sum(lv.meta["watermark"].values())
+        out = Table(title=f"v{v} on the newest {recent.num_rows:,} buffered events")
+        for col in ("questions", "NDCG@10", "HR@10", "popularity NDCG@10", "trained on"):
+            out.add_column(col, justify="right")
+        out.add_row(f"{len(hold):,}", f"{m['ndcg10']:.4f}", f"{m['hr10']:.4f}",
+                    f"{pop_ndcg:.4f}", f"{wm:,} offsets")  # fmt: skip
+        console.print(out)
+
+    @app.command(
+        "bench",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )
+    def bench(
+        ctx: typer.Context,
+        name: Annotated[str, typer.Argument(help=f"One of: {', '.join(BENCHES)}.")],
+    ) -> None:
+        """Run a benchmark (python -m bench.NAME); extra arguments pass through, e.g. --quick."""
+        if name not in BENCHES:
+            raise typer.BadParameter(f"unknown benchmark {name!r}; choose one of {BENCHES}")
+        code = subprocess.call([sys.executable, "-m", f"bench.{name}", *ctx.args])
+        raise typer.Exit(code)
