@@ -47,6 +47,7 @@ from training.registry import Registry
 from training.vocab import ItemVocab
 
 console = Console(stderr=True)
+OUT = Console(width=130)  # tables for logs, not an 80-column terminal
 
 
 def free_port() -> int:
@@ -149,13 +150,14 @@ def run(seconds: float, levels: list[int], replicas: int) -> dict[str, Any]:
     topics = TopicsConfig(events="bench-serving.events", dead_letter="bench-serving.dlq")
     try:
         ensure_topics(kafka, topics)
-        replay(events[:20_000], kafka, topics.events)
         reg = build_registry(tmp / "registry", items, 11)
         port = free_port()
         cfg = ServingConfig(port=port, replicas=replicas)
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         ctx = start_context(kafka, topics, None, cfg)
+        time.sleep(3.0)  # the history consumer starts at the end of the topic (no buffer here)
+        replay(events[:20_000], kafka, topics.events)
         ctl = RolloutController(reg, cfg, RolloutConfig(watch_s=0), ctx)
         ctl.step()
         serve.run(floor_app(replicas), name="floor", route_prefix="/floor")
@@ -237,9 +239,9 @@ def report(res: dict[str, Any], levels: list[int]) -> dict[str, Any]:
             f"{o['p50_ms'] / f['p50_ms']:.2f}", f"{o['rps'] / f['rps']:.2f}",
             str(o["errors"] + f["errors"]),
         )  # fmt: skip
-    Console().print(table)
+    OUT.print(table)
     d = res["during"]
-    Console().print(
+    OUT.print(
         f"during 10 rollouts (concurrency 8): {d['requests']:,} requests, {d['errors']} non-2xx, "
         f"versions answered {d['versions']}, worst 2-s-window p99 {d['worst_p99_ms']:.0f} ms, "
         f"rollout seconds {[round(s, 1) for s in res['rollout_s']]}"

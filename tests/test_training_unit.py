@@ -164,3 +164,19 @@ def test_next_slice_holdout_asks_each_event_given_everything_before() -> None:
     assert evaluate(model, hold)["n"] == 3  # the unknown target is scored as a miss, not an error
     capped = next_slice_holdout(before, new, vocab, max_len=4, max_cases=2, seed=0)
     assert len(capped) <= 2
+
+
+def test_heldout_questions_round_trip_through_a_reservoir(tmp_path: Path) -> None:
+    from training.data import Holdout, holdout_as_examples, holdout_from_examples
+
+    hold = Holdout(np.array([[0, 1, 2], [3, 1, 2]]), np.array([3, 4]), [{1, 2}, {1, 2, 3}])
+    pool = Reservoir(capacity=10, max_len=3)
+    pool.add(holdout_as_examples(hold))
+    pool.save(tmp_path, name="replay_eval")
+    back = holdout_from_examples(Examples(*_arrays(Reservoir.load(tmp_path, name="replay_eval"))))
+    assert back.histories.tolist() == hold.histories.tolist()
+    assert back.targets.tolist() == [3, 4] and back.seen == hold.seen
+
+
+def _arrays(r: Reservoir) -> tuple[np.ndarray, np.ndarray]:
+    return r.inputs, r.targets

@@ -121,6 +121,15 @@ def round_examples(
     return ex, hold
 
 
+def holdout_as_examples(hold: Holdout) -> Examples:
+    """The inverse of ``holdout_from_examples``: each question as one window whose only target
+    is the last position, so held-out questions can live in a ``Reservoir``."""
+    targets = np.zeros_like(hold.histories)
+    if len(hold):
+        targets[:, -1] = hold.targets
+    return Examples(hold.histories.copy(), targets)
+
+
 def holdout_from_examples(ex: Examples) -> Holdout:
     """A replay example as an evaluation question: its last target given everything before."""
     hist, tgt, seen = [], [], []

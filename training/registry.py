@@ -2,7 +2,8 @@
 
 Layout under ``root``::
 
-    v000001/ model.safetensors  vocab.json  replay.safetensors  replay.json  meta.json  _SUCCESS
+    v000001/ model.safetensors  vocab.json  popularity.json  titles.json
+              replay.{safetensors,json}  replay_eval.{safetensors,json}  meta.json  _SUCCESS
     champion.json      {"version": 3}         (atomic replace)
     decisions.jsonl    one line per promote / reject / rollback, fsync'd
 

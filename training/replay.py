@@ -53,32 +53,28 @@ class Reservoir:
         idx = np.sort(self.rng.choice(pool, size=n, replace=False)) if n else pool[:0]
         return Examples(self.inputs[idx], self.targets[idx])
 
-    def eval_indices(self, n: int) -> np.ndarray:
-        """A fixed slice held out of training to measure forgetting (stable across calls)."""
-        return np.arange(min(n, len(self) // 5))
-
-    def save(self, directory: Path) -> list[Path]:
+    def save(self, directory: Path, name: str = "replay") -> list[Path]:
         tensors = {
             "inputs": torch.from_numpy(self.inputs),
             "targets": torch.from_numpy(self.targets),
         }
-        save_file(tensors, str(directory / "replay.safetensors"))
+        save_file(tensors, str(directory / f"{name}.safetensors"))
         state = {
             "capacity": self.capacity,
             "max_len": self.max_len,
             "seen": self.seen,
             "rng": self.rng.bit_generator.state,
         }
-        (directory / "replay.json").write_text(json.dumps(state))
-        return [directory / "replay.safetensors", directory / "replay.json"]
+        (directory / f"{name}.json").write_text(json.dumps(state))
+        return [directory / f"{name}.safetensors", directory / f"{name}.json"]
 
     @classmethod
-    def load(cls, directory: Path, capacity: int | None = None) -> Reservoir:
-        state = json.loads((directory / "replay.json").read_text())
+    def load(cls, directory: Path, capacity: int | None = None, name: str = "replay") -> Reservoir:
+        state = json.loads((directory / f"{name}.json").read_text())
         res = cls(capacity if capacity is not None else state["capacity"], state["max_len"])
         res.seen = state["seen"]
         res.rng.bit_generator.state = state["rng"]
-        tensors = load_file(str(directory / "replay.safetensors"))
+        tensors = load_file(str(directory / f"{name}.safetensors"))
         res.inputs = tensors["inputs"].numpy()[: res.capacity]
         res.targets = tensors["targets"].numpy()[: res.capacity]
         return res

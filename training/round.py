@@ -25,7 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file
 
 from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
-from training.data import Examples, holdout_from_examples, round_examples, user_sequences
+from training.data import (
+    Examples,
+    holdout_as_examples,
+    holdout_from_examples,
+    round_examples,
+    user_sequences,
+)
 from training.gate import gate
 from training.model import Recommender, save_weights
 from training.registry import Registry
@@ -216,15 +222,20 @@ def run_round(
     new_ex, new_hold = round_examples(
         user_sequences(context, vocab), user_sequences(new, vocab), mcfg.max_len, holdout=True
     )
-    if base_v is not None and (registry.path(base_v) / "replay.json").exists():
-        reservoir = Reservoir.load(registry.path(base_v), cfg.replay.capacity)
+    base_dir = registry.path(base_v) if base_v is not None else None
+    if base_dir is not None and (base_dir / "replay.json").exists():
+        reservoir = Reservoir.load(base_dir, cfg.replay.capacity)
     else:
         reservoir = Reservoir(cfg.replay.capacity, mcfg.max_len, cfg.replay.seed)
-    eval_idx = reservoir.eval_indices(cfg.gate.replay_eval_size)
-    replay_hold = holdout_from_examples(
-        Examples(reservoir.inputs[eval_idx], reservoir.targets[eval_idx])
-    )
-    replay_ex = reservoir.sample(int(cfg.replay.ratio * len(new_ex)), exclude=eval_idx)
+    # Forgetting is measured on earlier rounds' held-out questions, which no version trained on.
+    # (Replayed training examples would not do: the champion memorised them, so any update
+    # "forgets" them, and the gate would reject nearly every small round.)
+    if base_dir is not None and (base_dir / "replay_eval.json").exists():
+        probes = Reservoir.load(base_dir, cfg.gate.replay_eval_size, name="replay_eval")
+    else:
+        probes = Reservoir(cfg.gate.replay_eval_size, mcfg.max_len, cfg.replay.seed + 1)
+    replay_hold = holdout_from_examples(Examples(probes.inputs, probes.targets))
+    replay_ex = reservoir.sample(int(cfg.replay.ratio * len(new_ex)))
     train_ex = new_ex.concat(replay_ex)
 
     t_train = time.monotonic()
@@ -240,6 +251,7 @@ def run_round(
     decision = gate(candidate, champ.model if champ else None, new_hold, replay_hold, counts,
                     cfg.gate)  # fmt: skip
     reservoir.add(new_ex)
+    probes.add(holdout_as_examples(new_hold))
 
     popularity = _popularity(registry, base_v, vocab, new)
 
@@ -251,6 +263,7 @@ def run_round(
         vocab.save(d / "vocab.json")
         (d / "titles.json").write_text(json.dumps(titles))
         reservoir.save(d)
+        probes.save(d, name="replay_eval")
 
     ts = new.column("ts")
     meta: dict[str, Any] = {
