@@ -358,7 +358,7 @@ def parse_args(argv: list[str] | None = None) -> QualityConfig:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
-    record = run(cfg, Console())
+    record = run(cfg, Console(width=130))  # tables for logs, not an 80-column terminal
     print(json.dumps(record), flush=True)
 
 
