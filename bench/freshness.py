@@ -35,7 +35,7 @@ from services.demo import Clock, Queries
 from services.runtime import init_ray, start
 from services.settings import Settings, load_settings
 from streams.admin import ensure_topics
-from streams.broker import LocalBroker
+from streams.broker import LocalBroker, free_port
 from streams.datasets import DEFAULT_ML100K, movielens_100k
 from streams.events import Event, EventType
 from streams.producer import make_producer, replay
@@ -43,14 +43,6 @@ from streams.producer import make_producer, replay
 console = Console(stderr=True)
 OUT = Console(width=130)  # tables for logs, not an 80-column terminal
 FIRST = 20_000
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def bench_settings(root: Path) -> Settings:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,18 +22,12 @@ from rich.console import Console
 from rich.table import Table
 
 from streams.admin import ensure_topics
-from streams.broker import LocalBroker, java_cmd
+from streams.broker import LocalBroker, free_port, java_cmd
 from streams.buffer import EventBuffer, Segment
 from streams.config import BrokerConfig, BufferConfig, IngestConfig, KafkaConfig, TopicsConfig
 from streams.datasets import DriftSpec, synthetic_drift
 from streams.ingest import Ingestor, IngestStats
 from streams.producer import replay
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def bare_poll(kafka: KafkaConfig, topic: str, partitions: int, n: int) -> float:
@@ -116,7 +109,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         broker_cfg = BrokerConfig(
-            port=_free_port(), controller_port=_free_port(), state_dir=Path(tmp) / "kafka"
+            port=free_port(), controller_port=free_port(), state_dir=Path(tmp) / "kafka"
         )
         broker = LocalBroker(broker_cfg)
         with console.status("starting Kafka"):

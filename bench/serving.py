@@ -37,7 +37,7 @@ from rich.table import Table
 
 from serving.config import RolloutConfig, ServingConfig
 from streams.admin import ensure_topics
-from streams.broker import LocalBroker
+from streams.broker import LocalBroker, free_port
 from streams.config import BrokerConfig, KafkaConfig, TopicsConfig
 from streams.datasets import DEFAULT_ML100K, movielens_100k
 from streams.producer import replay
@@ -48,14 +48,6 @@ from training.vocab import ItemVocab
 
 console = Console(stderr=True)
 OUT = Console(width=130)  # tables for logs, not an 80-column terminal
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def build_registry(root: Path, items: list[str], versions: int) -> Registry:

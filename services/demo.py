@@ -139,8 +139,6 @@ def run_demo(settings: Settings, cfg: DemoConfig) -> dict[str, Any]:
     from services.runtime import init_ray, start
     from streams.datasets import DEFAULT_ML100K, movielens_100k
     from streams.producer import replay
-    from training.data import next_slice_holdout
-    from training.metrics import evaluate
 
     t_start = time.time()
     root = settings.state_dir / "demo"
@@ -193,8 +191,7 @@ def run_demo(settings: Settings, cfg: DemoConfig) -> dict[str, Any]:
             champion = reg.champion()
             if champion is not None and static is not None:
                 before = buf.read(upto=after)
-                _score_next_slice(rows, champion, static, reg, before, new, cfg, s, evaluate,
-                                  next_slice_holdout)  # fmt: skip
+                _score_next_slice(rows, reg.load(champion), static, before, new, cfg, s)
             with console.status(f"round {len(rows) + 1}: training on {new.num_rows:,} events"):
                 result = loop.run_once(upto=upto)
             if result is None:
@@ -244,17 +241,18 @@ def run_demo(settings: Settings, cfg: DemoConfig) -> dict[str, Any]:
 
 
 def _score_next_slice(
-    rows: list[Row], champion: int, static: Any, reg: Any, before: Any, new: Any,
-    cfg: DemoConfig, s: Settings, evaluate: Any, holdout: Any,
-) -> None:  # fmt: skip
+    rows: list[Row], current: Any, static: Any, before: Any, new: Any, cfg: DemoConfig, s: Settings
+) -> None:
     """Test-then-train: the serving champion and the static v1 on events nobody trained on yet."""
-    current = reg.load(champion)
+    from training.data import next_slice_holdout
+    from training.metrics import evaluate
+
     scores = {}
     for name, lv in (("champion", current), ("static", static)):
-        hold = holdout(before, new, lv.vocab, s.model.max_len, cfg.eval_cases, seed=len(rows))
+        hold = next_slice_holdout(before, new, lv.vocab, s.model.max_len, cfg.eval_cases, len(rows))
         scores[name] = evaluate(lv.model, hold)["ndcg10"]
     for r in rows:
-        if r.version == champion:
+        if r.version == current.version:
             r.ndcg_next, r.ndcg_static = scores["champion"], scores["static"]
 
 

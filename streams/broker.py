@@ -35,6 +35,13 @@ rootLogger.appenderRef.stdout.ref = STDOUT
 """
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for brokers and Serve apps started by tests and benchmarks."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @dataclass(frozen=True)
 class BrokerStatus:
     running: bool

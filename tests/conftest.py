@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from streams.broker import LocalBroker
+from streams.broker import LocalBroker, free_port
 from streams.config import BrokerConfig, KafkaConfig, TopicsConfig
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

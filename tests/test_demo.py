@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from streams.broker import free_port
 from streams.config import KafkaConfig
-from tests.conftest import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

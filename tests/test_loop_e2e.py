@@ -19,10 +19,10 @@ from services.cli import app
 from services.runtime import Running, start
 from services.settings import Settings, load_settings
 from streams.admin import ensure_topics
+from streams.broker import free_port
 from streams.config import KafkaConfig
 from streams.datasets import DriftSpec, synthetic_drift
 from streams.producer import replay
-from tests.conftest import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -18,10 +18,10 @@ from serving.config import RolloutConfig, ServingConfig
 from serving.context import start_context
 from serving.rollout import RolloutController
 from streams.admin import ensure_topics
+from streams.broker import free_port
 from streams.config import KafkaConfig, TopicsConfig
 from streams.events import Event, EventType
 from streams.producer import replay
-from tests.conftest import free_port
 from training.config import ModelConfig
 from training.model import Recommender, save_weights
 from training.registry import Registry
