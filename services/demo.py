@@ -137,6 +137,7 @@ def run_demo(settings: Settings, cfg: DemoConfig) -> dict[str, Any]:
     from services.cli_stream import ensure_broker
     from services.demo_report import plot, summary, table
     from services.runtime import init_ray, start
+    from streams.broker import LocalBroker
     from streams.datasets import DEFAULT_ML100K, movielens_100k
     from streams.producer import replay
 
@@ -149,6 +150,8 @@ def run_demo(settings: Settings, cfg: DemoConfig) -> dict[str, Any]:
     s.loop.max_wait_s = 3600.0  # the demo decides when the replay is over
     events = movielens_100k(DEFAULT_ML100K)[: cfg.events]
     with console.status("starting the Kafka broker and Ray"):
+        # A broker the demo starts, the demo stops; one the user already runs stays up.
+        started_broker = s.embedded_broker and not LocalBroker(s.broker).status().answering
         ensure_broker(s)
         init_ray(None, s)
         running = start(s, serve_http=True)
@@ -237,6 +240,8 @@ def run_demo(settings: Settings, cfg: DemoConfig) -> dict[str, Any]:
             stop.set()
     running.stop()
     _shutdown()
+    if started_broker:
+        LocalBroker(s.broker).down()
     return record
 
 
