@@ -114,13 +114,18 @@ class Ingestor:
         )
         self._dlq = KafkaProducer(**common, acks="all", linger_ms=5, max_request_size=8 << 20)
         self._consumer.subscribe([self.topics.events], listener=_Rebalance(self))
-        idle_since = time.monotonic()
+        started = idle_since = time.monotonic()
+        # Batch mode exits once caught up, and "caught up" needs partitions: while the group still
+        # waits out a dead member's session, no time counts as idle (bounded by two sessions).
+        unassigned_limit = 2 * self.cfg.session_timeout_ms / 1000
         try:
             while not self.stop_event.is_set():
                 batch = self._consumer.poll(timeout_ms=200, max_records=self.cfg.max_poll_records)
                 n = sum(len(msgs) for msgs in batch.values())
-                if n:
-                    idle_since = time.monotonic()
+                now = time.monotonic()
+                waiting = not self._consumer.assignment() and now - started < unassigned_limit
+                if n or waiting:
+                    idle_since = now
                     for msgs in batch.values():
                         self._consume(msgs)
                 if self._should_flush():
