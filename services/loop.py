@@ -107,16 +107,14 @@ class ContinualLoop:
             return {"rounds": []}
 
     # -- forever ------------------------------------------------------------------------
-    def run(self, stop: threading.Event, tick: Any = None) -> None:
-        """Until ``stop``: train when due, call ``tick()`` (rollouts) between polls, compact."""
+    def run(self, stop: threading.Event) -> None:
+        """Until ``stop``: train when due, compact. Rollouts run in their own thread (serving)."""
         while not stop.is_set():
             if self.should_train():
                 try:
                     self.run_once()
                 except Exception:  # a failed round must not kill the service; retry later
                     log.exception("training round failed; will retry at the next trigger")
-            if tick is not None:
-                tick()
             if time.monotonic() - self.last_compact > self.cfg.compact_every_s:
                 self.buffer.compact()
                 self.buffer.apply_retention()
