@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from tests.training_data import synthetic_table, watermark_of
+from tests.training.data_gen import synthetic_table, watermark_of
 from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
 from training.registry import Registry
 from training.round import RoundConfig, run_round

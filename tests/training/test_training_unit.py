@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.training_data import synthetic_table
+from tests.training.data_gen import synthetic_table
 from training.config import GateConfig, ModelConfig
 from training.data import Examples, round_examples, user_sequences, windows
 from training.fit import fit, torch_step

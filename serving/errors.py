@@ -1,0 +1,9 @@
+"""Errors of the serving layer (Serve app, rollouts)."""
+
+from __future__ import annotations
+
+from streams.errors import StreamtuneError
+
+
+class ServingError(StreamtuneError):
+    """Serving or a rollout refused to go on."""
