@@ -4,7 +4,16 @@ Every segment carries, in its Parquet footer, the (topic, partition, [start, end
 covers, so the buffer itself, not Kafka's committed offsets, is the source of truth for what was
 ingested: on restart a consumer resumes from ``next_offsets()``. A segment becomes visible only by
 an atomic rename after its bytes are fsynced, so a crash at any point leaves either the whole
-segment or none of it.
+segment or none of it; a failed write (a full disk) removes its temp file and raises.
+
+No offset is ever covered twice: ``append`` subtracts, under a lock shared by every process, the
+offsets live segments already cover, so a stale member (paused past its session while another took
+its partitions) cannot land a batch a second time (``FencedError`` when nothing is left).
+
+A segment's name carries the CRC-32 of its bytes. A segment whose bytes, footer or row count fail
+verification is moved to ``quarantine/`` with a record of the offsets it covered; its rows are never
+returned, and ``next_offsets()`` goes back to the first offset it no longer covers so that ingest
+re-reads them from Kafka.
 
 Compaction merges small segments into one whose footer names the segments it replaces; readers
 ignore replaced segments even if a crash left them behind, so compaction never duplicates rows.
@@ -14,27 +23,44 @@ positions survive the deletion.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import os
+import re
 import time
 import uuid
+import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from streams.config import BufferConfig
+from streams.errors import (
+    BufferWriteError,
+    CorruptSegmentError,
+    DiskFullError,
+    EventBufferError,
+    FencedError,
+)
 from streams.events import ARROW_SCHEMA
+
+log = logging.getLogger(__name__)
 
 TopicPartition = tuple[str, int]
 Watermark = dict[str, int]  # "topic:partition" -> next offset not yet included
 
 _META_KEY = b"streamtune"
+_CRC_IN_NAME = re.compile(r"-c([0-9a-f]{8})\.parquet$")
+QUARANTINE = "quarantine"
 
 
 def tp_key(topic: str, partition: int) -> str:
@@ -44,7 +70,7 @@ def tp_key(topic: str, partition: int) -> str:
 def parse_tp(key: str) -> TopicPartition:
     topic, _, partition = key.rpartition(":")
     if not topic or not partition.isdigit():
-        raise ValueError(f"watermark key {key!r} is not 'topic:partition'")
+        raise EventBufferError(f"watermark key {key!r} is not 'topic:partition'")
     return topic, int(partition)
 
 
@@ -56,7 +82,45 @@ class OffsetRange:
     end: int  # one past the last offset covered
 
     def __post_init__(self) -> None:
-        assert self.end > self.start >= 0, self
+        if not self.end > self.start >= 0:
+            raise EventBufferError(f"empty or negative offset range {self}")
+
+
+class SegmentFooter(BaseModel):
+    """What a segment's Parquet footer says about it (key ``streamtune`` of the schema metadata)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = Field(default=1, description="Footer format version.")
+    ranges: list[tuple[str, int, int, int]] = Field(
+        min_length=1,
+        description="Covered offsets: (topic, partition, start, end) with end > start.",
+    )
+    replaces: list[str] = Field(default=[], description="Segments this compacted one replaces.")
+    writer: str = Field(default="", description="Ingest member (host:pid) or 'compactor'.")
+    rows: int = Field(ge=0, description="Rows in the segment.")
+    min_ts: int | None = Field(default=None, description="Oldest event time, epoch ms.")
+    max_ts: int | None = Field(default=None, description="Newest event time, epoch ms.")
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> SegmentFooter:
+        for _, partition, start, end in self.ranges:
+            if partition < 0 or not end > start >= 0:
+                raise ValueError(f"bad offset range {start}..{end} of partition {partition}")
+        return self
+
+
+class QuarantineRecord(BaseModel):
+    """Why a segment was set aside and which offsets it covered (ingest re-reads them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="The segment's file name (now under quarantine/).")
+    reason: str = Field(description="What verification failed.")
+    ranges: list[tuple[str, int, int, int]] = Field(
+        default=[], description="Offsets it covered, when its footer could still be read."
+    )
+    at: float = Field(description="When it was quarantined, epoch seconds.")
 
 
 @dataclass(frozen=True)
@@ -69,6 +133,7 @@ class Segment:
     max_ts: int | None = None
     bytes: int = 0
     writer: str = ""
+    fenced: int = 0  # offsets of the append that were refused as already held (not persisted)
 
 
 @dataclass
@@ -77,6 +142,7 @@ class BufferStats:
     rows: int = 0
     bytes: int = 0
     partitions: dict[str, int] = field(default_factory=dict)
+    quarantined: int = 0
 
 
 def fsync_dir(path: Path) -> None:
@@ -90,12 +156,22 @@ def fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write, fsync, rename, fsync the directory: readers see the old or the new file, whole."""
     tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
+
+
+def _write_error(path: Path, err: OSError) -> BufferWriteError:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(path, f"disk full ({err.strerror}); nothing of it is visible")
+    return BufferWriteError(path, f"{err.strerror or err}; nothing of it is visible")
 
 
 class EventBuffer:
@@ -109,10 +185,43 @@ class EventBuffer:
 
     # -- writing ------------------------------------------------------------------------
     def append(self, table: pa.Table, ranges: list[OffsetRange], writer: str = "") -> Segment:
-        """Durably add one segment covering ``ranges`` (it may hold no rows: all dead-lettered)."""
+        """Durably add one segment covering ``ranges`` (it may hold no rows: all dead-lettered).
+
+        Offsets the buffer already covers are dropped, rows included (``Segment.fenced`` counts
+        them); ``FencedError`` if nothing is left. ``DiskFullError``/``BufferWriteError`` if the
+        segment could not be written, in which case nothing of it is visible.
+        """
         if not ranges:
-            raise ValueError("a segment must cover at least one offset range")
-        return self._write(table.cast(ARROW_SCHEMA), tuple(ranges), replaces=(), writer=writer)
+            raise EventBufferError("a segment must cover at least one offset range")
+        table = table.cast(ARROW_SCHEMA)
+        wanted = tuple(ranges)
+        # The slow part (encode, write, fsync) runs outside the lock; only the coverage check and
+        # the rename are serialised across processes.
+        data = _encode(table, wanted, (), writer)
+        tmp, final = self._stage(data)
+        try:
+            with self._append_lock():
+                kept = _subtract(wanted, self._coverage())
+                if kept != wanted:
+                    tmp.unlink(missing_ok=True)
+                    fenced = _count(wanted) - _count(kept)
+                    if not kept:
+                        raise FencedError(
+                            f"refused {fenced} offsets from {writer or 'a writer'} "
+                            f"({_describe(wanted)}): the buffer already holds all of them"
+                        )
+                    table = _rows_in(table, kept)
+                    data = _encode(table, kept, (), writer)
+                    tmp, final = self._stage(data)
+                    seg = self._publish(tmp, final, data)
+                    log.warning(
+                        "fenced %d offsets of %s already held by the buffer; wrote %s",
+                        fenced, writer or "a writer", _describe(kept),
+                    )  # fmt: skip
+                    return _with_fenced(seg, fenced)
+                return self._publish(tmp, final, data)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _write(
         self,
@@ -121,57 +230,110 @@ class EventBuffer:
         replaces: tuple[str, ...],
         writer: str = "compactor",
     ) -> Segment:
-        name = f"seg-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        ts = table.column("ts")
-        meta = {
-            "v": 1,
-            "ranges": [[r.topic, r.partition, r.start, r.end] for r in ranges],
-            "replaces": list(replaces),
-            "writer": writer,
-            "rows": table.num_rows,
-            "min_ts": pc.min(ts).as_py() if table.num_rows else None,
-            "max_ts": pc.max(ts).as_py() if table.num_rows else None,
-        }
-        table = table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
+        data = _encode(table, ranges, replaces, writer)
+        tmp, final = self._stage(data)
+        try:
+            return self._publish(tmp, final, data)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _stage(self, data: pa.Buffer) -> tuple[Path, Path]:
+        """Write ``data`` to a fsynced temp file; returns (temp, final path). Cleans up on error."""
+        name = f"seg-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}-c{zlib.crc32(data):08x}.parquet"
         final = self.root / name
         tmp = self.root / f".tmp-{name}"
-        with tmp.open("wb") as fh:
-            pq.write_table(table, fh, compression="zstd")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.rename(tmp, final)
-        fsync_dir(self.root)
-        seg = _segment_from_meta(name, meta, final.stat().st_size)
-        self._cache[name] = seg
+        try:
+            with tmp.open("wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise _write_error(final, err) from err
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp, final
+
+    def _publish(self, tmp: Path, final: Path, data: pa.Buffer) -> Segment:
+        try:
+            os.rename(tmp, final)
+            fsync_dir(self.root)
+        except OSError as err:
+            raise _write_error(final, err) from err
+        footer = _footer_of(pq.read_schema(pa.BufferReader(data)))
+        seg = _segment_from_footer(final.name, footer, len(data))
+        self._cache[final.name] = seg
         return seg
 
+    @contextmanager
+    def _append_lock(self) -> Iterator[None]:
+        # Serialises "check coverage, then rename" across ingest processes (a stale member's fence).
+        with (self.root / ".append.lock").open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _coverage(self) -> dict[TopicPartition, list[tuple[int, int]]]:
+        """Per partition, the merged offset intervals the buffer holds (retired ones included)."""
+        spans: dict[TopicPartition, list[tuple[int, int]]] = {}
+        for key, end in self._retired_offsets().items():
+            spans.setdefault(parse_tp(key), []).append((0, end))
+        for seg in self.segments(stable=True):
+            for r in seg.ranges:
+                spans.setdefault((r.topic, r.partition), []).append((r.start, r.end))
+        return {tp: _merge_intervals(iv) for tp, iv in spans.items()}
+
     # -- the index ----------------------------------------------------------------------
-    def segments(self) -> list[Segment]:
-        """Live segments in creation order (replaced ones, and temp files, are ignored)."""
-        names = sorted(p.name for p in self.root.glob("seg-*.parquet"))
-        segs = []
-        for name in names:
-            seg = self._cache.get(name)
-            if seg is None:
-                seg = self._read_meta(name)
-                if seg is None:  # deleted under us by compaction or retention
-                    continue
-                self._cache[name] = seg
-            segs.append(seg)
+    def segments(self, stable: bool = False) -> list[Segment]:
+        """Live segments in creation order (replaced ones, and temp files, are ignored).
+
+        ``stable``: re-list if a segment vanished while its footer was read (compaction renames
+        the merged segment before deleting its inputs, so a re-list sees the merged one).
+        """
+        while True:
+            names = sorted(p.name for p in self.root.glob("seg-*.parquet"))
+            segs = []
+            vanished = False
+            for name in names:
+                seg = self._cache.get(name)
+                if seg is None:
+                    seg = self._read_meta(name)
+                    if seg is None:  # deleted under us by compaction, retention or quarantine
+                        vanished = True
+                        continue
+                    self._cache[name] = seg
+                segs.append(seg)
+            if not (stable and vanished):
+                break
         replaced = {r for s in segs for r in s.replaces}
         return [s for s in segs if s.name not in replaced]
 
     def _read_meta(self, name: str) -> Segment | None:
         path = self.root / name
         try:
-            md = pq.read_schema(path).metadata or {}
+            schema = pq.read_schema(path)
             size = path.stat().st_size
         except FileNotFoundError:
             return None
-        return _segment_from_meta(name, json.loads(md[_META_KEY]), size)
+        except (pa.ArrowException, OSError) as err:
+            self._quarantine(name, f"unreadable footer: {err}")
+            return None
+        try:
+            footer = _footer_of(schema)
+        except CorruptSegmentError as err:
+            self._quarantine(name, str(err))
+            return None
+        return _segment_from_footer(name, footer, size)
 
     def next_offsets(self) -> dict[TopicPartition, int]:
-        """Per partition, the first offset the buffer does not hold: where ingest resumes."""
+        """Per partition, the first offset the buffer does not hold: where ingest resumes.
+
+        That is past the newest covered offset, or the first offset of a quarantined segment that
+        nothing covers yet, so ingest re-reads it from Kafka.
+        """
         nxt: dict[TopicPartition, int] = {
             parse_tp(k): v for k, v in self._retired_offsets().items()
         }
@@ -179,6 +341,14 @@ class EventBuffer:
             for r in seg.ranges:
                 tp = (r.topic, r.partition)
                 nxt[tp] = max(nxt.get(tp, 0), r.end)
+        records = self.quarantined()
+        if records:
+            covered = self._coverage()
+            for rec in records:
+                for topic, part, start, end in rec.ranges:
+                    hole = _first_uncovered(covered.get((topic, part), []), start, end)
+                    if hole is not None:
+                        nxt[(topic, part)] = min(nxt.get((topic, part), hole), hole)
         return nxt
 
     def watermark(self) -> Watermark:
@@ -191,7 +361,67 @@ class EventBuffer:
             rows=sum(s.rows for s in segs),
             bytes=sum(s.bytes for s in segs),
             partitions=self.watermark(),
+            quarantined=self.quarantine_count(),
         )
+
+    # -- quarantine ---------------------------------------------------------------------
+    def quarantined(self) -> list[QuarantineRecord]:
+        """Segments set aside as corrupt, oldest first."""
+        out = []
+        for p in sorted((self.root / QUARANTINE).glob("*.json")):
+            try:
+                out.append(QuarantineRecord.model_validate_json(p.read_bytes()))
+            except (OSError, ValidationError):
+                log.warning("unreadable quarantine record %s", p)
+        return out
+
+    def quarantine_count(self) -> int:
+        """How many segments were quarantined (cheap: one directory listing)."""
+        qdir = self.root / QUARANTINE
+        return sum(1 for _ in qdir.glob("*.json")) if qdir.exists() else 0
+
+    def _quarantine(self, name: str, reason: str) -> None:
+        """Move a segment that failed verification aside, recording the offsets it covered."""
+        src = self.root / name
+        seg = self._cache.pop(name, None)
+        ranges = [(r.topic, r.partition, r.start, r.end) for r in seg.ranges] if seg else []
+        if not ranges:
+            ranges = _salvage_ranges(src)
+        qdir = self.root / QUARANTINE
+        qdir.mkdir(exist_ok=True)
+        record = QuarantineRecord(name=name, reason=reason, ranges=ranges, at=time.time())
+        # The record first: once the segment is gone, its offsets must already count as a hole.
+        atomic_write_bytes(qdir / f"{name}.json", record.model_dump_json().encode())
+        try:
+            os.replace(src, qdir / name)
+        except FileNotFoundError:  # another reader quarantined it first
+            return
+        fsync_dir(self.root)
+        log.error(
+            "quarantined corrupt segment %s (%s); its offsets %s will be re-read from Kafka",
+            src, reason, ranges or "(unknown: footer unreadable)",
+        )  # fmt: skip
+
+    def _load(self, seg: Segment) -> pa.Table:
+        """A segment's rows, verified (CRC in its name, Parquet structure, row count)."""
+        path = self.root / seg.name
+        data = path.read_bytes()
+        expected = _crc_of(seg.name)
+        problem = None
+        if expected is not None and zlib.crc32(data) != expected:
+            problem = f"CRC-32 {zlib.crc32(data):08x} != {expected:08x} recorded in its name"
+        else:
+            try:
+                table = pq.read_table(pa.BufferReader(data))
+            except (pa.ArrowException, OSError) as err:
+                problem = f"unreadable Parquet: {err}"
+            else:
+                if table.num_rows != seg.rows:
+                    problem = f"{table.num_rows} rows, footer says {seg.rows}"
+        if problem is not None:
+            self._quarantine(seg.name, problem)
+            raise CorruptSegmentError(path, problem)
+        return table
 
     # -- reading ------------------------------------------------------------------------
     def read(
@@ -207,7 +437,8 @@ class EventBuffer:
         ``after``/``upto`` are watermarks ("topic:partition" -> offset); a partition missing from
         ``after`` starts at 0; ``upto`` is a snapshot, so a partition it does not name contributes
         nothing (pass ``upto=None`` for no upper bound). Rows come sorted by
-        (ts, partition, offset), so training sees each user's events in time order.
+        (ts, partition, offset), so training sees each user's events in time order. A segment
+        that fails verification is quarantined and contributes no rows.
         """
         after_tp = {parse_tp(k): v for k, v in (after or {}).items()}
         upto_tp = {parse_tp(k): v for k, v in upto.items()} if upto is not None else None
@@ -216,9 +447,11 @@ class EventBuffer:
             if not _overlaps(seg, after_tp, upto_tp, start_ts, end_ts):
                 continue
             try:
-                t = pq.read_table(self.root / seg.name)
+                t = self._load(seg)
             except FileNotFoundError:  # compacted away while we read: retry on a fresh index
                 return self.read(after, upto, start_ts, end_ts, columns)
+            except CorruptSegmentError:
+                continue  # quarantined and logged; ingest re-reads its offsets
             t = _filter(t, after_tp, upto_tp, start_ts, end_ts)
             if t.num_rows:
                 parts.append(t.replace_schema_metadata(None))
@@ -261,7 +494,11 @@ class EventBuffer:
         return replaced
 
     def _merge(self, group: list[Segment]) -> None:
-        tables = [pq.read_table(self.root / s.name).replace_schema_metadata(None) for s in group]
+        try:
+            tables = [self._load(s).replace_schema_metadata(None) for s in group]
+        except CorruptSegmentError as err:  # quarantined; the rest is merged on the next pass
+            log.warning("compaction skipped a group: %s", err)
+            return
         merged = pa.concat_tables(tables)
         ranges = _coalesce([r for s in group for r in s.ranges])
         self._write(merged, ranges, replaces=tuple(s.name for s in group))
@@ -311,18 +548,143 @@ class EventBuffer:
             fsync_dir(self.root)
 
 
-def _segment_from_meta(name: str, meta: dict[str, object], size: int) -> Segment:
-    ranges = tuple(OffsetRange(t, p, s, e) for t, p, s, e in meta["ranges"])  # type: ignore[attr-defined]
+def _encode(
+    table: pa.Table, ranges: tuple[OffsetRange, ...], replaces: tuple[str, ...], writer: str
+) -> pa.Buffer:
+    """A whole segment file in memory: its bytes are checksummed before they touch the disk."""
+    ts = table.column("ts")
+    footer = SegmentFooter(
+        ranges=[(r.topic, r.partition, r.start, r.end) for r in ranges],
+        replaces=list(replaces),
+        writer=writer,
+        rows=table.num_rows,
+        min_ts=pc.min(ts).as_py() if table.num_rows else None,
+        max_ts=pc.max(ts).as_py() if table.num_rows else None,
+    )
+    table = table.replace_schema_metadata({_META_KEY: footer.model_dump_json().encode()})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def _footer_of(schema: pa.Schema) -> SegmentFooter:
+    raw = (schema.metadata or {}).get(_META_KEY)
+    if raw is None:
+        raise CorruptSegmentError("footer", "no streamtune metadata in the Parquet footer")
+    try:
+        return SegmentFooter.model_validate_json(raw)
+    except ValidationError as err:
+        raise CorruptSegmentError("footer", f"invalid streamtune metadata: {err}") from None
+
+
+def _segment_from_footer(name: str, footer: SegmentFooter, size: int) -> Segment:
     return Segment(
         name=name,
-        rows=int(meta["rows"]),  # type: ignore[call-overload]
-        ranges=ranges,
-        replaces=tuple(meta.get("replaces") or ()),  # type: ignore[arg-type]
-        min_ts=meta.get("min_ts"),  # type: ignore[arg-type]
-        max_ts=meta.get("max_ts"),  # type: ignore[arg-type]
+        rows=footer.rows,
+        ranges=tuple(OffsetRange(t, p, s, e) for t, p, s, e in footer.ranges),
+        replaces=tuple(footer.replaces),
+        min_ts=footer.min_ts,
+        max_ts=footer.max_ts,
         bytes=size,
-        writer=str(meta.get("writer", "")),
+        writer=footer.writer,
     )
+
+
+def _with_fenced(seg: Segment, fenced: int) -> Segment:
+    return Segment(
+        name=seg.name, rows=seg.rows, ranges=seg.ranges, replaces=seg.replaces,
+        min_ts=seg.min_ts, max_ts=seg.max_ts, bytes=seg.bytes, writer=seg.writer, fenced=fenced,
+    )  # fmt: skip
+
+
+def _crc_of(name: str) -> int | None:
+    """The CRC-32 recorded in a segment's name (segments written before it had none)."""
+    m = _CRC_IN_NAME.search(name)
+    return int(m.group(1), 16) if m else None
+
+
+def _salvage_ranges(path: Path) -> list[tuple[str, int, int, int]]:
+    """Best effort: the offset ranges of a segment whose footer no longer parses."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return []
+    m = re.search(rb'"ranges":(\[\[.*?\]\])', raw)
+    if m is None:
+        return []
+    try:
+        ranges = json.loads(m.group(1))
+        return [(str(t), int(p), int(s), int(e)) for t, p, s, e in ranges if int(e) > int(s) >= 0]
+    except (ValueError, TypeError):
+        return []
+
+
+def _merge_intervals(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(intervals):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def _first_uncovered(covered: list[tuple[int, int]], start: int, end: int) -> int | None:
+    """The first offset of [start, end) outside the merged intervals ``covered``, if any."""
+    pos = start
+    for cs, ce in covered:
+        if ce <= pos:
+            continue
+        if cs > pos:
+            break
+        pos = ce
+        if pos >= end:
+            return None
+    return pos if pos < end else None
+
+
+def _subtract(
+    ranges: tuple[OffsetRange, ...], covered: dict[TopicPartition, list[tuple[int, int]]]
+) -> tuple[OffsetRange, ...]:
+    """``ranges`` less every offset in ``covered``; may split a range in pieces."""
+    out: list[OffsetRange] = []
+    for r in ranges:
+        pieces = [(r.start, r.end)]
+        for cs, ce in covered.get((r.topic, r.partition), []):
+            nxt = []
+            for s, e in pieces:
+                if ce <= s or cs >= e:
+                    nxt.append((s, e))
+                    continue
+                if s < cs:
+                    nxt.append((s, cs))
+                if ce < e:
+                    nxt.append((ce, e))
+            pieces = nxt
+        out.extend(OffsetRange(r.topic, r.partition, s, e) for s, e in pieces)
+    return tuple(out)
+
+
+def _count(ranges: tuple[OffsetRange, ...]) -> int:
+    return sum(r.end - r.start for r in ranges)
+
+
+def _describe(ranges: tuple[OffsetRange, ...]) -> str:
+    return ", ".join(f"{r.topic}:{r.partition}@[{r.start},{r.end})" for r in ranges[:8]) + (
+        f" and {len(ranges) - 8} more" if len(ranges) > 8 else ""
+    )
+
+
+def _rows_in(table: pa.Table, ranges: tuple[OffsetRange, ...]) -> pa.Table:
+    """The rows of ``table`` whose (topic, partition, offset) lies in one of ``ranges``."""
+    mask = None
+    for r in ranges:
+        m = pc.and_(
+            pc.and_(pc.equal(table["topic"], r.topic), pc.equal(table["partition"], r.partition)),
+            pc.and_(pc.greater_equal(table["offset"], r.start), pc.less(table["offset"], r.end)),
+        )
+        mask = m if mask is None else pc.or_(mask, m)
+    return table.filter(mask) if mask is not None else table.slice(0, 0)
 
 
 def _coalesce(ranges: list[OffsetRange]) -> tuple[OffsetRange, ...]:

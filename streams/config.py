@@ -138,3 +138,25 @@ class IngestConfig(_Strict):
     idle_exit_s: float | None = Field(
         default=None, gt=0, description="Exit after this long with nothing new (batch mode)."
     )
+    dead_letter_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "How long a flush waits for the dead-letter topic to acknowledge its records; past "
+            "it the flush fails and the records are re-read, never dropped."
+        ),
+    )
+    retry_initial_s: float = Field(
+        default=0.5, gt=0, description="First wait after a failed flush (DLQ down, disk full)."
+    )
+    retry_max_s: float = Field(
+        default=30.0, gt=0, description="Longest wait between retries; the wait doubles up to it."
+    )
+    reconnect_backoff_max_s: float = Field(
+        default=2.0,
+        gt=0,
+        description=(
+            "Longest wait between reconnects to a broker that went away; kafka-python's 30 s "
+            "default would leave ingest idle that long after the broker is back."
+        ),
+    )

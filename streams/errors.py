@@ -17,3 +17,35 @@ class StreamtuneError(Exception):
 
 class StreamsError(StreamtuneError):
     """Kafka, event decoding, ingest and buffer errors."""
+
+
+class EventBufferError(StreamsError):
+    """The Parquet event buffer could not do what was asked."""
+
+
+class BufferWriteError(EventBufferError):
+    """A segment could not be written; nothing of it became visible."""
+
+    def __init__(self, path: object, detail: str) -> None:
+        super().__init__(f"cannot write segment {path}: {detail}")
+        self.path = path
+
+
+class DiskFullError(BufferWriteError):
+    """The buffer's file system has no space left (ENOSPC/EDQUOT) for a segment."""
+
+
+class CorruptSegmentError(EventBufferError):
+    """A segment's bytes or footer fail verification; it has been moved to quarantine."""
+
+    def __init__(self, path: object, detail: str) -> None:
+        super().__init__(f"corrupt segment {path}: {detail}")
+        self.path = path
+
+
+class FencedError(EventBufferError):
+    """A write covers only offsets the buffer already holds: a stale member's batch, refused."""
+
+
+class DeadLetterError(StreamsError):
+    """The dead-letter topic did not acknowledge a record; its offset must not count as consumed."""

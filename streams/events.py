@@ -15,6 +15,8 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from streams.errors import StreamsError
+
 SCHEMA_VERSION = 1
 
 
@@ -68,8 +70,11 @@ def new_event_id() -> str:
     return uuid.uuid4().hex
 
 
-class DecodeError(ValueError):
-    """A record that is not a valid event; ``reason`` is a short machine-friendly tag."""
+class DecodeError(StreamsError, ValueError):
+    """A record that is not a valid event; ``reason`` is a short machine-friendly tag.
+
+    Also a ValueError, as it was before the error root existed, so older callers still catch it.
+    """
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")

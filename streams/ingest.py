@@ -10,11 +10,19 @@ Exactly once, by construction:
     already sees everything this member consumed.
 
 Bad records (undecodable bytes, schema violations, oversized payloads) go to the dead-letter topic
-with the reason and their source offset in headers; their offsets still count as consumed.
+with the reason and their source offset in headers; their offsets count as consumed only once the
+dead-letter topic has acknowledged every one of them.
+
+A flush that cannot complete (the dead-letter topic does not acknowledge, the disk is full) writes
+nothing: the pending records are dropped from memory, every assigned partition is rewound to the
+buffer's ``next_offsets()`` and the member retries after a growing wait, so the records are re-read
+from Kafka rather than lost. A batch the buffer refuses as already held (a stale member, fenced)
+is dropped the same way without waiting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -26,10 +34,12 @@ from dataclasses import dataclass, field
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaError
+from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 
 from streams.buffer import EventBuffer, OffsetRange, Segment
 from streams.config import IngestConfig, KafkaConfig, TopicsConfig
+from streams.errors import DeadLetterError, DiskFullError, FencedError, StreamsError
 from streams.events import DecodeError, RowBatch, decode
 
 log = logging.getLogger(__name__)
@@ -43,6 +53,12 @@ class IngestStats:
     segments: int = 0
     rebalances: int = 0
     started: float = field(default_factory=time.monotonic)
+    flush_failures: int = 0  # flushes that wrote nothing (DLQ not acknowledging, disk full, ...)
+    dead_letter_failures: int = 0
+    disk_full: int = 0
+    fenced: int = 0  # offsets refused because the buffer already held them (a stale batch)
+    rewinds: int = 0  # times the assigned partitions were sought back to the buffer's offsets
+    last_error: str = ""
 
     @property
     def dead_letter_total(self) -> int:
@@ -57,8 +73,13 @@ class _Pending:
         self.spans: dict[tuple[str, int], list[int]] = {}  # tp -> [first, last + 1]
         self.records = 0
         self.since = time.monotonic()
+        # Dead letters sent for these records: each must be acknowledged before the flush.
+        self.dead: list[tuple[FutureRecordMetadata, str, int, int]] = []
+        self.dead_by_reason: dict[str, int] = {}
 
     def cover(self, topic: str, partition: int, offset: int) -> None:
+        if self.records == 0:  # the flush interval runs from the first record held, not idle time
+            self.since = time.monotonic()
         span = self.spans.get((topic, partition))
         if span is None:
             self.spans[(topic, partition)] = [offset, offset + 1]
@@ -92,6 +113,9 @@ class Ingestor:
         self.member = f"{socket.gethostname()}:{os.getpid()}"
         self._consumer: KafkaConsumer | None = None
         self._dlq: KafkaProducer | None = None
+        self._failures = 0  # consecutive failed flushes: the retry wait doubles with each
+        self._fences = 0  # consecutive refused (stale) batches
+        self._quarantined = 0
 
     # -- lifecycle ----------------------------------------------------------------------
     def run(self) -> IngestStats:
@@ -111,25 +135,30 @@ class Ingestor:
             # stops returning records while an idempotent producer is still writing (seen
             # against Kafka 4.1), so ingest reads uncommitted; our producers are not transactional.
             isolation_level="read_uncommitted",
+            reconnect_backoff_max_ms=int(self.cfg.reconnect_backoff_max_s * 1000),
         )
-        self._dlq = KafkaProducer(**common, acks="all", linger_ms=5, max_request_size=8 << 20)
+        self._dlq = self._dead_letter_producer()
         self._consumer.subscribe([self.topics.events], listener=_Rebalance(self))
         started = idle_since = time.monotonic()
         # Batch mode exits once caught up, and "caught up" needs partitions: while the group still
         # waits out a dead member's session, no time counts as idle (bounded by two sessions).
         unassigned_limit = 2 * self.cfg.session_timeout_ms / 1000
+        self._quarantined = self.buffer.quarantine_count()
         try:
             while not self.stop_event.is_set():
                 batch = self._consumer.poll(timeout_ms=200, max_records=self.cfg.max_poll_records)
                 n = sum(len(msgs) for msgs in batch.values())
                 now = time.monotonic()
                 waiting = not self._consumer.assignment() and now - started < unassigned_limit
-                if n or waiting:
+                if n or waiting or self._failures:
                     idle_since = now
+                try:
                     for msgs in batch.values():
                         self._consume(msgs)
-                if self._should_flush():
-                    self.flush()
+                    if self._should_flush():
+                        self.flush()
+                except StreamsError as err:
+                    self._retry(err)
                 idle = time.monotonic() - idle_since
                 if self.cfg.idle_exit_s is not None and idle > self.cfg.idle_exit_s:
                     break
@@ -140,15 +169,34 @@ class Ingestor:
     def stop(self) -> None:
         self.stop_event.set()
 
+    def _dead_letter_producer(self) -> KafkaProducer:
+        return KafkaProducer(
+            **self.kafka.client_kwargs(),
+            acks="all",
+            linger_ms=5,
+            max_request_size=8 << 20,
+            # A send that cannot even get the topic's metadata fails the flush, not the process.
+            max_block_ms=int(self.cfg.dead_letter_timeout_s * 1000),
+            # kafka-python's idempotent producer turns fatal after one refused batch and never
+            # sends again; a plain one fails that batch and retries later. A retried dead letter
+            # may land twice, which the DLQ tolerates (at least once), never zero times.
+            enable_idempotence=False,
+            reconnect_backoff_max_ms=int(self.cfg.reconnect_backoff_max_s * 1000),
+        )
+
     def close(self) -> None:
         try:
             self.flush()
+        except StreamsError as err:
+            # Not lost: the buffer does not cover these offsets, so the next run re-reads them.
+            self._discard(err)
         finally:
             if self._consumer is not None:
                 self._consumer.close(autocommit=False)
                 self._consumer = None
             if self._dlq is not None:
-                self._dlq.close(timeout=10)
+                with contextlib.suppress(KafkaError):  # unacknowledged ones were not counted
+                    self._dlq.close(timeout=10)
                 self._dlq = None
 
     # -- the work -----------------------------------------------------------------------
@@ -170,7 +218,8 @@ class Ingestor:
             pending.rows.append(event, m.topic, m.partition, m.offset)
 
     def _dead_letter(self, m: ConsumerRecord, reason: str, detail: str) -> None:
-        assert self._dlq is not None
+        if self._dlq is None:
+            raise DeadLetterError("the dead-letter producer is closed")
         headers = [
             ("reason", reason.encode()),
             ("detail", detail[:1000].encode()),
@@ -178,8 +227,39 @@ class Ingestor:
             ("source_partition", str(m.partition).encode()),
             ("source_offset", str(m.offset).encode()),
         ]
-        self._dlq.send(self.topics.dead_letter, key=m.key, value=m.value, headers=headers)
-        self.stats.dead_lettered[reason] = self.stats.dead_lettered.get(reason, 0) + 1
+        topic = self.topics.dead_letter
+        try:
+            future = self._dlq.send(topic, key=m.key, value=m.value, headers=headers)
+        except KafkaError as err:  # e.g. no metadata for the topic within max_block_ms
+            raise DeadLetterError(
+                f"dead letter for {m.topic}:{m.partition}@{m.offset} not accepted by {topic}: "
+                f"{err!r}"
+            ) from err
+        p = self._pending
+        p.dead.append((future, m.topic, m.partition, m.offset))
+        p.dead_by_reason[reason] = p.dead_by_reason.get(reason, 0) + 1
+
+    def _confirm_dead_letters(self, p: _Pending) -> None:
+        """Raise DeadLetterError unless the DLQ acknowledged every dead letter of ``p``."""
+        if not p.dead:
+            return
+        topic = self.topics.dead_letter
+        if self._dlq is None:
+            raise DeadLetterError("the dead-letter producer is closed")
+        try:
+            self._dlq.flush(timeout=self.cfg.dead_letter_timeout_s)
+        except KafkaError as err:
+            raise DeadLetterError(
+                f"{topic} did not acknowledge {len(p.dead)} dead letters within "
+                f"{self.cfg.dead_letter_timeout_s:.0f}s: {err!r}"
+            ) from err
+        bad = [(f, t, part, off) for f, t, part, off in p.dead if not f.succeeded()]
+        if bad:
+            f, t, part, off = bad[0]
+            raise DeadLetterError(
+                f"{topic} refused {len(bad)} of {len(p.dead)} dead letters (first: source "
+                f"{t}:{part}@{off}: {f.exception!r})"
+            )
 
     def _should_flush(self) -> bool:
         p = self._pending
@@ -189,22 +269,98 @@ class Ingestor:
         )
 
     def flush(self, commit: bool = True) -> Segment | None:
-        """Make pending records durable, then (unless told not to) commit their offsets."""
+        """Make pending records durable, then (unless told not to) commit their offsets.
+
+        Raises a StreamsError, having written nothing, if a dead letter was not acknowledged
+        (DeadLetterError), the segment could not be written (DiskFullError, BufferWriteError) or
+        the buffer already holds every offset (FencedError). The pending records stay pending;
+        ``run`` drops and re-reads them.
+        """
         p = self._pending
         if p.records == 0:
             return None
-        if self._dlq is not None:
-            # Dead letters must be durable before their offsets count as consumed.
-            self._dlq.flush(timeout=30)
+        # Dead letters must be durable before their offsets count as consumed.
+        self._confirm_dead_letters(p)
         seg = self.buffer.append(p.rows.to_table(), p.ranges(), writer=self.member)
         self._pending = _Pending()
+        self._failures = self._fences = 0
         self.stats.ingested += seg.rows
         self.stats.segments += 1
+        for reason, n in p.dead_by_reason.items():
+            self.stats.dead_lettered[reason] = self.stats.dead_lettered.get(reason, 0) + n
+        if seg.fenced:
+            self.stats.fenced += seg.fenced
         if commit:
             self._commit(seg)
         if self.on_flush is not None:
             self.on_flush(seg, self.stats)
+        self._follow_quarantine()
         return seg
+
+    def _follow_quarantine(self) -> None:
+        # A segment quarantined since we last looked may cover our partitions: seek back so the
+        # hole is re-read from Kafka (the buffer drops what it already holds).
+        q = self.buffer.quarantine_count()
+        if q != self._quarantined:
+            self._quarantined = q
+            log.warning("a buffer segment was quarantined; re-reading from the buffer's offsets")
+            self._rewind()
+
+    def _retry(self, err: StreamsError) -> None:
+        """A flush wrote nothing: drop the pending records, rewind, wait, and read them again."""
+        records = self._discard(err)
+        self._rewind()
+        if isinstance(err, FencedError):
+            # Another member holds these offsets: re-read at once. Only a repeat waits (offsets
+            # the buffer lost that Kafka no longer has would otherwise spin this loop).
+            self._fences += 1
+            if self._fences > 1:
+                self.stop_event.wait(self._backoff(self._fences - 1))
+            return
+        self._failures += 1
+        delay = self._backoff(self._failures)
+        log.error(
+            "ingest paused: %s; %d records not committed (re-read from Kafka, not dropped); "
+            "retry %d in %.1fs", err, records, self._failures, delay,
+        )  # fmt: skip
+        self.stop_event.wait(delay)
+
+    def _backoff(self, attempt: int) -> float:
+        return float(min(self.cfg.retry_max_s, self.cfg.retry_initial_s * 2 ** (attempt - 1)))
+
+    def _discard(self, err: StreamsError) -> int:
+        """Forget the pending records after a failed flush; returns how many there were."""
+        records = self._pending.records
+        self._pending = _Pending()
+        self.stats.last_error = str(err)
+        if isinstance(err, FencedError):
+            self.stats.fenced += records
+            log.warning("fenced: %d stale records refused: %s", records, err)
+            return records
+        self.stats.flush_failures += 1
+        if isinstance(err, DeadLetterError):
+            self.stats.dead_letter_failures += 1
+        if isinstance(err, DiskFullError):
+            self.stats.disk_full += 1
+        return records
+
+    def _rewind(self) -> None:
+        if self._consumer is None:
+            return
+        assigned = list(self._consumer.assignment())
+        if assigned:
+            self.stats.rewinds += 1
+            self._seek_to_buffer(assigned)
+
+    def _seek_to_buffer(self, tps: list[TopicPartition]) -> None:
+        assert self._consumer is not None
+        resume = self.buffer.next_offsets()
+        for tp in tps:
+            pos = resume.get((tp.topic, tp.partition))
+            if pos is None:
+                self._consumer.seek_to_beginning(tp)
+            else:
+                self._consumer.seek(tp, pos)
 
     def _commit(self, seg: Segment) -> None:
         # Kafka's committed offsets only feed lag monitoring; the buffer is authoritative.
@@ -222,13 +378,7 @@ class Ingestor:
     def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         assert self._consumer is not None
         self.stats.rebalances += 1
-        resume = self.buffer.next_offsets()
-        for tp in assigned:
-            pos = resume.get((tp.topic, tp.partition))
-            if pos is None:
-                self._consumer.seek_to_beginning(tp)
-            else:
-                self._consumer.seek(tp, pos)
+        self._seek_to_buffer(assigned)
         log.info("assigned %s", sorted((tp.topic, tp.partition) for tp in assigned))
 
 
@@ -239,8 +389,12 @@ class _Rebalance(ConsumerRebalanceListener):
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         # Durable before the partitions move, so the next owner's seek sees these records.
         # No Kafka commit here: kafka-python runs listeners on its IO thread, where a blocking
-        # commit is refused; the buffer is authoritative anyway.
-        self.ingestor.flush(commit=False)
+        # commit is refused; the buffer is authoritative anyway. If the flush cannot complete,
+        # the records are dropped: the buffer does not cover them, so the next owner reads them.
+        try:
+            self.ingestor.flush(commit=False)
+        except StreamsError as err:
+            self.ingestor._discard(err)
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.ingestor._on_assigned(assigned)
