@@ -9,7 +9,7 @@ ranking (seen items excluded, target kept) and with 100 negatives sampled unifor
 replacement from the items the user never interacted with; beside a popularity baseline scored on
 the very same cases and negatives. The epoch with the best validation NDCG@10 is reported on test.
 
-Streaming: ``training.prequential`` (protocol, forgetting and strategy definitions there). All
+Streaming: ``bench.prequential`` (protocol, forgetting and strategy definitions there). All
 training runs in this process with the trainer's ``training.fit`` loop on one worker, not on Ray:
 the benchmark compares learning strategies, not distribution.
 
@@ -32,6 +32,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.table import Table
 
+from bench.prequential import (
+    STRATEGIES,
+    ModelStrategy,
+    StrategyResult,
+    StreamConfig,
+    build_chunks,
+    run_stream,
+    train_from_scratch,
+)
 from training.evaluation import (
     Interactions,
     Metrics,
@@ -42,15 +51,8 @@ from training.evaluation import (
     leave_one_out,
     load_table,
 )
-from training.prequential import (
-    STRATEGIES,
-    ModelStrategy,
-    StrategyResult,
-    StreamConfig,
-    build_chunks,
-    run_stream,
-    train_from_scratch,
-)
+from training.model import Recommender
+from training.ranking import top_k
 
 matplotlib.use("Agg")  # no display here; must precede pyplot's import
 import matplotlib.pyplot as plt
@@ -136,7 +138,7 @@ def run_offline(inter: Interactions, cfg: QualityConfig, t0: float) -> dict[str,
         inter, split.train_rows, cfg.stream, cfg.offline_epochs, on_epoch
     )
     train_s = time.perf_counter() - t_train
-    model.load_state_dict(best["state"])
+    model = Recommender.from_state(model.cfg, best["state"])
     # Negatives seeded differently from validation so test is not tuned on the same draws.
     model_m = evaluate_cases(
         ModelScorer(model, vocab, inter.item_ids), split.test, inter.n_items, test_excl,
@@ -182,10 +184,8 @@ def diversity_tradeoff(
     for lam in DIVERSITY_LEVELS:
         gains, ild = [], []
         for b, case in enumerate(part):
-            sc = scores[b].clone()
-            sc[torch.from_numpy(seen[b][seen[b] != case.target])] = float("-inf")
-            cand = torch.topk(sc, 100).indices
-            cand = cand[torch.isfinite(sc[cand])]
+            sc = scores[b]
+            cand = top_k(sc, 100, exclude=seen[b][seen[b] != case.target].tolist())
             picked = mmr(sc, emb, cand, 10, lam)
             pos = picked.index(case.target) if case.target in picked else -1
             gains.append(1.0 / np.log2(pos + 2) if pos >= 0 else 0.0)

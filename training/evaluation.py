@@ -9,15 +9,17 @@ Public API
 - ``leave_one_out(inter) -> LooSplit``: per user, test target = last event, validation target =
   second last; the rest trains.
 - ``Scorer``: anything with ``score(histories) -> [B, n_items + 1]`` in *catalog* item codes.
-  ``PopularityScorer`` is the baseline; the trainer's model is adapted in ``prequential.py``.
+  ``PopularityScorer`` is the baseline; the trainer's model is adapted by ``ModelScorer``.
 - ``rank_full`` / ``rank_sampled`` / ``sample_negatives`` / ``evaluate_cases``: the two protocols.
 - ``intra_list_diversity(item_lists, item_emb)``: for MMR re-ranking reports.
 
 Ranking conventions (both protocols)
 ------------------------------------
-The rank of a target is the number of candidates scored *greater than or equal to* it, other than
-itself (0 = top). Ties therefore count against the model: a constant scorer gets the worst rank,
-never the best. NDCG@k = 1/log2(rank + 2) if rank < k else 0; HR@k = 1 if rank < k.
+``training.ranking`` owns them (the gate uses the same core): the rank of a target is the number
+of other candidates scored greater than *or equal to* it (0 = top), so ties count against the
+model; non-finite scores count against the model too (a NaN or constant scorer ranks the target
+last); a target a model cannot score (``-inf``, unknown) is a miss. NDCG@k = 1/log2(rank + 2) if
+rank < k else 0; HR@k = 1 if rank < k.
 
 - Full ranking: candidates = every catalog item except padding and the items in the user's
   history (the target stays a candidate even if it was seen before).
@@ -41,12 +43,13 @@ import torch
 from streams.datasets import DEFAULT_ML100K, generic_csv, movielens_100k
 from streams.events import RowBatch
 from training.data import left_pad
-from training.metrics import ndcg_hr as trainer_ndcg_hr
 from training.model import Recommender
+from training.ranking import ndcg_hr as _core_ndcg_hr
+from training.ranking import rank_full as _core_rank_full
+from training.ranking import rank_sampled as _core_rank_sampled
 from training.vocab import ItemVocab
 
 OFFLINE_TOPIC = "offline"
-MISS_RANK = 1 << 30  # rank given to a target the model cannot score
 
 
 def load_table(path: Path | None = None) -> pa.Table:
@@ -174,11 +177,6 @@ class PopularityScorer:
         return np.broadcast_to(self.counts, (len(histories), self.counts.size)).copy()
 
 
-def _rank_of(scores: np.ndarray, target_scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    # >= counts ties against the model; subtract the target's own >= hit.
-    return ((scores >= target_scores[:, None]) & valid).sum(axis=1) - 1
-
-
 class ModelScorer:
     """Adapts the trainer's ``Recommender`` + ``ItemVocab`` to catalog codes.
 
@@ -205,9 +203,7 @@ class ModelScorer:
         rows_scores = self.model.score(torch.from_numpy(batch)).float().numpy()
         out = np.full((len(histories), len(self.code_to_row)), -np.inf, dtype=np.float32)
         out[:, self.known] = rows_scores[:, self.code_to_row[self.known]]
-        # An all-padding input can yield NaN; NaN compares False and would rank first otherwise.
-        out[np.isnan(out)] = -np.inf
-        return out
+        return out  # NaN stays NaN: the ranking core counts it against the model
 
 
 def rank_full(scores: np.ndarray, targets: np.ndarray, seen: Sequence[np.ndarray]) -> np.ndarray:
@@ -216,16 +212,7 @@ def rank_full(scores: np.ndarray, targets: np.ndarray, seen: Sequence[np.ndarray
         raise ValueError(
             f"scores {scores.shape}, {len(targets)} targets and {len(seen)} seen lists must agree"
         )
-    valid = np.ones(scores.shape, dtype=bool)
-    valid[:, 0] = False
-    rows = np.arange(len(targets))
-    for r, items in enumerate(seen):
-        valid[r, items] = False
-    valid[rows, targets] = True  # a re-consumed target still competes
-    target_scores = scores[rows, targets]
-    ranks = _rank_of(scores, target_scores, valid)
-    # A target the model cannot score (-inf) is a miss, whatever the rest scored.
-    return np.where(np.isneginf(target_scores), MISS_RANK, ranks)
+    return _core_rank_full(scores, targets, seen)
 
 
 def sample_negatives(
@@ -260,19 +247,14 @@ def sample_negatives(
 
 def rank_sampled(scores: np.ndarray, targets: np.ndarray, negatives: np.ndarray) -> np.ndarray:
     """Ranks of ``targets`` among themselves plus the row's ``negatives``."""
-    rows = np.arange(len(targets))[:, None]
-    target_scores = scores[rows[:, 0], targets]
-    neg_scores = scores[rows, negatives]
-    ranks = (neg_scores >= target_scores[:, None]).sum(axis=1)
-    return np.where(np.isneginf(target_scores), MISS_RANK, ranks)
+    return _core_rank_sampled(scores, targets, negatives)
 
 
 def ndcg_hr(ranks: np.ndarray, k: int = 10) -> tuple[float, float]:
     """Mean NDCG@k and HR@k of 0-based ranks (one relevant item per case)."""
-    if ranks.size == 0:
+    if np.asarray(ranks).size == 0:
         raise ValueError("no cases to score: the split produced no evaluation events")
-    # The trainer's metric (training.metrics) so gate and benchmark agree on the formula.
-    return trainer_ndcg_hr(torch.from_numpy(np.asarray(ranks, dtype=np.int64)), k)
+    return _core_ndcg_hr(ranks, k)
 
 
 @dataclass(frozen=True)

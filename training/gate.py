@@ -7,6 +7,9 @@ champion's NDCG@10 minus the candidate's. A candidate is rejected when that mean
 users make NDCG@10 noisy (a standard error near 0.01 is common), and a fixed tolerance alone then
 rejects good candidates by coin flip; a real regression (a broken model) is far outside the noise
 and is still rejected. ``confidence_z = 0`` gives the plain tolerance rule.
+
+Scores go through ``training.ranking`` (ties and non-finite scores count against the model), so a
+collapsed or NaN candidate scores 0 and can never pass.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import numpy as np
 
 from training.config import GateConfig
 from training.data import Holdout
-from training.metrics import evaluate, holdout_ranks, popularity_ndcg, question_ndcg
-from training.model import Recommender
+from training.metrics import RowScorer, evaluate, holdout_ranks, popularity_ndcg
+from training.ranking import question_ndcg
 
 
 @dataclass
@@ -28,9 +31,7 @@ class GateResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def paired_drop(
-    candidate: Recommender, champion: Recommender, hold: Holdout
-) -> tuple[float, float]:
+def paired_drop(candidate: RowScorer, champion: RowScorer, hold: Holdout) -> tuple[float, float]:
     """Mean per-question NDCG@10 drop (champion - candidate) and its standard error."""
     champ = question_ndcg(holdout_ranks(champion, hold))
     cand = question_ndcg(holdout_ranks(candidate, hold))
@@ -40,8 +41,8 @@ def paired_drop(
 
 
 def gate(
-    candidate: Recommender,
-    champion: Recommender | None,
+    candidate: RowScorer,
+    champion: RowScorer | None,
     new_hold: Holdout,
     replay_hold: Holdout,
     popularity: np.ndarray,

@@ -4,19 +4,36 @@ GPT-2 blocks from transformers, built from ``ModelConfig`` (no hub download ever
 tokens; the output layer is tied to the item embedding table, so scoring the next item is one
 matmul against it and the same table serves diversity re-ranking.
 
+The model owns its lifecycle (nanoGPT's ``model.py`` is the example): every rebuild from saved
+weights, in the registry, the Ray Train workers, the round driver and the benchmarks, goes through
+``from_state`` / ``from_file`` (strict: a missing, extra or misshapen tensor is an error), and every
+distillation teacher is ``frozen_teacher()``.
+
 Public API:
   Recommender(cfg, n_rows)                   build (n_rows = len(ItemVocab), row 0 = padding)
-  model.loss(inputs, targets, teacher=None)  training loss; inputs/targets [B, L] item rows
+  Recommender.from_state(cfg, state)         strict load of tensors or numpy arrays
+  Recommender.from_file(path, cfg)           the same from safetensors (never unpickles)
+  model.state_numpy()                        {name: np.ndarray}, e.g. for Ray's object store
+  model.frozen_teacher()                     eval-mode, requires_grad=False copy for distillation
+  model.loss(inputs, targets, teacher_logits, kd_weight, kd_temperature)   [B, L] item rows
   model.score(inputs)                        [B, n_rows] next-item scores (padding = -inf)
   model.item_embeddings()                    [n_rows, D] the tied table
   model.grow(n_rows, init=None)              append rows for new items, old rows untouched
   save_weights(model, path) / load_weights(path, cfg, n_rows)   safetensors, no pickle
+
+Distillation with a growing catalog: the teacher (the champion) has fewer rows than the student
+when a round adds items. ``Teacher`` reads rows it never knew as padding, so the grown student's
+inputs cannot crash it, and ``loss`` distils only over the teacher's own rows, at positions whose
+current item the teacher knows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Self
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -24,6 +41,9 @@ from torch import nn
 from transformers import GPT2Config, GPT2Model
 
 from training.config import ModelConfig
+from training.errors import ModelStateError
+
+TABLE = "backbone.wte.weight"  # the item table: its row count is the catalog size
 
 
 class Recommender(nn.Module):
@@ -47,6 +67,45 @@ class Recommender(nn.Module):
         )
         self.backbone = GPT2Model(gpt)
 
+    # -- lifecycle ----------------------------------------------------------------------
+    @classmethod
+    def from_state(cls, cfg: ModelConfig, state: Mapping[str, torch.Tensor | np.ndarray]) -> Self:
+        """Rebuild from a state dict (tensors or numpy arrays); every tensor must fit exactly."""
+        if TABLE not in state:
+            raise ModelStateError(
+                f"weights lack {TABLE!r} (the item table): not a streamtune Recommender state"
+            )
+        tensors = {
+            k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+            for k, v in state.items()
+        }
+        model = cls(cfg, int(tensors[TABLE].shape[0]))
+        try:
+            model.load_state_dict(tensors, strict=True)
+        except RuntimeError as err:
+            raise ModelStateError(
+                f"weights do not fit ModelConfig {cfg.model_dump()}: {err}"
+            ) from None
+        return model
+
+    @classmethod
+    def from_file(cls, path: Path, cfg: ModelConfig) -> Self:
+        """Rebuild from a safetensors file (never unpickles)."""
+        return cls.from_state(cfg, load_file(str(path)))
+
+    def state_numpy(self) -> dict[str, np.ndarray]:
+        """Float32 CPU copies of every tensor, keyed like ``state_dict``."""
+        return {k: v.detach().float().cpu().numpy() for k, v in self.state_dict().items()}
+
+    def frozen_teacher(self) -> Teacher:
+        """A frozen copy for distillation: eval mode for good, no gradients, unknown rows read as
+        padding. Changing this model afterwards does not change the teacher."""
+        teacher = Teacher.from_state(self.cfg, self.state_dict())
+        teacher.requires_grad_(False)
+        teacher.eval()
+        return teacher
+
+    # -- forward ------------------------------------------------------------------------
     @property
     def n_rows(self) -> int:
         return int(self.backbone.wte.weight.shape[0])
@@ -81,7 +140,9 @@ class Recommender(nn.Module):
     ) -> torch.Tensor:
         """Next-item cross-entropy on positions whose target is an item (target 0 = ignore).
 
-        teacher_logits [B, L, V_old] adds a distillation term over the teacher's catalog.
+        ``teacher_logits`` [B, L, V_old] adds a distillation term over the teacher's catalog only
+        (rows 1..V_old-1: rows added since the teacher are left out), at the positions whose
+        current item the teacher knew (elsewhere it predicted from a history it could not read).
         """
         h = self.hidden(inputs)  # [B, L, D]
         valid = targets != 0
@@ -96,9 +157,16 @@ class Recommender(nn.Module):
         if teacher_logits is None or kd_weight == 0.0:
             return ce
         v_old = teacher_logits.shape[-1]
+        if v_old > table.shape[0]:
+            raise ModelStateError(
+                f"teacher has {v_old} rows, the student {table.shape[0]}: the item table only grows"
+            )
+        kd_at = valid & (inputs < v_old)  # [B, L]
+        if not bool(kd_at.any()):
+            return ce
         t = kd_temperature
-        student = (hv @ table[:v_old].T)[:, 1:] / t  # [N, V_old - 1], padding excluded
-        teacher = teacher_logits[valid][:, 1:] / t
+        student = (h[kd_at] @ table[:v_old].T)[:, 1:] / t  # [N', V_old - 1], padding excluded
+        teacher = teacher_logits[kd_at][:, 1:] / t
         kd = F.kl_div(
             F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True,
             reduction="batchmean",
@@ -143,11 +211,23 @@ def save_weights(model: Recommender, path: Path) -> None:
 
 
 def load_weights(path: Path, cfg: ModelConfig, n_rows: int | None = None) -> Recommender:
-    """Build from config and load safetensors weights (never unpickles)."""
-    state = load_file(str(path))
-    rows = int(state["backbone.wte.weight"].shape[0])
-    model = Recommender(cfg, rows)
-    model.load_state_dict(state, strict=False)
-    if n_rows is not None and n_rows > rows:
+    """``Recommender.from_file``, grown to ``n_rows`` when given (kept for existing callers)."""
+    model = Recommender.from_file(path, cfg)
+    if n_rows is not None and n_rows > model.n_rows:
         model.grow(n_rows)
     return model
+
+
+class Teacher(Recommender):
+    """A frozen distillation teacher (build it with ``Recommender.frozen_teacher``).
+
+    Rows past its table (items added after it was trained) are read as padding, so it takes the
+    grown student's inputs; it stays in eval mode whatever ``train()`` asks.
+    """
+
+    def train(self, mode: bool = True) -> Self:
+        return super().train(False)
+
+    def hidden(self, inputs: torch.Tensor) -> torch.Tensor:
+        known = torch.where(inputs < self.n_rows, inputs, torch.zeros_like(inputs))
+        return super().hidden(known)

@@ -7,12 +7,14 @@ history, not trained on again), ``watermark`` the buffer offsets that ``new`` en
 plain Arrow tables and dicts: this module knows nothing of Kafka. The round warm-starts from the
 champion, grows the item table for new items (text-initialised when titles are known), trains
 with N Ray Train workers (ScalingConfig: CPU + gloo here; GPUs + NCCL + bf16 on a GPU cluster,
-by config only), evaluates the candidate against the champion, and registers it with the decision.
+by config only), evaluates the candidate against the champion, and registers it with the decision
+in one step (``Registry.register(..., promote=, reason=, expect_latest=)``): if another round
+registered since this one read its lineage, ``ConcurrentRoundError`` is raised and nothing is kept.
 """
 
 from __future__ import annotations
 
-import tempfile
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file
 
 from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
 from training.data import (
@@ -31,6 +32,12 @@ from training.data import (
     holdout_from_examples,
     round_examples,
     user_sequences,
+)
+from training.errors import (
+    EmptyRoundError,
+    LineageError,
+    NonFiniteWeightsError,
+    RoundFailedError,
 )
 from training.gate import gate
 from training.model import Recommender, save_weights
@@ -78,8 +85,6 @@ def _titles(table: pa.Table) -> dict[str, str]:
 
 def _popularity(registry: Registry, base: int | None, vocab: ItemVocab, new: pa.Table) -> list[int]:
     """Cumulative interaction counts per row (serving's fallback for users with no history)."""
-    import json
-
     counts = [0] * len(vocab)
     if base is not None and (registry.path(base) / "popularity.json").exists():
         for row, c in enumerate(json.loads((registry.path(base) / "popularity.json").read_text())):
@@ -87,10 +92,6 @@ def _popularity(registry: Registry, base: int | None, vocab: ItemVocab, new: pa.
     for row in vocab.encode(new.column("item_id").to_pylist()):
         counts[row] += 1
     return counts
-
-
-def _state_numpy(model: Recommender) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
 
 
 def prepare_model(
@@ -103,8 +104,7 @@ def prepare_model(
     """The round's starting point: the champion grown to the new catalog, or a fresh model."""
     if champion is None:
         return Recommender(cfg, len(vocab))
-    model = Recommender(champion.cfg, champion.n_rows)
-    model.load_state_dict(champion.state_dict())
+    model = Recommender.from_state(champion.cfg, champion.state_dict())
     init = None
     if cfg.text_init and new_items and all(i in titles for i in new_items):
         known = [i for i in vocab.items()[: champion.n_rows - 1] if i in titles]
@@ -123,12 +123,14 @@ def train(
     teacher: Recommender | None,
     examples: Examples,
     cfg: RoundConfig,
-    fail_at_epoch: int | None = None,
     cold: bool = False,
 ) -> tuple[Recommender, dict[str, float]]:
     """Run the Ray Train job; returns the trained model and the last reported metrics.
 
     ``cold``: no champion to start from, so ``first_round_epochs`` passes instead of ``epochs``.
+    ``teacher`` (the champion) is shipped only when ``replay.kd_weight > 0``; the workers freeze
+    it (``Recommender.frozen_teacher``). Raises ``RoundFailedError`` when the job fails after
+    Ray Train's retries (``trainer.max_failures``).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -142,13 +144,12 @@ def train(
     data = {
         "inputs": examples.inputs,
         "targets": examples.targets,
-        "init_state": _state_numpy(init),
-        "teacher_state": _state_numpy(teacher) if teacher and cfg.replay.kd_weight > 0 else None,
+        "init_state": init.state_numpy(),
+        "teacher_state": teacher.state_numpy() if teacher and cfg.replay.kd_weight > 0 else None,
     }
     tcfg = cfg.trainer.model_dump(mode="json")
     if cold:
         tcfg["epochs"] = cfg.trainer.first_round_epochs
-    marker_dir = tempfile.mkdtemp(prefix="round-")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -157,8 +158,6 @@ def train(
             "trainer_config": tcfg,
             "replay_config": cfg.replay.model_dump(),
             "use_gpu": use_gpu,
-            "fail_at_epoch": fail_at_epoch,
-            "fail_marker": str(Path(marker_dir) / "died") if fail_at_epoch is not None else None,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.trainer.num_workers,
@@ -172,13 +171,17 @@ def train(
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"the training round produced no checkpoint: {result.error}")
+    try:
+        result = trainer.fit()
+    except Exception as err:  # Ray Train wraps worker deaths and errors in its own types
+        raise RoundFailedError(
+            f"the training job failed after {cfg.trainer.max_failures} retries: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    if result.error is not None or result.checkpoint is None:
+        raise RoundFailedError(f"the training round produced no checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
-        state = load_file(str(Path(d) / "model.safetensors"))
-    model = Recommender(init.cfg, init.n_rows)
-    model.load_state_dict(state, strict=False)
+        model = Recommender.from_file(Path(d) / "model.safetensors", init.cfg)
     model.eval()
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
     return model, metrics
@@ -190,9 +193,16 @@ def run_round(
     watermark: dict[str, int],
     registry: Registry,
     cfg: RoundConfig,
-    fail_at_epoch: int | None = None,
     extra_meta: dict[str, Any] | None = None,
 ) -> RoundResult:
+    """Train, gate and register one round; see the module docstring.
+
+    Raises ``EmptyRoundError`` if the new events give no training example, ``LineageError`` if
+    the registry's item map no longer extends the champion's, ``RoundFailedError`` if training
+    failed, ``ConcurrentRoundError`` if another round registered since this one read the
+    registry, and ``NonFiniteWeightsError`` if the candidate's weights
+    are not finite (nothing is registered or recorded in those cases).
+    """
     champ_v = registry.champion()
     champ = registry.load(champ_v) if champ_v is not None else None
     base_v = registry.latest()  # the replay lineage continues from the latest version
@@ -205,15 +215,22 @@ def run_round(
         vocab = ItemVocab.load(registry.path(base_v) / "vocab.json")
     titles: dict[str, str] = {}
     if base_v is not None and (registry.path(base_v) / "titles.json").exists():
-        import json
-
         titles = json.loads((registry.path(base_v) / "titles.json").read_text())
     titles.update(_titles(context))
     titles.update(_titles(new))
     rows_before = len(vocab)
     vocab.add(context.column("item_id").to_pylist() + new.column("item_id").to_pylist())
-    if champ is not None:
-        assert vocab.items()[: len(champ.vocab) - 1] == champ.vocab.items(), "vocab lineage broke"
+    if champ is not None and vocab.items()[: champ.vocab.n_items] != champ.vocab.items():
+        raise LineageError(
+            f"the item map of v{base_v} does not extend champion v{champ_v}'s: a row would point "
+            "at another item; the registry's lineage is broken (restore the versions or start "
+            "a new registry)"
+        )
+    if champ is not None and champ.model.n_rows != len(champ.vocab):
+        raise LineageError(
+            f"champion v{champ_v} has {champ.model.n_rows} item rows but {len(champ.vocab)} "
+            "vocab rows: its files do not belong together"
+        )
     # Rows the champion lacks: items new this round, and those of rounds rejected since it.
     added = vocab.items()[champ.model.n_rows - 1 :] if champ else []
     mcfg = champ.model.cfg if champ else cfg.model
@@ -222,6 +239,11 @@ def run_round(
     new_ex, new_hold = round_examples(
         user_sequences(context, vocab), user_sequences(new, vocab), mcfg.max_len, holdout=True
     )
+    if len(new_ex) == 0:
+        raise EmptyRoundError(
+            f"{new.num_rows} new events from {len(set(new.column('user_id').to_pylist()))} users "
+            "give no training example (each needs an earlier event of its user); wait for more"
+        )
     base_dir = registry.path(base_v) if base_v is not None else None
     if base_dir is not None and (base_dir / "replay.json").exists():
         reservoir = Reservoir.load(base_dir, cfg.replay.capacity)
@@ -240,7 +262,7 @@ def run_round(
 
     t_train = time.monotonic()
     candidate, train_metrics = train(
-        init, champ.model if champ else None, train_ex, cfg, fail_at_epoch, cold=champ is None
+        init, champ.model if champ else None, train_ex, cfg, cold=champ is None
     )
     train_s = time.monotonic() - t_train
 
@@ -256,8 +278,6 @@ def run_round(
     popularity = _popularity(registry, base_v, vocab, new)
 
     def write(d: Path) -> None:
-        import json
-
         save_weights(candidate, d / "model.safetensors")
         (d / "popularity.json").write_text(json.dumps(popularity))
         vocab.save(d / "vocab.json")
@@ -284,11 +304,15 @@ def run_round(
         "train_s": train_s,
         **(extra_meta or {}),
     }
-    version = registry.register(write, meta)
-    if decision.promote:
-        registry.set_champion(version, decision.reason)
-    else:
-        registry.record(version, "reject", decision.reason)
+    try:
+        version = registry.register(
+            write, meta, promote=decision.promote, reason=decision.reason, expect_latest=base_v
+        )
+    except NonFiniteWeightsError as err:
+        raise NonFiniteWeightsError(
+            f"round over {new.num_rows} new events trained a candidate with non-finite weights "
+            f"(gate: {decision.reason}); nothing was registered or recorded: {err}"
+        ) from err
     return RoundResult(
         version=version,
         promoted=decision.promote,

@@ -4,20 +4,24 @@ The driver (training/round.py) puts the round's examples and starting weights in
 and passes their refs in ``config``; nothing here knows about Kafka or the registry. Each epoch ends
 with a checkpoint (rank 0 writes consolidated safetensors; ZeRO-2 shards only optimizer state and
 gradients, so rank 0's module holds the full weights), so a retried round resumes from the last
-finished epoch instead of starting over.
+finished epoch instead of starting over. Every report carries ``start_epoch`` (the epoch this
+attempt began at; > 0 only when it resumed from a checkpoint) and ``progress.json`` records it
+too, so a resumed attempt is visible from outside.
+
+The teacher for distillation (the champion, which may have fewer rows than the grown student) is
+``Recommender.frozen_teacher()``: rows new this round are left out of the distillation term.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from training.config import ModelConfig, ReplayConfig, TrainerConfig
 from training.data import Examples
@@ -39,13 +43,6 @@ def deepspeed_config(tcfg: TrainerConfig, on_gpu: bool) -> dict[str, Any]:
     }
 
 
-def _model_from_state(cfg: ModelConfig, state: dict[str, np.ndarray]) -> Recommender:
-    tensors = {k: torch.from_numpy(v) for k, v in state.items()}
-    model = Recommender(cfg, int(tensors["backbone.wte.weight"].shape[0]))
-    model.load_state_dict(tensors, strict=False)
-    return model
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
     import ray
@@ -59,14 +56,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rcfg = ReplayConfig(**config["replay_config"])
     data = ray.get(config["data_ref"])
     torch.manual_seed(tcfg.seed)
-    model = _model_from_state(mcfg, data["init_state"])
-    teacher = _model_from_state(mcfg, data["teacher_state"]) if data.get("teacher_state") else None
+    model = Recommender.from_state(mcfg, data["init_state"])
+    teacher = None
+    if data.get("teacher_state") is not None:
+        teacher = Recommender.from_state(mcfg, data["teacher_state"]).frozen_teacher()
 
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a retried round: continue after the last finished epoch
         with checkpoint.as_directory() as d:
-            model.load_state_dict(load_file(str(Path(d) / "model.safetensors")), strict=False)
+            model = Recommender.from_file(Path(d) / "model.safetensors", mcfg)
             start_epoch = json.loads((Path(d) / "progress.json").read_text())["epoch"] + 1
 
     on_gpu = bool(config["use_gpu"]) and torch.cuda.is_available()
@@ -85,23 +84,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         engine.backward(loss)
         engine.step()
 
-    fail_at = config.get("fail_at_epoch")
-    marker = config.get("fail_marker")
-
     def on_epoch(epoch: int, m: dict[str, float]) -> None:
-        dying = fail_at is not None and epoch == fail_at and rank == world - 1
-        if dying and marker and not os.path.exists(marker):  # die once, like a lost node
-            Path(marker).write_text("died")
-            os._exit(1)
         # Shards are equal, so the round's throughput is this worker's times the world size.
-        metrics = {"epoch": epoch, "loss": m["loss"], "samples_per_s": m["samples_per_s"] * world}
+        metrics = {"epoch": epoch, "loss": m["loss"], "samples_per_s": m["samples_per_s"] * world,
+                   "start_epoch": start_epoch}  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
                 state = {k: v.detach().float().cpu().contiguous()
                          for k, v in engine.module.state_dict().items()}  # fmt: skip
                 save_file(state, str(Path(tmp) / "model.safetensors"))
-                (Path(tmp) / "progress.json").write_text(json.dumps({"epoch": epoch}))
+                progress = {"epoch": epoch, "start_epoch": start_epoch}
+                (Path(tmp) / "progress.json").write_text(json.dumps(progress))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 

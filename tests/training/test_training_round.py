@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+import psutil
 import pytest
 import ray
 
+from bench.faults_training import WorkerKiller, fault_worker_kill, round_config
 from tests.training.data_gen import synthetic_table, watermark_of
 from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
+from training.errors import RoundFailedError
 from training.registry import Registry
 from training.round import RoundConfig, run_round
 
@@ -72,25 +76,42 @@ def test_two_rounds_register_warm_start_and_grow(tmp_path: Path) -> None:
     assert r4.version == 4
 
 
-def test_worker_killed_mid_round_is_retried_from_checkpoint(tmp_path: Path) -> None:
-    reg = Registry(tmp_path / "registry")
-    table = synthetic_table(2500, seed=4)
-    result = run_round(
-        table, table.slice(0, 0), watermark_of(table), reg,
-        config(tmp_path, max_failures=1), fail_at_epoch=1,
-    )  # fmt: skip
-    assert result.version == 1 and reg.versions() == [1]
-    assert (tmp_path / "ray").exists()
+def test_worker_killed_from_outside_resumes_from_checkpoint(tmp_path: Path) -> None:
+    """SIGKILL of a Ray Train worker process after the first checkpoint (bench.faults' row)."""
+    row = fault_worker_kill(tmp_path, quick=True)
+    assert row["killed_pid"] is not None and not psutil.pid_exists(row["killed_pid"]), row
+    assert row["resumed_start_epoch"] > 0, row  # the retry resumed from the checkpoint
+    assert row["versions"] == [1], row  # exactly one version registered
+    assert row["survived"] and row["duplicated"] == 0 and row["recover_s"] is not None, row
 
 
 def test_worker_death_without_retries_fails_cleanly(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "registry")
     table = synthetic_table(2500, seed=5)
-    with pytest.raises(Exception, match=r"(?i)fail|error|died|exit"):
-        run_round(
-            table, table.slice(0, 0), watermark_of(table), reg,
-            config(tmp_path, max_failures=0), fail_at_epoch=1,
-        )  # fmt: skip
-    # Nothing partial: no version, no temp directory, no champion.
-    assert reg.versions() == [] and reg.champion() is None
+    cfg = round_config(tmp_path / "ray", epochs=4, max_failures=0)
+    killer = WorkerKiller(tmp_path / "ray", seed=1).start()
+    try:
+        with pytest.raises(RoundFailedError, match="training job failed"):
+            run_round(table, table.slice(0, 0), watermark_of(table), reg, cfg)
+    finally:
+        killer.stop()
+    assert killer.killed_pid is not None and killer.killed_gone, killer.error
+    # Nothing partial: no version, no temp directory, no champion, no decision.
+    assert reg.versions() == [] and reg.champion() is None and reg.decisions() == []
     assert not list(reg.root.glob(".tmp-*")) and not list(reg.root.glob("v*"))
+
+
+def test_distillation_round_that_adds_items(tmp_path: Path) -> None:
+    """kd_weight > 0 with a growing catalog: the champion (fewer rows) teaches the grown model."""
+    reg = Registry(tmp_path / "registry")
+    cfg = round_config(tmp_path / "ray", epochs=3, max_failures=0, kd_weight=0.5)
+    first = synthetic_table(2500, seed=3)
+    r1 = run_round(first, first.slice(0, 0), watermark_of(first), reg, cfg)
+    assert r1.version == 1 and r1.promoted, r1.reason
+    second = synthetic_table(1500, seed=3, start=2500)
+    r2 = run_round(second, first, watermark_of(second), reg, cfg)
+    assert r2.version == 2 and r2.items_added > 0  # the teacher saw inputs it never knew
+    meta = reg.meta(2)
+    assert meta["replay_config"]["kd_weight"] == 0.5 and meta["parent"] == 1
+    assert reg.load(2).model.n_rows > reg.load(1).model.n_rows
+    assert np.isfinite(r2.metrics["train_loss"])

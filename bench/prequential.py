@@ -36,17 +36,21 @@ no Ray: this measures the learning strategy, not distribution):
 - ``finetune``: warm start, trains on the new chunk's events only (earlier events as context).
 - ``replay``: like finetune plus ``replay_ratio`` x as many examples drawn from a
   ``training.replay.Reservoir`` of every earlier round's examples; then the new examples join it.
-- ``replay_kd``: replay plus distillation from a frozen copy of the model before the round.
+- ``replay_kd``: replay plus distillation from the model before the round, frozen with
+  ``Recommender.frozen_teacher()`` and distilled by ``Recommender.loss`` exactly as the
+  production round's Ray Train workers do (rows new this round left out of the KD term).
 - ``full_retrain``: a fresh model (same seed) trained **from scratch** on every trainable event so
   far, for ``full_epochs`` (the classic periodic batch retrain).
 
 New items grow the item table (``Recommender.grow``, mean-of-known init; the MiniLM title init of
-production rounds is off here so that no strategy pays for it).
+production rounds is off here so that no strategy pays for it). Scores go through the one ranking
+core (``training.ranking`` via ``training.evaluation``), the gate's.
+
+Benchmark-only: production never imports this module (it lived in ``training/`` before).
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 import time
 from collections.abc import Callable, Sequence
@@ -296,25 +300,6 @@ def train_from_scratch(
     return model, vocab, examples
 
 
-class FrozenTeacher(Recommender):
-    """The model before a round, for distillation: rows it never knew (items new this round) are
-    read as padding, so it can take the grown student's inputs; it scores its old catalog only.
-
-    ``training.fit`` hands the teacher the student's inputs unchanged, and a plain copy of the old
-    model fails on them with an IndexError as soon as a round adds items.
-    """
-
-    @classmethod
-    def of(cls, model: Recommender) -> FrozenTeacher:
-        teacher = cls(model.cfg, model.n_rows)
-        teacher.load_state_dict(model.state_dict())
-        teacher.requires_grad_(False)
-        return teacher.eval()
-
-    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        return super().logits(torch.where(inputs < self.n_rows, inputs, torch.zeros_like(inputs)))
-
-
 class ModelStrategy:
     """One strategy's lineage: model, vocab and (for replay) its reservoir."""
 
@@ -329,7 +314,7 @@ class ModelStrategy:
             raise ValueError(f"unknown strategy {name!r}; choose among {', '.join(STRATEGIES)}")
         self.name, self.inter, self.cfg = name, inter, cfg
         model, vocab, examples = pretrained
-        self.model = copy.deepcopy(model)
+        self.model = Recommender.from_state(model.cfg, model.state_dict())
         self.vocab = ItemVocab(vocab.items())
         self.reservoir = Reservoir(cfg.replay_capacity, cfg.model.max_len, cfg.seed)
         if name.startswith("replay"):
@@ -350,7 +335,7 @@ class ModelStrategy:
                 self.inter, seen_rows, cfg, cfg.full_epochs
             )
             return
-        teacher = FrozenTeacher.of(self.model) if self.name == "replay_kd" else None
+        teacher = self.model.frozen_teacher() if self.name == "replay_kd" else None
         vocab_of(self.inter, rows, self.vocab)
         self.model.grow(len(self.vocab))
         new_users = np.isin(self.inter.users, np.unique(self.inter.users[rows]))

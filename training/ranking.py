@@ -1,0 +1,160 @@
+"""The one ranking core: every place that turns scores into a rank, a metric or a top-k uses it.
+
+The gate (``training.gate`` via ``training.metrics``), ``streamtune eval``, the demo's scoring,
+the offline and streaming benchmarks (``training.evaluation``, ``bench.quality``) and the serving
+candidate pick (``top_k``) share these rules, so a model cannot look better in one than another.
+
+Rules
+-----
+- Column 0 is padding (vocab row 0 / catalog code 0): never a candidate, never a valid target.
+- The rank of a target is the number of *other* candidates scored greater than **or equal** to it
+  (0 = top). Ties count against the model: a constant scorer ranks every target last.
+- A non-finite score counts against the model: a NaN or ``+inf`` candidate beats the target; a
+  target scored NaN or ``+/-inf`` is a miss (``MISS_RANK``). ``-inf`` is the deliberate
+  "cannot recommend" mark (padding, unknown items, exclusions): such a candidate never beats a
+  finite target, and a target marked so is a miss. A NaN model therefore scores 0, never 1.
+- A target outside the scores' columns (an item the model does not know) is a miss.
+- Seen items are excluded here and only here (``candidate_mask``): every item the user already
+  interacted with leaves the candidates, except the target itself (re-consumption still counts).
+
+NDCG@k = 1 / log2(rank + 2) if rank < k else 0; HR@k = 1 if rank < k (one relevant item).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+
+MISS_RANK = 1 << 30  # the rank of a target that cannot be scored: outside every top-k
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def as_numpy(scores: ArrayLike) -> np.ndarray:
+    """Scores as a float numpy array (torch tensors of any float dtype included)."""
+    if isinstance(scores, torch.Tensor):
+        return scores.detach().float().cpu().numpy()
+    return np.asarray(scores)
+
+
+def candidate_mask(
+    n_cols: int, targets: np.ndarray, exclude: Sequence[Iterable[int]] | None
+) -> np.ndarray:
+    """``[B, n_cols]`` bool: which columns compete with each row's target.
+
+    Padding (column 0) and each row's ``exclude`` items (its history) are out; the target column
+    is out too (it does not compete with itself). Ids outside ``0..n_cols-1`` are ignored: an item
+    the model does not know is no candidate of that model.
+    """
+    b = len(targets)
+    valid = np.ones((b, n_cols), dtype=bool)
+    valid[:, 0] = False
+    if exclude is not None:
+        if len(exclude) != b:
+            raise ValueError(f"{len(exclude)} exclusion lists for {b} targets; need one per row")
+        for r, items in enumerate(exclude):
+            idx = np.fromiter((int(i) for i in items), dtype=np.int64)
+            idx = idx[(idx >= 0) & (idx < n_cols)]
+            valid[r, idx] = False
+    rows = np.arange(b)
+    inside = (targets > 0) & (targets < n_cols)
+    valid[rows[inside], targets[inside]] = False
+    return valid
+
+
+def rank_against(
+    target_scores: np.ndarray, competitors: np.ndarray, valid: np.ndarray | None = None
+) -> np.ndarray:
+    """0-based ranks: per row, how many valid ``competitors`` score >= the target, or are NaN.
+
+    ``target_scores`` [B], ``competitors`` [B, C], ``valid`` [B, C] (default: all). A target
+    whose own score is not finite gets ``MISS_RANK``.
+    """
+    t = np.asarray(target_scores, dtype=np.float64)
+    c = np.asarray(competitors, dtype=np.float64)
+    if c.ndim != 2 or c.shape[0] != t.shape[0]:
+        raise ValueError(f"competitors {c.shape} must be [B, C] with B = {t.shape[0]} targets")
+    with np.errstate(invalid="ignore"):
+        beats = (c >= t[:, None]) | np.isnan(c)
+    if valid is not None:
+        beats &= valid
+    ranks = beats.sum(axis=1).astype(np.int64)
+    return np.where(np.isfinite(t), ranks, MISS_RANK)
+
+
+def rank_full(
+    scores: ArrayLike, targets: ArrayLike, exclude: Sequence[Iterable[int]] | None = None
+) -> np.ndarray:
+    """Ranks of ``targets`` [B] among every column of ``scores`` [B, V] but padding and each row's
+    ``exclude`` (seen) items; a target outside ``1..V-1`` is a miss."""
+    s = as_numpy(scores)
+    t = np.asarray(as_numpy(targets), dtype=np.int64)
+    if s.ndim != 2 or s.shape[0] != len(t):
+        raise ValueError(f"scores {s.shape} and {len(t)} targets must agree ([B, V] and [B])")
+    inside = (t > 0) & (t < s.shape[1])
+    target_scores = np.full(len(t), np.nan)
+    target_scores[inside] = s[np.arange(len(t))[inside], t[inside]]
+    valid = candidate_mask(s.shape[1], t, exclude)
+    ranks = rank_against(target_scores, s, valid)
+    return np.where(inside, ranks, MISS_RANK)
+
+
+def rank_sampled(scores: ArrayLike, targets: ArrayLike, negatives: np.ndarray) -> np.ndarray:
+    """Ranks of ``targets`` [B] among themselves plus the row's ``negatives`` [B, K] columns."""
+    s = as_numpy(scores)
+    t = np.asarray(as_numpy(targets), dtype=np.int64)
+    neg = np.asarray(negatives, dtype=np.int64)
+    inside = (t > 0) & (t < s.shape[1])
+    rows = np.arange(len(t))
+    target_scores = np.full(len(t), np.nan)
+    target_scores[inside] = s[rows[inside], t[inside]]
+    neg_ok = (neg > 0) & (neg < s.shape[1])
+    neg_scores = s[rows[:, None], np.where(neg_ok, neg, 0)]
+    ranks = rank_against(target_scores, neg_scores, neg_ok)
+    return np.where(inside, ranks, MISS_RANK)
+
+
+def question_ndcg(ranks: ArrayLike, k: int = 10) -> np.ndarray:
+    """NDCG@k of each question: 1/log2(rank+2) inside the top k, else 0."""
+    r = np.asarray(as_numpy(ranks), dtype=np.float64)
+    out = np.zeros_like(r)
+    hit = r < k
+    out[hit] = 1.0 / np.log2(r[hit] + 2.0)
+    return out
+
+
+def ndcg_hr(ranks: ArrayLike, k: int = 10) -> tuple[float, float]:
+    """Mean NDCG@k and HR@k of 0-based ranks (0.0, 0.0 for no questions)."""
+    r = np.asarray(as_numpy(ranks), dtype=np.float64)
+    if r.size == 0:
+        return 0.0, 0.0
+    return float(question_ndcg(r, k).mean()), float((r < k).mean())
+
+
+def top_k(scores: ArrayLike, k: int, exclude: Iterable[int] | None = None) -> torch.Tensor:
+    """Indices of the (at most) ``k`` best columns of one score vector [V], best first.
+
+    Same rules as ranking: padding (column 0) and ``exclude`` are never picked, and neither is a
+    column whose score is not finite (NaN, +/-inf): a broken score is no recommendation. Fewer
+    than ``k`` indices come back when fewer columns qualify.
+    """
+    s = scores.detach().float().cpu() if isinstance(scores, torch.Tensor) else None
+    if s is None:
+        s = torch.from_numpy(np.asarray(scores, dtype=np.float32))
+    if s.ndim != 1:
+        raise ValueError(f"top_k takes one score vector [V], got shape {tuple(s.shape)}")
+    ok = torch.isfinite(s)
+    if len(s):
+        ok[0] = False
+    if exclude is not None:
+        idx = torch.tensor([int(i) for i in exclude], dtype=torch.long)
+        idx = idx[(idx >= 0) & (idx < len(s))]
+        ok[idx] = False
+    cand = torch.nonzero(ok).squeeze(1)
+    n = min(max(int(k), 0), len(cand))
+    if n == 0:
+        return cand[:0]
+    best = torch.topk(s[cand], n).indices
+    return cand[best]
