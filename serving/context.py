@@ -7,6 +7,14 @@
   then clicked one of them (click, cart or purchase events on a served item within ten minutes).
 * Per-version serving stats reported by replicas (requests, errors, latencies) and which version
   each replica serves; the rollout controller judges versions from these.
+
+Click-through is also kept per version in one-second buckets of *impression* time (a click is
+credited to the bucket in which its item was served), so two versions can be compared over the
+same stretch of time: ``window(version, since, until)`` returns the items a version served in
+``[since, until)`` and how many of those were clicked. The rollout controller compares the new
+version over the window since its rollout with the previous version over a window of equal
+length ending now (so: the time just before the rollout, plus any overlap in which it still
+served); see ``serving.rollout``. Buckets older than ``BUCKET_KEEP_S`` are dropped.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from streams.events import DecodeError, decode
 ENGAGED = {"click", "cart", "purchase"}
 CLICK_WINDOW_S = 600.0
 CONTEXT_ACTOR = "streamtune-serving-context"
+BUCKET_S = 1.0
+BUCKET_KEEP_S = 3 * 3600.0
 
 
 class VersionStats:
@@ -36,6 +46,30 @@ class VersionStats:
         self.served = 0
         self.clicked = 0
         self.first_seen = time.time()
+        # bucket index (impression time // BUCKET_S) -> [served, clicked]
+        self.buckets: dict[int, list[int]] = {}
+
+    def add_served(self, n: int, at: float) -> None:
+        self.served += n
+        self.buckets.setdefault(int(at // BUCKET_S), [0, 0])[0] += n
+
+    def add_click(self, served_at: float) -> None:
+        self.clicked += 1
+        self.buckets.setdefault(int(served_at // BUCKET_S), [0, 0])[1] += 1
+
+    def window(self, since: float, until: float) -> dict[str, float]:
+        lo, hi = int(since // BUCKET_S), int(until // BUCKET_S)
+        served = clicked = 0
+        for b, (s, c) in self.buckets.items():
+            if lo <= b <= hi:
+                served, clicked = served + s, clicked + c
+        return {"served": served, "clicked": clicked,
+                "ctr": clicked / served if served else 0.0}  # fmt: skip
+
+    def forget_before(self, t: float) -> None:
+        cut = int(t // BUCKET_S)
+        for b in [b for b in self.buckets if b < cut]:
+            del self.buckets[b]
 
     def summary(self) -> dict[str, float]:
         lat = sorted(self.latencies)
@@ -67,6 +101,7 @@ class ServingContext:
         self.stats: dict[str, VersionStats] = {}
         self.replicas: dict[str, dict[str, Any]] = {}
         self.load_failures: dict[str, str] = {}
+        self._forgot_at = time.time()
         self.events_seen = 0
         self.last_event_at: float | None = None
         start = self._rebuild(BufferConfig(**buffer)) if buffer else {}
@@ -132,7 +167,7 @@ class ServingContext:
             if kind in ENGAGED and served is not None:
                 version, items, t = served
                 if item in items and time.time() - t < CLICK_WINDOW_S:
-                    self._stats(version).clicked += 1
+                    self._stats(version).add_click(served_at=t)
                     items.discard(item)  # one click per served item
 
     def get_history(self, user: str) -> list[str]:
@@ -164,11 +199,24 @@ class ServingContext:
             now = time.time()
             for user, (v, items) in served.items():
                 self.served[user] = (v, set(items), now)
-                self._stats(v).served += len(items)
+                self._stats(v).add_served(len(items), at=now)
+            if now - self._forgot_at > 60:
+                self._forgot_at = now
+                for st in self.stats.values():
+                    st.forget_before(now - BUCKET_KEEP_S)
 
     def record_load_failure(self, version: str, reason: str) -> None:
         with self.lock:
             self.load_failures[version] = reason
+
+    def window(self, version: str, since: float, until: float) -> dict[str, float]:
+        """Items ``version`` served in ``[since, until)`` (unix seconds, bucketed) and clicks on
+        them."""
+        with self.lock:
+            st = self.stats.get(version)
+            if st is None:
+                return {"served": 0, "clicked": 0, "ctr": 0.0}
+            return st.window(since, until)
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:

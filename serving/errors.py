@@ -7,3 +7,7 @@ from streams.errors import StreamtuneError
 
 class ServingError(StreamtuneError):
     """Serving or a rollout refused to go on."""
+
+
+class RolloutError(ServingError):
+    """A rollout did not end where it was asked to (e.g. a manual promote was rolled back)."""

@@ -7,22 +7,42 @@
      the limit, or its click-through on served items collapses against the previous version's,
      roll back to the previous version and record the reason in the registry.
 Manual controls: ``status()``, ``promote(version)``, ``rollback(reason)``.
+
+The controller's state (the serving version, its rollback target, the watch window's start, and
+whether "rollback-impossible" was already recorded) lives in the registry (``RolloutState``), so
+a restarted controller knows what Serve serves and what to roll back to. Its first ``step`` in a
+new process re-points Serve at the serving version (a "restore"; an in-place no-op if Serve kept
+running) and the watch window, if still open, continues where it was.
+
+Click-through is compared over the same stretch of time: with ``t0`` the rollout's start and
+``L = now - t0``, the new version's items served in ``[t0, now]`` against the previous version's
+items served in ``[t0 - L, now]`` (the equal-length window just before the rollout, plus any
+overlap in which it still served), clicks credited to the time the item was served (see
+``serving.context``). Comparing against the previous version's lifetime counts would let an old
+version's history drown the signal; comparing equal recent windows keeps time-of-day and catalog
+drift on both sides. Both sides need their clicks to arrive, so a fresh window slightly favours
+the older side; ``min_clicks_base`` and the served-volume check keep tiny windows from deciding.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from serving.config import RolloutConfig, ServingConfig
-from training.registry import Registry
+from serving.errors import RolloutError
+from training.registry import Registry, RolloutState
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class RolloutEvent:
-    kind: str  # "rollout" | "rollback"
+    kind: str  # "rollout" | "rollback" | "restore"
     version: int
     reason: str
     seconds: float
@@ -31,13 +51,42 @@ class RolloutEvent:
 
 class RolloutController:
     def __init__(
-        self, registry: Registry, serving: ServingConfig, cfg: RolloutConfig, context: Any
+        self,
+        registry: Registry,
+        serving: ServingConfig,
+        cfg: RolloutConfig,
+        context: Any,
+        on_event: Callable[[RolloutEvent], None] | None = None,
     ) -> None:
         self.registry, self.serving, self.cfg, self.context = registry, serving, cfg, context
-        self.current: int | None = None
-        self.previous: int | None = None
-        self.watch_since: float | None = None
+        self.on_event = on_event
+        state = registry.rollout_state()
+        self.current: int | None = state.serving
+        self.previous: int | None = state.previous
+        self.watch_since: float | None = state.watch_since
+        self.rollback_impossible: int | None = state.rollback_impossible
+        self.deployed = False  # has this process pointed Serve anywhere yet?
         self.events: list[RolloutEvent] = []
+
+    # -- state ----------------------------------------------------------------------------
+    def _save(self) -> None:
+        self.registry.set_rollout_state(
+            RolloutState(
+                serving=self.current,
+                previous=self.previous,
+                watch_since=self.watch_since,
+                rollback_impossible=self.rollback_impossible,
+            )
+        )
+
+    def _emit(self, ev: RolloutEvent) -> RolloutEvent:
+        self.events.append(ev)
+        if self.on_event is not None:
+            try:
+                self.on_event(ev)
+            except Exception:  # a metrics hook must never stop rollouts
+                log.exception("rollout on_event hook failed")
+        return ev
 
     # -- deployment ---------------------------------------------------------------------
     def deploy(self, version: int) -> float:
@@ -52,6 +101,7 @@ class RolloutController:
             name=self.serving.app_name,
             route_prefix="/",
         )
+        self.deployed = True
         return time.monotonic() - t0
 
     def _switch(self, version: int, kind: str, reason: str) -> RolloutEvent:
@@ -62,21 +112,40 @@ class RolloutController:
         else:
             self.current, self.previous = version, None
             self.watch_since = None
-        ev = RolloutEvent(kind, version, reason, seconds)
-        self.events.append(ev)
-        return ev
+        self._save()
+        return self._emit(RolloutEvent(kind, version, reason, seconds))
+
+    def _restore(self, version: int) -> RolloutEvent:
+        seconds = self.deploy(version)
+        why = f"restart: serving v{version} again (rollback target {self.previous})"
+        return self._emit(RolloutEvent("restore", version, why, seconds))
 
     # -- the control loop ---------------------------------------------------------------
     def step(self) -> RolloutEvent | None:
-        if self.current is not None and self.watch_since is not None:
+        champion = self.registry.champion()
+        if not self.deployed and self.current is not None and champion == self.current:
+            return self._restore(self.current)
+        if self.current is not None and self.watch_since is not None and self.deployed:
             verdict = self._judge(self.current)
             if verdict is not None:
                 return self.rollback(verdict)
             if time.time() - self.watch_since > self.cfg.watch_s:
                 self.watch_since = None  # survived its window
-        champion = self.registry.champion()
+                self._save()
         if champion is not None and champion != self.current:
+            manual = self._rolled_back_to(champion)
+            if manual is not None:  # `streamtune rollout rollback`: the bad one is no target
+                return self._switch(champion, "rollback", manual)
             return self._switch(champion, "rollout", "new champion")
+        return None
+
+    def _rolled_back_to(self, champion: int) -> str | None:
+        """The reason, if the champion moved because someone rolled the serving version back."""
+        for d in reversed(self.registry.decision_log()):
+            if d.decision == "rollback" and d.version == self.current and d.to == champion:
+                return d.reason
+            if d.version == champion or d.version == self.current:
+                return None  # a later decision about either version: not (only) a rollback
         return None
 
     def _judge(self, version: int) -> str | None:
@@ -96,13 +165,25 @@ class RolloutController:
             )
         if stats["p99_ms"] > self.cfg.max_p99_ms:
             return f"p99 latency {stats['p99_ms']:.0f} ms > {self.cfg.max_p99_ms:.0f} ms"
-        prev = snap["versions"].get(str(self.previous)) if self.previous else None
-        base = self.cfg.min_clicks_base
-        comparable = prev and prev["clicked"] >= base and stats["served"] >= prev["served"] / 4
-        if prev and comparable and stats["ctr"] < self.cfg.min_click_ratio * prev["ctr"]:
+        return self._judge_clicks(version)
+
+    def _judge_clicks(self, version: int) -> str | None:
+        """Click-through of ``version`` vs the previous version over the same window."""
+        import ray
+
+        if self.previous is None or self.watch_since is None:
+            return None
+        now = time.time()
+        span = now - self.watch_since
+        new = ray.get(self.context.window.remote(str(version), self.watch_since, now))
+        base = ray.get(self.context.window.remote(str(self.previous), self.watch_since - span, now))
+        if base["clicked"] < self.cfg.min_clicks_base or new["served"] < base["served"] / 4:
+            return None  # too little evidence on one side to compare
+        if new["ctr"] < self.cfg.min_click_ratio * base["ctr"]:
             return (
-                f"click-through {stats['ctr']:.2%} < {self.cfg.min_click_ratio:.0%} of "
-                f"version {self.previous}'s {prev['ctr']:.2%}"
+                f"click-through {new['ctr']:.2%} ({new['clicked']}/{new['served']}) over the "
+                f"last {span:.0f} s < {self.cfg.min_click_ratio:.0%} of version {self.previous}'s "
+                f"{base['ctr']:.2%} ({base['clicked']}/{base['served']}) over the same length"
             )
         return None
 
@@ -111,7 +192,11 @@ class RolloutController:
         if bad is None:
             return None
         if to is None:
-            self.registry.record(bad, "rollback-impossible", reason)
+            if self.rollback_impossible != bad:  # say it once, not on every poll
+                self.registry.record(bad, "rollback-impossible", reason)
+                self.rollback_impossible = bad
+            self.watch_since = None  # nothing left to do for this version
+            self._save()
             return None
         self.registry.mark_rolled_back(bad, reason, to=to)
         return self._switch(to, "rollback", reason)
@@ -119,7 +204,11 @@ class RolloutController:
     def promote(self, version: int, reason: str = "manual promote") -> RolloutEvent:
         self.registry.set_champion(version, reason, decision="manual-promote")
         ev = self.step()
-        assert ev is not None and ev.version == version
+        if ev is None or ev.version != version or ev.kind == "rollback":
+            raise RolloutError(
+                f"asked to serve v{version}, but the controller did {ev}: "
+                f"Serve is on v{self.current}"
+            )
         return ev
 
     def status(self) -> dict[str, Any]:
@@ -131,6 +220,7 @@ class RolloutController:
             "serving": self.current,
             "previous": self.previous,
             "watching": self.watch_since is not None,
+            "rollback_impossible": self.rollback_impossible,
             "replicas": snap["replicas"],
             "versions": snap["versions"],
             "events": [e.__dict__ for e in self.events[-20:]],

@@ -7,3 +7,36 @@ from streams.errors import StreamtuneError
 
 class TrainingError(StreamtuneError):
     """A training round, the model or the registry refused to go on."""
+
+
+class RegistryError(TrainingError):
+    """The model registry refused a write or found its state inconsistent."""
+
+
+class RegistryIntegrityError(RegistryError):
+    """A version on disk is incomplete or does not match its recorded hashes."""
+
+
+class ConcurrentRoundError(RegistryError):
+    """Another writer registered a version (or moved the champion) since this one read the
+    registry: the caller's work is based on a stale view and must not be registered."""
+
+
+class NonFiniteWeightsError(RegistryError):
+    """A model to register has NaN or infinite weights; nothing was registered."""
+
+
+class ModelStateError(TrainingError):
+    """Saved weights do not fit the model they are loaded into (missing, extra or misshapen)."""
+
+
+class LineageError(TrainingError):
+    """A round's inputs break the version lineage (item map, replay) it continues from."""
+
+
+class RoundFailedError(TrainingError):
+    """The distributed training job of a round failed (after Ray Train's retries)."""
+
+
+class EmptyRoundError(TrainingError):
+    """A round's new events yield no training example (no user has a next item to predict)."""
