@@ -1,12 +1,48 @@
-"""The HTTP contract: request and response models (they are the OpenAPI schema)."""
+"""The HTTP contract: request, response and error models (they are the OpenAPI schema).
+
+Every rule a handler enforces is stated in the schema: the "user_id or history" rule as an
+``anyOf`` on the request object, and the limits that come from the settings (largest k, longest
+history) are written into the served schema when a replica builds its app
+(:func:`apply_limits`). Every non-2xx answer has one body shape, :class:`ErrorBody` - the
+shape FastAPI uses for validation errors - whatever produced it.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import copy
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from serving.config import ServingConfig
+
+
+def _who_schema(schema: dict[str, Any]) -> None:
+    # The "user_id or history" rule, for clients and fuzzers: a null counts as absent.
+    schema["anyOf"] = [
+        {"required": ["user_id"], "properties": {"user_id": {"type": "string"}}},
+        {"required": ["history"], "properties": {"history": {"type": "array"}}},
+    ]
+
+
+def _integral(value: Any) -> Any:
+    # JSON Schema's "integer" includes 10.0; strict mode still refuses "10", true and 10.5.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_integral)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_who_schema)
+
+    @model_validator(mode="after")
+    def _someone(self) -> _Request:
+        if getattr(self, "user_id", None) is None and getattr(self, "history", None) is None:
+            raise ValueError("send user_id, history, or both")
+        return self
 
 
 class RecommendRequest(_Request):
@@ -17,15 +53,9 @@ class RecommendRequest(_Request):
         default=None,
         description="Recent item ids, oldest first. Omitted: the user's live history is used.",
     )
-    k: int = Field(default=10, ge=1, description="How many items to return.")
+    k: JsonInt = Field(default=10, ge=1, description="How many items to return.")
     exclude_seen: bool = Field(default=True, description="Leave out items in the history.")
     diversity: float = Field(default=0.0, ge=0.0, le=1.0, description="0 relevance .. 1 MMR.")
-
-    @model_validator(mode="after")
-    def _someone(self) -> RecommendRequest:
-        if self.user_id is None and self.history is None:
-            raise ValueError("send user_id, history, or both")
-        return self
 
 
 class ScoredItem(BaseModel):
@@ -46,12 +76,6 @@ class ScoreRequest(_Request):
     history: list[str] | None = Field(default=None)
     items: list[str] = Field(min_length=1, description="Items to score.")
 
-    @model_validator(mode="after")
-    def _someone(self) -> ScoreRequest:
-        if self.user_id is None and self.history is None:
-            raise ValueError("send user_id, history, or both")
-        return self
-
 
 class ScoreResponse(BaseModel):
     scores: dict[str, float | None] = Field(description="Score per item; null = unknown item.")
@@ -65,3 +89,69 @@ class ModelsResponse(BaseModel):
     serving: dict[str, int | None] = Field(description="Version each live replica serves now.")
     this_replica: int | None
     load_failures: dict[str, str]
+
+
+class HealthResponse(BaseModel):
+    status: str = Field(description="'ok' once a model version is loaded.")
+    version: int = Field(description="Version this replica serves.")
+
+
+class ErrorItem(BaseModel):
+    loc: list[str | int] = Field(description="Where the problem is, e.g. ['body', 'k'].")
+    msg: str = Field(description="What is wrong, for people.")
+    type: str = Field(description="What is wrong, for programs (e.g. 'too_large').")
+
+
+class ErrorBody(BaseModel):
+    """The body of every non-2xx answer."""
+
+    detail: list[ErrorItem]
+
+
+_WHY: dict[int, str] = {
+    400: "The body could not be read as JSON text (e.g. it is not UTF-8).",
+    401: "X-API-Key header missing or wrong.",
+    413: "The body is larger than the configured limit, however it was sent.",
+    422: "The request does not match the schema.",
+    500: "The model produced unusable output (e.g. non-finite scores).",
+    503: "No model version is loaded yet, or the service is overloaded.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` of a route: each status it can return, all with :class:`ErrorBody`."""
+    return {s: {"model": ErrorBody, "description": _WHY[s]} for s in statuses}
+
+
+# Paths that never ask for the API key: liveness and the contract itself.
+PUBLIC_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+def apply_limits(schema: dict[str, Any], cfg: ServingConfig) -> dict[str, Any]:
+    """A copy of ``schema`` with the settings' limits (and, when a key is set, the API-key rule)."""
+    schema = copy.deepcopy(schema)
+    comps = schema.get("components", {}).get("schemas", {})
+    for name in ("RecommendRequest", "ScoreRequest"):
+        props = comps.get(name, {}).get("properties", {})
+        for branch in props.get("history", {}).get("anyOf", []):
+            if branch.get("type") == "array":
+                branch["maxItems"] = cfg.max_history
+        if "items" in props:
+            props["items"]["maxItems"] = cfg.max_history
+        if "k" in props:
+            props["k"]["maximum"] = cfg.max_k
+    if cfg.api_key is not None:
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+        }
+        unauthorized = {
+            "description": _WHY[401],
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+        }
+        for path, ops in schema.get("paths", {}).items():
+            if path in PUBLIC_PATHS:
+                continue
+            for op in ops.values():
+                op["security"] = [{"ApiKey": []}]
+                op.setdefault("responses", {})["401"] = unauthorized
+    return schema

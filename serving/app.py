@@ -10,8 +10,8 @@ reported to the serving context and the replica keeps serving what it had.
 """
 
 import asyncio
+import functools
 import math
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,25 +20,32 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from serving.api import (
+    PUBLIC_PATHS,
+    HealthResponse,
     ModelsResponse,
     RecommendRequest,
     RecommendResponse,
     ScoredItem,
     ScoreRequest,
     ScoreResponse,
+    apply_limits,
+    error_responses,
 )
 from serving.config import ServingConfig
 from serving.context import CONTEXT_ACTOR
+from serving.http_guard import HTTPGuard
 from serving.mmr import mmr
 from training.data import left_pad
 from training.model import Recommender
+from training.ranking import top_k
 from training.registry import Registry
 from training.vocab import ItemVocab
 
@@ -74,42 +81,55 @@ def load_version(registry: Registry, version: int) -> Loaded:
     return Loaded(version, lv.model, lv.vocab, unit, pop)
 
 
-class _Limits(BaseHTTPMiddleware):
-    """Oversized bodies get 413 and, when configured, a missing API key 401 - before parsing."""
+def install_error_handlers(app: FastAPI) -> None:
+    """Every non-2xx answer gets the one body shape, ErrorBody, whatever raised it."""
 
-    def __init__(self, app: Any, max_body: int, api_key: str | None) -> None:
-        super().__init__(app)
-        self.max_body, self.api_key = max_body, api_key
+    async def http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        detail: Any = exc.detail  # limit_error passes the list form
+        if not (isinstance(detail, list) and all(isinstance(d, dict) for d in detail)):
+            kind = "bad_request" if exc.status_code == 400 else f"http_{exc.status_code}"
+            detail = [{"loc": [], "msg": str(detail), "type": kind}]
+        return JSONResponse({"detail": detail}, exc.status_code, headers=exc.headers)
 
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > self.max_body:
-            return JSONResponse(
-                {"detail": f"body of {size} bytes exceeds {self.max_body}"}, status_code=413
-            )
-        public = request.url.path in ("/healthz", "/docs", "/openapi.json")
-        if self.api_key and not public and request.headers.get("x-api-key") != self.api_key:
-            return JSONResponse({"detail": "missing or wrong X-API-Key"}, status_code=401)
-        return await call_next(request)
+    async def invalid(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        detail = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e["type"])}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": detail}, 422)
+
+    async def crashed(_: Request, exc: Exception) -> Response:
+        msg = f"internal error: {type(exc).__name__}"
+        return JSONResponse({"detail": [{"loc": [], "msg": msg, "type": "internal"}]}, 500)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(Exception, crashed)
 
 
-_cfg_from_env = ServingConfig()  # middleware is installed at import; limits follow env config
-api.add_middleware(
-    _Limits,
-    max_body=int(
-        os.environ.get("STREAMTUNE_SERVING__MAX_BODY_BYTES", _cfg_from_env.max_body_bytes)
-    ),
-    api_key=os.environ.get("STREAMTUNE_SERVING__API_KEY"),
-)
+def limit_error(field: list[str | int], msg: str, kind: str) -> HTTPException:
+    """A limit from the settings, broken: a 422 shaped like the schema's own validation errors."""
+    return HTTPException(422, [{"loc": field, "msg": msg, "type": kind}])
+
+
+# serve.ingress pickles `api` (its routes, and the globals they use, by value) when the class
+# below is decorated: whatever the handlers call must be defined above this line.
+install_error_handlers(api)
+_POST_ERRORS = error_responses(400, 413, 422, 500, 503)
 
 
 @serve.deployment
 @serve.ingress(api)
 class RecommenderDeployment:
-    def __init__(self, registry_path: str, cfg: dict[str, Any]) -> None:
+    """One replica. Every setting arrives in ``cfg`` (init args, pickled by Serve, so the same
+    locally and on a remote cluster); nothing is read from the replica's environment."""
+
+    def __init__(self, registry_path: str, cfg: ServingConfig) -> None:
         torch.set_num_threads(1)  # many small requests: threads would only contend
         self.registry = Registry(Path(registry_path))
-        self.cfg = ServingConfig(**cfg)
+        self.cfg = ServingConfig.model_validate(cfg)  # the SecretStr key stays masked in reprs
         self.current: Loaded | None = None
         self.previous: Loaded | None = None
         self.replica = uuid.uuid4().hex[:8]
@@ -117,6 +137,22 @@ class RecommenderDeployment:
         self.served: dict[str, tuple[str, list[str]]] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._ctx: Any = None
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Serve calls this once per replica, before traffic: the settings go into the app.
+
+        ``self.app`` is this replica's own copy of ``api`` (serve.ingress freezes one), not yet
+        started, so middleware can still be added and the schema can still be set.
+        """
+        app: FastAPI = self.app  # type: ignore[attr-defined]
+        app.openapi_schema = apply_limits(app.openapi(), self.cfg)
+        app.add_middleware(
+            HTTPGuard,
+            max_body=self.cfg.max_body_bytes,
+            api_key=self.cfg.api_key,
+            public=PUBLIC_PATHS,
+        )
+        return app
 
     # -- versions -----------------------------------------------------------------------
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -149,7 +185,7 @@ class RecommenderDeployment:
 
     def _model(self) -> Loaded:
         if self.current is None:
-            raise HTTPException(503, "no model version loaded yet")
+            raise HTTPException(503, "no model version loaded yet", {"Retry-After": "1"})
         return self.current
 
     # -- reporting ----------------------------------------------------------------------
@@ -163,18 +199,20 @@ class RecommenderDeployment:
         while True:
             await asyncio.sleep(0.5)
             ctx = self._context()
-            if ctx is None:
-                continue
             samples, served = self.samples, self.served
             self.samples, self.served = {}, {}
+            if ctx is None:  # nobody to report to (no context actor): drop, do not accumulate
+                continue
             version = self.current.version if self.current else None
             ctx.report.remote(self.replica, str(version), samples, served)
 
     async def _history(self, req: RecommendRequest | ScoreRequest) -> list[str]:
         if req.history is not None:
             if len(req.history) > self.cfg.max_history:
-                raise HTTPException(
-                    422, f"history has {len(req.history)} items; at most {self.cfg.max_history}"
+                raise limit_error(
+                    ["body", "history"],
+                    f"history has {len(req.history)} items; at most {self.cfg.max_history}",
+                    "too_long",
                 )
             return req.history
         ctx = self._context()
@@ -189,26 +227,27 @@ class RecommenderDeployment:
         x = torch.from_numpy(left_pad(rows, m.model.cfg.max_len))[None]
         with torch.no_grad():
             s = m.model.score(x)[0]
-        if not torch.isfinite(s[1:]).all():
+        if not torch.isfinite(s[1:]).all():  # a broken version: an error the rollout sees
             raise HTTPException(500, f"model version {m.version} produced non-finite scores")
         return s, "history"
 
     # -- endpoints ----------------------------------------------------------------------
-    @api.post("/recommend", response_model=RecommendResponse)
+    @api.post("/recommend", response_model=RecommendResponse, responses=_POST_ERRORS)
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
         started = time.perf_counter()
         m = self._model()
         ok = False
         try:
             if req.k > self.cfg.max_k:
-                raise HTTPException(422, f"k={req.k} is above the limit of {self.cfg.max_k}")
+                raise limit_error(
+                    ["body", "k"], f"k={req.k} is above the limit of {self.cfg.max_k}",
+                    "less_than_equal",
+                )  # fmt: skip
             history = await self._history(req)
             rows = m.vocab.encode(history)
             scores, source = self._scores(m, rows)
-            if req.exclude_seen and rows:
-                scores[torch.tensor(rows)] = float("-inf")
-            n_cand = min(int(torch.isfinite(scores).sum()), max(req.k * 5, 50))
-            cand = torch.topk(scores, n_cand).indices
+            # the shared ranking rule: padding, excluded and non-finite rows are never picked
+            cand = top_k(scores, max(req.k * 5, 50), exclude=rows if req.exclude_seen else None)
             picked = mmr(scores, m.unit_emb, cand, req.k, req.diversity)
             items = [ScoredItem(item_id=m.vocab.item(r), score=float(scores[r])) for r in picked]
             if req.user_id is not None:
@@ -224,11 +263,13 @@ class RecommenderDeployment:
         finally:
             self._record(m.version, started, ok)
 
-    @api.post("/score", response_model=ScoreResponse)
+    @api.post("/score", response_model=ScoreResponse, responses=_POST_ERRORS)
     async def score(self, req: ScoreRequest) -> ScoreResponse:
         m = self._model()
         if len(req.items) > self.cfg.max_history:
-            raise HTTPException(422, f"at most {self.cfg.max_history} items per request")
+            raise limit_error(
+                ["body", "items"], f"at most {self.cfg.max_history} items per request", "too_long"
+            )
         history = await self._history(req)
         scores, source = self._scores(m, m.vocab.encode(history))
         out: dict[str, float | None] = {}
@@ -238,12 +279,12 @@ class RecommenderDeployment:
             out[item] = val if val is None or math.isfinite(val) else None
         return ScoreResponse(scores=out, version=m.version, source=source)
 
-    @api.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
+    @api.get("/healthz", response_model=HealthResponse, responses=error_responses(413, 503))
+    async def healthz(self) -> HealthResponse:
         m = self._model()
-        return {"status": "ok", "version": m.version}
+        return HealthResponse(status="ok", version=m.version)
 
-    @api.get("/models", response_model=ModelsResponse)
+    @api.get("/models", response_model=ModelsResponse, responses=error_responses(413))
     async def models(self) -> ModelsResponse:
         ctx = self._context()
         snap: dict[str, Any] = await ctx.snapshot.remote() if ctx is not None else {}
@@ -287,20 +328,44 @@ def build_app(registry_path: Path, cfg: ServingConfig, version: int) -> Applicat
     )
     # serve.run gives code deployed from Python a random version, so every redeploy restarts
     # all replicas. A version derived from the serving code makes a new user_config a
-    # lightweight in-place update (reconfigure), as with `serve deploy` config files.
-    deployment._version = code_version()
-    return deployment.bind(str(registry_path.resolve()), cfg.model_dump())
+    # lightweight in-place update (reconfigure), as with `serve deploy` config files. Serve does
+    # not compare init args, so the settings are part of the version: a redeploy with another
+    # key or limit (e.g. `up` restarted against a running cluster) restarts the replicas.
+    deployment._version = f"{code_version()}-{settings_digest(cfg)}"
+    # The config object itself travels in the init args (pickled, never JSON): its SecretStr key
+    # keeps its value on the way and stays masked in any repr or log line.
+    return deployment.bind(str(registry_path.resolve()), cfg.model_copy())
 
 
 def code_version() -> str:
     import hashlib
 
+    import serving.api
+    import serving.http_guard
     import training.model
 
     h = hashlib.sha256()
-    for mod in (__file__, training.model.__file__):
-        h.update(Path(mod).read_bytes())
+    for mod in (__file__, serving.api, serving.http_guard, training.model):
+        h.update(Path(mod if isinstance(mod, str) else str(mod.__file__)).read_bytes())
     return h.hexdigest()[:16]
+
+
+def settings_digest(cfg: ServingConfig) -> str:
+    """A short digest of the settings a replica uses; the key only through a slow, salted hash
+    (the version is visible in `serve status`, so a fast hash would invite guessing). Replica
+    counts and the like are deployment options Serve compares itself: left out."""
+    import hashlib
+
+    plain = cfg.model_dump_json(include={"max_k", "max_history", "max_body_bytes"}).encode()
+    key = cfg.api_key.get_secret_value().encode() if cfg.api_key is not None else b""
+    return hashlib.sha256(plain + _slow_hash(key)).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=4)  # each rollout rebuilds the app; scrypt once per key
+def _slow_hash(key: bytes) -> bytes:
+    import hashlib
+
+    return hashlib.scrypt(key, salt=b"streamtune-serve-version", n=2**14, r=8, p=1)
 
 
 def build_from_env(args: dict[str, Any] | None = None) -> Application:
