@@ -5,6 +5,12 @@ rounds with too few events), reads the round's data from the buffer between two 
 runs ``training.round.run_round``. The registry is the loop's memory: the data a round trains on
 starts at the watermark of the latest registered version, so a loop killed at any point resumes
 without skipping or re-training data (a round that never registered simply runs again).
+
+One writer per slice: at start the loop repairs registrations a crash interrupted (see
+``Registry.repair``), and a round registers only if the latest version is still the one whose
+watermark its data starts at. If another process (a second ``streamtune train --once`` beside a
+running ``up``) registered first, the round is dropped (ConcurrentRoundError) and the next trigger
+starts from the new watermark, so no slice is registered twice.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import pyarrow.compute as pc
 
 from services.config import LoopConfig
 from streams.buffer import EventBuffer, atomic_write_bytes
+from training.errors import ConcurrentRoundError
 from training.registry import Registry
 from training.round import RoundConfig, RoundResult, run_round
 
@@ -43,14 +50,20 @@ class ContinualLoop:
         self.on_round = on_round
         self.last_round_at = time.monotonic()
         self.last_compact = time.monotonic()
+        self.last_skip: str | None = None  # why the last run_once returned None (for the CLI)
+        for d in registry.repair():
+            log.warning("repaired interrupted registration: v%d %s (%s)", d.version, d.decision,
+                        d.reason)  # fmt: skip
 
     # -- where we are -------------------------------------------------------------------
     def trained_watermark(self) -> dict[str, int]:
         """Offsets the lineage has consumed: the latest registered version's watermark."""
-        latest = self.registry.latest()
-        if latest is None:
+        return self._watermark_of(self.registry.latest())
+
+    def _watermark_of(self, version: int | None) -> dict[str, int]:
+        if version is None:
             return {}
-        wm: dict[str, int] = self.registry.meta(latest)["watermark"]
+        wm: dict[str, int] = self.registry.meta(version)["watermark"]
         return wm
 
     def pending(self) -> int:
@@ -66,27 +79,35 @@ class ContinualLoop:
         )
 
     # -- one round ----------------------------------------------------------------------
-    def run_once(
-        self, fail_at_epoch: int | None = None, upto: dict[str, int] | None = None
-    ) -> RoundResult | None:
+    def run_once(self, upto: dict[str, int] | None = None) -> RoundResult | None:
         """One round on the events between the trained watermark and ``upto`` (default: all).
 
         With no champion (every version so far rejected) nothing has been learned yet, so the
-        round trains from scratch on everything buffered, not just on what is new.
+        round trains from scratch on everything buffered, not just on what is new. Returns None
+        when there is too little to train on, or when another process registered this slice
+        first.
         """
-        after = self.trained_watermark() if self.registry.champion() is not None else {}
+        base = self.registry.latest()  # the slice starts at this version's watermark: pin it
+        after = self._watermark_of(base) if self.registry.champion() is not None else {}
         upto = self.buffer.watermark() if upto is None else upto
         new = self.buffer.read(after=after, upto=upto)
         self.last_round_at = time.monotonic()
+        self.last_skip = None
         if new.num_rows < self.cfg.min_round_events:
-            log.info("skip round: %d new events < %d", new.num_rows, self.cfg.min_round_events)
+            self.last_skip = f"too few new events: {new.num_rows} < {self.cfg.min_round_events}"
+            log.info("skip round: %s", self.last_skip)
             return None
         users = pa.array(sorted(set(new.column("user_id").to_pylist())))
         history = self.buffer.read(upto=after) if after else new.slice(0, 0)
         context = history.filter(pc.is_in(history["user_id"], value_set=users))
         t0 = time.monotonic()
-        result = run_round(new, context, upto, self.registry, self.round_cfg, fail_at_epoch,
-                           extra_meta={"after_watermark": after})  # fmt: skip
+        try:
+            result = run_round(new, context, upto, self.registry.expecting(base), self.round_cfg,
+                               extra_meta={"after_watermark": after})  # fmt: skip
+        except ConcurrentRoundError as err:
+            self.last_skip = f"another process registered this slice first: {err}"
+            log.warning("round dropped: %s", self.last_skip)
+            return None
         record = {**asdict(result), "started": t0, "seconds": time.monotonic() - t0,
                   "after_watermark": after}  # fmt: skip
         self._persist(record)

@@ -1,0 +1,194 @@
+"""Two writers, one slice: a round registers only if nobody registered since it read its data.
+
+* Two processes do what ``ContinualLoop.run_once`` does around the round (read the latest
+  version, take the slice after its watermark, register through ``Registry.expecting``) at the
+  same moment: exactly one registers.
+* A real loop round (real Ray Train + DeepSpeed) during which another process registers the same
+  slice: the round is dropped (not registered, no decision line) and the next round finds
+  nothing new to train on.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from training.errors import ConcurrentRoundError
+from training.registry import Registry
+
+
+def _write(d: Path) -> None:
+    save_file({"w": np.ones((4, 3), np.float32)}, str(d / "model.safetensors"))
+
+
+def _loop_like(root: str, slice_end: int, barrier: Any, out: Any, i: int) -> None:
+    reg = Registry(Path(root))
+    base = reg.latest()
+    after = reg.meta(base)["watermark"] if base is not None else {}
+    barrier.wait()  # both "rounds" trained on the same slice; now both try to register it
+    meta = {"watermark": {"events:0": slice_end}, "after_watermark": after, "who": i}
+    try:
+        v = reg.expecting(base).register(_write, meta, promote=True, reason=f"round {i}",
+                                         expect_latest=base)  # fmt: skip
+        out.put((i, "registered", v))
+    except ConcurrentRoundError:
+        out.put((i, "dropped", None))
+
+
+def test_two_loops_racing_register_the_slice_once(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "reg")
+    v1 = reg.register(_write, {"watermark": {"events:0": 500}}, promote=True, reason="first",
+                      expect_latest=None)  # fmt: skip
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    procs = [
+        ctx.Process(target=_loop_like, args=(str(reg.root), 900, barrier, out, i)) for i in range(2)
+    ]
+    for p in procs:
+        p.start()
+    results = sorted(out.get(timeout=120)[1] for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert results == ["dropped", "registered"]
+    assert reg.versions() == [v1, 2]
+    slices = [
+        (reg.meta(v).get("after_watermark"), reg.meta(v)["watermark"]) for v in reg.versions()
+    ]
+    assert slices[1] == ({"events:0": 500}, {"events:0": 900})
+    assert [d["version"] for d in reg.decisions()] == [v1, 2]
+
+
+def test_pinned_view_refuses_a_round_built_on_a_newer_version(tmp_path: Path) -> None:
+    """The loop read its slice after v1; if the round inside read v2 (registered meanwhile) as its
+    base, registering on top of v2 would skip or repeat data: refused."""
+    reg = Registry(tmp_path / "reg")
+    v1 = reg.register(_write, {}, promote=True, reason="a", expect_latest=None)
+    pinned = reg.expecting(v1)
+    v2 = reg.register(_write, {}, promote=False, reason="other process", expect_latest=v1)
+    with pytest.raises(ConcurrentRoundError, match="read after version 1"):
+        pinned.register(_write, {}, promote=True, reason="late", expect_latest=v2)
+    with pytest.raises(ConcurrentRoundError):
+        pinned.register(_write, {}, promote=True, reason="late", expect_latest=v1)
+    assert reg.versions() == [v1, v2]
+
+
+# -- a real round racing another process ------------------------------------------------------
+_OTHER = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import numpy as np
+    from safetensors.numpy import save_file
+    from training.registry import Registry
+
+    root, watermark = Path(sys.argv[1]), json.loads(sys.argv[2])
+    def write(d):
+        save_file({"w": np.ones((4, 3), np.float32)}, str(d / "model.safetensors"))
+    v = Registry(root).register(write, {"watermark": watermark, "who": "other process"},
+                                promote=True, reason="other process round", expect_latest=None)
+    print(v)
+    """
+)
+
+
+@pytest.fixture
+def ray_local() -> Iterator[None]:
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_real_round_loses_the_race_and_is_not_registered(
+    tmp_path: Path, ray_local: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.round
+    from bench.faults_training import round_config
+    from services.config import LoopConfig
+    from services.loop import ContinualLoop
+    from streams.buffer import EventBuffer, OffsetRange
+    from streams.config import BufferConfig
+    from tests.training.data_gen import synthetic_table
+
+    table = synthetic_table(800, seed=5)
+    buffer = EventBuffer(BufferConfig(path=tmp_path / "buffer"))
+    buffer.append(table, [OffsetRange("events", 0, 0, table.num_rows)])
+    reg = Registry(tmp_path / "registry")
+    loop = ContinualLoop(buffer, reg, round_config(tmp_path / "ray", epochs=1, max_failures=0),
+                         LoopConfig(min_round_events=100), tmp_path / "loop.json")  # fmt: skip
+
+    real_train = training.round.train
+    raced: list[str] = []
+
+    def train_while_another_process_registers(*a: Any, **k: Any) -> Any:
+        out = real_train(*a, **k)  # the real Ray Train round; meanwhile another one finished:
+        other = subprocess.run(
+            [sys.executable, "-c", _OTHER, str(reg.root), json.dumps(buffer.watermark())],
+            capture_output=True, text=True, timeout=300, check=True,
+        )  # fmt: skip
+        raced.append(other.stdout.strip())
+        return out
+
+    monkeypatch.setattr(training.round, "train", train_while_another_process_registers)
+    result = loop.run_once()
+    assert raced == ["1"]  # the other process registered first, while this round trained
+    assert result is None  # so this round was dropped ...
+    assert reg.versions() == [1] and reg.meta(1)["who"] == "other process"
+    assert [d["version"] for d in reg.decisions()] == [1]  # ... and recorded nothing
+    assert loop.pending() == 0 and loop.run_once() is None  # the slice is not trained again
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_two_real_train_once_runs_register_the_slice_once(tmp_path: Path) -> None:
+    """Two `streamtune train --once` processes over one state dir, started together: each starts
+    its own Ray and trains; whichever registers second is dropped (or, if it started after the
+    first had registered, finds nothing new). Never two versions for one slice."""
+    from streams.buffer import EventBuffer, OffsetRange
+    from streams.config import BufferConfig
+    from tests.training.data_gen import synthetic_table
+
+    state = tmp_path / "state"
+    table = synthetic_table(800, seed=6)
+    EventBuffer(BufferConfig(path=state / "buffer")).append(
+        table, [OffsetRange("events", 0, 0, table.num_rows)]
+    )
+    env = {
+        **os.environ,
+        "STREAMTUNE_STATE_DIR": str(state),
+        "STREAMTUNE_EMBEDDED_BROKER": "false",
+        "STREAMTUNE_MODEL__MAX_LEN": "20",
+        "STREAMTUNE_MODEL__D_MODEL": "32",
+        "STREAMTUNE_TRAINER__NUM_WORKERS": "1",
+        "STREAMTUNE_TRAINER__EPOCHS": "1",
+        "STREAMTUNE_TRAINER__FIRST_ROUND_EPOCHS": "1",
+        "STREAMTUNE_TRAINER__BATCH_SIZE": "64",
+        "STREAMTUNE_GATE__MIN_EVAL_USERS": "5",
+        "STREAMTUNE_LOOP__MIN_ROUND_EVENTS": "100",
+    }
+    cmd = [sys.executable, "-m", "services.cli", "train", "--once"]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
+    reg = Registry(state / "registry")
+    assert reg.versions() == [1], outs
+    assert [d["version"] for d in reg.decisions()] == [1]
+    registered = [o for o in outs if '"version": 1' in o]
+    assert len(registered) == 1, [o[-2000:] for o in outs]
