@@ -17,7 +17,7 @@ from services.settings import Settings
 
 console = Console()
 SettingsOf = Callable[[typer.Context], Settings]
-BENCHES = ("ingest", "quality", "train", "serving", "freshness")
+BENCHES = ("ingest", "quality", "train", "serving", "freshness", "faults")
 
 
 def register(app: typer.Typer, settings_of: SettingsOf) -> None:
