@@ -63,13 +63,17 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for the plot and demo.json.")] = Path("out"),
 ) -> None:
     """The main job: broker + Ray + ingest + rounds + Serve on MovieLens-100K, replayed live."""
-    from services.demo import DemoConfig, run_demo
+    from services.demo import DemoConfig, DemoInterrupted, run_demo
 
     cfg = DemoConfig(
         events=events, rate=rate, round_events=round_events,
         first_round_events=first_round_events, query_rps=query_rps, keep=keep, out=out,
     )  # fmt: skip
-    run_demo(settings_of(ctx), cfg)
+    try:
+        run_demo(settings_of(ctx), cfg)
+    except DemoInterrupted as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(130) from err
 
 
 if __name__ == "__main__":

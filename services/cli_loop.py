@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -30,31 +31,56 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         ] = None,
         no_serve: Annotated[bool, typer.Option(help="Train only; no Serve app.")] = False,
     ) -> None:
-        """Start broker (embedded), Ray, ingest, history, the loop and Serve; Ctrl-C stops."""
+        """Start broker (embedded), Ray, ingest, history, the loop and Serve; Ctrl-C stops.
+
+        Components run supervised (restarted with backoff when they die); one that keeps dying
+        ends `up` with exit status 1, naming it. Ctrl-C or SIGTERM stops everything `up` started.
+        """
         from services.cli_stream import ensure_broker
-        from services.runtime import init_ray, start
+        from services.runtime import Running, init_ray, reinstall, shutdown, start, stop_on_signals
+        from streams.broker import LocalBroker
 
         s = settings_of(ctx)
-        ensure_broker(s)
-        init_ray(address, s)
-        running = start(s, serve_http=not no_serve)
-        pid_file = s.state_dir / "up.pid"
-        pid_file.write_text(str(os.getpid()))
         stop = threading.Event()
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        where = f"http://{s.serving.host}:{s.serving.port}" if not no_serve else "(no serve)"
-        console.print(f"streamtune up: ingest -> rounds -> {where}. Ctrl-C to stop.")
-        if running.controller is not None:  # its own thread: rollouts never wait for a round
-            threading.Thread(
-                target=running.controller.run, args=(stop,), name="rollout", daemon=True
-            ).start()
-        try:
-            running.loop.run(stop)
-        finally:
-            running.stop()
-            pid_file.unlink(missing_ok=True)
-            console.print("stopped: buffered data flushed")
+        running: Running | None = None
+        broker = None
+        pid_file = s.state_dir / "up.pid"
+        with stop_on_signals(stop) as seen:
+            try:
+                # A broker `up` starts, `up` stops; one that already runs stays up.
+                if s.embedded_broker and not LocalBroker(s.broker).status().answering:
+                    broker = LocalBroker(s.broker)
+                ensure_broker(s)
+                if not stop.is_set():
+                    init_ray(address, s)
+                    reinstall(stop, seen)
+                if not stop.is_set():
+                    running = start(s, serve_http=not no_serve, stop=stop)
+                    running.serve_forever()
+                    pid_file.parent.mkdir(parents=True, exist_ok=True)
+                    pid_file.write_text(str(os.getpid()))
+                    where = (
+                        f"http://{s.serving.host}:{s.serving.port}"
+                        if not no_serve
+                        else "(no serve)"
+                    )
+                    console.print(f"streamtune up: ingest -> rounds -> {where}. Ctrl-C to stop.")
+                while not stop.wait(0.5):  # the main thread only waits: signals reach it at once
+                    pass
+            finally:
+                failure = running.supervisor.failure if running is not None else None
+                t0 = time.monotonic()
+                left = shutdown(running, broker, s.supervisor.stop_timeout_s, say=_say)
+                pid_file.unlink(missing_ok=True)
+                how = f"signal {seen[0]}" if seen else "failure" if failure else "stop"
+                unclean = f"; not clean: {', '.join(left)}" if left else ""
+                console.print(
+                    f"stopped ({how}) in {time.monotonic() - t0:.1f}s: "
+                    f"buffered data flushed{unclean}"
+                )
+        if failure is not None:
+            console.print(f"streamtune up failed: {failure}")
+            raise typer.Exit(1)
 
     @app.command()
     def down(ctx: typer.Context) -> None:
@@ -187,3 +213,7 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
             raise typer.BadParameter(f"v{champ} has no parent to roll back to")
         reg.mark_rolled_back(champ, "manual rollback", to=int(parent))
         console.print(f"rolled back v{champ} -> v{parent}")
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

@@ -23,3 +23,36 @@ class LoopConfig(BaseModel):
     compact_every_s: float = Field(
         default=300.0, gt=0, description="How often the buffer is compacted."
     )
+
+
+class SupervisorConfig(BaseModel):
+    """How `streamtune up` restarts a component that died, and when it gives up instead."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    max_restarts: int = Field(
+        default=5, ge=0, description="Restarts of one component allowed within ``window_s``."
+    )
+    window_s: float = Field(
+        default=300.0, gt=0, description="Sliding window in which restarts are counted."
+    )
+    backoff_s: float = Field(
+        default=1.0, ge=0, description="Wait before the first restart; doubles per restart."
+    )
+    backoff_max_s: float = Field(default=30.0, ge=0, description="Longest wait before a restart.")
+    liveness_s: float = Field(
+        default=5.0, gt=0, description="How often actors (history context) are pinged."
+    )
+    liveness_timeout_s: float = Field(
+        default=10.0, gt=0, description="A ping unanswered this long counts as a dead actor."
+    )
+    gauges_every_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often lag and freshness are measured and gauges re-reported to Ray.",
+    )
+    stop_timeout_s: float = Field(
+        default=25.0,
+        gt=0,
+        description="Budget for a clean stop (ingest flush, Serve, Ray, broker).",
+    )

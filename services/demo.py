@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import sys
 import threading
 import time
 from bisect import bisect_left
@@ -27,6 +28,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
+from services.errors import ServiceError
 from services.settings import Settings
 from streams.events import Event
 
@@ -132,8 +134,63 @@ def demo_settings(s: Settings, run_dir: Path) -> Settings:
     return Settings.model_validate(d)
 
 
+class DemoInterrupted(ServiceError):
+    """Ctrl-C or SIGTERM ended the demo before its replay was done (everything was stopped)."""
+
+
+@dataclass
+class _Started:
+    """What the demo started, so that the main thread can stop it whatever the worker is doing."""
+
+    running: Any = None
+    broker: Any = None
+    record: dict[str, Any] | None = None
+    error: BaseException | None = None
+    setup_done: threading.Event = field(default_factory=threading.Event)
+
+
 def run_demo(settings: Settings, cfg: DemoConfig) -> dict[str, Any]:
-    """The main job; returns the summary record (also written to ``out/demo.json``)."""
+    """The main job; returns the summary record (also written to ``out/demo.json``).
+
+    The work runs in a thread; the main thread only waits, so Ctrl-C or SIGTERM at any moment
+    (mid-round included, while the worker is blocked in ``trainer.fit``) stops everything the demo
+    started within seconds: ingest (flushed), Serve, Ray, and the broker if the demo started it.
+    """
+    from services.runtime import shutdown, stop_on_signals
+
+    stop = threading.Event()
+    started = _Started()
+    worker = threading.Thread(
+        target=_guarded, args=(settings, cfg, stop, started), name="demo", daemon=True
+    )
+    with stop_on_signals(stop):
+        worker.start()
+        while worker.is_alive() and not stop.wait(0.5):
+            pass
+        if worker.is_alive():  # a signal: let a setup step in progress finish, then stop it all
+            started.setup_done.wait(60)
+        shutdown(started.running, started.broker, settings.supervisor.stop_timeout_s, say=_say)
+    if started.error is not None:
+        raise started.error
+    if started.record is None:
+        raise DemoInterrupted("demo interrupted; everything it started is stopped")
+    return started.record
+
+
+def _guarded(settings: Settings, cfg: DemoConfig, stop: threading.Event, st: _Started) -> None:
+    try:
+        st.record = _demo(settings, cfg, stop, st)
+    except Exception as err:
+        if not stop.is_set():  # errors after a stop come from Ray being shut down under us
+            st.error = err
+    finally:
+        st.setup_done.set()
+        stop.set()
+
+
+def _demo(
+    settings: Settings, cfg: DemoConfig, stop: threading.Event, st: _Started
+) -> dict[str, Any] | None:
     from services.cli_stream import ensure_broker
     from services.demo_report import plot, summary, table
     from services.runtime import init_ray, start
@@ -151,15 +208,19 @@ def run_demo(settings: Settings, cfg: DemoConfig) -> dict[str, Any]:
     events = movielens_100k(DEFAULT_ML100K)[: cfg.events]
     with console.status("starting the Kafka broker and Ray"):
         # A broker the demo starts, the demo stops; one the user already runs stays up.
-        started_broker = s.embedded_broker and not LocalBroker(s.broker).status().answering
+        if s.embedded_broker and not LocalBroker(s.broker).status().answering:
+            st.broker = LocalBroker(s.broker)
         ensure_broker(s)
-        init_ray(None, s)
-        running = start(s, serve_http=True)
+        if stop.is_set():
+            return None
+        init_ray(None, s)  # from this thread Ray leaves the main thread's signal handlers alone
+        if stop.is_set():
+            return None
+        st.running = running = start(s, serve_http=True, stop=stop)
+        st.setup_done.set()
     assert running.controller is not None
     url = f"http://{s.serving.host}:{s.serving.port}"
-    stop = threading.Event()
-    rollouts = threading.Thread(target=running.controller.run, args=(stop,), daemon=True)
-    rollouts.start()
+    running.supervisor.add("rollout", running.controller.run)
     queries = Queries(url, sorted({e.user_id for e in events}), cfg.query_rps)
     if cfg.query_rps > 0:
         queries.thread.start()
@@ -180,14 +241,14 @@ def run_demo(settings: Settings, cfg: DemoConfig) -> dict[str, Any]:
     static = None
     loop, buf, reg = running.loop, running.buffer, running.registry
     try:
-        while True:
+        while not stop.is_set():
             ingested = buf.stats().rows
             done = not producer.is_alive() and ingested >= len(events)
             due = loop.pending() >= (cfg.round_events if rows else cfg.first_round_events)
             if not (due or (done and loop.pending() >= s.loop.min_round_events)):
                 if done:
                     break
-                time.sleep(1.0)
+                stop.wait(1.0)
                 continue
             after, upto = loop.trained_watermark(), buf.watermark()
             new = buf.read(after=after, upto=upto)
@@ -210,9 +271,10 @@ def run_demo(settings: Settings, cfg: DemoConfig) -> dict[str, Any]:
                 f"v{result.version}: {row.decision} after {result.new_events:,} new events "
                 f"({covered:,} in all) - {result.reason}"
             )
+        if stop.is_set():
+            return None
         _wait_served(rows, reg.champion(), queries, running.controller)
     finally:
-        stop.set()
         queries.stop.set()
     for r in rows:
         r.served_at = queries.first_seen.get(r.version) if r.version is not None else None
@@ -230,18 +292,8 @@ def run_demo(settings: Settings, cfg: DemoConfig) -> dict[str, Any]:
     )
     if cfg.keep:
         console.print("serving until Ctrl-C (--keep) ...")
-        stop.clear()
-        rollouts = threading.Thread(target=running.controller.run, args=(stop,), daemon=True)
-        rollouts.start()
-        try:
-            while True:
-                time.sleep(1.0)
-        except KeyboardInterrupt:
-            stop.set()
-    running.stop()
-    _shutdown()
-    if started_broker:
-        LocalBroker(s.broker).down()
+        st.record = record
+        stop.wait()
     return record
 
 
@@ -271,9 +323,5 @@ def _wait_served(rows: list[Row], champion: int | None, queries: Queries, ctl: A
         time.sleep(0.5)
 
 
-def _shutdown() -> None:
-    import ray
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

@@ -3,66 +3,187 @@
 Ray exports them through its metrics agent, so they appear in the dashboard's metrics view and are
 scrapeable by Prometheus as ``ray_streamtune_*`` (deploy/grafana/streamtune.json charts them).
 Instruments only work inside a Ray process (driver or actor); ``StreamMetrics`` is created there.
+``SPECS`` is the single list of names: tests check that each is emitted and that the dashboard
+charts nothing else.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 from streams.buffer import Segment
 from streams.ingest import IngestStats
 
 
+@dataclass(frozen=True)
+class Spec:
+    kind: str  # "counter" | "gauge" | "histogram"
+    name: str  # Prometheus name less the ``ray_`` prefix (and a counter's ``_total``)
+    description: str
+    tags: tuple[str, ...] = ()
+    boundaries: tuple[float, ...] = ()
+
+    @property
+    def exported(self) -> tuple[str, ...]:
+        """The series names Prometheus sees for this instrument."""
+        base = f"ray_{self.name}"
+        if self.kind == "counter":
+            return (f"{base}_total",)
+        if self.kind == "histogram":
+            return (f"{base}_bucket", f"{base}_sum", f"{base}_count")
+        return (base,)
+
+
+SPECS: dict[str, Spec] = {
+    "ingested": Spec(
+        "counter", "streamtune_ingested_events", "Events appended to the buffer.", ("member",)
+    ),
+    "dead": Spec(
+        "counter", "streamtune_dead_lettered_events", "Records sent to the DLQ.", ("reason",)
+    ),
+    "segments": Spec("counter", "streamtune_buffer_segments_written", "Segments written."),
+    "buffer_rows": Spec("gauge", "streamtune_buffer_rows", "Rows in the buffer."),
+    "lag": Spec("gauge", "streamtune_consumer_lag", "Records in Kafka not yet in the buffer."),
+    "round_s": Spec(
+        "histogram",
+        "streamtune_round_seconds",
+        "Wall time of a training round.",
+        boundaries=(5, 10, 20, 40, 80, 160, 320, 640),
+    ),
+    "samples_s": Spec(
+        "gauge",
+        "streamtune_train_samples_per_second",
+        "Training throughput of the latest round (all workers).",
+    ),
+    "ndcg": Spec("gauge", "streamtune_eval_ndcg10", "NDCG@10 of a version.", ("version", "set")),
+    "champion": Spec("gauge", "streamtune_champion_version", "Current champion version."),
+    "decisions": Spec(
+        "counter", "streamtune_gate_decisions", "Promote/reject decisions.", ("decision",)
+    ),
+    "rollouts": Spec("counter", "streamtune_rollouts", "Serve rollouts and rollbacks.", ("kind",)),
+    "freshness_s": Spec(
+        "gauge",
+        "streamtune_model_freshness_seconds",
+        "Age of the newest event the serving model was trained on.",
+    ),
+    "restarts": Spec(
+        "counter",
+        "streamtune_component_restarts",
+        "Restarts of a component of `streamtune up` after it died.",
+        ("component",),
+    ),
+}
+
+
+_MAX_GAUGE_SERIES = 200
+
+
+def exported_names() -> set[str]:
+    """Every Prometheus series name streamtune emits (``ray_streamtune_*``)."""
+    return {n for spec in SPECS.values() for n in spec.exported}
+
+
 class StreamMetrics:
-    """All streamtune instruments; names are the Prometheus names less the ``ray_`` prefix."""
+    """All streamtune instruments, created lazily inside a Ray process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # Dead letters arrive as running totals per Ingestor; the counter needs deltas. The stats
+        # object is held so its id stays unique while a restarted ingest has a new one.
+        self._dead_seen: dict[int, tuple[IngestStats, dict[str, int]]] = {}
+        self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
 
     @cached_property
-    def _m(self) -> dict[str, object]:
+    def _m(self) -> dict[str, Any]:
         from ray.util.metrics import Counter, Gauge, Histogram
 
-        return {
-            "ingested": Counter(
-                "streamtune_ingested_events", "Events appended to the buffer.", ("member",)
-            ),
-            "dead": Counter(
-                "streamtune_dead_lettered_events", "Records sent to the DLQ.", ("reason",)
-            ),
-            "segments": Counter("streamtune_buffer_segments_written", "Segments written."),
-            "buffer_rows": Gauge("streamtune_buffer_rows", "Rows in the buffer."),
-            "lag": Gauge("streamtune_consumer_lag", "Records in Kafka not yet in the buffer."),
-            "round_s": Histogram(
-                "streamtune_round_seconds",
-                "Wall time of a training round.",
-                boundaries=[5, 10, 20, 40, 80, 160, 320, 640],
-            ),
-            "samples_s": Gauge("streamtune_train_samples_per_second", "Training throughput."),
-            "ndcg": Gauge("streamtune_eval_ndcg10", "NDCG@10 of a version.", ("version", "set")),
-            "champion": Gauge("streamtune_champion_version", "Current champion version."),
-            "decisions": Counter(
-                "streamtune_gate_decisions", "Promote/reject decisions.", ("decision",)
-            ),
-            "rollouts": Counter("streamtune_rollouts", "Serve rollouts.", ("kind",)),
-            "freshness_s": Gauge(
-                "streamtune_model_freshness_seconds",
-                "Age of the newest event the serving model was trained on.",
-            ),
-        }
+        out: dict[str, Any] = {}
+        for key, s in SPECS.items():
+            if s.kind == "counter":
+                out[key] = Counter(s.name, s.description, s.tags)
+            elif s.kind == "gauge":
+                out[key] = Gauge(s.name, s.description, s.tags)
+            else:
+                out[key] = Histogram(s.name, s.description, list(s.boundaries), s.tags)
+        return out
 
+    # -- ingest -------------------------------------------------------------------------
     def on_flush(self, seg: Segment, stats: IngestStats, member: str = "") -> None:
         m = self._m
-        m["ingested"].inc(seg.rows, tags={"member": member})  # type: ignore[attr-defined]
-        m["segments"].inc()  # type: ignore[attr-defined]
+        m["ingested"].inc(seg.rows, tags={"member": member})
+        m["segments"].inc()
+        with self._lock:
+            _, seen = self._dead_seen.setdefault(id(stats), (stats, {}))
+            delta = {r: n - seen.get(r, 0) for r, n in stats.dead_lettered.items()}
+            seen.update(stats.dead_lettered)
+        self.dead_letters(delta)
 
     def dead_letters(self, by_reason: dict[str, int]) -> None:
         for reason, n in by_reason.items():
-            if n:
-                self._m["dead"].inc(n, tags={"reason": reason})  # type: ignore[attr-defined]
+            if n > 0:
+                self._m["dead"].inc(n, tags={"reason": reason})
 
+    # -- rounds -------------------------------------------------------------------------
+    def on_round(self, result: Any, seconds: float, champion: int | None) -> None:
+        """A finished round (``training.round.RoundResult``)."""
+        self.observe("round_s", seconds)
+        self.count("decisions", tags={"decision": "promote" if result.promoted else "reject"})
+        if champion is not None:
+            self.gauge("champion", float(champion))
+        for key in ("cand_new_ndcg10", "cand_replay_ndcg10"):
+            if key in result.metrics:
+                self.gauge("ndcg", result.metrics[key],
+                           tags={"version": str(result.version), "set": key})  # fmt: skip
+        rate = result.metrics.get("train_samples_per_s")
+        if rate is not None:
+            self.gauge("samples_s", float(rate))
+
+    # -- serving ------------------------------------------------------------------------
+    def on_rollout(self, event: Any) -> None:
+        """A ``serving.rollout.RolloutEvent`` (``kind``: rollout or rollback)."""
+        self.count("rollouts", tags={"kind": str(event.kind)})
+
+    def freshness(self, data_max_ts_ms: int | None, now: float | None = None) -> float | None:
+        """Seconds between now and the newest event the serving model trained on."""
+        if data_max_ts_ms is None:
+            return None
+        age = max(0.0, (time.time() if now is None else now) - data_max_ts_ms / 1000.0)
+        self.gauge("freshness_s", age)
+        return age
+
+    def restart(self, component: str, error: BaseException | None = None) -> None:
+        self.count("restarts", tags={"component": component})
+
+    # -- generic ------------------------------------------------------------------------
     def gauge(self, name: str, value: float, tags: dict[str, str] | None = None) -> None:
-        self._m[name].set(value, tags=tags)  # type: ignore[attr-defined]
+        key = (name, tuple(sorted((tags or {}).items())))
+        with self._lock:
+            self._gauges[key] = value
+            if name == "ndcg" and len(self._gauges) > _MAX_GAUGE_SERIES:
+                # Old versions' NDCG series go; the newest stay charted.
+                ndcg = [k for k in self._gauges if k[0] == "ndcg"]
+                for k in ndcg[: len(ndcg) // 2]:
+                    del self._gauges[k]
+        self._m[name].set(value, tags=tags)
+
+    def refresh(self) -> None:
+        """Set every gauge to its last value again.
+
+        Ray's metrics agent drops a gauge series that was not reported for two export intervals
+        (ray 2.60's OpenTelemetry recorder), so a value set once (NDCG of a version, the latest
+        round's samples/s) must be re-set periodically to stay on the dashboard.
+        """
+        with self._lock:
+            items = list(self._gauges.items())
+        for (name, tags), value in items:
+            self._m[name].set(value, tags=dict(tags) or None)
 
     def count(self, name: str, n: float = 1.0, tags: dict[str, str] | None = None) -> None:
-        self._m[name].inc(n, tags=tags)  # type: ignore[attr-defined]
+        self._m[name].inc(n, tags=tags)
 
     def observe(self, name: str, value: float) -> None:
-        self._m[name].observe(value)  # type: ignore[attr-defined]
+        self._m[name].observe(value)

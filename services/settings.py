@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from services.config import LoopConfig
+from services.config import LoopConfig, SupervisorConfig
 from serving.config import RolloutConfig, ServingConfig
 from streams.config import BrokerConfig, BufferConfig, IngestConfig, KafkaConfig, TopicsConfig
 from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     replay: ReplayConfig = Field(default_factory=ReplayConfig, description="Replay and KD.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate.")
     loop: LoopConfig = Field(default_factory=LoopConfig, description="The continual loop.")
+    supervisor: SupervisorConfig = Field(
+        default_factory=SupervisorConfig, description="Restarts of `up`'s components."
+    )
     serving: ServingConfig = Field(default_factory=ServingConfig, description="Ray Serve app.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollouts.")
 
