@@ -164,7 +164,7 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         )
         result = loop.run_once()
         if result is None:
-            console.print("nothing to train: too few new events")
+            console.print(f"nothing to train: {loop.last_skip}")
             return
         out = {"version": result.version, "promoted": result.promoted, "reason": result.reason}
         console.print(json.dumps({**out, "new_events": result.new_events}))

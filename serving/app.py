@@ -23,6 +23,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -204,7 +205,10 @@ class RecommenderDeployment:
             if ctx is None:  # nobody to report to (no context actor): drop, do not accumulate
                 continue
             version = self.current.version if self.current else None
-            ctx.report.remote(self.replica, str(version), samples, served)
+            try:
+                await ctx.report.remote(self.replica, str(version), samples, served)
+            except RayActorError:  # the watchdog recreates the actor by name: look it up again
+                self._ctx = None
 
     async def _history(self, req: RecommendRequest | ScoreRequest) -> list[str]:
         if req.history is not None:
@@ -218,7 +222,21 @@ class RecommenderDeployment:
         ctx = self._context()
         if ctx is None or req.user_id is None:
             return []
-        hist: list[str] = await ctx.get_history.remote(req.user_id)
+        try:
+            hist: list[str] = await ctx.get_history.remote(req.user_id)
+        except RayActorError:
+            # The history actor died (its watchdog recreates it under the same name): drop the
+            # cached handle and ask once more; if it is still down, answer from popularity (the
+            # response's ``source`` says so) rather than failing the request.
+            self._ctx = None
+            ctx = self._context()
+            if ctx is None:
+                return []
+            try:
+                hist = await ctx.get_history.remote(req.user_id)
+            except RayActorError:
+                self._ctx = None
+                return []
         return hist
 
     def _scores(self, m: Loaded, rows: list[int]) -> tuple[torch.Tensor, str]:
