@@ -20,6 +20,8 @@ def test_demo_runs_rounds_into_serve_and_reports(kafka: KafkaConfig, tmp_path: P
     env = {
         **os.environ,
         "STREAMTUNE_STATE_DIR": str(tmp_path / "state"),
+        "STREAMTUNE_INGEST__GROUP_ID": f"ingest-{tmp_path.name}",  # own groups on the shared broker
+        "STREAMTUNE_SERVING__HISTORY_GROUP": f"history-{tmp_path.name}",
         "STREAMTUNE_EMBEDDED_BROKER": "false",
         "STREAMTUNE_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
         "STREAMTUNE_SERVING__PORT": str(free_port()),

@@ -33,6 +33,10 @@ EVENTS = list(synthetic_drift(DriftSpec(users=60, events=7000, seed=21, items_pe
 def settings_env(kafka: KafkaConfig, state: Path, port: int) -> dict[str, str]:
     return {
         "STREAMTUNE_STATE_DIR": str(state),
+        # Own consumer groups: the session broker is shared, and a member another test left
+        # in a shared group would hold up this one's assignment.
+        "STREAMTUNE_INGEST__GROUP_ID": f"ingest-{state.name}",
+        "STREAMTUNE_SERVING__HISTORY_GROUP": f"history-{state.name}",
         "STREAMTUNE_EMBEDDED_BROKER": "false",
         "STREAMTUNE_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
         "STREAMTUNE_TOPICS__EVENTS": f"loop-{state.name}.events",

@@ -40,6 +40,10 @@ Samples = dict[str, list[tuple[dict[str, str], float]]]
 def small_env(kafka: KafkaConfig, state: Path, port: int) -> dict[str, str]:
     return {
         "STREAMTUNE_STATE_DIR": str(state),
+        # Own consumer groups: the session broker is shared, and a member another test left
+        # in a shared group would hold up this one's assignment.
+        "STREAMTUNE_INGEST__GROUP_ID": f"ingest-{state.name}",
+        "STREAMTUNE_SERVING__HISTORY_GROUP": f"history-{state.name}",
         "STREAMTUNE_EMBEDDED_BROKER": "false",
         "STREAMTUNE_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
         "STREAMTUNE_TOPICS__EVENTS": f"metrics-{state.name}.events",
