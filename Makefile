@@ -30,8 +30,14 @@ demo: install kafka-jars
 
 # The whole suite: unit tests, then integration tests against a real Kafka
 # broker, a local Ray instance and Ray Serve. Nothing is skipped.
+# The two modules that run in-process ingest beside an in-process Ray each get a
+# fresh Python process: after an earlier module's ray.init/ray.shutdown in the
+# same process their ingest consumed nothing (seen in two full runs; each passes
+# in a process of its own; cause not found yet).
+ISOLATED    := tests/services/test_loop_e2e.py tests/services/test_metrics.py
 test: install kafka-jars lint typecheck
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS) $(addprefix --ignore=,$(ISOLATED))
+	@for t in $(ISOLATED); do $(BIN)/python -m pytest $(PYTEST_ARGS) $$t || exit 1; done
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
