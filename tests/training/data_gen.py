@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from streams.datasets import DriftSpec, synthetic_drift
-from streams.events import RowBatch
+# One generator for tests and the fault bench: the worker-kill fault trains on the same stream.
+from bench.faults_training import stream_table as synthetic_table
 
-
-def synthetic_table(events: int, seed: int = 0, start: int = 0, users: int = 60) -> pa.Table:
-    """Events [start, start + events) of one synthetic stream, with partition-0 offsets."""
-    spec = DriftSpec(users=users, events=start + events, seed=seed, new_item_every=150,
-                     drift_every=4000, items_per_topic=25, topics=6)  # fmt: skip
-    rows = RowBatch()
-    for n, e in enumerate(synthetic_drift(spec)):
-        if n >= start:
-            rows.append(e, "events", 0, n)
-    return rows.to_table()
+__all__ = ["synthetic_table", "watermark_of"]
 
 
 def watermark_of(table: pa.Table) -> dict[str, int]:
