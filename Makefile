@@ -9,7 +9,7 @@ STAMP       := $(VENV)/.installed-$(shell cat requirements.lock Makefile pyproje
 DEEPSPEED   := deepspeed==0.19.8
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint typecheck kafka-jars clean
+.PHONY: install demo test test-fast lint typecheck kafka-jars s3-server clean
 
 install: $(STAMP)
 
@@ -25,17 +25,23 @@ $(STAMP): requirements.lock pyproject.toml Makefile
 kafka-jars: install
 	$(BIN)/streamtune kafka fetch
 
+# SeaweedFS, the S3 server the object-storage tests start (built once from the Go module
+# proxy into ~/.cache/streamtune/seaweedfs; about 7 CPU-minutes the first time).
+s3-server: install
+	$(BIN)/streamtune s3 fetch
+
 demo: install kafka-jars
 	$(BIN)/streamtune demo $(DEMO_ARGS)
 
 # The whole suite: unit tests, then integration tests against a real Kafka
 # broker, a local Ray instance and Ray Serve. Nothing is skipped.
-# The two modules that run in-process ingest beside an in-process Ray each get a
-# fresh Python process: after an earlier module's ray.init/ray.shutdown in the
-# same process their ingest consumed nothing (seen in two full runs; each passes
-# in a process of its own; cause not found yet).
-ISOLATED    := tests/services/test_loop_e2e.py tests/services/test_metrics.py
-test: install kafka-jars lint typecheck
+# Three modules each get a fresh Python process: the two that run in-process
+# ingest beside an in-process Ray (after an earlier module's ray.init/ray.shutdown
+# in the same process their ingest consumed nothing; cause not found yet), and the
+# multi-node cluster test, whose driver joins a `ray start` cluster.
+ISOLATED    := tests/services/test_loop_e2e.py tests/services/test_metrics.py \
+               tests/services/test_cluster.py
+test: install kafka-jars s3-server lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS) $(addprefix --ignore=,$(ISOLATED))
 	@for t in $(ISOLATED); do $(BIN)/python -m pytest $(PYTEST_ARGS) $$t || exit 1; done
 

@@ -37,9 +37,7 @@ FAULTS: dict[str, str] = {
     "disk full": "bench.faults_streams:fault_disk_full",
     "corrupt segment": "bench.faults_streams:fault_corrupt_segment",
     "stalled member": "bench.faults_streams:fault_stalled_member",
-    "loop killed between register and decision": (
-        "bench.faults_registry:fault_register_decision_kill"
-    ),
+    "loop killed mid-registration": "bench.faults_registry:fault_register_decision_kill",
     "HTTP fuzzing": "bench.faults_http:fault_http_fuzz_bench",
 }
 ROW_KEYS = ("survived", "lost", "duplicated", "failed_requests", "recover_s")

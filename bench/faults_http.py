@@ -64,7 +64,7 @@ def serve_app(tmp: Path, cfg: ServingConfig) -> Iterator[str]:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
-        serve.run(build_app(reg.root, cfg, version), name=cfg.app_name, route_prefix="/")
+        serve.run(build_app(reg, cfg, version), name=cfg.app_name, route_prefix="/")
         url = f"http://127.0.0.1:{cfg.port}"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

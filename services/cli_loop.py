@@ -110,7 +110,6 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
 
         from streams.admin import topic_lag
         from streams.broker import LocalBroker
-        from training.registry import Registry
 
         s = settings_of(ctx)
         buf = EventBuffer(s.buffer)
@@ -122,7 +121,7 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
             console.print(f"broker {s.kafka.bootstrap_servers}: ingest lag {sum(lag.values()):,}")
         else:
             console.print("broker: not running")
-        reg = Registry(s.registry_path)
+        reg = s.open_registry()
         console.print(f"registry: versions {reg.versions()}, champion {reg.champion()}")
         table = Table("version", "decision", "new events", "NDCG@10 new", "reason", title="rounds")
         for d in [d for d in reg.decisions()][-10:]:
@@ -152,13 +151,12 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         """Run a training round on the buffer's new events (Ray Train + DeepSpeed)."""
         from services.loop import ContinualLoop
         from services.runtime import init_ray, round_config
-        from training.registry import Registry
 
         if not once:
             raise typer.BadParameter("use --once (the continuous loop is `streamtune up`)")
         s = settings_of(ctx)
         init_ray(None, s, dashboard=False)
-        reg = Registry(s.registry_path, s.gate.keep_versions)
+        reg = s.open_registry()
         loop = ContinualLoop(
             EventBuffer(s.buffer), reg, round_config(s), s.loop, s.state_dir / "loop.json"
         )
@@ -177,10 +175,8 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         """Champion, rollbacks and the version each replica serves."""
         import httpx
 
-        from training.registry import Registry
-
         s = settings_of(ctx)
-        reg = Registry(s.registry_path)
+        reg = s.open_registry()
         console.print(f"champion: {reg.champion()}")
         for d in reg.decisions()[-10:]:
             console.print(f"  v{d['version']}: {d['decision']} - {d['reason']}")
@@ -193,18 +189,16 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
     @rollout.command("promote")
     def rollout_promote(ctx: typer.Context, version: int) -> None:
         """Make VERSION the champion; a running `up` rolls Serve to it within a second."""
-        from training.registry import Registry
 
-        reg = Registry(settings_of(ctx).registry_path)
+        reg = settings_of(ctx).open_registry()
         reg.set_champion(version, "manual promote", decision="manual-promote")
         console.print(f"v{version} is champion")
 
     @rollout.command("rollback")
     def rollout_rollback(ctx: typer.Context) -> None:
         """Point the champion back at its parent; a running `up` rolls Serve back."""
-        from training.registry import Registry
 
-        reg = Registry(settings_of(ctx).registry_path)
+        reg = settings_of(ctx).open_registry()
         champ = reg.champion()
         if champ is None:
             raise typer.BadParameter("no champion to roll back")

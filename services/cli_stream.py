@@ -60,6 +60,18 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         libs = broker_mod.fetch(settings_of(ctx).broker)
         console.print(f"Kafka jars in [bold]{libs}[/]")
 
+    s3 = typer.Typer(help="The local S3-compatible server (SeaweedFS) for tests and benchmarks.")
+    app.add_typer(s3, name="s3")
+
+    @s3.command("fetch")
+    def s3_fetch() -> None:
+        """Build SeaweedFS from the Go module proxy into the cache (once; ~7 CPU-minutes)."""
+        from streams.s3server import fetch as fetch_s3
+
+        t0 = time.monotonic()
+        binary = fetch_s3()
+        console.print(f"SeaweedFS in [bold]{binary}[/] ({time.monotonic() - t0:.0f}s)")
+
     @kafka.command("up")
     def kafka_up(ctx: typer.Context) -> None:
         """Start the broker (no-op if running) and wait until it answers; create the topics."""

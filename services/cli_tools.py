@@ -43,10 +43,9 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         from streams.buffer import EventBuffer
         from training.data import next_slice_holdout
         from training.metrics import evaluate, popularity_ndcg
-        from training.registry import Registry
 
         s = settings_of(ctx)
-        reg = Registry(s.registry_path)
+        reg = s.open_registry()
         v = version if version is not None else reg.champion()
         if v is None:
             raise typer.BadParameter("the registry has no champion yet; train a round first")

@@ -1,8 +1,9 @@
 """The continual loop: buffer -> training round -> gate -> registry (-> rollout, via serving).
 
 Decides when to train (``min_new_events`` new events or ``max_wait_s``, whichever first; skips
-rounds with too few events), reads the round's data from the buffer between two watermarks, and
-runs ``training.round.run_round``. The registry is the loop's memory: the data a round trains on
+rounds with too few events), plans the round's data between two watermarks (segment names and
+offsets, never rows) and runs it as a Ray task that reads the data itself
+(``services.round_job``). The registry is the loop's memory: the data a round trains on
 starts at the watermark of the latest registered version, so a loop killed at any point resumes
 without skipping or re-training data (a round that never registered simply runs again).
 
@@ -23,14 +24,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from services.config import LoopConfig
-from streams.buffer import EventBuffer, atomic_write_bytes
+from services.round_job import plan_round, run_on_cluster
+from streams.buffer import EventBuffer
+from streams.storage import atomic_write_bytes
 from training.errors import ConcurrentRoundError
 from training.registry import Registry
-from training.round import RoundConfig, RoundResult, run_round
+from training.round import RoundConfig, RoundResult
 
 log = logging.getLogger(__name__)
 
@@ -88,27 +88,27 @@ class ContinualLoop:
         first.
         """
         base = self.registry.latest()  # the slice starts at this version's watermark: pin it
-        after = self._watermark_of(base) if self.registry.champion() is not None else {}
+        fresh = self.registry.champion() is None
+        after = {} if fresh else self._watermark_of(base)
         upto = self.buffer.watermark() if upto is None else upto
-        new = self.buffer.read(after=after, upto=upto)
+        plan = plan_round(self.buffer, after, upto, fresh, self.cfg.min_round_events)
         self.last_round_at = time.monotonic()
         self.last_skip = None
-        if new.num_rows < self.cfg.min_round_events:
-            self.last_skip = f"too few new events: {new.num_rows} < {self.cfg.min_round_events}"
-            log.info("skip round: %s", self.last_skip)
-            return None
-        users = pa.array(sorted(set(new.column("user_id").to_pylist())))
-        history = self.buffer.read(upto=after) if after else new.slice(0, 0)
-        context = history.filter(pc.is_in(history["user_id"], value_set=users))
         t0 = time.monotonic()
         try:
-            result = run_round(new, context, upto, self.registry.expecting(base), self.round_cfg,
-                               extra_meta={"after_watermark": after})  # fmt: skip
+            outcome = run_on_cluster(plan, self.registry.expecting(base), self.round_cfg,
+                                     {"after_watermark": after})  # fmt: skip
         except ConcurrentRoundError as err:
             self.last_skip = f"another process registered this slice first: {err}"
             log.warning("round dropped: %s", self.last_skip)
             return None
+        if outcome.result is None:
+            self.last_skip = outcome.skipped
+            log.info("skip round: %s", self.last_skip)
+            return None
+        result = outcome.result
         record = {**asdict(result), "started": t0, "seconds": time.monotonic() - t0,
+                  "read_s": outcome.read_s, "segments": len(plan.segments), "node": outcome.node,
                   "after_watermark": after}  # fmt: skip
         self._persist(record)
         if self.on_round is not None:

@@ -115,7 +115,7 @@ def start(
     metrics = StreamMetrics()
     sup = Supervisor(s.supervisor, stop, on_restart=metrics.restart)
     buffer = EventBuffer(s.buffer)
-    registry = Registry(s.registry_path, keep=s.gate.keep_versions)
+    registry = s.open_registry()
     holder: dict[str, Running] = {}
 
     def new_ingestor() -> Ingestor:

@@ -19,7 +19,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from services.config import LoopConfig, SupervisorConfig
 from serving.config import RolloutConfig, ServingConfig
 from streams.config import BrokerConfig, BufferConfig, IngestConfig, KafkaConfig, TopicsConfig
-from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
+from training.config import GateConfig, ModelConfig, RegistryConfig, ReplayConfig, TrainerConfig
+from training.registry import Registry
 
 
 class Settings(BaseSettings):
@@ -43,6 +44,9 @@ class Settings(BaseSettings):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Training rounds.")
     replay: ReplayConfig = Field(default_factory=ReplayConfig, description="Replay and KD.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate.")
+    registry: RegistryConfig = Field(
+        default_factory=RegistryConfig, description="Model registry location."
+    )
     loop: LoopConfig = Field(default_factory=LoopConfig, description="The continual loop.")
     supervisor: SupervisorConfig = Field(
         default_factory=SupervisorConfig, description="Restarts of `up`'s components."
@@ -51,8 +55,13 @@ class Settings(BaseSettings):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollouts.")
 
     @property
-    def registry_path(self) -> Path:
-        return self.state_dir / "registry"
+    def registry_path(self) -> Path | str:
+        return self.registry.path
+
+    def open_registry(self) -> Registry:
+        """The registry these settings name: the one way every command and service opens it."""
+        return Registry(self.registry.path, keep=self.gate.keep_versions,
+                        storage=self.registry.storage)  # fmt: skip
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:
@@ -62,6 +71,8 @@ class Settings(BaseSettings):
             self.broker.state_dir = self.state_dir / "kafka"
         if "buffer" not in fields or "path" not in self.buffer.model_fields_set:
             self.buffer.path = self.state_dir / "buffer"
+        if "registry" not in fields or "path" not in self.registry.model_fields_set:
+            self.registry.path = self.state_dir / "registry"
         if "trainer" not in fields or "storage_path" not in self.trainer.model_fields_set:
             self.trainer.storage_path = self.state_dir / "ray_results"
         if self.embedded_broker and (

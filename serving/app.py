@@ -127,9 +127,9 @@ class RecommenderDeployment:
     """One replica. Every setting arrives in ``cfg`` (init args, pickled by Serve, so the same
     locally and on a remote cluster); nothing is read from the replica's environment."""
 
-    def __init__(self, registry_path: str, cfg: ServingConfig) -> None:
+    def __init__(self, registry: Registry, cfg: ServingConfig) -> None:
         torch.set_num_threads(1)  # many small requests: threads would only contend
-        self.registry = Registry(Path(registry_path))
+        self.registry = registry  # pickled by location and options: a fresh reader here
         self.cfg = ServingConfig.model_validate(cfg)  # the SecretStr key stays masked in reprs
         self.current: Loaded | None = None
         self.previous: Loaded | None = None
@@ -323,7 +323,7 @@ class RecommenderDeployment:
             raise RuntimeError("no model loaded")
 
 
-def build_app(registry_path: Path, cfg: ServingConfig, version: int) -> Application:
+def build_app(registry: Registry, cfg: ServingConfig, version: int) -> Application:
     """The application bound to one version; redeploying with another version is in-place."""
     if cfg.max_replicas is not None and cfg.max_replicas > cfg.replicas:
         scaling: dict[str, Any] = {
@@ -352,7 +352,8 @@ def build_app(registry_path: Path, cfg: ServingConfig, version: int) -> Applicat
     deployment._version = f"{code_version()}-{settings_digest(cfg)}"
     # The config object itself travels in the init args (pickled, never JSON): its SecretStr key
     # keeps its value on the way and stays masked in any repr or log line.
-    return deployment.bind(str(registry_path.resolve()), cfg.model_copy())
+    # The registry travels pickled (an absolute path or its URI and options).
+    return deployment.bind(registry, cfg.model_copy())
 
 
 def code_version() -> str:
@@ -391,8 +392,8 @@ def build_from_env(args: dict[str, Any] | None = None) -> Application:
     from services.settings import load_settings
 
     s = load_settings()
-    reg = Registry(s.state_dir / "registry")
+    reg = s.open_registry()
     champion = reg.champion()
     if champion is None:
-        raise LookupError(f"no champion in {reg.root}: train a first version before serving")
-    return build_app(reg.root, s.serving, champion)
+        raise LookupError(f"no champion in {reg.location}: train a first version before serving")
+    return build_app(reg, s.serving, champion)

@@ -97,7 +97,7 @@ class RolloutController:
 
         t0 = time.monotonic()
         serve.run(
-            build_app(self.registry.root, self.serving, version),
+            build_app(self.registry, self.serving, version),
             name=self.serving.app_name,
             route_prefix="/",
         )

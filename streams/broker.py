@@ -218,9 +218,11 @@ class LocalBroker:
 
     def _format(self, props: Path) -> None:
         cluster_id = _kraft_cluster_id()
+        # "--cluster-id=ID", not "-t ID": a random id may start with "-" (base64url), which the
+        # tool's argument parser would take for an option.
         cmd = java_cmd(
-            self.cfg, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props),
-            "--standalone", "--ignore-formatted",
+            self.cfg, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
+            "-c", str(props), "--standalone", "--ignore-formatted",
         )  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:

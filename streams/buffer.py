@@ -2,38 +2,37 @@
 
 Every segment carries, in its Parquet footer, the (topic, partition, [start, end)) offset ranges it
 covers, so the buffer itself, not Kafka's committed offsets, is the source of truth for what was
-ingested: on restart a consumer resumes from ``next_offsets()``. A segment becomes visible only by
-an atomic rename after its bytes are fsynced, so a crash at any point leaves either the whole
-segment or none of it; a failed write (a full disk) removes its temp file and raises.
+ingested: on restart a consumer resumes from ``next_offsets()``.
 
-No offset is ever covered twice: ``append`` subtracts, under a lock shared by every process, the
-offsets live segments already cover, so a stale member (paused past its session while another took
-its partitions) cannot land a batch a second time (``FencedError`` when nothing is left).
+The buffer lives in a local directory or under an object-store prefix (``streams.storage``). A
+segment object is written whole under a unique key and is invisible until an entry of the buffer's
+commit log (``_log/``, ``streams.commitlog``) names it. Appending that entry is a create-only
+write that exactly one writer wins, and the winner decided on the freshest state: so no offset is
+ever covered twice, on a local disk or on S3 alike. An append first subtracts the offsets live
+segments already cover (a stale member, paused past its session while another took its
+partitions, is fenced: ``FencedError`` when nothing is left). A crash at any point leaves a
+segment either committed whole or an unreferenced object that maintenance deletes later.
 
-A segment's name carries the CRC-32 of its bytes. A segment whose bytes, footer or row count fail
-verification is moved to ``quarantine/`` with a record of the offsets it covered; its rows are never
-returned, and ``next_offsets()`` goes back to the first offset it no longer covers so that ingest
-re-reads them from Kafka.
+A segment's name carries the CRC-32 of its bytes. A segment whose bytes or row count fail
+verification is moved to ``quarantine/`` and a log entry records the offsets it covered; its rows
+are never returned, and ``next_offsets()`` goes back to the first offset it no longer covers so
+that ingest re-reads them from Kafka.
 
-Compaction merges small segments into one whose footer names the segments it replaces; readers
-ignore replaced segments even if a crash left them behind, so compaction never duplicates rows.
-Retention deletes old segments but first folds their offsets into ``offsets.json`` so resume
-positions survive the deletion.
+Compaction writes a merged segment and commits "add merged, remove its inputs" in one entry, so
+readers see the inputs or the merged segment, never both. Retention commits the removal of old
+segments together with their resume positions.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
-import os
 import re
 import time
 import uuid
 import zlib
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -43,6 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from streams.commitlog import CommitLog
 from streams.config import BufferConfig
 from streams.errors import (
     BufferWriteError,
@@ -52,6 +52,7 @@ from streams.errors import (
     FencedError,
 )
 from streams.events import ARROW_SCHEMA
+from streams.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,10 @@ Watermark = dict[str, int]  # "topic:partition" -> next offset not yet included
 
 _META_KEY = b"streamtune"
 _CRC_IN_NAME = re.compile(r"-c([0-9a-f]{8})\.parquet$")
+_NS_IN_NAME = re.compile(r"^seg-(\d{20})-")
 QUARANTINE = "quarantine"
+LOG = "_log"
+ORPHAN_AFTER_S = 3600  # an uncommitted segment object older than this is abandoned, not in flight
 
 
 def tp_key(topic: str, partition: int) -> str:
@@ -145,43 +149,78 @@ class BufferStats:
     quarantined: int = 0
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class SegmentRecord(BaseModel):
+    """A committed segment as the commit log knows it: its object name, size and footer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Object key of the segment under the buffer's root.")
+    bytes: int = Field(ge=0, description="Size of the object.")
+    footer: SegmentFooter = Field(description="A copy of the segment's Parquet footer.")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write, fsync, rename, fsync the directory: readers see the old or the new file, whole."""
-    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+class BufferCommit(BaseModel):
+    """One entry of the buffer's commit log: what became visible or went away, atomically."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    add: list[SegmentRecord] = Field(default=[], description="Segments made visible.")
+    remove: list[str] = Field(default=[], description="Segments no longer visible.")
+    retire: dict[str, int] = Field(
+        default={}, description="Resume positions of removed segments ('topic:partition' -> end)."
+    )
+    quarantine: list[QuarantineRecord] = Field(default=[], description="Segments set aside.")
+    writer: str = Field(default="", description="Who committed it (host:pid or 'compactor').")
 
 
-def _write_error(path: Path, err: OSError) -> BufferWriteError:
+class BufferState(BaseModel):
+    """The buffer as of a log entry: live segments, retired positions, quarantine records."""
+
+    segments: dict[str, SegmentRecord] = Field(default={}, description="Live segments by name.")
+    retired: dict[str, int] = Field(default={}, description="Resume positions of deleted data.")
+    quarantined: list[QuarantineRecord] = Field(default=[], description="Set-aside segments.")
+
+
+def _apply(state: BufferState, c: BufferCommit) -> BufferState:
+    # Folds in place: the state belongs to one CommitLog and copying it per entry would make every
+    # append cost O(segments).
+    for name in c.remove:
+        state.segments.pop(name, None)
+    for rec in c.add:
+        state.segments[rec.name] = rec
+    for key, end in c.retire.items():
+        state.retired[key] = max(state.retired.get(key, 0), end)
+    state.quarantined.extend(c.quarantine)
+    return state
+
+
+def _write_error(where: str, err: OSError) -> BufferWriteError:
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFullError(path, f"disk full ({err.strerror}); nothing of it is visible")
-    return BufferWriteError(path, f"{err.strerror or err}; nothing of it is visible")
+        return DiskFullError(where, f"disk full ({err.strerror}); nothing of it is visible")
+    return BufferWriteError(where, f"{err.strerror or err}; nothing of it is visible")
 
 
 class EventBuffer:
-    """A directory of Parquet segments shared by any number of ingest processes and readers."""
+    """Parquet segments under a directory or object-store prefix, shared by any number of
+    ingest processes and readers on any number of machines."""
 
     def __init__(self, cfg: BufferConfig) -> None:
         self.cfg = cfg
-        self.root = cfg.path
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._cache: dict[str, Segment] = {}
+        self.storage: Storage = open_storage(cfg.path, cfg.storage)
+        self.log = CommitLog(self.storage, LOG, BufferState, BufferCommit, _apply)
+        self._adopt_legacy()
+
+    @property
+    def root(self) -> Path:
+        """The local directory behind the buffer (local buffers only)."""
+        root = self.storage.local_root
+        if root is None:
+            raise EventBufferError(f"the buffer at {self.storage.uri} is not a local directory")
+        return root
+
+    @property
+    def location(self) -> str:
+        return self.storage.uri
 
     # -- writing ------------------------------------------------------------------------
     def append(self, table: pa.Table, ranges: list[OffsetRange], writer: str = "") -> Segment:
@@ -195,138 +234,92 @@ class EventBuffer:
             raise EventBufferError("a segment must cover at least one offset range")
         table = table.cast(ARROW_SCHEMA)
         wanted = tuple(ranges)
-        # The slow part (encode, write, fsync) runs outside the lock; only the coverage check and
-        # the rename are serialised across processes.
-        data = _encode(table, wanted, (), writer)
-        tmp, final = self._stage(data)
-        try:
-            with self._append_lock():
-                kept = _subtract(wanted, self._coverage())
-                if kept != wanted:
-                    tmp.unlink(missing_ok=True)
-                    fenced = _count(wanted) - _count(kept)
-                    if not kept:
-                        raise FencedError(
-                            f"refused {fenced} offsets from {writer or 'a writer'} "
-                            f"({_describe(wanted)}): the buffer already holds all of them"
-                        )
-                    table = _rows_in(table, kept)
-                    data = _encode(table, kept, (), writer)
-                    tmp, final = self._stage(data)
-                    seg = self._publish(tmp, final, data)
-                    log.warning(
-                        "fenced %d offsets of %s already held by the buffer; wrote %s",
-                        fenced, writer or "a writer", _describe(kept),
-                    )  # fmt: skip
-                    return _with_fenced(seg, fenced)
-                return self._publish(tmp, final, data)
-        finally:
-            tmp.unlink(missing_ok=True)
+        # The slow part (encode, upload, fsync) happens before the commit; only the coverage check
+        # and the create-only log entry are retried when another writer commits first.
+        staged = self._stage(_encode(table, wanted, (), writer))
+        current: list[tuple[tuple[OffsetRange, ...], SegmentRecord]] = [(wanted, staged)]
 
-    def _write(
-        self,
-        table: pa.Table,
-        ranges: tuple[OffsetRange, ...],
-        replaces: tuple[str, ...],
-        writer: str = "compactor",
-    ) -> Segment:
-        data = _encode(table, ranges, replaces, writer)
-        tmp, final = self._stage(data)
-        try:
-            return self._publish(tmp, final, data)
-        finally:
-            tmp.unlink(missing_ok=True)
+        def decide(state: BufferState) -> BufferCommit:
+            ranges_now, rec = current[0]
+            kept = _subtract(wanted, _coverage(state))
+            if kept != ranges_now:
+                self.storage.delete(rec.name)
+                if not kept:
+                    raise FencedError(
+                        f"refused {_count(wanted)} offsets from {writer or 'a writer'} "
+                        f"({_describe(wanted)}): the buffer already holds all of them"
+                    )
+                rec = self._stage(_encode(_rows_in(table, kept), kept, (), writer))
+                current[0] = (kept, rec)
+            return BufferCommit(add=[rec], writer=writer)
 
-    def _stage(self, data: pa.Buffer) -> tuple[Path, Path]:
-        """Write ``data`` to a fsynced temp file; returns (temp, final path). Cleans up on error."""
-        name = f"seg-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}-c{zlib.crc32(data):08x}.parquet"
-        final = self.root / name
-        tmp = self.root / f".tmp-{name}"
         try:
-            with tmp.open("wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            raise _write_error(final, err) from err
+            self._commit(decide)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            self.storage.delete(current[0][1].name)
             raise
-        return tmp, final
-
-    def _publish(self, tmp: Path, final: Path, data: pa.Buffer) -> Segment:
-        try:
-            os.rename(tmp, final)
-            fsync_dir(self.root)
-        except OSError as err:
-            raise _write_error(final, err) from err
-        footer = _footer_of(pq.read_schema(pa.BufferReader(data)))
-        seg = _segment_from_footer(final.name, footer, len(data))
-        self._cache[final.name] = seg
+        kept, rec = current[0]
+        seg = _segment(rec)
+        if kept != wanted:
+            fenced = _count(wanted) - _count(kept)
+            log.warning(
+                "fenced %d offsets of %s already held by the buffer; wrote %s",
+                fenced, writer or "a writer", _describe(kept),
+            )  # fmt: skip
+            return _with_fenced(seg, fenced)
         return seg
 
-    @contextmanager
-    def _append_lock(self) -> Iterator[None]:
-        # Serialises "check coverage, then rename" across ingest processes (a stale member's fence).
-        with (self.root / ".append.lock").open("a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def _stage(self, data: pa.Buffer) -> SegmentRecord:
+        """Write a segment object that no reader sees until a log entry names it."""
+        name = f"seg-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}-c{zlib.crc32(data):08x}.parquet"
+        try:
+            self.storage.write(name, data.to_pybytes())
+        except OSError as err:
+            raise _write_error(f"{self.storage.uri}/{name}", err) from err
+        footer = _footer_of(pq.read_schema(pa.BufferReader(data)))
+        return SegmentRecord(name=name, bytes=len(data), footer=footer)
 
-    def _coverage(self) -> dict[TopicPartition, list[tuple[int, int]]]:
-        """Per partition, the merged offset intervals the buffer holds (retired ones included)."""
-        spans: dict[TopicPartition, list[tuple[int, int]]] = {}
-        for key, end in self._retired_offsets().items():
-            spans.setdefault(parse_tp(key), []).append((0, end))
-        for seg in self.segments(stable=True):
-            for r in seg.ranges:
-                spans.setdefault((r.topic, r.partition), []).append((r.start, r.end))
-        return {tp: _merge_intervals(iv) for tp, iv in spans.items()}
+    def _commit(self, decide: object) -> tuple[BufferCommit, int] | None:
+        try:
+            return self.log.append(decide)  # type: ignore[arg-type]
+        except OSError as err:
+            raise _write_error(f"{self.storage.uri}/{LOG}", err) from err
+
+    def _adopt_legacy(self) -> None:
+        """A buffer written before the commit log existed: commit its live segments once."""
+        if self.log.refresh().segments or self.log.next_entry > 0:
+            return
+        names = [o.key for o in self.storage.list("seg-")]
+        try:
+            retired: dict[str, int] = json.loads(self.storage.read("offsets.json"))
+        except FileNotFoundError:
+            retired = {}
+        if not names and not retired:
+            return
+        recs = []
+        for name in names:
+            try:
+                data = self.storage.read(name)
+                footer = _footer_of(pq.read_schema(pa.BufferReader(data)))
+            except (FileNotFoundError, pa.ArrowException, OSError, CorruptSegmentError):
+                continue  # the next read of its offsets finds the hole; ingest refills it
+            recs.append(SegmentRecord(name=name, bytes=len(data), footer=footer))
+        replaced = {r for rec in recs for r in rec.footer.replaces}
+        live = [r for r in recs if r.name not in replaced]
+        self.log.append(
+            lambda st: (
+                None
+                if st.segments or self.log.next_entry > 0
+                else BufferCommit(add=live, retire=retired, writer="adopt")
+            )
+        )
+        log.info("adopted %d segments of a buffer written before its commit log", len(live))
 
     # -- the index ----------------------------------------------------------------------
     def segments(self, stable: bool = False) -> list[Segment]:
-        """Live segments in creation order (replaced ones, and temp files, are ignored).
-
-        ``stable``: re-list if a segment vanished while its footer was read (compaction renames
-        the merged segment before deleting its inputs, so a re-list sees the merged one).
-        """
-        while True:
-            names = sorted(p.name for p in self.root.glob("seg-*.parquet"))
-            segs = []
-            vanished = False
-            for name in names:
-                seg = self._cache.get(name)
-                if seg is None:
-                    seg = self._read_meta(name)
-                    if seg is None:  # deleted under us by compaction, retention or quarantine
-                        vanished = True
-                        continue
-                    self._cache[name] = seg
-                segs.append(seg)
-            if not (stable and vanished):
-                break
-        replaced = {r for s in segs for r in s.replaces}
-        return [s for s in segs if s.name not in replaced]
-
-    def _read_meta(self, name: str) -> Segment | None:
-        path = self.root / name
-        try:
-            schema = pq.read_schema(path)
-            size = path.stat().st_size
-        except FileNotFoundError:
-            return None
-        except (pa.ArrowException, OSError) as err:
-            self._quarantine(name, f"unreadable footer: {err}")
-            return None
-        try:
-            footer = _footer_of(schema)
-        except CorruptSegmentError as err:
-            self._quarantine(name, str(err))
-            return None
-        return _segment_from_footer(name, footer, size)
+        """Live segments in creation order (``stable`` is kept for callers; the log is exact)."""
+        state = self.log.refresh()
+        return [_segment(state.segments[n]) for n in sorted(state.segments)]
 
     def next_offsets(self) -> dict[TopicPartition, int]:
         """Per partition, the first offset the buffer does not hold: where ingest resumes.
@@ -334,18 +327,15 @@ class EventBuffer:
         That is past the newest covered offset, or the first offset of a quarantined segment that
         nothing covers yet, so ingest re-reads it from Kafka.
         """
-        nxt: dict[TopicPartition, int] = {
-            parse_tp(k): v for k, v in self._retired_offsets().items()
-        }
-        for seg in self.segments():
-            for r in seg.ranges:
-                tp = (r.topic, r.partition)
-                nxt[tp] = max(nxt.get(tp, 0), r.end)
-        records = self.quarantined()
-        if records:
-            covered = self._coverage()
-            for rec in records:
-                for topic, part, start, end in rec.ranges:
+        state = self.log.refresh()
+        nxt: dict[TopicPartition, int] = {parse_tp(k): v for k, v in state.retired.items()}
+        for rec in state.segments.values():
+            for topic, part, _, end in rec.footer.ranges:
+                nxt[(topic, part)] = max(nxt.get((topic, part), 0), end)
+        if state.quarantined:
+            covered = _coverage(state)
+            for q in state.quarantined:
+                for topic, part, start, end in q.ranges:
                     hole = _first_uncovered(covered.get((topic, part), []), start, end)
                     if hole is not None:
                         nxt[(topic, part)] = min(nxt.get((topic, part), hole), hole)
@@ -367,45 +357,36 @@ class EventBuffer:
     # -- quarantine ---------------------------------------------------------------------
     def quarantined(self) -> list[QuarantineRecord]:
         """Segments set aside as corrupt, oldest first."""
-        out = []
-        for p in sorted((self.root / QUARANTINE).glob("*.json")):
-            try:
-                out.append(QuarantineRecord.model_validate_json(p.read_bytes()))
-            except (OSError, ValidationError):
-                log.warning("unreadable quarantine record %s", p)
-        return out
+        return list(self.log.refresh().quarantined)
 
     def quarantine_count(self) -> int:
-        """How many segments were quarantined (cheap: one directory listing)."""
-        qdir = self.root / QUARANTINE
-        return sum(1 for _ in qdir.glob("*.json")) if qdir.exists() else 0
+        return len(self.log.refresh().quarantined)
 
-    def _quarantine(self, name: str, reason: str) -> None:
-        """Move a segment that failed verification aside, recording the offsets it covered."""
-        src = self.root / name
-        seg = self._cache.pop(name, None)
-        ranges = [(r.topic, r.partition, r.start, r.end) for r in seg.ranges] if seg else []
-        if not ranges:
-            ranges = _salvage_ranges(src)
-        qdir = self.root / QUARANTINE
-        qdir.mkdir(exist_ok=True)
-        record = QuarantineRecord(name=name, reason=reason, ranges=ranges, at=time.time())
-        # The record first: once the segment is gone, its offsets must already count as a hole.
-        atomic_write_bytes(qdir / f"{name}.json", record.model_dump_json().encode())
-        try:
-            os.replace(src, qdir / name)
-        except FileNotFoundError:  # another reader quarantined it first
+    def _quarantine(self, seg: Segment, reason: str, data: bytes | None) -> None:
+        """Set a segment that failed verification aside, recording the offsets it covered."""
+        ranges = [(r.topic, r.partition, r.start, r.end) for r in seg.ranges]
+        record = QuarantineRecord(name=seg.name, reason=reason, ranges=ranges, at=time.time())
+        # The log entry first: once the segment is gone, its offsets must already count as a hole.
+        done = self._commit(
+            lambda st: (
+                BufferCommit(remove=[seg.name], quarantine=[record], writer="verifier")
+                if seg.name in st.segments
+                else None
+            )  # another reader quarantined (or compaction replaced) it first
+        )
+        if done is None:
             return
-        fsync_dir(self.root)
+        if data is not None:
+            self.storage.write(f"{QUARANTINE}/{seg.name}", data)  # kept for a post-mortem
+        self.storage.delete(seg.name)
         log.error(
-            "quarantined corrupt segment %s (%s); its offsets %s will be re-read from Kafka",
-            src, reason, ranges or "(unknown: footer unreadable)",
+            "quarantined corrupt segment %s/%s (%s); its offsets %s will be re-read from Kafka",
+            self.storage.uri, seg.name, reason, ranges,
         )  # fmt: skip
 
     def _load(self, seg: Segment) -> pa.Table:
         """A segment's rows, verified (CRC in its name, Parquet structure, row count)."""
-        path = self.root / seg.name
-        data = path.read_bytes()
+        data = self.storage.read(seg.name)
         expected = _crc_of(seg.name)
         problem = None
         if expected is not None and zlib.crc32(data) != expected:
@@ -419,11 +400,23 @@ class EventBuffer:
                 if table.num_rows != seg.rows:
                     problem = f"{table.num_rows} rows, footer says {seg.rows}"
         if problem is not None:
-            self._quarantine(seg.name, problem)
-            raise CorruptSegmentError(path, problem)
+            self._quarantine(seg, problem, data)
+            raise CorruptSegmentError(f"{self.storage.uri}/{seg.name}", problem)
         return table
 
     # -- reading ------------------------------------------------------------------------
+    def plan(
+        self,
+        after: Mapping[str, int] | None = None,
+        upto: Mapping[str, int] | None = None,
+        start_ts: int | None = None,
+        end_ts: int | None = None,
+    ) -> list[Segment]:
+        """The live segments that hold rows in [after, upto) and [start_ts, end_ts)."""
+        after_tp = {parse_tp(k): v for k, v in (after or {}).items()}
+        upto_tp = {parse_tp(k): v for k, v in upto.items()} if upto is not None else None
+        return [s for s in self.segments() if _overlaps(s, after_tp, upto_tp, start_ts, end_ts)]
+
     def read(
         self,
         after: Mapping[str, int] | None = None,
@@ -431,6 +424,7 @@ class EventBuffer:
         start_ts: int | None = None,
         end_ts: int | None = None,
         columns: list[str] | None = None,
+        segments: list[Segment] | None = None,
     ) -> pa.Table:
         """Events with offsets in [after, upto) per partition and ts in [start_ts, end_ts).
 
@@ -438,17 +432,19 @@ class EventBuffer:
         ``after`` starts at 0; ``upto`` is a snapshot, so a partition it does not name contributes
         nothing (pass ``upto=None`` for no upper bound). Rows come sorted by
         (ts, partition, offset), so training sees each user's events in time order. A segment
-        that fails verification is quarantined and contributes no rows.
+        that fails verification is quarantined and contributes no rows. ``segments`` restricts
+        the read to a plan made earlier (``plan``), e.g. by a driver that hands it to a worker.
         """
         after_tp = {parse_tp(k): v for k, v in (after or {}).items()}
         upto_tp = {parse_tp(k): v for k, v in upto.items()} if upto is not None else None
+        planned = segments if segments is not None else self.plan(after, upto, start_ts, end_ts)
         parts: list[pa.Table] = []
-        for seg in self.segments():
-            if not _overlaps(seg, after_tp, upto_tp, start_ts, end_ts):
-                continue
+        for seg in planned:
             try:
                 t = self._load(seg)
-            except FileNotFoundError:  # compacted away while we read: retry on a fresh index
+            except FileNotFoundError:
+                if segments is not None:
+                    raise  # a caller's plan went stale (compaction): it must plan again
                 return self.read(after, upto, start_ts, end_ts, columns)
             except CorruptSegmentError:
                 continue  # quarantined and logged; ingest re-reads its offsets
@@ -464,54 +460,56 @@ class EventBuffer:
         return out.select(columns) if columns else out
 
     # -- maintenance --------------------------------------------------------------------
-    @contextmanager
-    def _maintenance_lock(self) -> Iterator[None]:
-        # One compactor/retention pass at a time across processes; ingest never takes it.
-        with (self.root / ".maintenance.lock").open("w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-
     def compact(self) -> int:
         """Merge runs of small segments; returns how many segments were replaced."""
         replaced = 0
-        with self._maintenance_lock():
-            self._finish_interrupted()
-            small = [s for s in self.segments() if s.rows < self.cfg.compact_below_rows]
-            group: list[Segment] = []
-            for seg in [*small, None]:
-                if seg is not None and sum(s.rows for s in group) + seg.rows <= (
-                    self.cfg.compact_target_rows
-                ):
-                    group.append(seg)
-                    continue
-                if len(group) > 1:
-                    self._merge(group)
-                    replaced += len(group)
-                group = [seg] if seg is not None else []
+        self._delete_orphans()
+        small = [s for s in self.segments() if s.rows < self.cfg.compact_below_rows]
+        group: list[Segment] = []
+        for seg in [*small, None]:
+            if seg is not None and sum(s.rows for s in group) + seg.rows <= (
+                self.cfg.compact_target_rows
+            ):
+                group.append(seg)
+                continue
+            if len(group) > 1 and self._merge(group):
+                replaced += len(group)
+            group = [seg] if seg is not None else []
         return replaced
 
-    def _merge(self, group: list[Segment]) -> None:
+    def _merge(self, group: list[Segment]) -> bool:
         try:
             tables = [self._load(s).replace_schema_metadata(None) for s in group]
-        except CorruptSegmentError as err:  # quarantined; the rest is merged on the next pass
-            log.warning("compaction skipped a group: %s", err)
-            return
+        except (CorruptSegmentError, FileNotFoundError) as err:
+            log.warning("compaction skipped a group: %s", err)  # merged on a later pass
+            return False
         merged = pa.concat_tables(tables)
         ranges = _coalesce([r for s in group for r in s.ranges])
-        self._write(merged, ranges, replaces=tuple(s.name for s in group))
-        self._delete([s.name for s in group])
+        names = [s.name for s in group]
+        rec = self._stage(_encode(merged, ranges, tuple(names), "compactor"))
+        done = self._commit(
+            lambda st: (
+                BufferCommit(add=[rec], remove=names, writer="compactor")
+                if all(n in st.segments for n in names)
+                else None
+            )  # another compactor, retention or quarantine got there first
+        )
+        self._delete([s.name for s in group] if done else [rec.name])
+        return done is not None
 
-    def _finish_interrupted(self) -> None:
-        """Delete segments that a merged segment already replaces (a crash mid-compaction)."""
-        live = {s.name for s in self.segments()}
-        on_disk = {p.name for p in self.root.glob("seg-*.parquet")}
-        self._delete(sorted(on_disk - live))
-        for tmp in self.root.glob(".tmp-*"):
-            if time.time() - tmp.stat().st_mtime > 3600:  # an abandoned write, not one under way
-                tmp.unlink(missing_ok=True)
+    def _delete_orphans(self) -> None:
+        """Delete segment objects no log entry names that are too old to be a commit in flight."""
+        state = self.log.refresh()
+        # Inputs of a committed compaction are dead at once; anything else only once it is too
+        # old to be a segment whose commit is still in flight.
+        replaced = {r for rec in state.segments.values() for r in rec.footer.replaces}
+        cutoff = time.time_ns() - ORPHAN_AFTER_S * 1_000_000_000
+        for obj in self.storage.list("seg-"):
+            if obj.key in state.segments:
+                continue
+            m = _NS_IN_NAME.match(obj.key)
+            if obj.key in replaced or (m is not None and int(m.group(1)) < cutoff):
+                self.storage.delete(obj.key)
 
     def apply_retention(self, now_ms: int | None = None) -> int:
         """Delete segments whose newest event is older than the retention; returns how many."""
@@ -519,33 +517,45 @@ class EventBuffer:
             return 0
         now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
         cutoff = now_ms - int(self.cfg.retention_hours * 3_600_000)
-        with self._maintenance_lock():
-            old = [s for s in self.segments() if s.max_ts is not None and s.max_ts < cutoff]
-            if not old:
-                return 0
-            retired = self._retired_offsets()
-            for seg in old:
-                for r in seg.ranges:
-                    key = tp_key(r.topic, r.partition)
-                    retired[key] = max(retired.get(key, 0), r.end)
-            # Record resume positions before deleting, so a crash in between cannot rewind ingest.
-            atomic_write_bytes(self.root / "offsets.json", json.dumps(retired).encode())
-            self._delete([s.name for s in old])
-            return len(old)
+        gone: list[str] = []
 
-    def _retired_offsets(self) -> dict[str, int]:
-        try:
-            data: dict[str, int] = json.loads((self.root / "offsets.json").read_text())
-            return data
-        except FileNotFoundError:
-            return {}
+        def decide(state: BufferState) -> BufferCommit | None:
+            old = [r for r in state.segments.values() if r.footer.max_ts is not None]
+            old = [r for r in old if r.footer.max_ts is not None and r.footer.max_ts < cutoff]
+            if not old:
+                return None
+            retire: dict[str, int] = {}
+            for rec in old:
+                for topic, part, _, end in rec.footer.ranges:
+                    key = tp_key(topic, part)
+                    retire[key] = max(retire.get(key, 0), end)
+            gone[:] = [r.name for r in old]
+            # Removal and resume positions in one entry: no crash can rewind ingest.
+            return BufferCommit(remove=list(gone), retire=retire, writer="retention")
+
+        if self._commit(decide) is None:
+            return 0
+        self._delete(gone)
+        return len(gone)
 
     def _delete(self, names: list[str]) -> None:
         for name in names:
-            (self.root / name).unlink(missing_ok=True)
-            self._cache.pop(name, None)
-        if names:
-            fsync_dir(self.root)
+            self.storage.delete(name)
+
+
+def _coverage(state: BufferState) -> dict[TopicPartition, list[tuple[int, int]]]:
+    """Per partition, the merged offset intervals the buffer holds (retired ones included)."""
+    spans: dict[TopicPartition, list[tuple[int, int]]] = {}
+    for key, end in state.retired.items():
+        spans.setdefault(parse_tp(key), []).append((0, end))
+    for rec in state.segments.values():
+        for topic, part, start, end in rec.footer.ranges:
+            spans.setdefault((topic, part), []).append((start, end))
+    return {tp: _merge_intervals(iv) for tp, iv in spans.items()}
+
+
+def _segment(rec: SegmentRecord) -> Segment:
+    return _segment_from_footer(rec.name, rec.footer, rec.bytes)
 
 
 def _encode(
@@ -601,22 +611,6 @@ def _crc_of(name: str) -> int | None:
     """The CRC-32 recorded in a segment's name (segments written before it had none)."""
     m = _CRC_IN_NAME.search(name)
     return int(m.group(1), 16) if m else None
-
-
-def _salvage_ranges(path: Path) -> list[tuple[str, int, int, int]]:
-    """Best effort: the offset ranges of a segment whose footer no longer parses."""
-    try:
-        raw = path.read_bytes()
-    except OSError:
-        return []
-    m = re.search(rb'"ranges":(\[\[.*?\]\])', raw)
-    if m is None:
-        return []
-    try:
-        ranges = json.loads(m.group(1))
-        return [(str(t), int(p), int(s), int(e)) for t, p, s, e in ranges if int(e) > int(s) >= 0]
-    except (ValueError, TypeError):
-        return []
 
 
 def _merge_intervals(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:

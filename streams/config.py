@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from streams.storage import StorageConfig, is_remote
 
 Protocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 
@@ -98,7 +100,19 @@ class BrokerConfig(_Strict):
 class BufferConfig(_Strict):
     """The durable Parquet event buffer."""
 
-    path: Path = Field(default=Path("state/buffer"), description="Segment directory.")
+    @field_validator("path", mode="before")
+    @classmethod
+    def _location(cls, v: object) -> object:
+        # A URI must stay a string: Path("s3://b/k") would collapse the "//".
+        return v if isinstance(v, str) and is_remote(v) else Path(str(v))
+
+    path: Path | str = Field(
+        default=Path("state/buffer"),
+        description="Local directory or s3://, gs://, az:// URI under which segments are kept.",
+    )
+    storage: StorageConfig = Field(
+        default_factory=StorageConfig, description="Object-store options when path is a URI."
+    )
     compact_below_rows: int = Field(
         default=20_000, ge=1, description="Segments smaller than this are merged by compaction."
     )

@@ -19,6 +19,10 @@ class StreamsError(StreamtuneError):
     """Kafka, event decoding, ingest and buffer errors."""
 
 
+class StorageError(StreamsError):
+    """A local directory or object store refused an operation (credentials, network, config)."""
+
+
 class EventBufferError(StreamsError):
     """The Parquet event buffer could not do what was asked."""
 

@@ -94,9 +94,14 @@ def round_examples(
     new: dict[str, list[int]],
     max_len: int,
     holdout: bool,
+    seen: dict[str, set[int]] | None = None,
 ) -> tuple[Examples, Holdout]:
     """Training examples over the new events (context = earlier events), and, if asked, each
-    user's last new event held out for evaluation (not trained on)."""
+    user's last new event held out for evaluation (not trained on).
+
+    ``context`` needs only each user's last ``max_len`` rows; ``seen`` adds the rows of older
+    history to what evaluation excludes from ranking (the context's rows always count).
+    """
     parts: list[Examples] = []
     h_hist, h_tgt, h_seen = [], [], []
     for user, rows in new.items():
@@ -105,7 +110,7 @@ def round_examples(
         if holdout and len(full) >= 2:
             h_hist.append(left_pad(full[:-1], max_len))
             h_tgt.append(full[-1])
-            h_seen.append(set(full[:-1]))
+            h_seen.append(set(full[:-1]) | (seen or {}).get(user, set()))
             full = full[:-1]
         first = len(ctx)
         if len(full) > max(first, 1):

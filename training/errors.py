@@ -40,3 +40,7 @@ class RoundFailedError(TrainingError):
 
 class EmptyRoundError(TrainingError):
     """A round's new events yield no training example (no user has a next item to predict)."""
+
+
+class UnknownVersionError(RegistryIntegrityError, LookupError):
+    """The registry's log has no such version: never registered, or pruned since."""

@@ -1,62 +1,83 @@
-"""The model registry: immutable, hashed, atomically written versions plus a champion alias.
+"""The model registry: immutable, hashed versions, a champion alias, a decision log and the
+rollout state, on a local directory or an object-store prefix (``s3://``, ``gs://``, ``az://``).
 
-Layout under ``root`` (this module is the only one that knows it)::
+Layout under the registry's location (this module is the only one that knows it)::
 
-    v000001/ model.safetensors  vocab.json  popularity.json  titles.json
-              replay.{safetensors,json}  replay_eval.{safetensors,json}  meta.json  _SUCCESS
-    champion.json      {"version": 3, "generation": 7}   (atomic replace)
-    decisions.jsonl    one line per promote / reject / rollback, fsync'd
-    rollout.json       the rollout controller's state (serving version, rollback target, watch)
-    .lock              fcntl lock file: every write below holds it
+    versions/<ms>-<id>/  model.safetensors  vocab.json  popularity.json  titles.json
+                         replay.{safetensors,json}  replay_eval.{safetensors,json}  meta.json
+    uploads/<ms>-<id>    marker written before the files: "these files exist" (ms = upload time)
+    _log/<n:020d>.json   the commit log (``streams.commitlog``): the only source of truth
+    _log/<n>.checkpoint.json, _log/_latest     the folded state every 100 entries
+    v000001/ ...         a version adopted from the older directory layout (see below)
 
-A version directory appears only by one rename, after every file (``_SUCCESS`` included) and the
-directory are fsync'd, so readers never see a partial version. ``meta.json`` holds the sha256 of
-every other file; loading re-hashes them and refuses a truncated or tampered version. Weights are
-safetensors: nothing here unpickles, and a model with a NaN or infinite weight is refused.
+Commit protocol. ``register`` writes a version's files once under a fresh prefix named by upload
+time and a random id, never by version number (that is not known yet): locally into a temporary
+directory that one rename moves into ``versions/``, on an object store one PUT per file. None of
+it is visible: a version exists only once a log entry names its prefix. That entry is appended
+with the log's create-only write and is decided on the freshest state, again whenever another
+writer took the entry number first: the version number is the highest ever allocated + 1,
+``expect_latest`` is checked against the latest version (ConcurrentRoundError), and
+``meta.json`` (sha256 of every other file, the decision, the champion generation it was made
+against) is written for exactly that number before the entry names it. The same entry carries
+the decision (promote or reject, with its reason) and, for a promotion, the champion's move to
+generation g+1. "Registered", "decided" and "promoted" are therefore one atomic step: no crash
+leaves a version without its decision, two writers never get one number, and a writer that
+built on a stale latest version never registers.
 
-One writer per fact: version numbers, the champion pointer, the decision log and the rollout
-state change only under an exclusive ``fcntl`` lock on ``root/.lock`` (a local filesystem is
-assumed), and the champion additionally carries a generation number, so a writer that read
-generation g can only write g+1 (``expect_generation``). ``register`` checks, under the lock,
-that the latest version is still the one the caller built on (``expect_latest``), so two rounds
-over the same slice cannot both register.
+Every other fact is an entry too (``RegistryEntry.kind``): a manual champion move
+(``set_champion``; ``expect_generation`` is the compare-and-swap, checked when deciding), a bare
+decision line (``record``), a rollback (the pointer moves back only while the bad version is still
+the champion), the rollout controller's state, a prune (versions leave the state first, their
+files are deleted after) and the one-time adoption of an older registry. Every reader folds the
+same entries into the same ``RegistryState``.
 
-Registering and deciding is one step with a deterministic repair: the decision (promote or
-reject, with its reason and the champion generation it was made against) is written into the
-version's own ``meta.json`` before the rename that makes the version visible; the champion move
-and the decision line follow. A process killed between the rename and those writes leaves a
-version with no decision line, which ``repair()`` (run by the loop at start) completes from its
-meta: the decision line is appended and, for a promotion made against the current champion
-generation, the champion is moved. If the champion changed in between, the interrupted promotion
-is recorded as a rejection, never applied over a newer decision.
+A crash leaves garbage, never inconsistency: an upload no entry names (killed before its commit)
+or the files of a pruned version (killed before the delete). ``repair()`` deletes the files of
+every ``uploads/`` marker that no live version references once it is older than a grace period,
+so an upload still in flight is left alone (and a commit re-checks its marker).
+
+Readers. ``path(version)`` is a local directory with the version's files: its own directory in a
+local registry; for an object store a cache directory (``$STREAMTUNE_CACHE`` or
+``~/.cache/streamtune``, then ``registry/<sha of the URI>/<prefix>``) downloaded once and checked
+against the hashes the log recorded. Versions are immutable, so the cache never goes stale.
+``verify`` re-hashes every file and ``load`` refuses a truncated or tampered file and a model with
+a NaN or infinite weight. Weights are safetensors: nothing here unpickles.
+
+A local directory written by the older layout (``v000001/`` directories with ``_SUCCESS``,
+``champion.json``, ``decisions.jsonl``, ``rollout.json``) is adopted on first open by one log
+entry; from then on only its version directories are read. A complete version that had no
+decision line (a registration a crash interrupted in the old layout) is adopted as rejected.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import EllipsisType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors import safe_open
 
-from streams.buffer import atomic_write_bytes, fsync_dir
+from streams.commitlog import CommitLog
+from streams.storage import Storage, StorageConfig, fsync_dir, open_storage
 from training.config import ModelConfig
 from training.errors import (
     ConcurrentRoundError,
     NonFiniteWeightsError,
     RegistryError,
     RegistryIntegrityError,
+    UnknownVersionError,
 )
 from training.vocab import ItemVocab
 
@@ -70,14 +91,25 @@ __all__ = [
     "LoadedVersion",
     "NonFiniteWeightsError",
     "Registry",
+    "RegistryEntry",
     "RegistryError",
     "RegistryIntegrityError",
+    "RegistryState",
     "RolloutState",
+    "UnknownVersionError",
     "VersionMeta",
+    "VersionRecord",
 ]
 
-SUCCESS = "_SUCCESS"
+log = logging.getLogger(__name__)
+
 WEIGHTS = "model.safetensors"
+META = "meta.json"
+LOG = "_log"
+VERSIONS = "versions"
+UPLOADS = "uploads"
+LEGACY_SUCCESS = "_SUCCESS"
+REPAIR_GRACE_S = 3600.0
 _TMP_PREFIX = ".tmp-v-"
 
 
@@ -86,7 +118,7 @@ class VersionMeta(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    version: int = Field(description="Version number, allocated under the registry lock.")
+    version: int = Field(description="Version number, allocated by the log entry naming it.")
     created_at: float = Field(description="Unix time the version was registered.")
     files: dict[str, str] = Field(description="sha256 of every file of the version but meta.")
     watermark: dict[str, int] = Field(
@@ -103,7 +135,7 @@ class VersionMeta(BaseModel):
 
 
 class Decision(BaseModel):
-    """One line of ``decisions.jsonl``."""
+    """One line of the decision log."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -113,19 +145,20 @@ class Decision(BaseModel):
     reason: str = Field(description="Why, in words.")
     to: int | None = Field(default=None, description="Rollback: the version rolled back to.")
     repaired: bool = Field(
-        default=False, description="Written by start-up repair after an interrupted register."
+        default=False,
+        description="Not decided by its writer: completed afterwards (older-layout adoption).",
     )
 
 
 class ChampionState(BaseModel):
-    """``champion.json``: the champion and how many times the pointer has moved."""
+    """The champion and how many times the pointer has moved."""
 
     version: int | None = Field(default=None, description="Champion version; None = none yet.")
     generation: int = Field(default=0, ge=0, description="Incremented by every pointer move.")
 
 
 class RolloutState(BaseModel):
-    """What the rollout controller must remember across restarts (``rollout.json``)."""
+    """What the rollout controller must remember across restarts."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -141,6 +174,67 @@ class RolloutState(BaseModel):
         description="Version already recorded as bad with no rollback target (recorded once).",
     )
     updated_at: float = Field(default_factory=time.time, description="Unix time of this state.")
+
+
+class VersionRecord(BaseModel):
+    """A live version as the log knows it: where its files are and what they hash to."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: int = Field(ge=1, description="The version number.")
+    prefix: str = Field(description="Key prefix of its files under the registry's location.")
+    files: dict[str, str] = Field(description="sha256 of every file, meta.json included.")
+    parent: int | None = Field(default=None, description="Champion it started from (meta's).")
+
+
+class RegistryEntry(BaseModel):
+    """One commit-log entry: everything it changes becomes visible together."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["register", "champion", "record", "rollback", "rollout", "prune", "adopt"] = (
+        Field(description="What the entry is, for people reading the log.")
+    )
+    add: list[VersionRecord] = Field(default=[], description="Versions made visible.")
+    remove: list[int] = Field(default=[], description="Versions pruned (files deleted after).")
+    champion: ChampionState | None = Field(
+        default=None, description="The champion pointer's new value (None: unchanged)."
+    )
+    decisions: list[Decision] = Field(default=[], description="Decision lines appended.")
+    rollout: RolloutState | None = Field(
+        default=None, description="The rollout controller's new state (None: unchanged)."
+    )
+    next_version: int = Field(
+        default=0, ge=0, description="Adoption: first number the older layout never used."
+    )
+    writer: str = Field(default="", description="Who appended it (host:pid).")
+    ts: float = Field(default_factory=time.time, description="Unix time it was decided.")
+
+
+class RegistryState(BaseModel):
+    """The registry as of a log entry."""
+
+    versions: dict[int, VersionRecord] = Field(default={}, description="Live versions.")
+    next_version: int = Field(default=1, ge=1, description="Never reused, pruned ones included.")
+    champion: ChampionState = Field(default_factory=ChampionState, description="The alias.")
+    decisions: list[Decision] = Field(default=[], description="The decision log, oldest first.")
+    rollout: RolloutState | None = Field(default=None, description="None: never written.")
+
+
+def _apply(state: RegistryState, e: RegistryEntry) -> RegistryState:
+    # Folds in place (the state belongs to one CommitLog), like the buffer's log.
+    for v in e.remove:
+        state.versions.pop(v, None)
+    for rec in e.add:
+        state.versions[rec.version] = rec
+        state.next_version = max(state.next_version, rec.version + 1)
+    state.next_version = max(state.next_version, e.next_version)
+    if e.champion is not None:
+        state.champion = e.champion
+    state.decisions.extend(e.decisions)
+    if e.rollout is not None:
+        state.rollout = e.rollout
+    return state
 
 
 @dataclass(frozen=True)
@@ -163,6 +257,23 @@ def _sha256(path: Path) -> str:
 def _fsync_file(path: Path) -> None:
     with path.open("rb") as fh:
         os.fsync(fh.fileno())
+
+
+def _mismatch(version: int, name: str, actual: str, digest: str) -> RegistryIntegrityError:
+    return RegistryIntegrityError(
+        f"version {version}: {name} has sha256 {actual[:12]}…, expected {digest[:12]}… "
+        "(truncated or tampered); restore it or delete the version"
+    )
+
+
+def _writer() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def cache_root() -> Path:
+    """Where object-store versions are cached locally (``$STREAMTUNE_CACHE`` overrides)."""
+    base = os.environ.get("STREAMTUNE_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "streamtune") / "registry"
 
 
 def check_finite(weights: Path) -> None:
@@ -191,24 +302,74 @@ def _pid_alive(pid: int) -> bool:
 
 
 class Registry:
-    def __init__(self, root: Path, keep: int = 10) -> None:
-        self.root = root
+    """The registry at a local path or an object-store URI (``storage``: how to reach it)."""
+
+    def __init__(
+        self, location: Path | str, keep: int = 10, storage: StorageConfig | None = None
+    ) -> None:
         self.keep = keep
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._location = location
+        self._storage_cfg = storage
+        self.storage: Storage = open_storage(location, storage)
+        self.log: CommitLog[RegistryState, RegistryEntry] = CommitLog(
+            self.storage, LOG, RegistryState, RegistryEntry, _apply
+        )
+        # One CommitLog is not thread-safe; threads sharing this object take turns on it.
+        self._mutex = threading.RLock()
+        self._meta_bytes: dict[int, bytes] = {}  # versions are immutable: read meta.json once
+        local = self.storage.local_root
+        if local is None:
+            uri_id = hashlib.sha256(self.storage.uri.encode()).hexdigest()[:16]
+            self._cache: Path | None = cache_root() / uri_id
+        else:
+            self._cache = None
+            self._adopt_legacy(local)
 
-    # -- the lock -------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Exclusive across processes and threads (each acquisition opens its own descriptor,
-        and flock locks of distinct open files exclude each other even within a process)."""
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing releases the lock
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Sent to Ray tasks: rebuilt from where it is (a fresh log reader and lock there).
+        return (Registry, (self._portable(), self.keep, self._storage_cfg))
 
-    # -- writing ------------------------------------------------------------------------
+    def _portable(self) -> Path | str:
+        # A local registry travels as an absolute path: a Ray worker's cwd is not ours.
+        local = self.storage.local_root
+        return local.resolve() if local is not None else self._location
+
+    @property
+    def root(self) -> Path:
+        """The directory of a local registry (``location`` names any registry)."""
+        local = self.storage.local_root
+        if local is None:
+            raise RegistryError(
+                f"the registry at {self.storage.uri} is not a local directory; pass its "
+                "location (Registry.location) instead of a path"
+            )
+        return local
+
+    @property
+    def location(self) -> str:
+        return self.storage.uri
+
+    # -- the log --------------------------------------------------------------------------
+    def _state(self) -> RegistryState:
+        with self._mutex:
+            return self.log.refresh()
+
+    def _commit(
+        self, decide: Callable[[RegistryState], RegistryEntry | None]
+    ) -> RegistryEntry | None:
+        with self._mutex:
+            out = self.log.append(decide)
+        return None if out is None else out[0]
+
+    def _record(self, version: int, state: RegistryState | None = None) -> VersionRecord:
+        rec = (state or self._state()).versions.get(version)
+        if rec is None:
+            raise UnknownVersionError(
+                f"registry {self.location} has no version {version} (never registered, or pruned)"
+            )
+        return rec
+
+    # -- writing --------------------------------------------------------------------------
     def register(
         self,
         write: Callable[[Path], None],
@@ -221,97 +382,132 @@ class Registry:
         """Create the next version and record its decision; returns the version number.
 
         ``write(dir)`` puts the version's files in a temporary directory. ``promote`` moves the
-        champion to the new version; either way a decision line (promote/reject + ``reason``)
-        is appended. ``expect_latest``: the latest version the caller built on (None = the
-        registry was empty); if another writer registered since, ConcurrentRoundError is raised
-        and nothing becomes visible. Leave it out (``...``) to skip that check.
+        champion to the new version; either way the decision (promote/reject + ``reason``) is
+        recorded in the same log entry. ``expect_latest``: the latest version the caller built
+        on (None = the registry was empty); if another writer registered since,
+        ConcurrentRoundError is raised and nothing becomes visible. Leave it out (``...``) to
+        skip that check.
         """
-        tmp = self.root / f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
-        tmp.mkdir()
+        self._check_latest(self._state(), expect_latest)  # refuse early: nothing uploaded yet
+        staging = self._staging_dir()
+        key = f"{time.time_ns() // 1_000_000:013d}-{uuid.uuid4().hex[:8]}"
+        prefix = f"{VERSIONS}/{key}"
+        meta_bytes: list[bytes] = []
+        uploaded = False
         try:
-            write(tmp)
-            if not (tmp / WEIGHTS).exists():
+            write(staging)
+            if not (staging / WEIGHTS).exists():
                 raise RegistryError(f"a version needs {WEIGHTS}; write() did not create it")
-            check_finite(tmp / WEIGHTS)
-            files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-            digests = {name: _sha256(tmp / name) for name in files}
-            for name in files:
-                _fsync_file(tmp / name)
-            with self._locked():
-                self._repair_locked()  # an earlier writer's interrupted decision comes first
-                latest = self.latest()
-                if expect_latest is not ... and latest != expect_latest:
-                    raise ConcurrentRoundError(
-                        f"registry {self.root}: latest version is {latest}, this round was built "
-                        f"on {expect_latest}; another process registered first, so this round "
-                        "is not registered"
+            check_finite(staging / WEIGHTS)
+            files = sorted(p.name for p in staging.iterdir() if p.is_file() and p.name != META)
+            digests = {name: _sha256(staging / name) for name in files}
+            uploaded = True
+            self._upload(staging, key, files)
+
+            def decide(state: RegistryState) -> RegistryEntry:
+                # Re-run on the fresh state whenever another writer took the entry number.
+                self._check_latest(state, expect_latest)
+                if not self.storage.exists(f"{UPLOADS}/{key}"):
+                    raise RegistryError(
+                        f"upload {prefix} was removed by repair() before it was committed "
+                        f"(it took over {REPAIR_GRACE_S:.0f}s); nothing was registered"
                     )
-                champ = self.champion_state()
-                version = self._next_version()
-                full = VersionMeta.model_validate(
-                    {
-                        **meta,
-                        "version": version,
-                        "created_at": time.time(),
-                        "files": digests,
-                        "decision": "promote" if promote else "reject",
-                        "reason": reason,
-                        "base_generation": champ.generation,
-                    }
+                version, champ = state.next_version, state.champion
+                full = VersionMeta.model_validate({
+                    **meta,
+                    "version": version,
+                    "created_at": time.time(),
+                    "files": digests,
+                    "decision": "promote" if promote else "reject",
+                    "reason": reason,
+                    "base_generation": champ.generation,
+                })  # fmt: skip
+                data = full.model_dump_json(indent=1).encode()
+                self.storage.write(f"{prefix}/{META}", data)
+                meta_bytes[:] = [data]
+                rec = VersionRecord(
+                    version=version,
+                    prefix=prefix,
+                    files={**digests, META: hashlib.sha256(data).hexdigest()},
+                    parent=full.parent,
                 )
-                (tmp / "meta.json").write_text(full.model_dump_json(indent=1))
-                (tmp / SUCCESS).write_text(digests[WEIGHTS])
-                for name in ("meta.json", SUCCESS):
-                    _fsync_file(tmp / name)
-                fsync_dir(tmp)
-                final = self.path(version)
-                os.rename(tmp, final)  # the commit point: the version and its decision
-                fsync_dir(self.root)
-                self._apply_decision(full, champ, repaired=False)
-            return version
+                moved = ChampionState(version=version, generation=champ.generation + 1)
+                line = Decision(version=version, decision=full.decision or "reject", reason=reason)
+                return RegistryEntry(
+                    kind="register",
+                    add=[rec],
+                    champion=moved if promote else None,
+                    decisions=[line],
+                    writer=_writer(),
+                )
+
+            entry = self._commit(decide)
+            assert entry is not None  # decide never returns None
+            version = entry.add[0].version
+            if self._cache is not None:
+                (staging / META).write_bytes(meta_bytes[0])
+                self._install(staging, prefix)  # the writer's copy is the verified cache
+        except BaseException:
+            if uploaded and not self._committed(prefix):
+                self._delete_prefix(prefix)
+            raise
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
+        if promote:
+            self.prune()
+        return version
 
-    def _apply_decision(self, meta: VersionMeta, champ: ChampionState, repaired: bool) -> None:
-        """Champion move (if a promotion still applies) and the decision line. Under the lock."""
-        decision, reason = meta.decision or "reject", meta.reason or ""
-        if decision == "promote" and champ.version != meta.version:
-            if meta.base_generation is not None and champ.generation == meta.base_generation:
-                self._write_champion(meta.version, expect_generation=champ.generation)
-            else:
-                decision = "reject"
-                reason = (
-                    f"promotion interrupted and superseded: the champion moved to "
-                    f"{champ.version} (generation {champ.generation}) before it was applied; "
-                    f"gate said: {reason}"
-                )
-        self._append(Decision(version=meta.version, decision=decision, reason=reason,
-                              repaired=repaired))  # fmt: skip
-        if decision == "promote":
-            self._prune()
-
-    def _next_version(self) -> int:
-        """Every number ever used is skipped, incomplete directories included."""
-        existing = [int(p.name[1:]) for p in self.root.glob("v[0-9]*") if p.name[1:].isdigit()]
-        return max(existing, default=0) + 1
-
-    def _write_champion(self, version: int | None, expect_generation: int) -> ChampionState:
-        """Compare-and-swap of the champion pointer. Under the lock."""
-        cur = self.champion_state()
-        if cur.generation != expect_generation:
+    def _check_latest(self, state: RegistryState, expect_latest: int | EllipsisType | None) -> None:
+        latest = max(state.versions, default=None)
+        if expect_latest is not ... and latest != expect_latest:
             raise ConcurrentRoundError(
-                f"champion generation is {cur.generation}, expected {expect_generation}: "
-                "another writer moved the champion"
+                f"registry {self.location}: latest version is {latest}, this round was built "
+                f"on {expect_latest}; another process registered first, so this round is not "
+                "registered"
             )
-        new = ChampionState(version=version, generation=cur.generation + 1)
-        atomic_write_bytes(self.root / "champion.json", new.model_dump_json().encode())
-        return new
 
-    def _append(self, d: Decision) -> None:
-        with (self.root / "decisions.jsonl").open("a") as fh:
-            fh.write(d.model_dump_json(exclude_defaults=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+    def _staging_dir(self) -> Path:
+        # Next to where the files end up, so a rename moves them there.
+        base = self.storage.local_root or self._cache
+        assert base is not None
+        staging = base / f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
+        staging.mkdir(parents=True)
+        return staging
+
+    def _upload(self, staging: Path, key: str, files: list[str]) -> None:
+        """Put the files under ``versions/<key>/``, invisible until an entry names them."""
+        self.storage.write(f"{UPLOADS}/{key}", _writer().encode())  # first: repair finds them
+        local = self.storage.local_root
+        if local is None:
+            for name in files:
+                self.storage.write(f"{VERSIONS}/{key}/{name}", (staging / name).read_bytes())
+            return
+        for name in files:
+            _fsync_file(staging / name)
+        fsync_dir(staging)
+        (local / VERSIONS).mkdir(exist_ok=True)
+        os.rename(staging, local / VERSIONS / key)
+        fsync_dir(local / VERSIONS)
+
+    def _committed(self, prefix: str) -> bool:
+        """Whether a live version uses ``prefix`` (the entry may have landed before a failure)."""
+        try:
+            return any(r.prefix == prefix for r in self._state().versions.values())
+        except Exception:  # cannot tell: keep the files, repair() decides later
+            return True
+
+    def _delete_prefix(self, prefix: str) -> None:
+        """Delete a version's files (and its upload marker), locally and in the cache."""
+        local = self.storage.local_root
+        if local is not None:
+            shutil.rmtree(local / prefix, ignore_errors=True)
+        else:
+            for obj in self.storage.list(f"{prefix}/"):
+                self.storage.delete(obj.key)
+            if self._cache is not None:
+                shutil.rmtree(self._cache / prefix, ignore_errors=True)
+        if prefix.startswith(f"{VERSIONS}/"):
+            self.storage.delete(f"{UPLOADS}/{prefix.rpartition('/')[2]}")
 
     def set_champion(
         self,
@@ -326,19 +522,32 @@ class Registry:
         raises ConcurrentRoundError if the pointer moved since. None = the current one.
         """
         self.verify(version)
-        with self._locked():
-            gen = self.champion_state().generation
-            new = self._write_champion(
-                version, gen if expect_generation is None else expect_generation
+
+        def decide(state: RegistryState) -> RegistryEntry:
+            self._record(version, state)  # pruned since it was verified: refuse
+            gen = state.champion.generation
+            want = gen if expect_generation is None else expect_generation
+            if gen != want:
+                raise ConcurrentRoundError(
+                    f"champion generation is {gen}, expected {want}: another writer moved the "
+                    "champion"
+                )
+            return RegistryEntry(
+                kind="champion",
+                champion=ChampionState(version=version, generation=gen + 1),
+                decisions=[Decision(version=version, decision=decision, reason=reason)],
+                writer=_writer(),
             )
-            self._append(Decision(version=version, decision=decision, reason=reason))
-            self._prune()
-        return new
+
+        entry = self._commit(decide)
+        assert entry is not None and entry.champion is not None
+        self.prune()
+        return entry.champion.model_copy()
 
     def record(self, version: int, decision: str, reason: str, **extra: Any) -> None:
         """Append a decision line (no pointer move), e.g. ``rollback-impossible``."""
-        with self._locked():
-            self._append(Decision(version=version, decision=decision, reason=reason, **extra))
+        line = Decision(version=version, decision=decision, reason=reason, **extra)
+        self._commit(lambda _: RegistryEntry(kind="record", decisions=[line], writer=_writer()))
 
     def mark_rolled_back(self, version: int, reason: str, to: int | None) -> ChampionState:
         """Serving saw ``version`` misbehave: point the champion back at ``to`` and say why.
@@ -346,143 +555,193 @@ class Registry:
         The pointer moves only while ``version`` is still the champion: a newer decision (a
         round that promoted something else meanwhile) is never overwritten by a rollback.
         """
-        with self._locked():
-            cur = self.champion_state()
+        after: list[ChampionState] = []
+
+        def decide(state: RegistryState) -> RegistryEntry:
+            cur = state.champion
             extra: dict[str, Any] = {}
+            moved = None
             if to is not None and cur.version == version:
-                cur = self._write_champion(to, expect_generation=cur.generation)
+                moved = ChampionState(version=to, generation=cur.generation + 1)
             elif to is not None:
                 extra["champion_kept"] = cur.version
-            self._append(Decision(version=version, decision="rollback", reason=reason, to=to,
-                                  **extra))  # fmt: skip
-            return cur
+            after[:] = [(moved or cur).model_copy()]
+            line = Decision(version=version, decision="rollback", reason=reason, to=to, **extra)
+            return RegistryEntry(kind="rollback", champion=moved, decisions=[line],
+                                 writer=_writer())  # fmt: skip
+
+        self._commit(decide)
+        return after[0]
 
     def prune(self) -> list[int]:
         """Keep the newest ``keep`` versions, the champion, its parent and what serving may
-        roll back to; delete the rest."""
-        with self._locked():
-            return self._prune()
+        roll back to; delete the rest. Returns the pruned version numbers."""
+        doomed: list[VersionRecord] = []
 
-    def _prune(self) -> list[int]:
-        versions = self.versions()
-        champ = self.champion()
-        protect: set[int] = set()
-        if champ:
-            protect.add(champ)
-            parent = self.meta(champ).get("parent")
-            if parent:
-                protect.add(int(parent))
-        rs = self.rollout_state()
-        protect |= {v for v in (rs.serving, rs.previous) if v is not None}
-        doomed = [v for v in versions[: -self.keep] if v not in protect]
-        for v in doomed:
-            shutil.rmtree(self.path(v), ignore_errors=True)
-        return doomed
+        def decide(state: RegistryState) -> RegistryEntry | None:
+            versions = sorted(state.versions)
+            protect: set[int] = set()
+            champ = state.champion.version
+            if champ is not None:
+                protect.add(champ)
+                rec = state.versions.get(champ)
+                if rec is not None and rec.parent is not None:
+                    protect.add(rec.parent)
+            rs = state.rollout
+            if rs is not None:
+                protect |= {v for v in (rs.serving, rs.previous) if v is not None}
+            cut = versions[: -self.keep] if self.keep > 0 else versions
+            doomed[:] = [state.versions[v] for v in cut if v not in protect]
+            if not doomed:
+                return None
+            return RegistryEntry(kind="prune", remove=[r.version for r in doomed],
+                                 writer=_writer())  # fmt: skip
+
+        if self._commit(decide) is None:
+            return []
+        for rec in doomed:  # after the entry: a crash here leaves garbage repair() removes
+            self._delete_prefix(rec.prefix)
+            self._meta_bytes.pop(rec.version, None)
+        return [r.version for r in doomed]
 
     def expecting(self, latest: int | None) -> Registry:
         """A view of this registry whose ``register`` only succeeds while ``latest`` is still
         the latest version: a caller that read its data slice from ``latest`` pins it here, so
         code it hands the view to cannot register on top of a newer version by mistake."""
-        return _Pinned(self.root, self.keep, latest)
+        return _Pinned(self._location, self.keep, self._storage_cfg, latest)
 
     # -- start-up repair ------------------------------------------------------------------
-    def repair(self) -> list[Decision]:
-        """Complete registrations a crash interrupted; returns the decisions it wrote.
+    def repair(self, older_than_s: float = REPAIR_GRACE_S) -> list[Decision]:
+        """Delete what crashed writers left behind; returns the decisions it wrote (always
+        none: a registration and its decision are one log entry, so there is nothing to
+        complete).
 
-        A complete version with no decision line gets the one stored in its meta.json (see the
-        module docstring); leftover temporary directories of dead writers are removed. Idempotent
-        and deterministic: running it twice, or from two processes, writes each line once.
+        Removed: uploads that no live version references (a writer killed before its commit,
+        or a prune killed before its deletes) once ``older_than_s`` old, and the temporary
+        directories of dead local processes. Idempotent; safe to run from several processes.
         """
-        with self._locked():
-            return self._repair_locked()
-
-    def _repair_locked(self) -> list[Decision]:
-        # Under the lock a registration is never half-way (rename and decision happen within one
-        # hold), so any undecided version seen here was interrupted by a dead process.
-        written: list[Decision] = []
-        for p in self.root.glob(f"{_TMP_PREFIX}*"):
-            pid = p.name[len(_TMP_PREFIX) :].split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                shutil.rmtree(p, ignore_errors=True)
-        decided = {d.version for d in self.decision_log()}
-        for v in self.versions():
-            if v in decided:
+        state = self._state()
+        live = {r.prefix for r in state.versions.values()}
+        now_ms = time.time() * 1000
+        for obj in self.storage.list(f"{UPLOADS}/"):
+            key = obj.key.rpartition("/")[2]
+            born = key.split("-", 1)[0]
+            if not born.isdigit() or f"{VERSIONS}/{key}" in live:
                 continue
-            try:
-                meta = self.version_meta(v)
-            except (OSError, ValueError):
-                continue  # unreadable: verify() reports it to whoever loads it
-            if meta.decision is None:
-                # Registered before decisions lived in meta: nothing to complete from.
-                meta = meta.model_copy(update={
-                    "decision": "reject",
-                    "reason": "registered without a recorded decision (older registry)",
-                })  # fmt: skip
-            self._apply_decision(meta, self.champion_state(), repaired=True)
-            written.append(self.decision_log()[-1])
-        return written
+            if now_ms - int(born) < older_than_s * 1000:
+                continue  # maybe still being uploaded by a live writer
+            log.warning("registry %s: removing unreferenced upload %s", self.location, key)
+            self._delete_prefix(f"{VERSIONS}/{key}")
+        base = self.storage.local_root or self._cache
+        if base is not None and base.is_dir():
+            for p in base.glob(f"{_TMP_PREFIX}*"):
+                pid = p.name[len(_TMP_PREFIX) :].split("-", 1)[0]
+                if pid.isdigit() and not _pid_alive(int(pid)):
+                    shutil.rmtree(p, ignore_errors=True)
+        return []
+
+    # -- adopting the older directory layout ---------------------------------------------
+    def _adopt_legacy(self, root: Path) -> None:
+        self._state()
+        if self.log.next_entry > 0:
+            return
+        dirs = sorted(p for p in root.glob("v[0-9]*") if p.is_dir() and p.name[1:].isdigit())
+        named = [root / n for n in ("champion.json", "decisions.jsonl", "rollout.json")]
+        if not dirs and not any(p.exists() for p in named):
+            return
+        entry = _legacy_entry(root, dirs)
+        # Two processes opening it at once: the first entry wins, the other adopts nothing.
+        if self._commit(lambda _: None if self.log.next_entry > 0 else entry) is not None:
+            log.warning("registry %s: adopted %d versions of the older layout", root,
+                        len(entry.add))  # fmt: skip
 
     # -- rollout state --------------------------------------------------------------------
     def rollout_state(self) -> RolloutState:
-        try:
-            return RolloutState.model_validate_json((self.root / "rollout.json").read_text())
-        except FileNotFoundError:
-            return RolloutState()
+        rs = self._state().rollout
+        return RolloutState() if rs is None else rs.model_copy()
 
     def set_rollout_state(self, state: RolloutState) -> None:
-        """Atomically replace the rollout state (written only by the rollout controller)."""
-        state = state.model_copy(update={"updated_at": time.time()})
-        with self._locked():
-            atomic_write_bytes(self.root / "rollout.json", state.model_dump_json().encode())
+        """Replace the rollout state (written only by the rollout controller)."""
+        new = state.model_copy(update={"updated_at": time.time()})
+        self._commit(lambda _: RegistryEntry(kind="rollout", rollout=new, writer=_writer()))
 
-    # -- reading ------------------------------------------------------------------------
+    # -- reading --------------------------------------------------------------------------
     def versions(self) -> list[int]:
-        """Complete versions (with their success marker), oldest first."""
-        return sorted(
-            int(p.name[1:])
-            for p in self.root.glob("v[0-9]*")
-            if p.name[1:].isdigit() and (p / SUCCESS).exists()
-        )
+        """Live versions, oldest first."""
+        return sorted(self._state().versions)
 
     def champion_state(self) -> ChampionState:
-        try:
-            raw = json.loads((self.root / "champion.json").read_text())
-        except FileNotFoundError:
-            return ChampionState()
-        return ChampionState.model_validate(raw)  # an older file without generation reads as 0
+        return self._state().champion.model_copy()
 
     def champion(self) -> int | None:
-        return self.champion_state().version
+        return self._state().champion.version
 
     def latest(self) -> int | None:
-        vs = self.versions()
-        return vs[-1] if vs else None
+        return max(self._state().versions, default=None)
 
     def path(self, version: int) -> Path:
-        return self.root / f"v{version:06d}"
+        """A local directory holding the version's files (downloaded once from an object
+        store, and checked against the recorded hashes); UnknownVersionError if none."""
+        rec = self._record(version)
+        local = self.storage.local_root
+        if local is not None:
+            return local / rec.prefix
+        return self._cached(rec)
+
+    def _cached(self, rec: VersionRecord) -> Path:
+        assert self._cache is not None
+        dest = self._cache / rec.prefix
+        if dest.is_dir():  # only a complete, verified download is ever renamed there
+            return dest
+        staging = self._staging_dir()
+        try:
+            for name, digest in sorted(rec.files.items()):
+                try:
+                    data = self.storage.read(f"{rec.prefix}/{name}")
+                except FileNotFoundError:
+                    raise RegistryIntegrityError(
+                        f"version {rec.version}: {name} is missing from {self.location}"
+                    ) from None
+                actual = hashlib.sha256(data).hexdigest()
+                if actual != digest:
+                    raise _mismatch(rec.version, name, actual, digest)
+                (staging / name).write_bytes(data)
+            self._install(staging, rec.prefix)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return dest
+
+    def _install(self, staging: Path, prefix: str) -> None:
+        assert self._cache is not None
+        dest = self._cache / prefix
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(staging, dest)
+        except OSError:
+            if not dest.is_dir():  # else another process installed the same version first
+                raise
 
     def meta(self, version: int) -> dict[str, Any]:
         """The version's meta.json as a plain dict (see ``version_meta`` for the typed form)."""
-        data: dict[str, Any] = json.loads((self.path(version) / "meta.json").read_text())
-        return data
+        data = self._meta_bytes.get(version)
+        if data is None:
+            rec = self._record(version)
+            try:
+                data = self.storage.read(f"{rec.prefix}/{META}")
+            except FileNotFoundError:
+                raise RegistryIntegrityError(f"version {version}: {META} is missing") from None
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != rec.files.get(META):
+                raise _mismatch(version, META, actual, rec.files.get(META, "?"))
+            self._meta_bytes[version] = data
+        out: dict[str, Any] = json.loads(data)
+        return out
 
     def version_meta(self, version: int) -> VersionMeta:
         return VersionMeta.model_validate(self.meta(version))
 
     def decision_log(self) -> list[Decision]:
-        try:
-            lines = (self.root / "decisions.jsonl").read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        out: list[Decision] = []
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                out.append(Decision.model_validate_json(line))
-            except ValueError:
-                continue  # a torn last line of a crashed append: the repair re-derives it
-        return out
+        return [d.model_copy() for d in self._state().decisions]
 
     def decisions(self) -> list[dict[str, Any]]:
         """The decision log as plain dicts (``decision_log`` for the typed form)."""
@@ -490,27 +749,26 @@ class Registry:
 
     def verify(self, version: int) -> dict[str, Any]:
         """Re-hash every file of ``version``; raise RegistryIntegrityError if anything is off."""
+        rec = self._record(version)
         d = self.path(version)
-        if not (d / SUCCESS).exists():
-            raise RegistryIntegrityError(
-                f"version {version} at {d} is incomplete (no {SUCCESS} marker): it was never "
-                "fully written; register it again"
-            )
-        try:
-            meta = self.meta(version)
-        except (FileNotFoundError, json.JSONDecodeError) as err:
-            raise RegistryIntegrityError(
-                f"version {version}: unreadable meta.json ({err})"
-            ) from None
-        for name, digest in meta["files"].items():
+        for name, digest in rec.files.items():
             f = d / name
             if not f.exists():
                 raise RegistryIntegrityError(f"version {version}: {name} is missing")
             actual = _sha256(f)
             if actual != digest:
+                raise _mismatch(version, name, actual, digest)
+        try:
+            meta: dict[str, Any] = json.loads((d / META).read_text())
+        except (FileNotFoundError, json.JSONDecodeError) as err:
+            raise RegistryIntegrityError(
+                f"version {version}: unreadable meta.json ({err})"
+            ) from None
+        for name, digest in meta["files"].items():
+            if rec.files.get(name) != digest:
                 raise RegistryIntegrityError(
-                    f"version {version}: {name} has sha256 {actual[:12]}…, expected "
-                    f"{digest[:12]}… (truncated or tampered); restore it or delete the version"
+                    f"version {version}: meta.json lists {name} with sha256 {digest[:12]}…, "
+                    "the registry's log does not (tampered); restore it or delete the version"
                 )
         return meta
 
@@ -518,9 +776,10 @@ class Registry:
         """Verify and load a version (default: the champion). Read-only."""
         v = version if version is not None else self.champion()
         if v is None:
-            raise LookupError(f"registry {self.root} has no champion yet; run a training round")
+            raise LookupError(f"registry {self.location} has no champion yet; run a training round")
         meta = self.verify(v)
         d = self.path(v)
+        check_finite(d / WEIGHTS)
         from training.model import Recommender
 
         cfg = ModelConfig(**meta["model_config"])
@@ -530,10 +789,76 @@ class Registry:
         return LoadedVersion(v, model, vocab, meta, d)
 
 
+def _legacy_entry(root: Path, dirs: list[Path]) -> RegistryEntry:
+    """One entry holding everything an older-layout registry directory knew."""
+    recs: list[VersionRecord] = []
+    for d in dirs:
+        if not (d / LEGACY_SUCCESS).exists():
+            continue  # its writer died before the marker: it never was a version
+        try:
+            raw = (d / META).read_bytes()
+            meta = VersionMeta.model_validate_json(raw)
+        except (OSError, ValueError) as err:
+            log.warning("registry %s: not adopting %s: unreadable meta.json (%s)", root, d, err)
+            continue
+        files = {**meta.files, META: hashlib.sha256(raw).hexdigest()}
+        recs.append(VersionRecord(version=int(d.name[1:]), prefix=d.name, files=files,
+                                  parent=meta.parent))  # fmt: skip
+    try:  # an older file without generation reads as 0
+        champion = ChampionState.model_validate_json((root / "champion.json").read_bytes())
+    except FileNotFoundError:
+        champion = ChampionState()
+    decisions: list[Decision] = []
+    try:
+        lines = (root / "decisions.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        lines = []
+    for line in lines:
+        try:
+            decisions.append(Decision.model_validate_json(line))
+        except ValueError:
+            continue  # a torn last line of a crashed append
+    decided = {d.version for d in decisions}
+    for rec in recs:
+        if rec.version not in decided:
+            decisions.append(Decision(
+                version=rec.version,
+                decision="reject",
+                reason="adopted from the older layout without a decision line (its registration "
+                "was interrupted); not promoted",
+                repaired=True,
+            ))  # fmt: skip
+    try:
+        rollout: RolloutState | None = RolloutState.model_validate_json(
+            (root / "rollout.json").read_bytes()
+        )
+    except FileNotFoundError:
+        rollout = None
+    used = [int(d.name[1:]) for d in dirs]  # incomplete ones too: numbers are never reused
+    return RegistryEntry(
+        kind="adopt",
+        add=recs,
+        champion=champion,
+        decisions=decisions,
+        rollout=rollout,
+        next_version=max(used, default=0) + 1,
+        writer=_writer(),
+    )
+
+
 class _Pinned(Registry):
-    def __init__(self, root: Path, keep: int, latest: int | None) -> None:
-        super().__init__(root, keep)
+    def __init__(
+        self,
+        location: Path | str,
+        keep: int,
+        storage: StorageConfig | None,
+        latest: int | None,
+    ) -> None:
+        super().__init__(location, keep, storage)
         self.pinned = latest
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Pinned, (self._portable(), self.keep, self._storage_cfg, self.pinned))
 
     def register(
         self,
@@ -546,9 +871,9 @@ class _Pinned(Registry):
     ) -> int:
         if expect_latest is not ... and expect_latest != self.pinned:
             raise ConcurrentRoundError(
-                f"registry {self.root}: this round was built on version {expect_latest}, but its "
-                f"data slice was read after version {self.pinned}; another process registered "
-                "in between, so this round is not registered"
+                f"registry {self.location}: this round was built on version {expect_latest}, "
+                f"but its data slice was read after version {self.pinned}; another process "
+                "registered in between, so this round is not registered"
             )
         return super().register(
             write, meta, promote=promote, reason=reason, expect_latest=self.pinned

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from streams.storage import arrow_filesystem
 from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
 from training.data import (
     Examples,
@@ -40,6 +42,7 @@ from training.errors import (
     RoundFailedError,
 )
 from training.gate import gate
+from training.histories import UserHistories
 from training.model import Recommender, save_weights
 from training.registry import Registry
 from training.replay import Reservoir
@@ -118,6 +121,15 @@ def prepare_model(
     return model
 
 
+def worker_resources(tcfg: TrainerConfig, use_gpu: bool) -> dict[str, float] | None:
+    """What one Ray Train worker reserves: CPUs (GPU via use_gpu), and a sliver of the training
+    nodes' marker resource so workers are placed on those nodes only."""
+    res: dict[str, float] = {} if use_gpu else {"CPU": tcfg.cpus_per_worker}
+    if tcfg.node_resource:
+        res[tcfg.node_resource] = 0.01
+    return res or None
+
+
 def train(
     init: Recommender,
     teacher: Recommender | None,
@@ -147,6 +159,11 @@ def train(
         "init_state": init.state_numpy(),
         "teacher_state": teacher.state_numpy() if teacher and cfg.replay.kd_weight > 0 else None,
     }
+    storage_fs = None
+    if isinstance(cfg.trainer.storage_path, Path):
+        storage_path = str(cfg.trainer.storage_path.resolve())
+    else:  # object storage: every node of a cluster writes and reads checkpoints there
+        storage_fs, storage_path = arrow_filesystem(cfg.trainer.storage_path, cfg.trainer.storage)
     tcfg = cfg.trainer.model_dump(mode="json")
     if cold:
         tcfg["epochs"] = cfg.trainer.first_round_epochs
@@ -162,11 +179,12 @@ def train(
         scaling_config=ScalingConfig(
             num_workers=cfg.trainer.num_workers,
             use_gpu=use_gpu,
-            resources_per_worker=None if use_gpu else {"CPU": cfg.trainer.cpus_per_worker},
+            resources_per_worker=worker_resources(cfg.trainer, use_gpu),
         ),
         run_config=RunConfig(
             name=f"round-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}",
-            storage_path=str(cfg.trainer.storage_path.resolve()),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
@@ -189,13 +207,19 @@ def train(
 
 def run_round(
     new: pa.Table,
-    context: pa.Table,
+    context: pa.Table | None,
     watermark: dict[str, int],
     registry: Registry,
     cfg: RoundConfig,
     extra_meta: dict[str, Any] | None = None,
+    read_history: Callable[[list[str]], pa.Table] | None = None,
 ) -> RoundResult:
     """Train, gate and register one round; see the module docstring.
+
+    ``context``: the new users' earlier events as a table, or None to take them from the
+    latest version's per-user index (``training.histories``), which costs the round's users,
+    not the whole history. A latest version written before that index existed has none; then
+    ``read_history(users)`` (if given) reads them from the buffer once.
 
     Raises ``EmptyRoundError`` if the new events give no training example, ``LineageError`` if
     the registry's item map no longer extends the champion's, ``RoundFailedError`` if training
@@ -213,9 +237,19 @@ def run_round(
     if base_v is not None:
         registry.verify(base_v)
         vocab = ItemVocab.load(registry.path(base_v) / "vocab.json")
+    base_dir = registry.path(base_v) if base_v is not None else None
+    users = sorted(set(new.column("user_id").to_pylist()))
+    indexed: UserHistories | None = None
+    if context is None and UserHistories.exists(base_dir):
+        assert base_dir is not None
+        max_len = (champ.model.cfg if champ else cfg.model).max_len
+        indexed = UserHistories.load(base_dir, users, max_len)
+    elif context is None:
+        context = read_history(users) if read_history is not None and base_v is not None else None
+    context = context if context is not None else new.slice(0, 0)
     titles: dict[str, str] = {}
-    if base_v is not None and (registry.path(base_v) / "titles.json").exists():
-        titles = json.loads((registry.path(base_v) / "titles.json").read_text())
+    if base_dir is not None and (base_dir / "titles.json").exists():
+        titles = json.loads((base_dir / "titles.json").read_text())
     titles.update(_titles(context))
     titles.update(_titles(new))
     rows_before = len(vocab)
@@ -236,15 +270,16 @@ def run_round(
     mcfg = champ.model.cfg if champ else cfg.model
     init = prepare_model(champ.model if champ else None, vocab, mcfg, titles, added)
 
+    history = indexed or UserHistories.from_sequences(user_sequences(context, vocab), mcfg.max_len)
+    new_seqs = user_sequences(new, vocab)
     new_ex, new_hold = round_examples(
-        user_sequences(context, vocab), user_sequences(new, vocab), mcfg.max_len, holdout=True
+        history.recent, new_seqs, mcfg.max_len, holdout=True, seen=history.seen
     )
     if len(new_ex) == 0:
         raise EmptyRoundError(
             f"{new.num_rows} new events from {len(set(new.column('user_id').to_pylist()))} users "
             "give no training example (each needs an earlier event of its user); wait for more"
         )
-    base_dir = registry.path(base_v) if base_v is not None else None
     if base_dir is not None and (base_dir / "replay.json").exists():
         reservoir = Reservoir.load(base_dir, cfg.replay.capacity)
     else:
@@ -284,6 +319,7 @@ def run_round(
         (d / "titles.json").write_text(json.dumps(titles))
         reservoir.save(d)
         probes.save(d, name="replay_eval")
+        history.extended(new_seqs).save(d, base_dir)
 
     ts = new.column("ts")
     meta: dict[str, Any] = {

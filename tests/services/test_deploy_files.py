@@ -56,3 +56,29 @@ def test_serve_configs_name_importable_targets() -> None:
     for app in apps:
         module, _, attr = app["import_path"].partition(":")
         assert callable(getattr(importlib.import_module(module), attr)), app["import_path"]
+
+
+def test_cluster_manifests_keep_state_on_object_storage() -> None:
+    """No shared volume: every state location is a URI, credentials and passwords from secrets."""
+    from services.settings import Settings
+
+    text = "".join((DEPLOY / "kuberay" / f).read_text() for f in ("raycluster-training.yaml",
+                                                                   "rayservice.yaml"))  # fmt: skip
+    assert "persistentVolumeClaim" not in text and "volumeMounts" not in text
+    assert "streamtune-s3" in text and "streamtune-kafka" in text
+    docs = list(yaml.safe_load_all((DEPLOY / "kuberay" / "raycluster-training.yaml").read_text()))
+    job = next(d for d in docs if d["kind"] == "RayJob")
+    env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
+    keys = {k.removeprefix("STREAMTUNE_").lower(): v for k, v in env.items()}
+    s = Settings(
+        buffer={"path": keys["buffer__path"]},
+        registry={"path": keys["registry__path"]},
+        trainer={"storage_path": keys["trainer__storage_path"],
+                 "node_resource": keys["trainer__node_resource"]},
+    )  # fmt: skip
+    assert s.buffer.path == "s3://streamtune/buffer"  # kept as a URI, not mangled into a Path
+    assert s.registry.path == "s3://streamtune/registry"
+    assert s.trainer.storage_path == "s3://streamtune/ray_results"
+    cluster = next(d for d in docs if d["kind"] == "RayCluster")
+    workers = cluster["spec"]["workerGroupSpecs"][0]["rayStartParams"]["resources"]
+    assert s.trainer.node_resource in workers

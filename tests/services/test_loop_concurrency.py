@@ -113,11 +113,11 @@ def ray_local() -> Iterator[None]:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_real_round_loses_the_race_and_is_not_registered(
-    tmp_path: Path, ray_local: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import training.round
-    from bench.faults_training import round_config
+def test_real_round_loses_the_race_and_is_not_registered(tmp_path: Path, ray_local: None) -> None:
+    import threading
+    import time
+
+    from bench.faults_training import round_config, train_worker_pids
     from services.config import LoopConfig
     from services.loop import ContinualLoop
     from streams.buffer import EventBuffer, OffsetRange
@@ -128,25 +128,25 @@ def test_real_round_loses_the_race_and_is_not_registered(
     buffer = EventBuffer(BufferConfig(path=tmp_path / "buffer"))
     buffer.append(table, [OffsetRange("events", 0, 0, table.num_rows)])
     reg = Registry(tmp_path / "registry")
-    loop = ContinualLoop(buffer, reg, round_config(tmp_path / "ray", epochs=1, max_failures=0),
+    # Enough epochs that the round is still training when the other process has registered.
+    loop = ContinualLoop(buffer, reg, round_config(tmp_path / "ray", epochs=60, max_failures=0),
                          LoopConfig(min_round_events=100), tmp_path / "loop.json")  # fmt: skip
-
-    real_train = training.round.train
-    raced: list[str] = []
-
-    def train_while_another_process_registers(*a: Any, **k: Any) -> Any:
-        out = real_train(*a, **k)  # the real Ray Train round; meanwhile another one finished:
-        other = subprocess.run(
-            [sys.executable, "-c", _OTHER, str(reg.root), json.dumps(buffer.watermark())],
-            capture_output=True, text=True, timeout=300, check=True,
-        )  # fmt: skip
-        raced.append(other.stdout.strip())
-        return out
-
-    monkeypatch.setattr(training.round, "train", train_while_another_process_registers)
-    result = loop.run_once()
-    assert raced == ["1"]  # the other process registered first, while this round trained
-    assert result is None  # so this round was dropped ...
+    out: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: out.update(result=loop.run_once()))
+    runner.start()
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # the round's Ray Train workers are up: it is training
+        if train_worker_pids():
+            break
+        time.sleep(0.3)
+    other = subprocess.run(
+        [sys.executable, "-c", _OTHER, str(reg.root), json.dumps(buffer.watermark())],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    runner.join(timeout=600)
+    assert other.stdout.strip() == "1"  # the other process registered first ...
+    assert loop.state()["rounds"] == []  # ... while this round trained,
+    assert out["result"] is None and "another process" in str(loop.last_skip)  # so it was dropped
     assert reg.versions() == [1] and reg.meta(1)["who"] == "other process"
     assert [d["version"] for d in reg.decisions()] == [1]  # ... and recorded nothing
     assert loop.pending() == 0 and loop.run_once() is None  # the slice is not trained again

@@ -307,7 +307,7 @@ def test_redeploy_with_another_key_takes_effect(live: str) -> None:
     champion = reg.champion()
     assert champion is not None
     cfg = STATE["cfg"].model_copy(update={"api_key": SecretStr("the-new-key")})
-    serve.run(build_app(reg.root, cfg, champion), name=cfg.app_name, route_prefix="/")
+    serve.run(build_app(reg, cfg, champion), name=cfg.app_name, route_prefix="/")
     assert_error_shape(httpx.post(f"{live}/recommend", json=GOOD, headers=AUTH), 401)
     ok = httpx.post(f"{live}/recommend", json=GOOD, headers={"x-api-key": "the-new-key"})
     assert ok.status_code == 200, ok.text

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from streams.buffer import EventBuffer, OffsetRange
+from streams.buffer import BufferCommit, EventBuffer, OffsetRange, _encode
 from streams.config import BufferConfig
 from streams.events import Event, EventType, RowBatch
 
@@ -101,12 +101,16 @@ def test_crash_mid_compaction_never_duplicates(tmp_path: Path) -> None:
     add(buf, 0, range(0, 5))
     add(buf, 0, range(5, 10))
     names = [s.name for s in buf.segments()]
-    # Simulate a crash after the merged segment was renamed into place but before the
-    # inputs were deleted: write the merged segment by hand, keep the inputs.
     merged = buf.read()
-    buf._write(merged, (OffsetRange("t", 0, 0, 10),), replaces=tuple(names))
+    # Crash 1: the merged segment was uploaded but its log entry never written: invisible.
+    rec = buf._stage(_encode(merged, (OffsetRange("t", 0, 0, 10),), tuple(names), "compactor"))
+    fresh = EventBuffer(buf.cfg)
+    assert [s.name for s in fresh.segments()] == names and fresh.read().num_rows == 10
+    # Crash 2: the entry "add merged, remove inputs" was committed, the inputs not yet deleted.
+    buf.log.append(lambda st: BufferCommit(add=[rec], remove=names, writer="compactor"))
     assert all((buf.root / n).exists() for n in names)
     fresh = EventBuffer(buf.cfg)
+    assert [s.name for s in fresh.segments()] == [rec.name]
     assert fresh.read().num_rows == 10  # the inputs are superseded, not read twice
     fresh.compact()  # and the next maintenance pass removes them
     assert not any((buf.root / n).exists() for n in names)

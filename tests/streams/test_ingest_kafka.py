@@ -67,7 +67,11 @@ def test_movielens_round_trip(kafka: KafkaConfig, topics: TopicsConfig, tmp_path
 
 
 def _ingest_subprocess(
-    kafka: KafkaConfig, topics: TopicsConfig, buf_path: Path, **extra: str
+    kafka: KafkaConfig,
+    topics: TopicsConfig,
+    buf_cfg: BufferConfig,
+    logs: Path,
+    **extra: str,
 ) -> subprocess.Popen[bytes]:
     env = dict(
         os.environ,
@@ -75,13 +79,14 @@ def _ingest_subprocess(
         STREAMTUNE_KAFKA__BOOTSTRAP_SERVERS=kafka.bootstrap_servers,
         STREAMTUNE_TOPICS__EVENTS=topics.events,
         STREAMTUNE_TOPICS__DEAD_LETTER=topics.dead_letter,
-        STREAMTUNE_BUFFER__PATH=str(buf_path),
+        STREAMTUNE_BUFFER__PATH=str(buf_cfg.path),
+        STREAMTUNE_BUFFER__STORAGE__OPTIONS=json.dumps(buf_cfg.storage.options),
         STREAMTUNE_INGEST__GROUP_ID=f"g-{topics.events}",
         **extra,
     )
     cmd = [sys.executable, "-m", "services.cli", "ingest", "--segment-rows", "400",
            "--flush-interval", "0.2"]  # fmt: skip
-    log = buf_path.parent / f"ingest-{time.time_ns()}.log"
+    log = logs / f"ingest-{time.time_ns()}.log"
     return subprocess.Popen(
         cmd,
         env=env,
@@ -91,18 +96,26 @@ def _ingest_subprocess(
     )
 
 
-def _logs(buf_path: Path) -> str:
+def _logs(logs: Path) -> str:
     """The ingest processes' stderr, to explain a failure."""
-    tails = [p.read_text(errors="replace")[-3000:] for p in buf_path.parent.glob("ingest-*.log")]
+    tails = [p.read_text(errors="replace")[-3000:] for p in logs.glob("ingest-*.log")]
     return "\n---\n".join(tails)
 
 
+@pytest.fixture(params=["local", "s3"])
+def buffer_cfg(request: pytest.FixtureRequest, tmp_path: Path) -> BufferConfig:
+    """The buffer on a local path, and on a real S3 server (SeaweedFS) through the same code."""
+    if request.param == "local":
+        return BufferConfig(path=tmp_path / "buf")
+    uri, storage = request.getfixturevalue("s3_location")
+    return BufferConfig(path=uri, storage=storage)
+
+
 def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
-    kafka: KafkaConfig, topics: TopicsConfig, tmp_path: Path
+    kafka: KafkaConfig, topics: TopicsConfig, tmp_path: Path, buffer_cfg: BufferConfig
 ) -> None:
     ensure_topics(kafka, topics)
     events = list(synthetic_drift(DriftSpec(events=50_000, seed=7)))
-    buf_path = tmp_path / "buf"
     producer = threading.Thread(
         target=replay, args=(events, kafka, topics.events), kwargs={"rate": 2_000.0}
     )
@@ -112,14 +125,15 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
     rows_seen = [0]
 
     def rows() -> int:
-        return EventBuffer(BufferConfig(path=buf_path)).stats().rows
+        return EventBuffer(buffer_cfg).stats().rows
 
     while producer.is_alive() or kills < 12:
         # Static membership: the restarted member resumes without waiting out a session timeout.
         proc = _ingest_subprocess(
             kafka,
             topics,
-            buf_path,
+            buffer_cfg,
+            tmp_path,
             STREAMTUNE_INGEST__INSTANCE_ID="ingest-0",
             STREAMTUNE_INGEST__MAX_POLL_RECORDS="300",
         )
@@ -137,7 +151,7 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
     assert kills >= 12
     # Most kills landed while data was flowing, not before the first segment or after the end.
     assert len(set(rows_seen)) >= 6, rows_seen
-    buf = EventBuffer(BufferConfig(path=buf_path))
+    buf = EventBuffer(buffer_cfg)
     ingest_once(kafka, topics, buf)
     assert_exactly_once(buf, {e.event_id for e in events}, topics.events)
 
@@ -196,20 +210,20 @@ def test_two_consumers_split_partitions_exactly_once(
 ) -> None:
     ensure_topics(kafka, topics)
     events = list(synthetic_drift(DriftSpec(events=36_000, seed=11)))
-    buf_path = tmp_path / "buf"
+    buf_cfg = BufferConfig(path=tmp_path / "buf")
     env = {"STREAMTUNE_INGEST__IDLE_EXIT_S": "8"}
-    a = _ingest_subprocess(kafka, topics, buf_path, **env)
+    a = _ingest_subprocess(kafka, topics, buf_cfg, tmp_path, **env)
     producer = threading.Thread(
         target=replay, args=(events, kafka, topics.events), kwargs={"rate": 3_000.0}
     )
     producer.start()
     # The second member joins while the first is consuming: a real rebalance mid-stream.
     time.sleep(2.0)
-    b = _ingest_subprocess(kafka, topics, buf_path, **env)
+    b = _ingest_subprocess(kafka, topics, buf_cfg, tmp_path, **env)
     producer.join()
     codes = (a.wait(timeout=120), b.wait(timeout=120))
-    assert codes == (0, 0), _logs(buf_path)
-    buf = EventBuffer(BufferConfig(path=buf_path))
+    assert codes == (0, 0), _logs(tmp_path)
+    buf = EventBuffer(buf_cfg)
     per_writer: dict[str, int] = {}
     for seg in buf.segments():
         per_writer[seg.writer] = per_writer.get(seg.writer, 0) + seg.rows

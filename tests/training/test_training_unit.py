@@ -91,12 +91,11 @@ def test_registry_refuses_tampered_and_truncated(tmp_path: Path) -> None:
     assert reg.champion() == v1 and reg.load().version == v1
 
 
-def test_registry_ignores_versions_without_success_marker(tmp_path: Path) -> None:
+def test_registry_refuses_a_version_with_a_missing_file(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "reg")
     v1 = _register(reg)
-    (reg.path(v1) / "_SUCCESS").unlink()  # as if the writer died before the marker
-    assert reg.versions() == []
-    with pytest.raises(RegistryIntegrityError, match="incomplete"):
+    (reg.path(v1) / "vocab.json").unlink()  # lost or deleted behind the registry's back
+    with pytest.raises(RegistryIntegrityError, match="missing"):
         reg.verify(v1)
 
 

@@ -1,0 +1,171 @@
+"""A real multi-node Ray cluster on one machine: a head and worker nodes from `ray start`.
+
+Each node is its own `ray start --block` process group with its own resources, temp dir and
+ports, so killing one (SIGKILL to its group: raylet, object store, its workers) is a lost node as
+Ray sees it. Used by the cluster test and ``bench.cluster``; nothing here is a fake of Ray.
+
+Topology (what the README's "scaling out" section describes): the head carries the control
+resource and no CPUs for training, the workers carry ``streamtune_train`` (training) and
+``streamtune_serve`` (replicas).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from streams.broker import free_port
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@dataclass
+class Node:
+    name: str
+    proc: subprocess.Popen[bytes]
+    temp_dir: Path
+    resources: dict[str, float]
+    node_manager_port: int
+
+    def node_id(self) -> str | None:
+        """This node's Ray id (needs a connected driver)."""
+        import ray
+
+        for n in ray.nodes():
+            if n["NodeManagerPort"] == self.node_manager_port:
+                return str(n["NodeID"])
+        return None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+@dataclass
+class LocalCluster:
+    """``root`` must be short: Ray's Unix socket paths under it are limited to 107 bytes."""
+
+    root: Path
+    head_cpus: int = 1
+    object_store_mb: int = 300
+    nodes: list[Node] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        """Environment of the nodes and of any client (driver, `serve deploy`, probe).
+
+        Token authentication is off: the cluster listens on 127.0.0.1 only, and Ray reads the
+        mode once per process, at import, which an in-process test driver cannot change.
+        """
+        return {"RAY_AUTH_MODE": "disabled"}
+
+    def _ports(self, p: list[int]) -> list[str]:
+        # Worker ports below the kernel's ephemeral range (where free_port's come from), one
+        # block per node and per process.
+        lo = 10_000 + (os.getpid() % 20) * 2_000 + len(self.nodes) * 400
+        return [
+            f"--node-manager-port={p[0]}", f"--object-manager-port={p[1]}",
+            f"--metrics-export-port={p[2]}", f"--dashboard-agent-listen-port={p[3]}",
+            f"--dashboard-agent-grpc-port={p[4]}", f"--runtime-env-agent-port={p[5]}",
+            f"--min-worker-port={lo}", f"--max-worker-port={lo + 399}",
+        ]  # fmt: skip
+
+    def _start(self, name: str, args: list[str], resources: dict[str, float]) -> Node:
+        temp = self.root / name
+        temp.mkdir(parents=True, exist_ok=True)
+        ports = [free_port() for _ in range(6)]
+        cmd = [RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+               f"--temp-dir={temp}", f"--object-store-memory={self.object_store_mb << 20}",
+               f"--resources={json.dumps(resources)}", *self._ports(ports), *args]  # fmt: skip
+        log = (self.root / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=dict(os.environ, **self.env()),
+        )  # fmt: skip
+        node = Node(name, proc, temp, resources, ports[0])
+        self.nodes.append(node)
+        return node
+
+    def start_head(self, resources: dict[str, float] | None = None) -> Node:
+        self.port = free_port()
+        # The dashboard too: it serves the state API (which actor runs where) and the metrics.
+        args = ["--head", f"--port={self.port}", f"--num-cpus={self.head_cpus}",
+                "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={free_port()}",
+                f"--ray-client-server-port={free_port()}"]  # fmt: skip
+        node = self._start("head", args, resources or {"streamtune_control": 1.0})
+        self._wait_nodes(1)
+        return node
+
+    def add_worker(self, name: str, cpus: int, resources: dict[str, float]) -> Node:
+        node = self._start(name, [f"--address={self.address}", f"--num-cpus={cpus}"], resources)
+        self._wait_nodes(sum(1 for n in self.nodes if n.alive))
+        return node
+
+    def kill(self, node: Node) -> None:
+        """SIGKILL the node's whole process group: as abrupt as a machine going away."""
+        os.killpg(node.proc.pid, signal.SIGKILL)
+        node.proc.wait()
+
+    def _wait_nodes(self, n: int, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            dead = [node for node in self.nodes if not node.alive]
+            if dead:  # `ray start --block` exits when its node cannot start
+                log = (self.root / f"{dead[0].name}.log").read_text(errors="replace")
+                raise RuntimeError(f"Ray node {dead[0].name} exited:\n{log[-2000:]}")
+            if self.alive_nodes() >= n:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"{n} Ray nodes did not come up; see {self.root}/*.log")
+
+    def alive_nodes(self) -> int:
+        try:
+            probe = subprocess.run(
+                [sys.executable, "-c", _COUNT, self.address], capture_output=True, text=True,
+                timeout=30, check=False, env=dict(os.environ, **self.env()),
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:  # the head is still starting: ask again
+            return 0
+        try:
+            return int(probe.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return 0
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            if node.alive:
+                os.killpg(node.proc.pid, signal.SIGTERM)
+        for node in self.nodes:
+            try:
+                node.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.proc.pid, signal.SIGKILL)
+                node.proc.wait()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+# Counted in a child process: this process may not be connected to the cluster (yet).
+_COUNT = """
+import sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+print(sum(1 for n in ray.nodes() if n["Alive"]))
+"""

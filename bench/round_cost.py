@@ -1,0 +1,208 @@
+"""Does a round's cost follow its new events, or everything ever buffered?
+
+    python -m bench.round_cost [--quick] [--storage local|s3] [--sizes 100000,1000000,5000000]
+
+For each size N: a fresh buffer holding N synthetic events (segments of 250k rows, as compaction
+leaves them), a registry whose champion's watermark is N events with the per-user history index
+those events give (built here once, outside the timing: it is the state that rounds over the N
+events leave behind; the champion's weights are a fresh model, which changes nothing of the
+cost), then the same 20,000 new events (same users, same items) and one real round through the
+loop: plan -> Ray task reading its segments -> Ray Train + DeepSpeed -> gate -> registry.
+
+Reported per N: the round's seconds, its data seconds (segment read in the task), and the growth
+ratios largest / smallest. ``--storage s3`` puts the buffer on the project's SeaweedFS server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from services.config import LoopConfig
+from services.loop import ContinualLoop
+from streams.buffer import EventBuffer, OffsetRange
+from streams.config import BufferConfig
+from streams.events import ARROW_SCHEMA
+from streams.storage import StorageConfig
+from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
+from training.data import user_sequences
+from training.histories import UserHistories
+from training.model import Recommender, save_weights
+from training.registry import Registry
+from training.replay import Reservoir
+from training.round import RoundConfig
+from training.vocab import ItemVocab
+
+USERS = 2_000
+ITEMS = 3_000
+PARTITIONS = 4
+
+
+def synthetic(start: int, n: int, seed: int = 0) -> pa.Table:
+    """Events [start, start + n): users walk item chains (so the model has something to learn)."""
+    rng = np.random.default_rng(seed + start)
+    idx = np.arange(start, start + n, dtype=np.int64)
+    users = rng.integers(0, USERS, n)
+    items = (users * 37 + idx // USERS + rng.integers(0, 3, n)) % ITEMS
+    part = (users % PARTITIONS).astype(np.int32)
+    return pa.table(
+        {
+            "event_id": pa.array([f"e{i}" for i in idx], pa.string()),
+            "user_id": pa.array([f"u{u}" for u in users], pa.string()),
+            "item_id": pa.array([f"i{i}" for i in items], pa.string()),
+            "event_type": pa.array(["click"] * n, pa.string()),
+            "value": pa.array(np.ones(n)),
+            "ts": pa.array(1_700_000_000_000 + idx * 10),
+            "item_text": pa.nulls(n, pa.string()),
+            "context": pa.nulls(n, pa.string()),
+            "topic": pa.array(["events"] * n, pa.string()),
+            "partition": pa.array(part),
+            "offset": pa.array(idx),  # one offset sequence per partition is not needed here
+        },
+        schema=ARROW_SCHEMA,
+    )
+
+
+def append(buffer: EventBuffer, start: int, n: int, chunk: int) -> None:
+    """Events as ingest would write them: each partition's offsets contiguous from 0."""
+    for s in range(start, start + n, chunk):
+        t = synthetic(s, min(chunk, start + n - s))
+        parts = []
+        ranges = []
+        for p in range(PARTITIONS):
+            rows = t.filter(pa.compute.equal(t["partition"], p))
+            base = buffer.next_offsets().get(("events", p), 0)
+            offs = pa.array(np.arange(base, base + rows.num_rows, dtype=np.int64))
+            parts.append(rows.set_column(rows.schema.get_field_index("offset"), "offset", offs))
+            if rows.num_rows:
+                ranges.append(OffsetRange("events", p, base, base + rows.num_rows))
+        buffer.append(pa.concat_tables(parts), ranges, writer="bench")
+
+
+def round_config(storage: Path, epochs: int) -> RoundConfig:
+    return RoundConfig(
+        model=ModelConfig(max_len=20, d_model=32, text_init=False),
+        trainer=TrainerConfig(
+            num_workers=2,
+            epochs=epochs,
+            batch_size=128,
+            lr=5e-3,
+            storage_path=storage,
+            max_failures=0,
+        ),
+        replay=ReplayConfig(capacity=2000, ratio=0.5),
+        gate=GateConfig(min_eval_users=10, tolerance=1.0),
+    )
+
+
+def champion_over(buffer: EventBuffer, registry: Registry, cfg: RoundConfig) -> None:
+    """The registry state that rounds over everything buffered leave: vocab, histories, champion."""
+    table = buffer.read(columns=["user_id", "item_id", "ts", "partition", "offset"])
+    vocab = ItemVocab()
+    vocab.add(table["item_id"].to_pylist())
+    history = UserHistories.from_sequences(user_sequences(table, vocab), cfg.model.max_len)
+    model = Recommender(cfg.model, len(vocab))
+    counts = np.bincount(np.asarray(vocab.encode(table["item_id"].to_pylist())),
+                         minlength=len(vocab)).tolist()  # fmt: skip
+
+    def write(d: Path) -> None:
+        save_weights(model, d / "model.safetensors")
+        (d / "popularity.json").write_text(json.dumps(counts))
+        vocab.save(d / "vocab.json")
+        (d / "titles.json").write_text("{}")
+        Reservoir(cfg.replay.capacity, cfg.model.max_len).save(d)
+        Reservoir(cfg.gate.replay_eval_size, cfg.model.max_len).save(d, name="replay_eval")
+        history.save(d, None)
+
+    meta = {"watermark": buffer.watermark(), "model_config": cfg.model.model_dump()}
+    registry.register(write, meta, promote=True, reason="bench: state of the prefill")
+
+
+def measure(size: int, new: int, where: tuple[str, StorageConfig], tmp: Path, epochs: int) -> dict:
+    location, storage = where
+    buffer = EventBuffer(BufferConfig(path=location, storage=storage))
+    t0 = time.monotonic()
+    append(buffer, 0, size, 250_000)
+    cfg = round_config(tmp / "ray", epochs)
+    registry = Registry(tmp / "registry")
+    champion_over(buffer, registry, cfg)
+    setup_s = time.monotonic() - t0
+    append(buffer, size, new, new)
+    loop = ContinualLoop(buffer, registry, cfg, LoopConfig(min_round_events=100),
+                         tmp / "loop.json")  # fmt: skip
+    t1 = time.monotonic()
+    result = loop.run_once()
+    round_s = time.monotonic() - t1
+    if result is None:
+        raise RuntimeError(f"the round over {size} buffered events did not run: {loop.last_skip}")
+    rec = loop.state()["rounds"][-1]
+    return {"buffered": size, "new": result.new_events, "segments_read": rec["segments"],
+            "round_s": round_s, "read_s": rec["read_s"], "train_s": result.train_s,
+            "setup_s": setup_s}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="sizes 100k/400k/1M, 1 epoch")
+    ap.add_argument("--sizes", default="100000,1000000,5000000")
+    ap.add_argument("--new", type=int, default=20_000)
+    ap.add_argument("--storage", choices=["local", "s3"], default="local")
+    args = ap.parse_args()
+    sizes = [100_000, 400_000, 1_000_000] if args.quick else [int(x) for x in args.sizes.split(",")]
+    epochs = 1 if args.quick else 2
+
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    server = None
+    rows = []
+    try:
+        if args.storage == "s3":
+            from streams.s3server import S3Server
+
+            server = S3Server(Path(tempfile.mkdtemp(prefix="bench-s3-"))).start()
+            server.create_bucket("bench")
+        for size in sizes:
+            tmp = Path(tempfile.mkdtemp(prefix=f"round-cost-{size}-"))
+            try:
+                if server is not None:
+                    where = (f"s3://bench/{size}-{time.time_ns()}",
+                             StorageConfig(options=server.options()))  # fmt: skip
+                else:
+                    where = (str(tmp / "buffer"), StorageConfig())
+                rows.append(measure(size, args.new, where, tmp, epochs))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            r = rows[-1]
+            line = (
+                f"{r['buffered']:>10,} buffered  round {r['round_s']:6.1f}s  "
+                f"read {r['read_s']:5.2f}s  train {r['train_s']:5.1f}s  "
+                f"segments {r['segments_read']}  (setup {r['setup_s']:.0f}s)"
+            )
+            print(line, flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+        ray.shutdown()
+    round_s = {str(r["buffered"]): round(r["round_s"], 2) for r in rows}
+    read_s = {str(r["buffered"]): round(r["read_s"], 3) for r in rows}
+    print(json.dumps({
+        "bench": "round_cost",
+        "storage": "s3" if args.storage == "s3" else "file",
+        "new_events": args.new,
+        "round_s_by_buffered": round_s,
+        "read_s_by_buffered": read_s,
+        "round_cost_growth": round(rows[-1]["round_s"] / rows[0]["round_s"], 3),
+        "read_cost_growth": round(rows[-1]["read_s"] / max(rows[0]["read_s"], 1e-9), 3),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
