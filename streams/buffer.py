@@ -182,16 +182,18 @@ class BufferState(BaseModel):
 
 
 def _apply(state: BufferState, c: BufferCommit) -> BufferState:
-    # Folds in place: the state belongs to one CommitLog and copying it per entry would make every
-    # append cost O(segments).
+    # A new state per entry, never a mutation: another thread may be reading the previous one
+    # (the copy is a dict of segment records, cheap beside the segment write itself).
+    segments = dict(state.segments)
     for name in c.remove:
-        state.segments.pop(name, None)
+        segments.pop(name, None)
     for rec in c.add:
-        state.segments[rec.name] = rec
+        segments[rec.name] = rec
+    retired = dict(state.retired)
     for key, end in c.retire.items():
-        state.retired[key] = max(state.retired.get(key, 0), end)
-    state.quarantined.extend(c.quarantine)
-    return state
+        retired[key] = max(retired.get(key, 0), end)
+    quarantined = [*state.quarantined, *c.quarantine]
+    return BufferState.model_construct(segments=segments, retired=retired, quarantined=quarantined)
 
 
 def _write_error(where: str, err: OSError) -> BufferWriteError:

@@ -16,6 +16,7 @@ and the few entries after it instead of the whole history.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -52,6 +53,9 @@ class CommitLog(Generic[S, E]):
         self._state: S = state_type()
         self._next = 0  # the first entry not yet folded into _state
         self._cold = True
+        # One log object is shared by threads (ingest, the loop and the gauges share a buffer):
+        # two refreshes folding the same entry would skip the next one.
+        self._lock = threading.RLock()
 
     def _key(self, n: int, kind: str = "json") -> str:
         return f"{self.prefix}/{n:020d}.{kind}"
@@ -63,6 +67,10 @@ class CommitLog(Generic[S, E]):
 
     def refresh(self) -> S:
         """Fold every entry written since the last call; returns the current state."""
+        with self._lock:
+            return self._refresh()
+
+    def _refresh(self) -> S:
         if self._cold:
             self._start_from_checkpoint()
             self._cold = False
@@ -79,7 +87,11 @@ class CommitLog(Generic[S, E]):
         ``make`` sees the freshest state and returns the entry to write, or None to write nothing
         (its intent no longer holds). Returns the written entry and its number, or None.
         """
-        state = self.refresh()
+        with self._lock:
+            return self._append(make)
+
+    def _append(self, make: Callable[[S], E | None]) -> tuple[E, int] | None:
+        state = self._refresh()
         while True:
             entry = make(state)
             if entry is None:
@@ -90,7 +102,7 @@ class CommitLog(Generic[S, E]):
                 if n > 0 and n % self.checkpoint_every == 0:
                     self._checkpoint(n)
                 return entry, n
-            state = self.refresh()  # someone else wrote entry n: fold it and decide again
+            state = self._refresh()  # someone else wrote entry n: fold it and decide again
 
     def _fold(self, entry: E) -> None:
         self._state = self._apply(self._state, entry)

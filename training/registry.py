@@ -222,19 +222,22 @@ class RegistryState(BaseModel):
 
 
 def _apply(state: RegistryState, e: RegistryEntry) -> RegistryState:
-    # Folds in place (the state belongs to one CommitLog), like the buffer's log.
+    # A new state per entry, never a mutation: a caller (another thread) may still be reading
+    # the previous one outside the lock.
+    versions = dict(state.versions)
     for v in e.remove:
-        state.versions.pop(v, None)
+        versions.pop(v, None)
+    next_version = max(state.next_version, e.next_version)
     for rec in e.add:
-        state.versions[rec.version] = rec
-        state.next_version = max(state.next_version, rec.version + 1)
-    state.next_version = max(state.next_version, e.next_version)
-    if e.champion is not None:
-        state.champion = e.champion
-    state.decisions.extend(e.decisions)
-    if e.rollout is not None:
-        state.rollout = e.rollout
-    return state
+        versions[rec.version] = rec
+        next_version = max(next_version, rec.version + 1)
+    return RegistryState.model_construct(
+        versions=versions,
+        next_version=next_version,
+        champion=e.champion if e.champion is not None else state.champion,
+        decisions=[*state.decisions, *e.decisions],
+        rollout=e.rollout if e.rollout is not None else state.rollout,
+    )
 
 
 @dataclass(frozen=True)

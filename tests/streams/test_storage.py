@@ -99,3 +99,26 @@ def test_unsupported_location_says_what_to_use() -> None:
         open_storage("ftp://host/x")
     assert isinstance(open_storage("file:///tmp/streamtune-test-store"), LocalStorage)
     assert StorageConfig().options == {}
+
+
+def test_one_log_shared_by_threads_never_skips_an_entry(storage: Storage) -> None:
+    # ingest, the loop and the gauges share one buffer (one log object) across threads: two
+    # refreshes folding the same entry at once must not skip the next one.
+    shared = CommitLog(storage, "_log", _Count, _Add, _apply)
+    writer = CommitLog(storage, "_log", _Count, _Add, _apply)
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            shared.refresh()
+
+    readers = [threading.Thread(target=read) for _ in range(4)]
+    for t in readers:
+        t.start()
+    for _ in range(150):
+        writer.append(lambda st: _Add(n=1, writer="w"))
+    done.set()
+    for t in readers:
+        t.join()
+    state = shared.refresh()
+    assert state.total == 150 and shared.next_entry == 150
