@@ -125,13 +125,25 @@ def champion_over(buffer: EventBuffer, registry: Registry, cfg: RoundConfig) -> 
     registry.register(write, meta, promote=True, reason="bench: state of the prefill")
 
 
-def measure(size: int, new: int, where: tuple[str, StorageConfig], tmp: Path, epochs: int) -> dict:
+def measure(
+    size: int,
+    new: int,
+    where: tuple[str, StorageConfig],
+    tmp: Path,
+    epochs: int,
+    cfg: RoundConfig | None = None,
+) -> dict:
+    """One round over ``new`` events after ``size`` buffered. With ``cfg`` (a cluster's: its
+    Ray Train storage and node placement) the registry sits beside the buffer (``where``)."""
     location, storage = where
     buffer = EventBuffer(BufferConfig(path=location, storage=storage))
     t0 = time.monotonic()
     append(buffer, 0, size, 250_000)
-    cfg = round_config(tmp / "ray", epochs)
-    registry = Registry(tmp / "registry")
+    if cfg is None:
+        cfg = round_config(tmp / "ray", epochs)
+        registry = Registry(tmp / "registry")
+    else:
+        registry = Registry(f"{location.rstrip('/')}-registry", storage=storage)
     champion_over(buffer, registry, cfg)
     setup_s = time.monotonic() - t0
     append(buffer, size, new, new)
