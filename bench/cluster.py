@@ -116,8 +116,9 @@ def stream_loop(cluster: LocalCluster, workers: list[Node], s3: S3Server, tmp: P
         opts = StorageConfig(options=s3.options())
         buffer = EventBuffer(BufferConfig(path=f"{prefix}/buffer", storage=opts))
         registry = Registry(f"{prefix}/registry", storage=opts)
-        loop = ContinualLoop(buffer, registry, round_config(prefix, opts, 2),
-                             LoopConfig(min_round_events=300), tmp / "loop.json")  # fmt: skip
+        loop_cfg = LoopConfig(min_round_events=300, round_on_cluster=True)
+        loop = ContinualLoop(buffer, registry, round_config(prefix, opts, 2), loop_cfg,
+                             tmp / "loop.json")  # fmt: skip
         rate = len(events) / (40.0 if quick else 90.0)
         producer = threading.Thread(target=replay, args=(events, kafka, topics.events),
                                     kwargs={"rate": rate})  # fmt: skip

@@ -147,8 +147,8 @@ def measure(
     champion_over(buffer, registry, cfg)
     setup_s = time.monotonic() - t0
     append(buffer, size, new, new)
-    loop = ContinualLoop(buffer, registry, cfg, LoopConfig(min_round_events=100),
-                         tmp / "loop.json")  # fmt: skip
+    loop = ContinualLoop(buffer, registry, cfg, LoopConfig(min_round_events=100,
+                         round_on_cluster=True), tmp / "loop.json")  # fmt: skip
     t1 = time.monotonic()
     result = loop.run_once()
     round_s = time.monotonic() - t1

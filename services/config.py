@@ -23,6 +23,14 @@ class LoopConfig(BaseModel):
     compact_every_s: float = Field(
         default=300.0, gt=0, description="How often the buffer is compacted."
     )
+    round_on_cluster: bool = Field(
+        default=False,
+        description=(
+            "Run each round as a Ray task on a training node that reads its planned segments "
+            "itself (cluster mode); false: the loop's own process runs the same planned round "
+            "(one machine, where there is no other node to move the work to)."
+        ),
+    )
 
 
 class SupervisorConfig(BaseModel):

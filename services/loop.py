@@ -2,10 +2,11 @@
 
 Decides when to train (``min_new_events`` new events or ``max_wait_s``, whichever first; skips
 rounds with too few events), plans the round's data between two watermarks (segment names and
-offsets, never rows) and runs it as a Ray task that reads the data itself
-(``services.round_job``). The registry is the loop's memory: the data a round trains on
-starts at the watermark of the latest registered version, so a loop killed at any point resumes
-without skipping or re-training data (a round that never registered simply runs again).
+offsets, never rows) and runs the planned round: with ``loop.round_on_cluster`` as a Ray task on
+a training node that reads the data itself, otherwise in this process (``services.round_job``).
+The registry is the loop's memory: the data a round trains on starts at the watermark of the
+latest registered version, so a loop killed at any point resumes without skipping or
+re-training data (a round that never registered simply runs again).
 
 One writer per slice: at start the loop repairs registrations a crash interrupted (see
 ``Registry.repair``), and a round registers only if the latest version is still the one whose
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from services.config import LoopConfig
-from services.round_job import plan_round, run_on_cluster
+from services.round_job import plan_round, run_on_cluster, run_planned
 from streams.buffer import EventBuffer
 from streams.storage import atomic_write_bytes
 from training.errors import ConcurrentRoundError
@@ -96,8 +97,9 @@ class ContinualLoop:
         self.last_skip = None
         t0 = time.monotonic()
         try:
-            outcome = run_on_cluster(plan, self.registry.expecting(base), self.round_cfg,
-                                     {"after_watermark": after})  # fmt: skip
+            run = run_on_cluster if self.cfg.round_on_cluster else run_planned
+            outcome = run(plan, self.registry.expecting(base), self.round_cfg,
+                          {"after_watermark": after})  # fmt: skip
         except ConcurrentRoundError as err:
             self.last_skip = f"another process registered this slice first: {err}"
             log.warning("round dropped: %s", self.last_skip)

@@ -96,8 +96,8 @@ def test_rounds_on_worker_nodes_with_state_on_s3_survive_a_lost_node(
             head_id = cluster.nodes[0].node_id()
             buffer = EventBuffer(BufferConfig(path=f"{prefix}/buffer", storage=opts))
             registry = Registry(f"{prefix}/registry", storage=opts)
-            loop = ContinualLoop(buffer, registry, cfg, LoopConfig(min_round_events=200),
-                                 tmp_path / "loop.json")  # fmt: skip
+            loop_cfg = LoopConfig(min_round_events=200, round_on_cluster=True)
+            loop = ContinualLoop(buffer, registry, cfg, loop_cfg, tmp_path / "loop.json")
 
             replay(events[:6000], kafka, topics.events)
             _ingest(kafka, topics, buffer)
