@@ -18,10 +18,6 @@ $(STAMP): requirements.lock pyproject.toml Makefile
 	@$(BIN)/python -m pip install -q --disable-pip-version-check uv==0.13.8
 	$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode -r requirements.lock
 	DS_BUILD_OPS=0 $(BIN)/uv pip install --python $(BIN)/python --no-build-isolation --no-deps $(DEEPSPEED)
-	@# DeepSpeed JIT-builds its CPU shared-memory comm op in a process's first training round
-	@# (50 s idle, several minutes on 2 loaded cores, again for every new venv path), so
-	@# every first round of a fresh clone paid it inside a test's time budget; build it here.
-	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
 	$(BIN)/uv pip install --python $(BIN)/python --no-deps -e .
 	@rm -f $(VENV)/.installed-*
 	@touch $@

@@ -116,9 +116,11 @@ def test_signal_mid_round_stops_everything(
             kafka = KafkaConfig(bootstrap_servers=f"127.0.0.1:{broker_port}")
             events = synthetic_drift(DriftSpec(users=40, events=3000, seed=3))
             replay(list(events), kafka, "streamtune.events")
-        runs = lambda: list(state.rglob("ray_results/round-*"))  # noqa: E731
-        _wait_for(lambda: bool(runs()), 300, "a training round to start", proc, log)
-        time.sleep(5.0)  # the Train workers are up and fitting
+        # Mid-round: after the first epoch's checkpoint, with epochs still to go. (Not earlier:
+        # a fresh environment's first round JIT-builds a DeepSpeed op, and a kill during that
+        # build leaves partial build files behind for every later test's rounds.)
+        ckpts = lambda: list(state.rglob("ray_results/round-*/checkpoint_*"))  # noqa: E731
+        _wait_for(lambda: bool(ckpts()), 420, "a training round's first epoch", proc, log)
         assert proc.poll() is None
         started = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         broker_pid = int(next(state.rglob("kafka/broker.pid")).read_text())
