@@ -32,7 +32,7 @@ import re
 import time
 import uuid
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -220,10 +220,6 @@ class EventBuffer:
             raise EventBufferError(f"the buffer at {self.storage.uri} is not a local directory")
         return root
 
-    @property
-    def location(self) -> str:
-        return self.storage.uri
-
     # -- writing ------------------------------------------------------------------------
     def append(self, table: pa.Table, ranges: list[OffsetRange], writer: str = "") -> Segment:
         """Durably add one segment covering ``ranges`` (it may hold no rows: all dead-lettered).
@@ -281,9 +277,11 @@ class EventBuffer:
         footer = _footer_of(pq.read_schema(pa.BufferReader(data)))
         return SegmentRecord(name=name, bytes=len(data), footer=footer)
 
-    def _commit(self, decide: object) -> tuple[BufferCommit, int] | None:
+    def _commit(
+        self, decide: Callable[[BufferState], BufferCommit | None]
+    ) -> tuple[BufferCommit, int] | None:
         try:
-            return self.log.append(decide)  # type: ignore[arg-type]
+            return self.log.append(decide)
         except OSError as err:
             raise _write_error(f"{self.storage.uri}/{LOG}", err) from err
 
@@ -318,8 +316,8 @@ class EventBuffer:
         log.info("adopted %d segments of a buffer written before its commit log", len(live))
 
     # -- the index ----------------------------------------------------------------------
-    def segments(self, stable: bool = False) -> list[Segment]:
-        """Live segments in creation order (``stable`` is kept for callers; the log is exact)."""
+    def segments(self) -> list[Segment]:
+        """Live segments in creation order, as the commit log has them."""
         state = self.log.refresh()
         return [_segment(state.segments[n]) for n in sorted(state.segments)]
 

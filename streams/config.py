@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from streams.storage import StorageConfig, is_remote
+from streams.storage import Location, StorageConfig
 
 Protocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 
@@ -100,13 +100,7 @@ class BrokerConfig(_Strict):
 class BufferConfig(_Strict):
     """The durable Parquet event buffer."""
 
-    @field_validator("path", mode="before")
-    @classmethod
-    def _location(cls, v: object) -> object:
-        # A URI must stay a string: Path("s3://b/k") would collapse the "//".
-        return v if isinstance(v, str) and is_remote(v) else Path(str(v))
-
-    path: Path | str = Field(
+    path: Location = Field(
         default=Path("state/buffer"),
         description="Local directory or s3://, gs://, az:// URI under which segments are kept.",
     )

@@ -78,18 +78,8 @@ class S3Server:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def env(self) -> dict[str, str]:
-        """The standard AWS variables a client (obstore, pyarrow, Ray workers) needs for it."""
-        return {
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-            "AWS_REGION": "us-east-1",
-            "AWS_ALLOW_HTTP": "true",
-        }
-
     def options(self) -> dict[str, str]:
-        """The same, as ``StorageConfig.options`` (for processes that do not share our env)."""
+        """How to reach this server, as ``StorageConfig.options`` (any process, any node)."""
         return {
             "endpoint": self.endpoint,
             "access_key_id": ACCESS_KEY,

@@ -21,14 +21,23 @@ import os
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from streams.errors import StorageError
 
 REMOTE_SCHEMES = ("s3", "s3a", "gs", "az", "abfs", "abfss", "adl", "azure")
+
+
+def _as_location(v: object) -> object:
+    # A URI must stay a string: Path("s3://b/k") would collapse the "//".
+    return v if isinstance(v, str) and is_remote(v) else Path(str(v))
+
+
+# A config field naming where state lives: a local Path, or an object-store URI kept as a string.
+Location = Annotated[Path | str, BeforeValidator(_as_location)]
 
 
 class StorageConfig(BaseModel):

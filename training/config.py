@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from streams.storage import StorageConfig, is_remote
+from streams.storage import Location, StorageConfig
 
 
 class _Strict(BaseModel):
@@ -63,11 +63,6 @@ class ReplayConfig(_Strict):
 class TrainerConfig(_Strict):
     """One training round: Ray Train workers running DeepSpeed data parallelism."""
 
-    @field_validator("storage_path", mode="before")
-    @classmethod
-    def _location(cls, v: object) -> object:
-        return v if isinstance(v, str) and is_remote(v) else Path(str(v))
-
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers (data parallel).")
     use_gpu: bool | None = Field(
         default=None, description="Train on GPUs; None = when the Ray cluster has any."
@@ -86,7 +81,7 @@ class TrainerConfig(_Strict):
     max_failures: int = Field(
         default=2, ge=0, description="Retries of a round when a worker dies (Ray FailureConfig)."
     )
-    storage_path: Path | str = Field(
+    storage_path: Location = Field(
         default=Path("state/ray_results"),
         description=(
             "Ray Train's checkpoints: a local path on one machine, an s3:// (gs://, ...) URI on a "
@@ -110,12 +105,7 @@ class TrainerConfig(_Strict):
 class RegistryConfig(_Strict):
     """Where versions, the champion pointer and the rollout state live."""
 
-    @field_validator("path", mode="before")
-    @classmethod
-    def _location(cls, v: object) -> object:
-        return v if isinstance(v, str) and is_remote(v) else Path(str(v))
-
-    path: Path | str = Field(
+    path: Location = Field(
         default=Path("state/registry"),
         description="Local directory or s3://, gs://, az:// URI (shared by every node).",
     )
