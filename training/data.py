@@ -38,6 +38,21 @@ class Examples:
     def take(self, idx: np.ndarray) -> Examples:
         return Examples(self.inputs[idx], self.targets[idx])
 
+    def shard(self, rank: int, world: int) -> Examples:
+        """Rank ``rank``'s share of ``world`` equal shards (strided, wrapped around to pad).
+
+        Every rank must take the same number of optimizer steps: each step all-reduces gradients,
+        so one extra batch on one rank leaves the others waiting forever at the epoch's end
+        (``np.arange(rank, n, world)`` alone gives rank 0 one more example when n is odd).
+        Padding repeats at most ``world - 1`` examples, as torch's DistributedSampler does.
+        """
+        n = len(self)
+        if n == 0:
+            return self
+        per_rank = -(-n // world)  # ceil
+        idx = np.arange(rank, per_rank * world, world) % n
+        return self.take(idx)
+
 
 @dataclass
 class Holdout:

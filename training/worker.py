@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -76,9 +75,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(tcfg, on_gpu)
     )
-    inputs, targets = data["inputs"], data["targets"]
-    mine = np.arange(rank, len(inputs), world)  # this worker's shard
-    shard = Examples(inputs[mine], targets[mine])
+    shard = Examples(data["inputs"], data["targets"]).shard(rank, world)
 
     def step(loss: torch.Tensor) -> None:
         engine.backward(loss)

@@ -35,6 +35,18 @@ def test_windows_only_predict_new_events() -> None:
     assert ex.inputs.shape == (1, 3) and list(ex.inputs[0]) == [6, 7, 8]
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 65, 129])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_shards_give_every_rank_the_same_steps_and_cover_all_examples(n: int, world: int) -> None:
+    # Unequal step counts deadlock DeepSpeed's all-reduce at an epoch's end (seen: n odd, world 2).
+    rows = np.arange(n, dtype=np.int64).reshape(n, 1)
+    ex = Examples(rows, rows.copy())
+    shards = [ex.shard(r, world) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1
+    assert len(shards[0]) * world - n < world  # pads at most world - 1
+    assert set(np.concatenate([s.inputs[:, 0] for s in shards]).tolist()) == set(range(n))
+
+
 def test_round_examples_hold_out_last_event() -> None:
     ex, hold = round_examples({"u": [1, 2]}, {"u": [3, 4, 5]}, max_len=4, holdout=True)
     assert list(hold.targets) == [5] and list(hold.histories[0]) == [1, 2, 3, 4]
