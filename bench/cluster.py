@@ -12,9 +12,12 @@ every published event must be in the buffer exactly once. Finally the round-cost
 ``bench.round_cost`` runs on the same cluster and S3: the same 20,000 new events with 100k, 1M
 and 5M events already buffered (``--quick``: 100k, 400k, 1M).
 
-The Serve side of cluster mode (a separately deployed app following promotions and rollbacks,
-failed requests during rollouts) needs the control plane in the cluster, which is not built
-yet: those keys are reported as null, not guessed.
+The driver runs what `up --address ... --no-serve` runs (``services.runtime.start``): ingest and
+the loop, with the control plane (rollout controller, history actor) as detached actors on the
+head. Once a champion exists the Serve app is deployed on its own (`serve deploy` of
+deploy/serve.yaml) onto the worker nodes, and a client keeps querying it: each promoted version's
+rollout is timed and its failed requests counted. At the end a version that fails every live
+request is promoted; the controller must roll the app back (its failures are reported apart).
 """
 
 from __future__ import annotations
@@ -29,30 +32,36 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.liveclient import LiveClient, register_broken_copy
 from bench.raycluster import LocalCluster, Node
 from bench.round_cost import measure
 from services.config import LoopConfig
 from services.loop import ContinualLoop
+from services.runtime import start
+from services.settings import Settings
+from serving.config import RolloutConfig, ServingConfig
 from streams.admin import ensure_topics
 from streams.broker import LocalBroker, free_port
-from streams.buffer import EventBuffer
 from streams.config import BrokerConfig, BufferConfig, IngestConfig, KafkaConfig, TopicsConfig
 from streams.datasets import DriftSpec, synthetic_drift
-from streams.ingest import Ingestor
 from streams.producer import replay
 from streams.s3server import S3Server
 from streams.storage import StorageConfig
-from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
+from training.config import GateConfig, ModelConfig, RegistryConfig, ReplayConfig, TrainerConfig
 from training.registry import Registry
 from training.round import RoundConfig
 
-TRAIN = "streamtune_train"
+TRAIN, SERVE = "streamtune_train", "streamtune_serve"
 
 
 def round_config(prefix: str, opts: StorageConfig, epochs: int) -> RoundConfig:
-    return RoundConfig(
-        model=ModelConfig(max_len=20, d_model=32, text_init=False),
-        trainer=TrainerConfig(
+    return RoundConfig(**_training(prefix, opts, epochs))
+
+
+def _training(prefix: str, opts: StorageConfig, epochs: int) -> dict[str, Any]:
+    return {
+        "model": ModelConfig(max_len=20, d_model=32, text_init=False),
+        "trainer": TrainerConfig(
             num_workers=2,
             epochs=epochs,
             first_round_epochs=epochs,
@@ -63,9 +72,51 @@ def round_config(prefix: str, opts: StorageConfig, epochs: int) -> RoundConfig:
             max_failures=3,
             node_resource=TRAIN,
         ),
-        replay=ReplayConfig(capacity=2000, ratio=1.0),
-        gate=GateConfig(min_eval_users=10, tolerance=0.05),
+        "replay": ReplayConfig(capacity=2000, ratio=1.0),
+        "gate": GateConfig(min_eval_users=10, tolerance=0.05),
+    }
+
+
+def settings(tmp: Path, kafka: KafkaConfig, topics: TopicsConfig, prefix: str,
+             opts: StorageConfig) -> Settings:  # fmt: skip
+    """What `up --address ... --no-serve` runs with on this cluster."""
+    return Settings(
+        state_dir=tmp / "state",
+        embedded_broker=False,
+        kafka=kafka,
+        topics=topics,
+        buffer=BufferConfig(path=f"{prefix}/buffer", storage=opts),
+        registry=RegistryConfig(path=f"{prefix}/registry", storage=opts),
+        ingest=IngestConfig(group_id="bench-ingest"),
+        loop=LoopConfig(min_round_events=300, round_on_cluster=True),
+        serving=ServingConfig(replicas=2, node_resource=SERVE, follow_s=0.5),
+        rollout=RolloutConfig(
+            in_cluster=True,
+            poll_s=0.5,
+            watch_s=60,
+            min_requests=10,
+            max_p99_ms=10_000,
+            converge_timeout_s=90,
+        ),
+        **_training(prefix, opts, 2),
     )
+
+
+def serve_env(s: Settings, tmp: Path) -> dict[str, str]:
+    """The app's settings for `serve deploy` (what a RayService's env carries)."""
+    return {
+        "STREAMTUNE_STATE_DIR": str(tmp / "serve-state"),
+        "STREAMTUNE_EMBEDDED_BROKER": "false",
+        "STREAMTUNE_KAFKA__BOOTSTRAP_SERVERS": s.kafka.bootstrap_servers,
+        "STREAMTUNE_TOPICS__EVENTS": s.topics.events,
+        "STREAMTUNE_BUFFER__PATH": str(s.buffer.path),
+        "STREAMTUNE_BUFFER__STORAGE__OPTIONS": json.dumps(s.buffer.storage.options),
+        "STREAMTUNE_REGISTRY__PATH": str(s.registry.path),
+        "STREAMTUNE_REGISTRY__STORAGE__OPTIONS": json.dumps(s.registry.storage.options),
+        "STREAMTUNE_SERVING__REPLICAS": str(s.serving.replicas),
+        "STREAMTUNE_SERVING__NODE_RESOURCE": SERVE,
+        "STREAMTUNE_SERVING__FOLLOW_S": str(s.serving.follow_s),
+    }
 
 
 def _train_worker_nodes() -> set[str]:
@@ -108,25 +159,23 @@ def stream_loop(cluster: LocalCluster, workers: list[Node], s3: S3Server, tmp: P
                               state_dir=tmp / "kafka", heap="512m")  # fmt: skip
     broker = LocalBroker(broker_cfg)
     broker.up()
+    running = None
     try:
         kafka = KafkaConfig(bootstrap_servers=broker_cfg.bootstrap)
         topics = TopicsConfig(events="bench.events", dead_letter="bench.dlq", partitions=4)
         ensure_topics(kafka, topics)
         prefix = f"s3://bench/cluster-{uuid.uuid4().hex[:8]}"
-        opts = StorageConfig(options=s3.options())
-        buffer = EventBuffer(BufferConfig(path=f"{prefix}/buffer", storage=opts))
-        registry = Registry(f"{prefix}/registry", storage=opts)
-        loop_cfg = LoopConfig(min_round_events=300, round_on_cluster=True)
-        loop = ContinualLoop(buffer, registry, round_config(prefix, opts, 2), loop_cfg,
-                             tmp / "loop.json")  # fmt: skip
+        s = settings(tmp, kafka, topics, prefix, StorageConfig(options=s3.options()))
+        running = start(s, serve_http=False)  # ingest, the loop; the control plane in the cluster
+        loop, registry = running.loop, running.registry
         rate = len(events) / (40.0 if quick else 90.0)
         producer = threading.Thread(target=replay, args=(events, kafka, topics.events),
                                     kwargs={"rate": rate})  # fmt: skip
-        ingestor = Ingestor(kafka, topics, IngestConfig(group_id="bench-ingest"), buffer)
-        ingest = threading.Thread(target=ingestor.run)
         producer.start()
-        ingest.start()
+        port = free_port()
+        client: LiveClient | None = None
         results: list[Any] = []
+        rollouts: list[dict[str, Any]] = []
         kill: dict[str, Any] = {}
         per_round = len(events) // rounds_wanted
         while len(results) < rounds_wanted:
@@ -140,41 +189,74 @@ def stream_loop(cluster: LocalCluster, workers: list[Node], s3: S3Server, tmp: P
                 kill["node"] = _kill_mid_round(cluster, workers, runner)
             runner.join()
             seconds = time.monotonic() - t0
+            r = out.get("r")
             if len(results) == 1:
                 dead = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
                 kill["confirmed_dead"] = kill["node"] in dead
-                kill["round_registered"] = out.get("r") is not None
+                kill["round_registered"] = r is not None
                 kill["recover_s"] = round(seconds, 1)
                 # The node comes back (a replacement machine joining the cluster).
                 victim = next(w for w in workers if not w.alive)
-                workers[workers.index(victim)] = cluster.add_worker(f"{victim.name}b", 2,
-                                                                    {TRAIN: 1.0})  # fmt: skip
-            if out.get("r") is None and not producer.is_alive() and loop.pending() == 0:
+                workers[workers.index(victim)] = cluster.add_worker(
+                    f"{victim.name}b", 3, {TRAIN: 1.0, SERVE: 1.0}
+                )
+            if r is None and not producer.is_alive() and loop.pending() == 0:
                 break
-            results.append((out.get("r"), seconds))
-            print(f"round {len(results)}: {seconds:.1f}s -> "
-                  f"{getattr(out.get('r'), 'version', None)}", flush=True)  # fmt: skip
+            results.append((r, seconds))
+            what = f"v{r.version}{' (promoted)' if r.promoted else ''}" if r else "nothing"
+            print(f"round {len(results)}: {seconds:.1f}s -> {what}", flush=True)
+            champion = registry.champion()
+            if client is None and champion is not None:
+                # The Serve app, deployed on its own by another process, once a champion exists.
+                cluster.serve_deploy(port, serve_env(s, tmp))
+                vocab = json.loads((registry.path(champion) / "vocab.json").read_text())
+                client = LiveClient(f"http://127.0.0.1:{port}", vocab["items"][:5]).__enter__()
+                client.wait_for(champion, timeout=300)
+            elif client is not None and r is not None and r.promoted:
+                t = time.time()
+                took = client.wait_for(r.version, timeout=300)
+                time.sleep(2.0)  # and a little after
+                rollouts.append({"version": r.version, "seconds": round(took, 2),
+                                 "failed": client.failed(t, time.time())})  # fmt: skip
+        rollback: dict[str, Any] = {}
+        if client is not None:
+            good = registry.champion()
+            assert good is not None
+            bad = register_broken_copy(registry, good)
+            t = time.time()
+            registry.set_champion(bad, "bench: fails every live request")
+            while registry.champion() != good and time.time() - t < 300:
+                time.sleep(0.5)
+            rollback = {"bad": bad, "rolled_back": registry.champion() == good,
+                        "detect_s": round(time.time() - t, 2)}  # fmt: skip
+            rollback["serve_back_s"] = round(client.wait_for(good, timeout=300), 2)
+            rollback["failed_while_bad"] = client.failed(t, time.time())
+            client.__exit__()
         producer.join()
         time.sleep(5.0)  # ingest drains what was published last
-        ingestor.stop()
-        ingest.join(timeout=60)
-        table = buffer.read(columns=["event_id"])
+        running.stop(timeout=60)
+        table = running.buffer.read(columns=["event_id"])
         ids = table["event_id"].to_pylist()
         published = {e.event_id for e in events}
-        versions = Registry(f"{prefix}/registry", storage=opts).versions()
-        promoted = [d for d in registry.decisions() if d["decision"] == "promote"]
+        versions = Registry(f"{prefix}/registry", storage=s.registry.storage).versions()
+        decisions = registry.decisions()
         return {
             "events": len(events),
             "lost": len(published - set(ids)),
             "duplicated": len(ids) - len(set(ids)),
             "rounds": len(results),
             "versions": versions,
-            "one_version_per_round": len(versions) == sum(1 for r, _ in results if r),
-            "promoted": len(promoted),
+            "one_version_per_round": len(versions) == sum(1 for r, _ in results if r) + 1,
+            "promoted": sum(1 for d in decisions if d["decision"] == "promote"),
+            "rollbacks": sum(1 for d in decisions if d["decision"] == "rollback"),
+            "rollouts": rollouts,
+            "rollback": rollback,
             "round_s": [round(s, 1) for _, s in results],
             "node_kill": kill,
         }
     finally:
+        if running is not None:
+            running.stop(timeout=30)
         broker.down()
 
 
@@ -192,7 +274,7 @@ def main() -> None:
     cluster = LocalCluster(root / "ray")
     try:
         cluster.start_head()
-        workers = [cluster.add_worker(f"w{i}", 2, {TRAIN: 1.0}) for i in (1, 2)]
+        workers = [cluster.add_worker(f"w{i}", 3, {TRAIN: 1.0, SERVE: 1.0}) for i in (1, 2)]
         ray.init(address=cluster.address, log_to_driver=False)
         loop_result = stream_loop(cluster, workers, s3, root, args.quick)
         opts = StorageConfig(options=s3.options())
@@ -218,8 +300,12 @@ def main() -> None:
         "nodes": 3,
         "storage": "s3",
         "promoted": loop_result["promoted"],
-        "rollbacks": None,  # needs the in-cluster control plane (not built yet)
-        "failed_requests": None,  # likewise: no Serve app in this run
+        "rollbacks": loop_result["rollbacks"],
+        # Requests that failed while the app rolled forward to a promoted version (the broken
+        # version's own failures are what trigger its rollback: reported apart).
+        "failed_requests": sum(r["failed"] for r in loop_result["rollouts"]),
+        "rollouts": loop_result["rollouts"],
+        "rollback": loop_result["rollback"],
         "node_kill_recovered": recovered and loop_result["one_version_per_round"],
         "node_kill_recover_s": kill.get("recover_s"),
         "lost": loop_result["lost"],

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+import yaml
+
 from streams.broker import free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -57,10 +59,16 @@ class LocalCluster:
     object_store_mb: int = 300
     nodes: list[Node] = field(default_factory=list)
     port: int = 0
+    dashboard_port: int = 0
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard(self) -> str:
+        """The dashboard's URL: `serve deploy --address` and the job and state APIs use it."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
 
     def env(self) -> dict[str, str]:
         """Environment of the nodes and of any client (driver, `serve deploy`, probe).
@@ -73,7 +81,8 @@ class LocalCluster:
     def _ports(self, p: list[int]) -> list[str]:
         # Worker ports below the kernel's ephemeral range (where free_port's come from), one
         # block per node and per process.
-        lo = 10_000 + (os.getpid() % 20) * 2_000 + len(self.nodes) * 400
+        slots = max(1, (_ephemeral_low() - 10_000) // 2_000)  # blocks of 5 nodes x 400 ports
+        lo = 10_000 + (os.getpid() % slots) * 2_000 + (len(self.nodes) % 5) * 400
         return [
             f"--node-manager-port={p[0]}", f"--object-manager-port={p[1]}",
             f"--metrics-export-port={p[2]}", f"--dashboard-agent-listen-port={p[3]}",
@@ -98,11 +107,11 @@ class LocalCluster:
         return node
 
     def start_head(self, resources: dict[str, float] | None = None) -> Node:
-        self.port = free_port()
+        self.port, self.dashboard_port = free_port(), free_port()
         # The dashboard too: it serves the state API (which actor runs where) and the metrics.
         args = ["--head", f"--port={self.port}", f"--num-cpus={self.head_cpus}",
                 "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={free_port()}",
+                f"--dashboard-port={self.dashboard_port}",
                 f"--ray-client-server-port={free_port()}"]  # fmt: skip
         node = self._start("head", args, resources or {"streamtune_control": 1.0})
         self._wait_nodes(1)
@@ -112,6 +121,23 @@ class LocalCluster:
         node = self._start(name, [f"--address={self.address}", f"--num-cpus={cpus}"], resources)
         self._wait_nodes(sum(1 for n in self.nodes if n.alive))
         return node
+
+    def serve_deploy(self, port: int, env_vars: dict[str, str]) -> None:
+        """`serve deploy` of deploy/serve.yaml's app by a process of its own (not the driver's
+        job): HTTP on 127.0.0.1:``port``, settings from ``env_vars``."""
+        spec = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "serve.yaml").read_text())
+        spec["http_options"]["port"] = port
+        spec["proxy_location"] = "HeadOnly"
+        spec["applications"][0]["runtime_env"] = {"env_vars": env_vars}
+        path = self.root / "serve.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        done = subprocess.run(
+            [str(Path(sys.executable).with_name("serve")), "deploy", str(path),
+             "--address", self.dashboard],
+            env=dict(os.environ, **self.env()), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"serve deploy failed:\n{done.stdout}{done.stderr}")
 
     def kill(self, node: Node) -> None:
         """SIGKILL the node's whole process group: as abrupt as a machine going away."""
@@ -161,6 +187,14 @@ class LocalCluster:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out on its own (free_port's come from above it)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
 
 
 # Counted in a child process: this process may not be connected to the cluster (yet).

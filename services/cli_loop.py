@@ -41,6 +41,10 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         from streams.broker import LocalBroker
 
         s = settings_of(ctx)
+        if address and "in_cluster" not in s.rollout.model_fields_set:
+            # On a cluster the control plane lives in it, not in this process (unless the
+            # settings say it runs elsewhere, e.g. with a RayService on a cluster of its own).
+            s = s.model_copy(update={"rollout": s.rollout.model_copy(update={"in_cluster": True})})
         stop = threading.Event()
         running: Running | None = None
         broker = None

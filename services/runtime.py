@@ -3,6 +3,8 @@
 Every long-running piece (ingest, the history actor, the gauges, and with ``serve_forever`` the
 loop and the rollout controller) runs under one ``Supervisor``: a piece that dies is restarted with
 backoff and counted in ``streamtune_component_restarts``; one that keeps dying stops the service.
+With ``rollout.in_cluster`` the rollout controller is a detached actor instead
+(services/control.py), restarted by Ray and outliving `up`.
 The caller's main thread stays free to react to signals; ``shutdown`` stops everything in order.
 """
 
@@ -76,6 +78,7 @@ class Running:
     supervisor: Supervisor
     metrics: StreamMetrics
     serving: bool = False
+    control: Any = None  # the rollout actor's handle (rollout.in_cluster), which outlives `up`
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -142,11 +145,16 @@ def start(
         if not stop_ev.is_set() and s.ingest.idle_exit_s is not None:
             stop_ev.wait()  # batch-mode settings: ingest ended by design, not a failure
 
-    context = controller = None
+    context = controller = control = None
     if serve_http:
         from ray import serve
 
         serve.start(http_options={"host": s.serving.host, "port": s.serving.port})
+    if s.rollout.in_cluster:  # the history actor serves this `up`'s app or one deployed on its own
+        from services.control import ensure_control_plane
+
+        context, control = ensure_control_plane(s, owns_app=serve_http)
+    elif serve_http:
         context = start_context(s.kafka, s.topics, s.buffer, s.serving)
         controller = _controller(registry, s, context, metrics)
 
@@ -161,10 +169,10 @@ def start(
     loop = ContinualLoop(buffer, registry, round_config(s), s.loop, s.state_dir / "loop.json",
                          on_round=record)  # fmt: skip
     running = Running(s, buffer, registry, new_ingestor(), loop, controller, context, sup, metrics,
-                      serving=serve_http)  # fmt: skip
+                      serving=serve_http, control=control)  # fmt: skip
     holder["r"] = running
     sup.add("ingest", run_ingest)
-    if serve_http:
+    if context is not None:
         sup.add("history", HistoryWatch(running).run)
     sup.add("gauges", Gauges(running).run)
     return running
@@ -211,18 +219,14 @@ class HistoryWatch:
     def _recreate(self) -> None:
         import ray
 
-        from serving.context import CONTEXT_ACTOR
+        from serving.context import find_context
 
         r, s = self.running, self.running.settings
         with contextlib.suppress(Exception):  # already dead is fine
             ray.kill(r.context, no_restart=True)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # the name is free once the old actor is gone
-            try:
-                ray.get_actor(CONTEXT_ACTOR)
-            except ValueError:
-                break
-            time.sleep(0.2)
+        while time.monotonic() < deadline and find_context() is not None:
+            time.sleep(0.2)  # the name is free once the old actor is gone
         r.context = start_context(s.kafka, s.topics, s.buffer, s.serving)
         if r.controller is not None:
             r.controller.context = r.context
@@ -260,7 +264,8 @@ class Gauges:
         champion = r.registry.champion()
         if champion is not None:
             r.metrics.gauge("champion", float(champion))
-        serving = r.controller.current if r.controller is not None else champion
+        chosen = r.controller.current if r.controller is not None else None
+        serving = chosen or r.registry.rollout_state().serving or champion
         if serving is not None and serving in r.registry.versions():
             r.metrics.freshness(r.registry.meta(serving).get("data_max_ts"))
 
@@ -358,7 +363,9 @@ def shutdown(
     import ray
 
     if ray.is_initialized():
-        if serve and (running is None or running.serving):
+        in_cluster = running is not None and running.control is not None
+        if serve and not in_cluster and (running is None or running.serving):
+            # (In cluster mode the app and its control plane stay up without `up`.)
             from ray import serve as ray_serve
 
             step("serve", ray_serve.shutdown, limit_s=min(10.0, remaining(6.0)))

@@ -2,11 +2,13 @@
 
 (No `from __future__ import annotations` here: FastAPI must see the real request types.)
 
-Each replica loads model versions read-only from the registry. ``reconfigure(user_config)`` is how
-a version change arrives (an in-place update, no restart): the new version is loaded next to the
-current one and swapped in atomically, so in-flight and new requests never see a half-loaded
-model; the previous version stays loaded for a fast rollback. A version that fails to load is
-reported to the serving context and the replica keeps serving what it had.
+Each replica loads model versions read-only from the registry. It serves the version the rollout
+controller recorded there (read every ``follow_s``; an app deployed on its own follows rollouts
+and rollbacks this way), else the one in its ``user_config`` (set at deploy; a new one is an
+in-place update, no restart). A new version is loaded next to the current one and swapped in
+atomically, so in-flight and new requests never see a half-loaded model; the previous version
+stays loaded for a fast rollback. A version that fails to load is reported to the serving context
+once and the replica keeps serving what it had.
 """
 
 import asyncio
@@ -41,7 +43,7 @@ from serving.api import (
     error_responses,
 )
 from serving.config import ServingConfig
-from serving.context import CONTEXT_ACTOR
+from serving.context import find_context
 from serving.http_guard import HTTPGuard
 from serving.mmr import mmr
 from training.data import left_pad
@@ -137,6 +139,9 @@ class RecommenderDeployment:
         self.samples: dict[str, list[tuple[float, bool]]] = {}
         self.served: dict[str, tuple[str, list[str]]] = {}
         self._flusher: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self.pinned = 0  # set by reconfigure before any traffic
+        self.failed: set[int] = set()
         self._ctx: Any = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -157,7 +162,37 @@ class RecommenderDeployment:
 
     # -- versions -----------------------------------------------------------------------
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        version = int(user_config["version"])
+        """The version this deployment was built with; the controller's choice overrides it."""
+        self.pinned = int(user_config["version"])
+        await self._use(self._target())
+        if self._follower is None:
+            self._follower = asyncio.get_running_loop().create_task(self._follow_forever())
+
+    def _target(self) -> int:
+        """The serving version the rollout controller recorded, else the one deployed with.
+
+        An app deployed on its own (`serve deploy`, a RayService) is never redeployed by the
+        controller: this is how it rolls forward and back.
+        """
+        try:
+            chosen = self.registry.rollout_state().serving
+        except Exception:  # the registry unreachable for a moment: keep what we serve
+            return self.current.version if self.current is not None else self.pinned
+        return chosen if chosen is not None else self.pinned
+
+    async def _follow_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.follow_s)
+            try:
+                target = await asyncio.to_thread(self._target)
+                if target not in self.failed:  # a failed load is reported once, not every poll
+                    await self._use(target)
+            except Exception:  # the follower must outlive any one bad poll
+                continue
+            if self._flusher is None:  # report even before the first request: the controller
+                self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+
+    async def _use(self, version: int) -> None:
         if self.current is not None and self.current.version == version:
             return
         if self.previous is not None and self.previous.version == version:
@@ -166,6 +201,7 @@ class RecommenderDeployment:
         try:
             loaded = await asyncio.to_thread(load_version, self.registry, version)
         except Exception as err:  # any failure to load keeps the replica on what it had
+            self.failed.add(version)
             ctx = self._context()
             if ctx is not None:
                 ctx.record_load_failure.remote(str(version), f"{type(err).__name__}: {err}")
@@ -176,12 +212,7 @@ class RecommenderDeployment:
 
     def _context(self) -> Any:
         if self._ctx is None:
-            import ray
-
-            try:
-                self._ctx = ray.get_actor(CONTEXT_ACTOR)
-            except ValueError:
-                return None
+            self._ctx = find_context()
         return self._ctx
 
     def _model(self) -> Loaded:
@@ -335,11 +366,12 @@ def build_app(registry: Registry, cfg: ServingConfig, version: int) -> Applicati
         }
     else:
         scaling = {"num_replicas": cfg.replicas}
+    resources = {cfg.node_resource: 0.001} if cfg.node_resource else {}
     deployment = RecommenderDeployment.options(  # type: ignore[attr-defined]
         name="recommender",
         max_ongoing_requests=cfg.max_ongoing_requests,
         user_config={"version": version},
-        ray_actor_options={"num_cpus": 0.25},
+        ray_actor_options={"num_cpus": 0.25, "resources": resources},
         graceful_shutdown_timeout_s=5,
         health_check_period_s=2,
         **scaling,
@@ -385,15 +417,3 @@ def _slow_hash(key: bytes) -> bytes:
     import hashlib
 
     return hashlib.scrypt(key, salt=b"streamtune-serve-version", n=2**14, r=8, p=1)
-
-
-def build_from_env(args: dict[str, Any] | None = None) -> Application:
-    """Entry point for Serve config files and KubeRay: settings from STREAMTUNE_* variables."""
-    from services.settings import load_settings
-
-    s = load_settings()
-    reg = s.open_registry()
-    champion = reg.champion()
-    if champion is None:
-        raise LookupError(f"no champion in {reg.location}: train a first version before serving")
-    return build_app(reg, s.serving, champion)

@@ -35,6 +35,17 @@ class ServingConfig(_Strict):
     history_group: str = Field(
         default="streamtune-history", description="Kafka consumer group of the history component."
     )
+    follow_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often each replica reads the serving version the rollout controller "
+        "recorded in the registry (how an app deployed on its own follows rollouts).",
+    )
+    node_resource: str | None = Field(
+        default=None,
+        description="A custom resource only the nodes meant for replicas have (e.g. the worker "
+        "nodes'); replicas then never land on the head. None = anywhere.",
+    )
     api_key: SecretStr | None = Field(
         default=None, description="If set, requests must send it in the X-API-Key header."
     )
@@ -63,3 +74,15 @@ class RolloutConfig(_Strict):
         "of the previous version's (judged only once both have min_clicks_base clicks).",
     )
     min_clicks_base: int = Field(default=20, ge=1, description="Clicks needed to judge CTR.")
+    converge_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="With a Serve app deployed on its own: how long a rollout waits for every "
+        "replica to report the new version before it goes on (and warns).",
+    )
+    in_cluster: bool = Field(
+        default=False,
+        description="Run the rollout controller as a named, detached Ray actor on the head node "
+        "(restarted by Ray, outliving `up`; a restarted `up` finds it) instead of a thread of "
+        "`up`. `up --address` turns it on unless it is set.",
+    )

@@ -1,7 +1,7 @@
 """ServingContext: the live state the replicas share, as one Ray actor.
 
-* Fresh user history: rebuilt from the buffer at start, then fed from Kafka by its own consumer
-  group (seeking to the buffer's watermark, so nothing is counted twice), bounded per user and in
+* Fresh user history: rebuilt from the buffer at start, then fed from Kafka (``streams.tail``)
+  from the buffer's next offsets, so nothing is counted twice or missed, bounded per user and in
   users (least recently active evicted).
 * Online quality: which items each user was just served, by which version, and whether the user
   then clicked one of them (click, cart or purchase events on a served item within ten minutes).
@@ -24,16 +24,16 @@ import time
 from collections import OrderedDict, deque
 from typing import Any
 
-from kafka import KafkaConsumer, TopicPartition
-
 from serving.config import ServingConfig
 from streams.buffer import EventBuffer
 from streams.config import BufferConfig, KafkaConfig, TopicsConfig
-from streams.events import DecodeError, decode
+from streams.tail import EventTail
 
 ENGAGED = {"click", "cart", "purchase"}
 CLICK_WINDOW_S = 600.0
 CONTEXT_ACTOR = "streamtune-serving-context"
+# Every control-plane actor lives here, so a Serve app deployed by another job finds them.
+CONTROL_NAMESPACE = "streamtune"
 BUCKET_S = 1.0
 BUCKET_KEEP_S = 3 * 3600.0
 
@@ -104,7 +104,7 @@ class ServingContext:
         self._forgot_at = time.time()
         self.events_seen = 0
         self.last_event_at: float | None = None
-        start = self._rebuild(BufferConfig(**buffer)) if buffer else {}
+        start = self._rebuild(BufferConfig(**buffer)) if buffer else None
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._consume, args=(start,), daemon=True)
@@ -131,32 +131,13 @@ class ServingContext:
             self.history.move_to_end(user)
         h.append(item)
 
-    def _consume(self, start: dict[tuple[str, int], int]) -> None:
-        consumer = KafkaConsumer(
-            **self.kafka.client_kwargs(), group_id=self.cfg.history_group,
-            enable_auto_commit=False, auto_offset_reset="latest", fetch_max_wait_ms=50,
-        )  # fmt: skip
-        parts = consumer.partitions_for_topic(self.topics.events) or set()
-        tps = [TopicPartition(self.topics.events, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        for tp in tps:  # resume exactly where the rebuilt history ends
-            pos = start.get((tp.topic, tp.partition))
-            if pos is not None:
-                consumer.seek(tp, pos)
-            else:
-                consumer.seek_to_end(tp)
-        for tp in tps:
-            consumer.position(tp)
+    def _consume(self, start: dict[tuple[str, int], int] | None) -> None:
+        tail = EventTail(self.kafka, self.topics, self.cfg.history_group, start)
         self._ready.set()
         while not self._stop.is_set():
-            for msgs in consumer.poll(timeout_ms=100).values():
-                for m in msgs:
-                    try:
-                        e = decode(m.value)
-                    except DecodeError:
-                        continue  # ingest dead-letters it; history just skips it
-                    self._on_event(e.user_id, e.item_id, e.event_type.value)
-        consumer.close()
+            for e in tail.poll(timeout_ms=100):
+                self._on_event(e.user_id, e.item_id, e.event_type.value)
+        tail.close()
 
     def _on_event(self, user: str, item: str, kind: str) -> None:
         with self.lock:
@@ -238,13 +219,41 @@ class ServingContext:
 def start_context(
     kafka: KafkaConfig, topics: TopicsConfig, buffer: BufferConfig | None, cfg: ServingConfig
 ) -> Any:
-    """Start (or find) the named context actor; returns its handle."""
+    """Start (or find) the named, detached context actor; returns its handle.
+
+    On a cluster it runs on the head node (the control plane's place); Ray restarts it when its
+    process dies, and it rebuilds users' histories from the buffer then.
+    """
     import ray
 
     actor_cls = ray.remote(num_cpus=0, max_concurrency=64)(ServingContext)  # type: ignore[call-overload]
-    return actor_cls.options(name=CONTEXT_ACTOR, get_if_exists=True, lifetime="detached").remote(
+    return actor_cls.options(
+        name=CONTEXT_ACTOR,
+        namespace=CONTROL_NAMESPACE,
+        get_if_exists=True,
+        lifetime="detached",
+        max_restarts=-1,
+        resources=on_head(),
+    ).remote(
         kafka.model_dump(),
         topics.model_dump(),
         buffer.model_dump() if buffer else None,
         cfg.model_dump(),
     )
+
+
+def find_context() -> Any:
+    """The running context actor's handle, or None if there is none (yet)."""
+    import ray
+
+    try:
+        return ray.get_actor(CONTEXT_ACTOR, namespace=CONTROL_NAMESPACE)
+    except ValueError:
+        return None
+
+
+def on_head() -> dict[str, float]:
+    """A resource request that only the head node satisfies (Ray gives the head this one)."""
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME
+
+    return {HEAD_NODE_RESOURCE_NAME: 0.001}

@@ -57,9 +57,14 @@ class RolloutController:
         cfg: RolloutConfig,
         context: Any,
         on_event: Callable[[RolloutEvent], None] | None = None,
+        owns_app: bool = True,
     ) -> None:
         self.registry, self.serving, self.cfg, self.context = registry, serving, cfg, context
         self.on_event = on_event
+        # False when the Serve app was deployed on its own (`serve deploy deploy/serve.yaml`, a
+        # RayService): its replicas follow the serving version in the registry, so the controller
+        # only records its choice and waits for them, and never redeploys someone else's app.
+        self.owns_app = owns_app
         state = registry.rollout_state()
         self.current: int | None = state.serving
         self.previous: int | None = state.previous
@@ -90,29 +95,53 @@ class RolloutController:
 
     # -- deployment ---------------------------------------------------------------------
     def deploy(self, version: int) -> float:
-        """Point the Serve app at ``version``; returns seconds until Serve reports it running."""
-        from ray import serve
+        """Move Serve to ``version``; returns seconds until its replicas serve it.
 
-        from serving.app import build_app
-
+        The registry's serving version must already say ``version`` (replicas follow it).
+        """
         t0 = time.monotonic()
-        serve.run(
-            build_app(self.registry, self.serving, version),
-            name=self.serving.app_name,
-            route_prefix="/",
-        )
+        if self.owns_app:
+            from ray import serve
+
+            from serving.app import build_app
+
+            serve.run(
+                build_app(self.registry, self.serving, version),
+                name=self.serving.app_name,
+                route_prefix="/",
+            )
+        else:
+            self._await_replicas(version)
         self.deployed = True
         return time.monotonic() - t0
 
+    def _await_replicas(self, version: int) -> None:
+        """Until every live replica of a separately deployed app reports ``version``."""
+        import ray
+
+        deadline = time.monotonic() + self.cfg.converge_timeout_s
+        while time.monotonic() < deadline:
+            snap = ray.get(self.context.snapshot.remote())
+            recent = [d for d in snap["replicas"].values() if time.time() - d["at"] < 5.0]
+            if recent and all(d["version"] == str(version) for d in recent):
+                return
+            if str(version) in snap["load_failures"]:
+                return  # judged (and rolled back) by the next step
+            time.sleep(0.2)
+        log.warning(
+            "replicas did not all report v%d within %.0fs (is the Serve app deployed?)",
+            version, self.cfg.converge_timeout_s,
+        )  # fmt: skip
+
     def _switch(self, version: int, kind: str, reason: str) -> RolloutEvent:
-        seconds = self.deploy(version)
         if kind == "rollout":
             self.previous, self.current = self.current, version
             self.watch_since = time.time()
         else:
             self.current, self.previous = version, None
             self.watch_since = None
-        self._save()
+        self._save()  # first: replicas of an app deployed on its own follow this record
+        seconds = self.deploy(version)
         return self._emit(RolloutEvent(kind, version, reason, seconds))
 
     def _restore(self, version: int) -> RolloutEvent:

@@ -1,12 +1,17 @@
-"""Cluster mode on a real multi-node Ray cluster: rounds on worker nodes, state on S3, a lost node.
+"""Cluster mode on a real multi-node Ray cluster: the whole loop, state on S3, a lost node.
 
 A head and two worker nodes started with `ray start` (separate process groups, their own
-resources, temp dirs and ports), the project's SeaweedFS S3 server and the real broker. Events
-go Kafka -> ingest -> buffer on S3; each round is planned by this driver (segment names and
-offsets only) and runs as a Ray task on a worker node (``trainer.node_resource``), which reads
-its segments from S3, trains with Ray Train + DeepSpeed (checkpoints on S3) and registers in the
-registry on S3. Mid-round a worker node hosting a training worker is SIGKILLed; the round must
-still register exactly one version for its slice.
+resources, temp dirs and ports), the project's SeaweedFS S3 server and the real broker. The driver
+runs what `up --address ... --no-serve` runs: ingest (Kafka -> buffer on S3), the loop, and the
+control plane, which lands in the cluster (the history actor and the rollout controller as named,
+detached actors on the head). Each round is planned by the driver (segment names and offsets
+only) and runs as a Ray task on a worker node, which reads its segments from S3, trains with Ray
+Train + DeepSpeed (checkpoints on S3) and registers in the registry on S3. The Serve app is
+deployed on its own (`serve deploy` of deploy/serve.yaml, by another process) onto the worker
+nodes and follows the controller: two promotions reach its replicas, then a version that fails
+live is rolled back. Mid-round a worker node hosting a training worker is SIGKILLed; the round
+must still register exactly one version for its slice. Last, the controller's process is killed:
+Ray restarts it and it resumes from its state in the registry.
 
 This module runs in a pytest process of its own (see the Makefile): its driver joins an
 external cluster, which an earlier in-process `ray.init` would prevent.
@@ -14,6 +19,7 @@ external cluster, which an earlier in-process `ray.init` would prevent.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import threading
@@ -21,32 +27,29 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 import ray
 
+from bench.liveclient import LiveClient, register_broken_copy
 from bench.raycluster import LocalCluster, Node
 from services.config import LoopConfig
-from services.loop import ContinualLoop
+from services.runtime import Running, start
+from services.settings import Settings
+from serving.config import RolloutConfig, ServingConfig
 from streams.admin import ensure_topics
-from streams.buffer import EventBuffer
+from streams.broker import free_port
 from streams.config import BufferConfig, IngestConfig, KafkaConfig, TopicsConfig
 from streams.datasets import DriftSpec, synthetic_drift
-from streams.ingest import Ingestor
 from streams.producer import replay
 from streams.s3server import S3Server
 from streams.storage import StorageConfig
-from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
+from training.config import GateConfig, ModelConfig, RegistryConfig, ReplayConfig, TrainerConfig
 from training.registry import Registry
-from training.round import RoundConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TRAIN = "streamtune_train"
-
-
-def _ingest(kafka: KafkaConfig, topics: TopicsConfig, buffer: EventBuffer) -> None:
-    cfg = IngestConfig(group_id=f"g-{topics.events}", idle_exit_s=3.0)
-    Ingestor(kafka, topics, cfg, buffer).run()
+TRAIN, SERVE = "streamtune_train", "streamtune_serve"
 
 
 def _train_worker_nodes() -> set[str]:
@@ -63,13 +66,23 @@ def _round_task_nodes() -> set[str]:
     return {t.node_id for t in running if t.name and "run_planned" in t.name and t.node_id}
 
 
-def test_rounds_on_worker_nodes_with_state_on_s3_survive_a_lost_node(
-    kafka: KafkaConfig, topics: TopicsConfig, s3_server: S3Server, tmp_path: Path
-) -> None:
-    ensure_topics(kafka, topics)
-    prefix = f"s3://streamtune-test/cluster-{uuid.uuid4().hex[:8]}"
-    opts = StorageConfig(options=s3_server.options())
-    cfg = RoundConfig(
+def _actor_nodes(class_name: str) -> set[str]:
+    from ray.util.state import list_actors
+
+    alive = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    return {a.node_id for a in alive if class_name in (a.class_name or "")}
+
+
+def _settings(tmp: Path, kafka: KafkaConfig, topics: TopicsConfig, prefix: str,
+              opts: StorageConfig) -> Settings:  # fmt: skip
+    return Settings(
+        state_dir=tmp / "state",
+        embedded_broker=False,
+        kafka=kafka,
+        topics=topics,
+        buffer=BufferConfig(path=f"{prefix}/buffer", storage=opts),
+        registry=RegistryConfig(path=f"{prefix}/registry", storage=opts),
+        ingest=IngestConfig(group_id=f"g-{topics.events}"),
         model=ModelConfig(max_len=20, d_model=32, text_init=False),
         trainer=TrainerConfig(
             num_workers=2,
@@ -84,60 +97,161 @@ def test_rounds_on_worker_nodes_with_state_on_s3_survive_a_lost_node(
         ),
         replay=ReplayConfig(capacity=2000, ratio=1.0),
         gate=GateConfig(min_eval_users=10, tolerance=1.0),
+        loop=LoopConfig(min_round_events=200, round_on_cluster=True),
+        serving=ServingConfig(replicas=2, node_resource=SERVE, follow_s=0.5),
+        # What `up --address` sets: the controller is a detached actor in the cluster.
+        rollout=RolloutConfig(
+            in_cluster=True,
+            poll_s=0.5,
+            watch_s=120,
+            min_requests=10,
+            max_p99_ms=10_000,
+            converge_timeout_s=90,
+        ),
     )
+
+
+def _wait_rows(running: Running, n: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while running.buffer.stats().rows < n:
+        assert time.time() < deadline, f"ingest stalled at {running.buffer.stats().rows} of {n}"
+        time.sleep(0.5)
+
+
+def test_cluster_rounds_on_workers_state_on_s3_a_separate_serve_app_and_a_lost_node(
+    kafka: KafkaConfig, topics: TopicsConfig, s3_server: S3Server, tmp_path: Path
+) -> None:
+    ensure_topics(kafka, topics)
+    prefix = f"s3://streamtune-test/cluster-{uuid.uuid4().hex[:8]}"
+    s = _settings(tmp_path, kafka, topics, prefix, StorageConfig(options=s3_server.options()))
     events = list(synthetic_drift(DriftSpec(users=60, events=9000, seed=5)))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
     # Under /tmp directly: Ray's socket paths below a pytest tmp_path exceed 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="st-ray-", dir="/tmp"))
     with LocalCluster(root) as cluster:
         cluster.start_head()
-        workers = [cluster.add_worker(f"w{i}", 2, {TRAIN: 1.0}) for i in (1, 2)]
+        workers = [cluster.add_worker(f"w{i}", 3, {TRAIN: 1.0, SERVE: 1.0}) for i in (1, 2)]
         ray.init(address=cluster.address, log_to_driver=False)
+        running: Running | None = None
         try:
             head_id = cluster.nodes[0].node_id()
-            buffer = EventBuffer(BufferConfig(path=f"{prefix}/buffer", storage=opts))
-            registry = Registry(f"{prefix}/registry", storage=opts)
-            loop_cfg = LoopConfig(min_round_events=200, round_on_cluster=True)
-            loop = ContinualLoop(buffer, registry, cfg, loop_cfg, tmp_path / "loop.json")
-
-            replay(events[:6000], kafka, topics.events)
-            _ingest(kafka, topics, buffer)
-            first = loop.run_once()
-            assert first is not None and first.version == 1
-            rec = loop.state()["rounds"][-1]
             worker_ids = {w.node_id() for w in workers}
+            # `up --address ... --no-serve`: ingest, the loop, and the control plane in the cluster.
+            running = start(s, serve_http=False)
+            assert running.control is not None and running.controller is None
+            replay(events[:6000], kafka, topics.events)
+            _wait_rows(running, 6000)
+            first = running.loop.run_once()
+            assert first is not None and first.version == 1 and first.promoted
+            rec = running.loop.state()["rounds"][-1]
             assert rec["node"] in worker_ids and rec["node"] != head_id  # ran on a worker node
             assert rec["segments"] >= 1  # the driver handed over segment names, not rows
 
-            replay(events[6000:], kafka, topics.events)
-            _ingest(kafka, topics, buffer)
-            out: dict[str, object] = {}
-            runner = threading.Thread(target=lambda: out.update(r=loop.run_once()))
-            runner.start()
-            deadline = time.monotonic() + 300
-            victim: Node | None = None
-            while victim is None and time.monotonic() < deadline and runner.is_alive():
-                hosting = _train_worker_nodes()
-                if hosting:
-                    # Prefer a node that hosts a training worker but not the round's task.
-                    spare = hosting - _round_task_nodes()
-                    pick = next(iter(spare or hosting))
-                    victim = next((w for w in workers if w.node_id() == pick), None)
-                time.sleep(0.5)
-            assert victim is not None, "no training worker came up on a worker node"
-            killed_id = victim.node_id()
-            cluster.kill(victim)
-            runner.join(timeout=900)
-            assert not runner.is_alive(), "the round did not finish after the node was lost"
-            # The fault happened: Ray itself declares that node dead.
-            dead = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
-            assert killed_id in dead
-            second = out.get("r")
-            assert second is not None, f"the round was not registered: {loop.last_skip}"
-            fresh = Registry(f"{prefix}/registry", storage=opts)
-            assert fresh.versions() == [1, 2]  # exactly one version per slice
-            assert fresh.meta(2)["watermark"] == buffer.watermark()
-            # It finished on a node that is still up (the task moved if its node was the victim).
-            assert loop.state()["rounds"][-1]["node"] != killed_id
+            # The Serve app, deployed on its own by another process, serves the champion ...
+            cluster.serve_deploy(port, {
+                "STREAMTUNE_STATE_DIR": str(tmp_path / "serve-state"),
+                "STREAMTUNE_EMBEDDED_BROKER": "false",
+                "STREAMTUNE_KAFKA__BOOTSTRAP_SERVERS": s.kafka.bootstrap_servers,
+                "STREAMTUNE_TOPICS__EVENTS": s.topics.events,
+                "STREAMTUNE_BUFFER__PATH": str(s.buffer.path),
+                "STREAMTUNE_BUFFER__STORAGE__OPTIONS": json.dumps(s.buffer.storage.options),
+                "STREAMTUNE_REGISTRY__PATH": str(s.registry.path),
+                "STREAMTUNE_REGISTRY__STORAGE__OPTIONS": json.dumps(s.registry.storage.options),
+                "STREAMTUNE_SERVING__REPLICAS": "2",
+                "STREAMTUNE_SERVING__NODE_RESOURCE": SERVE,
+                "STREAMTUNE_SERVING__FOLLOW_S": "0.5",
+            })  # fmt: skip
+            history = json.loads((running.registry.path(1) / "vocab.json").read_text())["items"][:5]
+            with LiveClient(url, history) as client:
+                client.wait_for(1, timeout=180)
+                # ... from worker nodes only; the control plane runs on the head.
+                assert _actor_nodes("RecommenderDeployment") <= worker_ids
+                assert _actor_nodes("RolloutService") == {head_id}
+                assert _actor_nodes("ServingContext") == {head_id}
+                # A known user is answered from the live history (the app finds the history
+                # actor by its namespace, though another job deployed it).
+                known = {"user_id": events[0].user_id, "k": 5}
+                answer = httpx.post(f"{url}/recommend", json=known, timeout=15).json()
+                assert answer["source"] == "history" and answer["history_len"] > 0, answer
+                rolled_at = time.time()
+
+                # A second round; a worker node hosting a training worker is lost mid-round.
+                replay(events[6000:], kafka, topics.events)
+                _wait_rows(running, 9000)
+                out: dict[str, object] = {}
+                runner = threading.Thread(target=lambda: out.update(r=running.loop.run_once()))
+                runner.start()
+                victim = _pick_victim(workers, runner)
+                killed_id = victim.node_id()
+                cluster.kill(victim)
+                runner.join(timeout=900)
+                assert not runner.is_alive(), "the round did not finish after the node was lost"
+                dead = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
+                assert killed_id in dead  # the fault happened: Ray declares that node dead
+                second = out.get("r")
+                assert second is not None, f"not registered: {running.loop.last_skip}"
+                fresh = Registry(f"{prefix}/registry", storage=s.registry.storage)
+                assert fresh.versions() == [1, 2]  # exactly one version per slice
+                assert fresh.meta(2)["watermark"] == running.buffer.watermark()
+                assert running.loop.state()["rounds"][-1]["node"] != killed_id
+                assert fresh.champion() == 2
+                # The second promotion reaches the app's replicas (one moved off the lost node).
+                client.wait_for(2, timeout=180)
+                # A version that fails live: the controller rolls the app back to v2.
+                # (Rollouts are judged from the replicas' reports: the first 500s are its.)
+                bad = register_broken_copy(running.registry, 2)
+                bad_at = time.time()
+                running.registry.set_champion(bad, "looks fine offline")
+                _wait_champion(running.registry, 2, timeout=180)
+                client.wait_for(2, timeout=120)
+            last = running.registry.decisions()[-1]
+            assert last["decision"] == "rollback" and last["version"] == bad, last
+            assert "error rate" in last["reason"] or "failed to load" in last["reason"], last
+            assert any(st == 500 for _, st, _ in client.results)  # the bad version did fail
+            # Rollouts to good versions failed no request (500s only while bad was served).
+            good = [(t, st) for t, st, _ in client.results if t >= rolled_at]
+            before_bad = [st for t, st in good if t < bad_at]
+            assert before_bad and client.failed(rolled_at, bad_at) == 0, set(before_bad)
+
+            # The control plane survives its process: Ray restarts the actor, state from S3.
+            ray.kill(running.control, no_restart=False)
+            status = _status_after_restart(running.control)
+            assert status["serving"] == 2 and status["champion"] == 2
         finally:
+            if running is not None:
+                running.stop(timeout=20)
             ray.shutdown()
     shutil.rmtree(root, ignore_errors=True)
+
+
+def _pick_victim(workers: list[Node], runner: threading.Thread) -> Node:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and runner.is_alive():
+        hosting = _train_worker_nodes()
+        if hosting:
+            # Prefer a node that hosts a training worker but not the round's task.
+            spare = hosting - _round_task_nodes()
+            pick = next(iter(spare or hosting))
+            victim = next((w for w in workers if w.node_id() == pick), None)
+            if victim is not None:
+                return victim
+        time.sleep(0.5)
+    raise AssertionError("no training worker came up on a worker node")
+
+
+def _wait_champion(reg: Registry, version: int, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while reg.champion() != version:
+        assert time.time() < deadline, f"champion stayed v{reg.champion()}: {reg.decisions()[-2:]}"
+        time.sleep(0.5)
+
+
+def _status_after_restart(handle: object, timeout: float = 120) -> dict[str, object]:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return ray.get(handle.status.remote(), timeout=30)  # type: ignore[attr-defined]
+        except ray.exceptions.RayError:
+            assert time.time() < deadline, "the rollout actor did not come back"
+            time.sleep(1)
