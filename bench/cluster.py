@@ -46,7 +46,7 @@ from streams.config import BrokerConfig, BufferConfig, IngestConfig, KafkaConfig
 from streams.datasets import DriftSpec, synthetic_drift
 from streams.producer import replay
 from streams.s3server import S3Server
-from streams.storage import StorageConfig
+from streams.storage import StorageConfig, arrow_filesystem
 from training.config import GateConfig, ModelConfig, RegistryConfig, ReplayConfig, TrainerConfig
 from training.registry import Registry
 from training.round import RoundConfig
@@ -126,10 +126,38 @@ def _train_worker_nodes() -> set[str]:
     return {a.node_id for a in alive if a.node_id and "RayTrainWorker" in (a.class_name or "")}
 
 
-def _kill_mid_round(cluster: LocalCluster, workers: list[Node], running: threading.Thread) -> str:
-    """Wait until the round trains, SIGKILL the worker node hosting a training worker."""
+def checkpoints(location: str, cfg: StorageConfig) -> int:
+    """Runs under Ray Train's storage URI whose controller has registered a checkpoint.
+
+    Registered, not just uploaded: a worker killed between its upload and the controller's
+    bookkeeping leaves a checkpoint that no retry resumes from.
+    """
+    import pyarrow.fs as pafs
+
+    fs, path = arrow_filesystem(location, cfg)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    n = 0
+    for info in infos:
+        if info.base_name != "checkpoint_manager_snapshot.json":
+            continue
+        try:
+            with fs.open_input_stream(info.path) as f:
+                n += json.loads(f.read()).get("latest_checkpoint_result") is not None
+        except (OSError, ValueError):
+            continue  # being rewritten (not atomic on every store)
+    return n
+
+
+def _kill_mid_round(cluster: LocalCluster, workers: list[Node], running: threading.Thread,
+                    store: tuple[str, StorageConfig]) -> str:  # fmt: skip
+    """Once the round has written its first checkpoint, SIGKILL the worker node hosting a
+    training worker (so the recovery can resume from that checkpoint)."""
+    before = checkpoints(*store)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and running.is_alive():
+        if checkpoints(*store) <= before:
+            time.sleep(0.3)
+            continue
         hosting = _train_worker_nodes()
         victim = next((w for w in workers if w.alive and w.node_id() in hosting), None)
         if victim is not None:
@@ -184,9 +212,10 @@ def stream_loop(cluster: LocalCluster, workers: list[Node], s3: S3Server, tmp: P
                 continue
             runner, out = _round_thread(loop)
             t0 = time.monotonic()
+            store = (f"{prefix}/ray", s.trainer.storage)
             runner.start()
             if len(results) == 1:  # the second round loses a worker node mid-training
-                kill["node"] = _kill_mid_round(cluster, workers, runner)
+                kill["node"] = _kill_mid_round(cluster, workers, runner, store)
             runner.join()
             seconds = time.monotonic() - t0
             r = out.get("r")
@@ -194,6 +223,9 @@ def stream_loop(cluster: LocalCluster, workers: list[Node], s3: S3Server, tmp: P
                 dead = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
                 kill["confirmed_dead"] = kill["node"] in dead
                 kill["round_registered"] = r is not None
+                kill["resumed_start_epoch"] = (
+                    registry.meta(r.version)["metrics"].get("train_start_epoch") if r else None
+                )
                 kill["recover_s"] = round(seconds, 1)
                 # The node comes back (a replacement machine joining the cluster).
                 victim = next(w for w in workers if not w.alive)
@@ -308,6 +340,7 @@ def main() -> None:
         "rollback": loop_result["rollback"],
         "node_kill_recovered": recovered and loop_result["one_version_per_round"],
         "node_kill_recover_s": kill.get("recover_s"),
+        "node_kill_resumed_start_epoch": kill.get("resumed_start_epoch"),
         "lost": loop_result["lost"],
         "duplicated": loop_result["duplicated"],
         "versions": loop_result["versions"],

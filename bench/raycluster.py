@@ -140,9 +140,12 @@ class LocalCluster:
             raise RuntimeError(f"serve deploy failed:\n{done.stdout}{done.stderr}")
 
     def kill(self, node: Node) -> None:
-        """SIGKILL the node's whole process group: as abrupt as a machine going away."""
+        """SIGKILL the node's whole process group: as abrupt as a machine going away.
+
+        The node leaves ``nodes`` (a node that dies on its own stays, and fails later waits)."""
         os.killpg(node.proc.pid, signal.SIGKILL)
         node.proc.wait()
+        self.nodes.remove(node)
 
     def _wait_nodes(self, n: int, timeout_s: float = 180.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -12,7 +12,8 @@ and on a cluster the bytes move between object storage and the training nodes on
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,10 @@ class RoundPlan:
     upto: dict[str, int]
     fresh_start: bool  # no champion: train from scratch on everything, with no context
     min_events: int
+    # Names the round's Ray Train run. A task retried after its node died runs the same plan, so
+    # Ray Train finds the run in storage and resumes from its last epoch checkpoint; a new plan
+    # (another loop, a later attempt at the slice) starts a run of its own.
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,8 @@ def run_planned(
         return history.filter(pc.is_in(history["user_id"], value_set=pa.array(users)))
 
     context = new.slice(0, 0) if plan.fresh_start else None
-    result = run_round(new, context, plan.upto, registry, cfg, extra_meta, read_history)
+    result = run_round(new, context, plan.upto, registry, cfg, extra_meta, read_history,
+                       run_id=plan.run_id)  # fmt: skip
     return RoundOutcome(result, None, read_s, new.num_rows, node)
 
 

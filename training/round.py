@@ -136,8 +136,12 @@ def train(
     examples: Examples,
     cfg: RoundConfig,
     cold: bool = False,
+    run_id: str | None = None,
 ) -> tuple[Recommender, dict[str, float]]:
     """Run the Ray Train job; returns the trained model and the last reported metrics.
+
+    ``run_id`` names the run: a run of that name already in storage is resumed from its last
+    checkpoint (a round task retried elsewhere after its node died). None: a new name.
 
     ``cold``: no champion to start from, so ``first_round_epochs`` passes instead of ``epochs``.
     ``teacher`` (the champion) is shipped only when ``replay.kd_weight > 0``; the workers freeze
@@ -164,6 +168,7 @@ def train(
         storage_path = str(cfg.trainer.storage_path.resolve())
     else:  # object storage: every node of a cluster writes and reads checkpoints there
         storage_fs, storage_path = arrow_filesystem(cfg.trainer.storage_path, cfg.trainer.storage)
+    default_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}"
     tcfg = cfg.trainer.model_dump(mode="json")
     if cold:
         tcfg["epochs"] = cfg.trainer.first_round_epochs
@@ -182,7 +187,7 @@ def train(
             resources_per_worker=worker_resources(cfg.trainer, use_gpu),
         ),
         run_config=RunConfig(
-            name=f"round-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}",
+            name=f"round-{run_id or default_id}",
             storage_path=storage_path,
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
@@ -213,6 +218,7 @@ def run_round(
     cfg: RoundConfig,
     extra_meta: dict[str, Any] | None = None,
     read_history: Callable[[list[str]], pa.Table] | None = None,
+    run_id: str | None = None,
 ) -> RoundResult:
     """Train, gate and register one round; see the module docstring.
 
@@ -297,7 +303,7 @@ def run_round(
 
     t_train = time.monotonic()
     candidate, train_metrics = train(
-        init, champ.model if champ else None, train_ex, cfg, cold=champ is None
+        init, champ.model if champ else None, train_ex, cfg, cold=champ is None, run_id=run_id
     )
     train_s = time.monotonic() - t_train
 

@@ -9,8 +9,9 @@ only) and runs as a Ray task on a worker node, which reads its segments from S3,
 Train + DeepSpeed (checkpoints on S3) and registers in the registry on S3. The Serve app is
 deployed on its own (`serve deploy` of deploy/serve.yaml, by another process) onto the worker
 nodes and follows the controller: two promotions reach its replicas, then a version that fails
-live is rolled back. Mid-round a worker node hosting a training worker is SIGKILLed; the round
-must still register exactly one version for its slice. Last, the controller's process is killed:
+live is rolled back. Mid-round (after its first epoch checkpoint) a worker node hosting a
+training worker is SIGKILLed; the round must resume from that checkpoint and still register
+exactly one version for its slice. Last, the controller's process is killed:
 Ray restarts it and it resumes from its state in the registry.
 
 This module runs in a pytest process of its own (see the Makefile): its driver joins an
@@ -25,12 +26,14 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 import ray
 
+from bench.cluster import checkpoints
 from bench.liveclient import LiveClient, register_broken_copy
 from bench.raycluster import LocalCluster, Node
 from services.config import LoopConfig
@@ -180,9 +183,13 @@ def test_cluster_rounds_on_workers_state_on_s3_a_separate_serve_app_and_a_lost_n
                 replay(events[6000:], kafka, topics.events)
                 _wait_rows(running, 9000)
                 out: dict[str, object] = {}
+                ray_store = (f"{prefix}/ray", s.trainer.storage)
+                before = checkpoints(*ray_store)
                 runner = threading.Thread(target=lambda: out.update(r=running.loop.run_once()))
                 runner.start()
-                victim = _pick_victim(workers, runner)
+                # Killed once the round has a checkpoint (of its first epoch), so the recovery
+                # can show that it resumed from it rather than starting over.
+                victim = _pick_victim(workers, runner, lambda: checkpoints(*ray_store) > before)
                 killed_id = victim.node_id()
                 cluster.kill(victim)
                 runner.join(timeout=900)
@@ -196,6 +203,8 @@ def test_cluster_rounds_on_workers_state_on_s3_a_separate_serve_app_and_a_lost_n
                 assert fresh.meta(2)["watermark"] == running.buffer.watermark()
                 assert running.loop.state()["rounds"][-1]["node"] != killed_id
                 assert fresh.champion() == 2
+                resumed = fresh.meta(2)["metrics"]["train_start_epoch"]
+                assert resumed >= 1, f"the retried round started over at epoch {resumed}"
                 # The second promotion reaches the app's replicas (one moved off the lost node).
                 client.wait_for(2, timeout=180)
                 # A version that fails live: the controller rolls the app back to v2.
@@ -225,19 +234,19 @@ def test_cluster_rounds_on_workers_state_on_s3_a_separate_serve_app_and_a_lost_n
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _pick_victim(workers: list[Node], runner: threading.Thread) -> Node:
+def _pick_victim(workers: list[Node], runner: threading.Thread, ready: Callable[[], bool]) -> Node:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and runner.is_alive():
         hosting = _train_worker_nodes()
-        if hosting:
+        if hosting and ready():
             # Prefer a node that hosts a training worker but not the round's task.
             spare = hosting - _round_task_nodes()
             pick = next(iter(spare or hosting))
             victim = next((w for w in workers if w.node_id() == pick), None)
             if victim is not None:
                 return victim
-        time.sleep(0.5)
-    raise AssertionError("no training worker came up on a worker node")
+        time.sleep(0.3)
+    raise AssertionError("the round never trained on a worker node with a checkpoint written")
 
 
 def _wait_champion(reg: Registry, version: int, timeout: float) -> None:
