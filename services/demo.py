@@ -318,7 +318,9 @@ def _wait_served(rows: list[Row], champion: int | None, queries: Queries, ctl: A
     deadline = time.time() + 60
     while champion is not None and time.time() < deadline:
         answered = queries.first_seen.get(champion) or queries.rps == 0
-        if answered and ctl.current == champion:  # the controller has recorded its rollout too
+        # The controller records its choice before it deploys (replicas follow the record), so
+        # ask for its event, which it emits once the deployment returned.
+        if answered and any(e.version == champion for e in ctl.events):
             return
         time.sleep(0.5)
 
