@@ -353,6 +353,12 @@ def shutdown(
     ingest = running.supervisor.threads.get("ingest") if running is not None else None
     if ingest is not None and ingest.is_alive():
         left.append("ingest (flush still running)")
+    loop = running.supervisor.threads.get("loop") if running is not None else None
+    if loop is not None and loop.is_alive():
+        # A round mid-training holds the loop thread in a blocking call to Ray Train's controller:
+        # if Ray shut down under it, Ray would end this whole process from that thread. End the
+        # round first (its checkpoints stay; registration never happened), then let the thread go.
+        step("round", lambda: _end_round(started, loop, min(15.0, remaining(8.0))))
     if broker is not None:
         # Before Ray: nothing left needs it once ingest has flushed, and a driver that Ray
         # brings down mid-shutdown must not leave a broker behind in its own session.
@@ -372,6 +378,17 @@ def shutdown(
         step("ray", ray.shutdown, limit_s=remaining(3.0))
     step("leftover processes", lambda: _reap(started, deadline))
     return left
+
+
+def _end_round(procs: list[Any], loop: threading.Thread, timeout: float) -> None:
+    """SIGKILL this Ray's Train controller (local Ray only), then wait for the loop thread."""
+    import psutil
+
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            if "TrainController" in " ".join(p.cmdline()[:1]):
+                p.kill()
+    loop.join(max(0.5, timeout))
 
 
 def _descendants() -> list[Any]:
