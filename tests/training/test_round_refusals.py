@@ -32,7 +32,10 @@ CFG = RoundConfig(
 
 
 def _as_trained(patch: pytest.MonkeyPatch, make: Any) -> None:
-    def train(init: Recommender, teacher: Any, ex: Examples, cfg: RoundConfig, cold: bool) -> Any:
+    def train(
+        init: Recommender, teacher: Any, ex: Examples, cfg: RoundConfig, cold: bool,
+        run_id: str | None = None,
+    ) -> Any:  # fmt: skip
         return make(init), {"loss": 1.0}
 
     patch.setattr(round_mod, "train", train)
