@@ -105,15 +105,6 @@ def start_rollout_service(
     ).remote(registry, serving, rollout, owns_app)
 
 
-def find_rollout_service() -> Any:
-    import ray
-
-    try:
-        return ray.get_actor(ROLLOUT_ACTOR, namespace=CONTROL_NAMESPACE)
-    except ValueError:
-        return None
-
-
 def ensure_control_plane(s: Settings, owns_app: bool) -> tuple[Any, Any]:
     """The history actor and the rollout actor of this cluster (started if missing)."""
     context = start_context(s.kafka, s.topics, s.buffer, s.serving)
