@@ -65,6 +65,19 @@ class Event(BaseModel):
     def encode(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
 
+    def columns(self) -> dict[str, Any]:
+        """This event's values in the buffer's columns (provenance apart)."""
+        return {
+            "event_id": self.event_id,
+            "user_id": self.user_id,
+            "item_id": self.item_id,
+            "event_type": self.event_type.value,
+            "value": self.value,
+            "ts": self.ts,
+            "item_text": self.item_text,
+            "context": json.dumps(self.context) if self.context is not None else None,
+        }
+
 
 def new_event_id() -> str:
     return uuid.uuid4().hex
@@ -135,14 +148,8 @@ class RowBatch:
 
     def append(self, event: Event, topic: str, partition: int, offset: int) -> None:
         c = self.columns
-        c["event_id"].append(event.event_id)
-        c["user_id"].append(event.user_id)
-        c["item_id"].append(event.item_id)
-        c["event_type"].append(event.event_type.value)
-        c["value"].append(event.value)
-        c["ts"].append(event.ts)
-        c["item_text"].append(event.item_text)
-        c["context"].append(json.dumps(event.context) if event.context is not None else None)
+        for name, val in event.columns().items():
+            c[name].append(val)
         c["topic"].append(topic)
         c["partition"].append(partition)
         c["offset"].append(offset)

@@ -28,9 +28,12 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaError
@@ -38,9 +41,10 @@ from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 
 from streams.buffer import EventBuffer, OffsetRange, Segment
+from streams.codec import Decoded, decode_batch
 from streams.config import IngestConfig, KafkaConfig, TopicsConfig
 from streams.errors import DeadLetterError, DiskFullError, FencedError, StreamsError
-from streams.events import DecodeError, RowBatch, decode
+from streams.events import ARROW_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,9 @@ class IngestStats:
     segments: int = 0
     rebalances: int = 0
     started: float = field(default_factory=time.monotonic)
+    first_record_at: float | None = (
+        None  # monotonic time the first record arrived (joined, fetched)
+    )
     flush_failures: int = 0  # flushes that wrote nothing (DLQ not acknowledging, disk full, ...)
     dead_letter_failures: int = 0
     disk_full: int = 0
@@ -65,11 +72,23 @@ class IngestStats:
         return sum(self.dead_lettered.values())
 
 
+@dataclass
+class _Decoding:
+    """One partition's records of a poll, handed to the decode thread."""
+
+    msgs: list[ConsumerRecord]
+    decoded: Future[Decoded]
+    kept: list[int] | None  # positions in msgs of the decoded values, when not all were
+    refused: list[tuple[int, str, str]]  # (position, reason, detail) found before decoding
+
+
 class _Pending:
     """Records consumed since the last flush: valid rows plus the offset span of every record."""
 
     def __init__(self) -> None:
-        self.rows = RowBatch()
+        self.chunks: list[pa.Table] = []  # decoded rows, buffer columns, in consumption order
+        # Polls being decoded on the decode thread, in consumption order (see Ingestor._collect).
+        self.decoding: deque[_Decoding] = deque()
         self.spans: dict[tuple[str, int], list[int]] = {}  # tp -> [first, last + 1]
         self.records = 0
         self.since = time.monotonic()
@@ -77,18 +96,22 @@ class _Pending:
         self.dead: list[tuple[FutureRecordMetadata, str, int, int]] = []
         self.dead_by_reason: dict[str, int] = {}
 
-    def cover(self, topic: str, partition: int, offset: int) -> None:
+    def cover(self, topic: str, partition: int, first: int, last: int) -> None:
+        """Records ``first..last`` (inclusive) of one partition were consumed."""
         if self.records == 0:  # the flush interval runs from the first record held, not idle time
             self.since = time.monotonic()
         span = self.spans.get((topic, partition))
         if span is None:
-            self.spans[(topic, partition)] = [offset, offset + 1]
+            self.spans[(topic, partition)] = [first, last + 1]
         else:
-            span[1] = offset + 1
-        self.records += 1
+            span[1] = last + 1
+        self.records += last - first + 1
 
     def ranges(self) -> list[OffsetRange]:
         return [OffsetRange(t, p, s, e) for (t, p), (s, e) in sorted(self.spans.items())]
+
+    def table(self) -> pa.Table:
+        return pa.concat_tables(self.chunks) if self.chunks else ARROW_SCHEMA.empty_table()
 
 
 class Ingestor:
@@ -109,17 +132,19 @@ class Ingestor:
         self._pending = _Pending()
         # pyarrow's first list->array conversion pays a one-time lazy import (~2 s, pandas);
         # pay it now rather than while partitions are assigned and records wait.
-        self._pending.rows.to_table()
+        decode_batch([])
         self.member = f"{socket.gethostname()}:{os.getpid()}"
         self._consumer: KafkaConsumer | None = None
         self._dlq: KafkaProducer | None = None
         self._failures = 0  # consecutive failed flushes: the retry wait doubles with each
         self._fences = 0  # consecutive refused (stale) batches
         self._quarantined = 0
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="ingest-decode")
 
     # -- lifecycle ----------------------------------------------------------------------
     def run(self) -> IngestStats:
         common = self.kafka.client_kwargs()
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="ingest-decode")  # close() ends it
         self._consumer = KafkaConsumer(
             **common,
             group_id=self.cfg.group_id,
@@ -155,6 +180,7 @@ class Ingestor:
                 try:
                     for msgs in batch.values():
                         self._consume(msgs)
+                    self._collect(wait=False)
                     if self._should_flush():
                         self.flush()
                 except StreamsError as err:
@@ -194,6 +220,7 @@ class Ingestor:
             if self._consumer is not None:
                 self._consumer.close(autocommit=False)
                 self._consumer = None
+            self._decoder.shutdown(wait=True, cancel_futures=True)
             if self._dlq is not None:
                 with contextlib.suppress(KafkaError):  # unacknowledged ones were not counted
                     self._dlq.close(timeout=10)
@@ -201,21 +228,60 @@ class Ingestor:
 
     # -- the work -----------------------------------------------------------------------
     def _consume(self, msgs: list[ConsumerRecord]) -> None:
-        pending = self._pending
+        """One partition's records of a poll (Kafka returns them in offset order).
+
+        Decoding runs on the decode thread (pyarrow parses without the GIL) while this thread
+        goes back to Kafka, whose client parses records in Python; ``_collect`` takes the results.
+        """
+        if not msgs:
+            return
+        first, last = msgs[0], msgs[-1]
+        if self.stats.first_record_at is None:
+            self.stats.first_record_at = time.monotonic()
+        self._pending.cover(first.topic, first.partition, first.offset, last.offset)
+        self.stats.consumed += len(msgs)
         limit = self.cfg.max_event_bytes
-        for m in msgs:
-            pending.cover(m.topic, m.partition, m.offset)
-            self.stats.consumed += 1
-            value = m.value
-            if value is not None and len(value) > limit:
-                self._dead_letter(m, "oversized", f"{len(value)} bytes > max_event_bytes={limit}")
+        values = [m.value for m in msgs]
+        refused = [
+            (i, "oversized", f"{len(v)} bytes > max_event_bytes={limit}")
+            for i, v in enumerate(values)
+            if v is not None and len(v) > limit
+        ]
+        kept: list[int] | None = None
+        if refused:
+            oversized = {i for i, _, _ in refused}
+            kept = [i for i in range(len(msgs)) if i not in oversized]
+            values = [values[i] for i in kept]
+        job = self._decoder.submit(decode_batch, values)
+        self._pending.decoding.append(_Decoding(msgs, job, kept, refused))
+
+    def _collect(self, wait: bool) -> None:
+        """Take decoded polls in order: dead-letter the refused records, hold the rows.
+        ``wait``: all of them (before a flush); else only those already done."""
+        pending = self._pending
+        while pending.decoding and (wait or pending.decoding[0].decoded.done()):
+            d = pending.decoding.popleft()
+            decoded = d.decoded.result()
+            kept = d.kept
+            refused = d.refused + [
+                (kept[i] if kept is not None else i, err.reason, err.detail)
+                for i, err in decoded.errors
+            ]
+            for i, reason, detail in sorted(refused):  # dead letters in offset order
+                self._dead_letter(d.msgs[i], reason, detail)
+            if decoded.table.num_rows == 0:
                 continue
-            try:
-                event = decode(value)
-            except DecodeError as err:
-                self._dead_letter(m, err.reason, err.detail)
-                continue
-            pending.rows.append(event, m.topic, m.partition, m.offset)
+            index = decoded.table["index"]
+            if kept is not None:
+                index = pa.array(kept, pa.int64()).take(index)
+            first = d.msgs[0]
+            offsets = pa.array([m.offset for m in d.msgs], pa.int64()).take(index)
+            n = decoded.table.num_rows
+            rows = decoded.table.drop_columns("index")
+            rows = rows.append_column("topic", pa.array([first.topic] * n, pa.string()))
+            rows = rows.append_column("partition", pa.array([first.partition] * n, pa.int32()))
+            rows = rows.append_column("offset", offsets)
+            pending.chunks.append(rows)
 
     def _dead_letter(self, m: ConsumerRecord, reason: str, detail: str) -> None:
         if self._dlq is None:
@@ -279,9 +345,10 @@ class Ingestor:
         p = self._pending
         if p.records == 0:
             return None
+        self._collect(wait=True)
         # Dead letters must be durable before their offsets count as consumed.
         self._confirm_dead_letters(p)
-        seg = self.buffer.append(p.rows.to_table(), p.ranges(), writer=self.member)
+        seg = self.buffer.append(p.table(), p.ranges(), writer=self.member)
         self._pending = _Pending()
         self._failures = self._fences = 0
         self.stats.ingested += seg.rows
@@ -331,6 +398,8 @@ class Ingestor:
     def _discard(self, err: StreamsError) -> int:
         """Forget the pending records after a failed flush; returns how many there were."""
         records = self._pending.records
+        for d in self._pending.decoding:  # results nobody will take
+            d.decoded.cancel()
         self._pending = _Pending()
         self.stats.last_error = str(err)
         if isinstance(err, FencedError):
