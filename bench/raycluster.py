@@ -118,9 +118,17 @@ class LocalCluster:
         return node
 
     def add_worker(self, name: str, cpus: int, resources: dict[str, float]) -> Node:
-        node = self._start(name, [f"--address={self.address}", f"--num-cpus={cpus}"], resources)
-        self._wait_nodes(sum(1 for n in self.nodes if n.alive))
-        return node
+        for attempt in (1, 2, 3):
+            node = self._start(name, [f"--address={self.address}", f"--num-cpus={cpus}"], resources)
+            try:
+                self._wait_nodes(sum(1 for n in self.nodes if n.alive))
+                return node
+            except RuntimeError:
+                # `ray start` gives up when the GCS answers late (a loaded machine): try again.
+                if attempt == 3 or node.alive:
+                    raise
+                self.nodes.remove(node)
+        raise AssertionError("unreachable")
 
     def serve_deploy(self, port: int, env_vars: dict[str, str]) -> None:
         """`serve deploy` of deploy/serve.yaml's app by a process of its own (not the driver's
