@@ -68,6 +68,14 @@ class TrainerConfig(_Strict):
         default=None, description="Train on GPUs; None = when the Ray cluster has any."
     )
     cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs reserved per worker.")
+    nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="Niceness added to each training worker process (to the 15 Ray gives its "
+        "workers; at most 19): on nodes that also serve or ingest, training yields the CPU to "
+        "them. 0 = no change.",
+    )
     zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage.")
     epochs: int = Field(default=3, ge=1, description="Passes over the round's data.")
     first_round_epochs: int = Field(

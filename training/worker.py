@@ -15,6 +15,7 @@ The teacher for distillation (the champion, which may have fewer rows than the g
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     mcfg = ModelConfig(**config["model_config"])
     tcfg = TrainerConfig(**config["trainer_config"])
     rcfg = ReplayConfig(**config["replay_config"])
+    if tcfg.nice:  # batch work: a request or an ingest poll waiting on this CPU goes first
+        os.nice(tcfg.nice)
     data = ray.get(config["data_ref"])
     torch.manual_seed(tcfg.seed)
     model = Recommender.from_state(mcfg, data["init_state"])
@@ -84,7 +87,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def on_epoch(epoch: int, m: dict[str, float]) -> None:
         # Shards are equal, so the round's throughput is this worker's times the world size.
         metrics = {"epoch": epoch, "loss": m["loss"], "samples_per_s": m["samples_per_s"] * world,
-                   "start_epoch": start_epoch}  # fmt: skip
+                   "start_epoch": start_epoch, "nice": os.nice(0)}  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,6 +47,9 @@ def test_two_rounds_register_warm_start_and_grow(tmp_path: Path) -> None:
     loaded = reg.load(1)
     assert loaded.meta["watermark"] == watermark_of(first) == {"events:0": 3000}
     assert loaded.meta["parent"] is None and loaded.meta["new_events"] == 3000
+    # Training yields the CPU (trainer.nice, 10, added to what Ray gives its workers; max 19).
+    base = ray.get(ray.remote(lambda: os.nice(0)).remote())
+    assert loaded.meta["metrics"]["train_nice"] == min(19, base + 10) > base
     assert loaded.model.n_rows == len(loaded.vocab)
 
     second = synthetic_table(2000, seed=2, start=3000)
