@@ -51,6 +51,7 @@ class ContinualLoop:
         self.on_round = on_round
         self.last_round_at = time.monotonic()
         self.last_compact = time.monotonic()
+        self.pending_since: float | None = None  # when should_train first saw pending events
         self.last_skip: str | None = None  # why the last run_once returned None (for the CLI)
         for d in registry.repair():
             log.warning("repaired interrupted registration: v%d %s (%s)", d.version, d.decision,
@@ -74,6 +75,8 @@ class ContinualLoop:
 
     def should_train(self) -> bool:
         n = self.pending()
+        if n > 0 and self.pending_since is None:  # a round's trigger wait runs from here
+            self.pending_since = time.monotonic()
         waited = time.monotonic() - self.last_round_at
         return n >= self.cfg.min_new_events or (
             n >= self.cfg.min_round_events and waited >= self.cfg.max_wait_s
@@ -96,6 +99,10 @@ class ContinualLoop:
         self.last_round_at = time.monotonic()
         self.last_skip = None
         t0 = time.monotonic()
+        waited, self.pending_since = (
+            (t0 - self.pending_since if self.pending_since is not None else None),
+            None,
+        )
         try:
             run = run_on_cluster if self.cfg.round_on_cluster else run_planned
             outcome = run(plan, self.registry.expecting(base), self.round_cfg,
@@ -109,9 +116,12 @@ class ContinualLoop:
             log.info("skip round: %s", self.last_skip)
             return None
         result = outcome.result
+        phases = {"read": outcome.read_s, **result.phases}
+        if waited is not None:  # seen by should_train (not for a round asked for directly)
+            phases = {"trigger_wait": waited, **phases}
         record = {**asdict(result), "started": t0, "seconds": time.monotonic() - t0,
                   "read_s": outcome.read_s, "segments": len(plan.segments), "node": outcome.node,
-                  "after_watermark": after}  # fmt: skip
+                  "after_watermark": after, "phases": phases}  # fmt: skip
         self._persist(record)
         if self.on_round is not None:
             self.on_round(result, record)

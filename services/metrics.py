@@ -54,6 +54,14 @@ SPECS: dict[str, Spec] = {
         "Wall time of a training round.",
         boundaries=(5, 10, 20, 40, 80, 160, 320, 640),
     ),
+    "phase_s": Spec(
+        "histogram",
+        "streamtune_round_phase_seconds",
+        "Wall time of each part of a round: trigger_wait (first pending event to the round's "
+        "start), read, prepare, train, gate, register.",
+        ("phase",),
+        boundaries=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160),
+    ),
     "samples_s": Spec(
         "gauge",
         "streamtune_train_samples_per_second",
@@ -128,9 +136,14 @@ class StreamMetrics:
                 self._m["dead"].inc(n, tags={"reason": reason})
 
     # -- rounds -------------------------------------------------------------------------
-    def on_round(self, result: Any, seconds: float, champion: int | None) -> None:
-        """A finished round (``training.round.RoundResult``)."""
+    def on_round(
+        self, result: Any, seconds: float, champion: int | None,
+        phases: dict[str, float] | None = None,
+    ) -> None:  # fmt: skip
+        """A finished round (``training.round.RoundResult``) and its parts' seconds."""
         self.observe("round_s", seconds)
+        for phase, s in (phases or {}).items():
+            self.observe("phase_s", s, tags={"phase": phase})
         self.count("decisions", tags={"decision": "promote" if result.promoted else "reject"})
         if champion is not None:
             self.gauge("champion", float(champion))
@@ -185,5 +198,5 @@ class StreamMetrics:
     def count(self, name: str, n: float = 1.0, tags: dict[str, str] | None = None) -> None:
         self._m[name].inc(n, tags=tags)
 
-    def observe(self, name: str, value: float) -> None:
-        self._m[name].observe(value)
+    def observe(self, name: str, value: float, tags: dict[str, str] | None = None) -> None:
+        self._m[name].observe(value, tags=tags)

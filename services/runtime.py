@@ -160,7 +160,7 @@ def start(
 
     def record(result: Any, rec: dict[str, Any]) -> None:
         try:
-            metrics.on_round(result, rec["seconds"], registry.champion())
+            metrics.on_round(result, rec["seconds"], registry.champion(), rec.get("phases"))
         except Exception:
             log.debug("metrics update failed", exc_info=True)
         if on_round is not None:

@@ -74,6 +74,9 @@ class RoundResult:
     new_events: int = 0
     items_added: int = 0
     train_s: float = 0.0
+    # Seconds of each part of the round here: prepare (item map, context, examples), train,
+    # gate, register. (The loop adds what happens around it: trigger wait, data read.)
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def _titles(table: pa.Table) -> dict[str, str]:
@@ -233,6 +236,7 @@ def run_round(
     registry, and ``NonFiniteWeightsError`` if the candidate's weights
     are not finite (nothing is registered or recorded in those cases).
     """
+    t_start = time.monotonic()
     champ_v = registry.champion()
     champ = registry.load(champ_v) if champ_v is not None else None
     base_v = registry.latest()  # the replay lineage continues from the latest version
@@ -305,7 +309,8 @@ def run_round(
     candidate, train_metrics = train(
         init, champ.model if champ else None, train_ex, cfg, cold=champ is None, run_id=run_id
     )
-    train_s = time.monotonic() - t_train
+    t_gate = time.monotonic()
+    train_s = t_gate - t_train
 
     counts = np.bincount(
         np.asarray(vocab.encode(new.column("item_id").to_pylist()), dtype=np.int64),
@@ -313,6 +318,7 @@ def run_round(
     )
     decision = gate(candidate, champ.model if champ else None, new_hold, replay_hold, counts,
                     cfg.gate)  # fmt: skip
+    t_register = time.monotonic()
     reservoir.add(new_ex)
     probes.add(holdout_as_examples(new_hold))
 
@@ -364,4 +370,10 @@ def run_round(
         new_events=new.num_rows,
         items_added=len(vocab) - rows_before,
         train_s=train_s,
+        phases={
+            "prepare": t_train - t_start,
+            "train": train_s,
+            "gate": t_register - t_gate,
+            "register": time.monotonic() - t_register,
+        },
     )

@@ -164,6 +164,8 @@ def test_every_metric_is_emitted_with_a_value(
     assert value(samples, "ray_streamtune_buffer_rows") == len(EVENTS)
     assert value(samples, "ray_streamtune_train_samples_per_second") > 0
     assert value(samples, "ray_streamtune_round_seconds_count") == 1
+    for phase in ("read", "prepare", "train", "gate", "register"):
+        assert value(samples, "ray_streamtune_round_phase_seconds_count", phase=phase) == 1, phase
     assert value(samples, "ray_streamtune_gate_decisions_total", decision=decision) == 1
     assert value(samples, "ray_streamtune_champion_version") == result.version
     assert value(samples, "ray_streamtune_rollouts_total", kind="rollout") == 1
