@@ -52,13 +52,16 @@ OUT = Console(width=130)  # tables for logs, not an 80-column terminal
 FIRST = 20_000
 
 
-def bench_settings(root: Path) -> Settings:
+def bench_settings(root: Path, long_lived: bool = False, micro: bool = False) -> Settings:
+    loop: dict[str, Any] = {"min_new_events": 2000, "max_wait_s": 15.0, "min_round_events": 200}
+    if micro:  # a round every few hundred events or every two seconds
+        loop = {"min_new_events": 300, "max_wait_s": 2.0, "min_round_events": 100}
     return load_settings(
         state_dir=root,
         broker={"port": free_port(), "controller_port": free_port()},
         topics={"events": "fresh.events", "dead_letter": "fresh.dlq", "partitions": 2},
         serving={"port": free_port(), "replicas": 1},
-        loop={"min_new_events": 2000, "max_wait_s": 15.0, "min_round_events": 200, "poll_s": 0.5},
+        loop={**loop, "poll_s": 0.5, "long_lived_trainer": long_lived},
         ingest={"flush_interval_s": 0.2},
     )
 
@@ -93,12 +96,14 @@ def probe_history(s: Settings, n: int, item: str) -> list[float]:
     return out
 
 
-def run(seconds: float, rate: float, probes: int) -> dict[str, Any]:
+def run(
+    seconds: float, rate: float, probes: int, long_lived: bool = False, micro: bool = False
+) -> dict[str, Any]:
     import ray
     from ray import serve
 
     root = Path(tempfile.mkdtemp(prefix="bench-freshness-"))
-    s = bench_settings(root)
+    s = bench_settings(root, long_lived, micro)
     broker = LocalBroker(s.broker)
     events = movielens_100k(DEFAULT_ML100K)
     steady = events[FIRST : FIRST + int(seconds * rate)]
@@ -143,6 +148,7 @@ def run(seconds: float, rate: float, probes: int) -> dict[str, Any]:
         rounds_detail = _breakdown(running, queries)
         rounds = [v for v in running.registry.versions() if v > 1]
         running.stop()
+        running.loop.close()  # the long-lived run, if any, before Ray goes down
         serve.shutdown()
         ray.shutdown()
     finally:
@@ -278,11 +284,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rate", type=float, default=100.0, help="events/s during the steady phase")
     p.add_argument("--probes", type=int, default=60, help="history probes (new users)")
     p.add_argument("--quick", action="store_true", help="90 s of steady production")
+    p.add_argument(
+        "--long-lived", action="store_true", help="loop.long_lived_trainer: one Ray Train run"
+    )
+    p.add_argument(
+        "--micro", action="store_true", help="micro-rounds: every 300 events or 2 s (100 at least)"
+    )
     a = p.parse_args(argv)
     if a.rate <= 0 or a.seconds <= 0:
         p.error("--rate and --seconds must be positive")
     seconds = 90.0 if a.quick else a.seconds
-    record = report(run(seconds, a.rate, a.probes), a.rate)
+    record = report(run(seconds, a.rate, a.probes, a.long_lived, a.micro), a.rate)
+    record.update(long_lived=a.long_lived, micro=a.micro)
     print(json.dumps(record), flush=True)
 
 

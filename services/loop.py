@@ -32,6 +32,7 @@ from streams.storage import atomic_write_bytes
 from training.errors import ConcurrentRoundError
 from training.registry import Registry
 from training.round import RoundConfig, RoundResult
+from training.session import TrainingSession
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class ContinualLoop:
         self.last_round_at = time.monotonic()
         self.last_compact = time.monotonic()
         self.pending_since: float | None = None  # when should_train first saw pending events
+        # loop.long_lived_trainer: one Ray Train run for every round (started by the first).
+        self.session = TrainingSession() if cfg.long_lived_trainer else None
         self.last_skip: str | None = None  # why the last run_once returned None (for the CLI)
         for d in registry.repair():
             log.warning("repaired interrupted registration: v%d %s (%s)", d.version, d.decision,
@@ -104,9 +107,12 @@ class ContinualLoop:
             None,
         )
         try:
-            run = run_on_cluster if self.cfg.round_on_cluster else run_planned
-            outcome = run(plan, self.registry.expecting(base), self.round_cfg,
-                          {"after_watermark": after})  # fmt: skip
+            registry, extra = self.registry.expecting(base), {"after_watermark": after}
+            if self.cfg.round_on_cluster:
+                outcome = run_on_cluster(plan, registry, self.round_cfg, extra)
+            else:
+                trainer = self.session.train if self.session is not None else None
+                outcome = run_planned(plan, registry, self.round_cfg, extra, trainer)
         except ConcurrentRoundError as err:
             self.last_skip = f"another process registered this slice first: {err}"
             log.warning("round dropped: %s", self.last_skip)
@@ -138,6 +144,11 @@ class ContinualLoop:
             return data
         except FileNotFoundError:
             return {"rounds": []}
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """End the long-lived training run, if there is one (before Ray goes down)."""
+        if self.session is not None:
+            self.session.close(timeout_s)
 
     # -- forever ------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from streams.buffer import EventBuffer, Segment
 from streams.config import BufferConfig
 from training.registry import Registry
-from training.round import RoundConfig, RoundResult, run_round
+from training.round import RoundConfig, RoundResult, TrainFn, run_round
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,10 @@ def run_planned(
     registry: Registry,
     cfg: RoundConfig,
     extra_meta: dict[str, Any] | None = None,
+    trainer: TrainFn | None = None,
 ) -> RoundOutcome:
-    """Read the planned segments, train, gate, register. Runs wherever it is called from."""
+    """Read the planned segments, train, gate, register. Runs wherever it is called from;
+    ``trainer`` as for ``run_round`` (the loop's long-lived session, if it keeps one)."""
     import time
 
     import ray
@@ -97,7 +99,7 @@ def run_planned(
 
     context = new.slice(0, 0) if plan.fresh_start else None
     result = run_round(new, context, plan.upto, registry, cfg, extra_meta, read_history,
-                       run_id=plan.run_id)  # fmt: skip
+                       run_id=plan.run_id, trainer=trainer)  # fmt: skip
     return RoundOutcome(result, None, read_s, new.num_rows, node)
 
 

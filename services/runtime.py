@@ -359,6 +359,9 @@ def shutdown(
         # if Ray shut down under it, Ray would end this whole process from that thread. End the
         # round first (its checkpoints stay; registration never happened), then let the thread go.
         step("round", lambda: _end_round(started, loop, min(15.0, remaining(8.0))))
+    if running is not None and running.loop.session is not None:
+        # Its run's controller waits on Ray from a thread of this process, as a round does.
+        step("training session", lambda: running.loop.close(max(1.0, min(10.0, remaining(8.0)))))
     if broker is not None:
         # Before Ray: nothing left needs it once ingest has flushed, and a driver that Ray
         # brings down mid-shutdown must not leave a broker behind in its own session.

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -133,6 +133,71 @@ def worker_resources(tcfg: TrainerConfig, use_gpu: bool) -> dict[str, float] | N
     return res or None
 
 
+def _use_gpu(cfg: RoundConfig) -> bool:
+    import ray
+
+    if cfg.trainer.use_gpu is not None:
+        return cfg.trainer.use_gpu
+    return bool(ray.cluster_resources().get("GPU", 0) >= cfg.trainer.num_workers)
+
+
+def round_job(
+    init: Recommender,
+    teacher: Recommender | None,
+    examples: Examples,
+    cfg: RoundConfig,
+    cold: bool,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A round for the workers: its data (for the object store) and its settings."""
+
+    use_gpu = _use_gpu(cfg)
+    data = {
+        "inputs": examples.inputs,
+        "targets": examples.targets,
+        "init_state": init.state_numpy(),
+        "teacher_state": teacher.state_numpy() if teacher and cfg.replay.kd_weight > 0 else None,
+    }
+    tcfg = cfg.trainer.model_dump(mode="json")
+    if cold:
+        tcfg["epochs"] = cfg.trainer.first_round_epochs
+    return data, {
+        "model_config": init.cfg.model_dump(),
+        "trainer_config": tcfg,
+        "replay_config": cfg.replay.model_dump(),
+        "use_gpu": use_gpu,
+    }
+
+
+def scaling_config(cfg: RoundConfig) -> Any:
+    from ray.train import ScalingConfig
+
+    use_gpu = _use_gpu(cfg)
+    return ScalingConfig(
+        num_workers=cfg.trainer.num_workers,
+        use_gpu=use_gpu,
+        resources_per_worker=worker_resources(cfg.trainer, use_gpu),
+    )
+
+
+def run_config(cfg: RoundConfig, name: str, max_failures: int) -> Any:
+    """Ray Train's run settings: checkpoints under ``trainer.storage_path`` (a local path or an
+    object-store URI every node reaches), the last one kept."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    storage_fs = None
+    if isinstance(cfg.trainer.storage_path, Path):
+        storage_path = str(cfg.trainer.storage_path.resolve())
+    else:  # object storage: every node of a cluster writes and reads checkpoints there
+        storage_fs, storage_path = arrow_filesystem(cfg.trainer.storage_path, cfg.trainer.storage)
+    return RunConfig(
+        name=name,
+        storage_path=storage_path,
+        storage_filesystem=storage_fs,
+        failure_config=FailureConfig(max_failures=max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=1),
+    )
+
+
 def train(
     init: Recommender,
     teacher: Recommender | None,
@@ -149,53 +214,21 @@ def train(
     ``cold``: no champion to start from, so ``first_round_epochs`` passes instead of ``epochs``.
     ``teacher`` (the champion) is shipped only when ``replay.kd_weight > 0``; the workers freeze
     it (``Recommender.frozen_teacher``). Raises ``RoundFailedError`` when the job fails after
-    Ray Train's retries (``trainer.max_failures``).
+    Ray Train's retries (``trainer.max_failures``). (``training.session.TrainingSession.train``
+    does the same on workers kept up between rounds.)
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
-    use_gpu = cfg.trainer.use_gpu
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.trainer.num_workers
-    data = {
-        "inputs": examples.inputs,
-        "targets": examples.targets,
-        "init_state": init.state_numpy(),
-        "teacher_state": teacher.state_numpy() if teacher and cfg.replay.kd_weight > 0 else None,
-    }
-    storage_fs = None
-    if isinstance(cfg.trainer.storage_path, Path):
-        storage_path = str(cfg.trainer.storage_path.resolve())
-    else:  # object storage: every node of a cluster writes and reads checkpoints there
-        storage_fs, storage_path = arrow_filesystem(cfg.trainer.storage_path, cfg.trainer.storage)
+    data, job_config = round_job(init, teacher, examples, cfg, cold)
     default_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}"
-    tcfg = cfg.trainer.model_dump(mode="json")
-    if cold:
-        tcfg["epochs"] = cfg.trainer.first_round_epochs
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "data_ref": ray.put(data),
-            "model_config": init.cfg.model_dump(),
-            "trainer_config": tcfg,
-            "replay_config": cfg.replay.model_dump(),
-            "use_gpu": use_gpu,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.trainer.num_workers,
-            use_gpu=use_gpu,
-            resources_per_worker=worker_resources(cfg.trainer, use_gpu),
-        ),
-        run_config=RunConfig(
-            name=f"round-{run_id or default_id}",
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-        ),
+        train_loop_config={"data_ref": ray.put(data), **job_config},
+        scaling_config=scaling_config(cfg),
+        run_config=run_config(cfg, f"round-{run_id or default_id}", cfg.trainer.max_failures),
     )
     try:
         result = trainer.fit()
@@ -213,6 +246,20 @@ def train(
     return model, metrics
 
 
+class TrainFn(Protocol):
+    """``train`` or a ``TrainingSession``'s: trains one round, returns model and metrics."""
+
+    def __call__(
+        self,
+        init: Recommender,
+        teacher: Recommender | None,
+        examples: Examples,
+        cfg: RoundConfig,
+        cold: bool = False,
+        run_id: str | None = None,
+    ) -> tuple[Recommender, dict[str, float]]: ...
+
+
 def run_round(
     new: pa.Table,
     context: pa.Table | None,
@@ -222,6 +269,7 @@ def run_round(
     extra_meta: dict[str, Any] | None = None,
     read_history: Callable[[list[str]], pa.Table] | None = None,
     run_id: str | None = None,
+    trainer: TrainFn | None = None,
 ) -> RoundResult:
     """Train, gate and register one round; see the module docstring.
 
@@ -229,6 +277,9 @@ def run_round(
     latest version's per-user index (``training.histories``), which costs the round's users,
     not the whole history. A latest version written before that index existed has none; then
     ``read_history(users)`` (if given) reads them from the buffer once.
+
+    ``trainer``: what trains the candidate; ``train`` (a Ray Train run for this round) unless a
+    ``TrainingSession``'s ``train`` is given (workers kept up between rounds).
 
     Raises ``EmptyRoundError`` if the new events give no training example, ``LineageError`` if
     the registry's item map no longer extends the champion's, ``RoundFailedError`` if training
@@ -306,7 +357,7 @@ def run_round(
     train_ex = new_ex.concat(replay_ex)
 
     t_train = time.monotonic()
-    candidate, train_metrics = train(
+    candidate, train_metrics = (trainer or train)(
         init, champ.model if champ else None, train_ex, cfg, cold=champ is None, run_id=run_id
     )
     t_gate = time.monotonic()

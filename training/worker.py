@@ -44,6 +44,70 @@ def deepspeed_config(tcfg: TrainerConfig, on_gpu: bool) -> dict[str, Any]:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One round per Ray Train run (``training.round.train``): the round's data in ``config``."""
+    import ray
+    import ray.train
+
+    _setup(config)
+    resume = _resume_point()
+    _train_round(config, ray.get(config["data_ref"]), resume)
+
+
+def rounds_loop_per_worker(config: dict[str, Any]) -> None:
+    """A long-lived run (``training.session.TrainingSession``): round after round from the
+    session's feeder actor, each ending with a report to it (rank 0); None from it ends the run.
+
+    After a worker-group restart the feeder hands out the unfinished round again, and the last
+    checkpoint (its progress names the round) resumes it after its last finished epoch.
+    """
+    import ray
+    import ray.train
+
+    _setup(config)
+    rank = ray.train.get_context().get_world_rank()
+    feeder = config["feeder"]
+    resume = _resume_point()
+    last: str | None = None
+    while True:
+        job = ray.get(feeder.next_round.remote(last))
+        if job is None:
+            return
+        round_config = {**config, **job["config"], "round_id": job["id"]}
+        at = resume if resume is not None and resume[0] == job["id"] else None
+        state, metrics = _train_round(round_config, ray.get(job["data"][0]), at)
+        if rank == 0:
+            ray.get(feeder.round_done.remote(job["id"], state, metrics))
+        last, resume = job["id"], None
+
+
+def _setup(config: dict[str, Any]) -> None:
+    tcfg = TrainerConfig(**config["trainer_config"])
+    if tcfg.nice:  # batch work: a request or an ingest poll waiting on this CPU goes first
+        os.nice(tcfg.nice)
+
+
+Resume = tuple[str | None, int, dict[str, torch.Tensor]]  # (round id, next epoch, weights)
+
+
+def _resume_point() -> Resume | None:
+    """Where the run's last checkpoint left off (a restarted worker group), if anywhere."""
+    import ray.train
+    from safetensors.torch import load_file
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        progress = json.loads((Path(d) / "progress.json").read_text())
+        weights = load_file(str(Path(d) / "model.safetensors"))
+    return progress.get("round"), int(progress["epoch"]) + 1, weights
+
+
+def _train_round(
+    config: dict[str, Any], data: dict[str, Any], resume: Resume | None
+) -> tuple[dict[str, Any] | None, dict[str, float]]:
+    """Train one round; returns (rank 0: the trained weights as numpy, else None) and the last
+    epoch's metrics. Every epoch ends with a checkpointed ``ray.train.report``."""
     import deepspeed
     import ray
     import ray.train
@@ -54,9 +118,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     mcfg = ModelConfig(**config["model_config"])
     tcfg = TrainerConfig(**config["trainer_config"])
     rcfg = ReplayConfig(**config["replay_config"])
-    if tcfg.nice:  # batch work: a request or an ingest poll waiting on this CPU goes first
-        os.nice(tcfg.nice)
-    data = ray.get(config["data_ref"])
+    round_id = config.get("round_id")
     torch.manual_seed(tcfg.seed)
     model = Recommender.from_state(mcfg, data["init_state"])
     teacher = None
@@ -64,37 +126,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         teacher = Recommender.from_state(mcfg, data["teacher_state"]).frozen_teacher()
 
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a retried round: continue after the last finished epoch
-        with checkpoint.as_directory() as d:
-            model = Recommender.from_file(Path(d) / "model.safetensors", mcfg)
-            start_epoch = json.loads((Path(d) / "progress.json").read_text())["epoch"] + 1
+    if resume is not None:  # a retried round: continue after the last finished epoch
+        model = Recommender.from_state(mcfg, resume[2])
+        start_epoch = resume[1]
 
     on_gpu = bool(config["use_gpu"]) and torch.cuda.is_available()
     device = ray.train.torch.get_device() if on_gpu else torch.device("cpu")
     if teacher is not None:
         teacher.to(device)
+    # A new engine per round: the item table grows with the catalog, and ZeRO partitions the
+    # optimizer state by parameter shape. (The process group, the costly part, stays up.)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(tcfg, on_gpu)
     )
     shard = Examples(data["inputs"], data["targets"]).shard(rank, world)
+    last: dict[str, float] = {"start_epoch": start_epoch, "pid": os.getpid()}  # resumed at the end
 
     def step(loss: torch.Tensor) -> None:
         engine.backward(loss)
         engine.step()
 
+    def weights() -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().cpu().contiguous()
+                for k, v in engine.module.state_dict().items()}  # fmt: skip
+
     def on_epoch(epoch: int, m: dict[str, float]) -> None:
         # Shards are equal, so the round's throughput is this worker's times the world size.
         metrics = {"epoch": epoch, "loss": m["loss"], "samples_per_s": m["samples_per_s"] * world,
-                   "start_epoch": start_epoch, "nice": os.nice(0)}  # fmt: skip
+                   "start_epoch": start_epoch, "nice": os.nice(0), "pid": os.getpid()}  # fmt: skip
+        last.update(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                state = {k: v.detach().float().cpu().contiguous()
-                         for k, v in engine.module.state_dict().items()}  # fmt: skip
-                save_file(state, str(Path(tmp) / "model.safetensors"))
-                progress = {"epoch": epoch, "start_epoch": start_epoch}
+                save_file(weights(), str(Path(tmp) / "model.safetensors"))
+                progress = {"epoch": epoch, "start_epoch": start_epoch, "round": round_id}
                 (Path(tmp) / "progress.json").write_text(json.dumps(progress))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
@@ -113,3 +179,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         on_epoch=on_epoch,
         device=device,
     )
+    state = {k: v.numpy() for k, v in weights().items()} if rank == 0 else None
+    return state, last

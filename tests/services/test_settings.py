@@ -62,3 +62,9 @@ def test_sasl_needs_credentials() -> None:
         sasl_password="p",  # type: ignore[arg-type]
     ).client_kwargs()
     assert kw["sasl_plain_password"] == "p" and kw["security_protocol"] == "SASL_SSL"
+
+
+def test_long_lived_trainer_and_rounds_on_the_cluster_exclude_each_other() -> None:
+    assert load_settings(loop={"long_lived_trainer": True}).loop.long_lived_trainer
+    with pytest.raises(ValidationError, match="set one of them"):
+        load_settings(loop={"long_lived_trainer": True, "round_on_cluster": True})
