@@ -9,6 +9,10 @@ in-place update, no restart). A new version is loaded next to the current one an
 atomically, so in-flight and new requests never see a half-loaded model; the previous version
 stays loaded for a fast rollback. A version that fails to load is reported to the serving context
 once and the replica keeps serving what it had.
+
+Concurrent ``/recommend`` and ``/score`` requests are scored in batches (``serve.batch``, sized by
+``batch_max_size`` and ``batch_wait_s``): one look-up of the live histories and one model forward
+per batch, all of it by one version snapshot; ranking and the answer stay per request.
 """
 
 import asyncio
@@ -16,7 +20,6 @@ import functools
 import math
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,42 +49,15 @@ from serving.config import ServingConfig
 from serving.context import find_context
 from serving.http_guard import HTTPGuard
 from serving.mmr import mmr
-from training.data import left_pad
-from training.model import Recommender
+from serving.scoring import Ask, Loaded, Scored, fetch_histories, load_version, score_asks
 from training.ranking import top_k
 from training.registry import Registry
-from training.vocab import ItemVocab
 
 api = FastAPI(
     title="streamtune",
     version="1",
     description="Fresh recommendations from a continually fine-tuned sequential model.",
 )
-
-
-@dataclass(frozen=True)
-class Loaded:
-    version: int
-    model: Recommender
-    vocab: ItemVocab
-    unit_emb: torch.Tensor  # [V, D] unit-norm rows, for MMR
-    popularity: torch.Tensor  # [V] log-count prior, for users with no usable history
-
-
-def load_version(registry: Registry, version: int) -> Loaded:
-    lv = registry.load(version)  # verifies hashes; raises on a bad version
-    emb = lv.model.item_embeddings().detach()
-    unit = emb / emb.norm(dim=1, keepdim=True).clamp(min=1e-9)
-    pop_file = lv.path / "popularity.json"
-    counts = torch.zeros(len(lv.vocab))
-    if pop_file.exists():
-        import json
-
-        raw = torch.tensor(json.loads(pop_file.read_text()), dtype=torch.float32)
-        counts[: len(raw)] = raw[: len(counts)]
-    pop = torch.log1p(counts)
-    pop[0] = float("-inf")
-    return Loaded(version, lv.model, lv.vocab, unit, pop)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -143,6 +119,9 @@ class RecommenderDeployment:
         self.pinned = 0  # set by reconfigure before any traffic
         self.failed: set[int] = set()
         self._ctx: Any = None
+        # The batcher is the class's (one per replica process); its limits come from the settings.
+        self._score_batch.set_max_batch_size(self.cfg.batch_max_size)  # type: ignore[attr-defined]
+        self._score_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_s)  # type: ignore[attr-defined]
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve calls this once per replica, before traffic: the settings go into the app.
@@ -241,50 +220,44 @@ class RecommenderDeployment:
             except RayActorError:  # the watchdog recreates the actor by name: look it up again
                 self._ctx = None
 
-    async def _history(self, req: RecommendRequest | ScoreRequest) -> list[str]:
-        if req.history is not None:
-            if len(req.history) > self.cfg.max_history:
-                raise limit_error(
-                    ["body", "history"],
-                    f"history has {len(req.history)} items; at most {self.cfg.max_history}",
-                    "too_long",
-                )
-            return req.history
-        ctx = self._context()
-        if ctx is None or req.user_id is None:
+    def _ask(self, req: RecommendRequest | ScoreRequest) -> Ask:
+        if req.history is not None and len(req.history) > self.cfg.max_history:
+            raise limit_error(
+                ["body", "history"],
+                f"history has {len(req.history)} items; at most {self.cfg.max_history}",
+                "too_long",
+            )
+        return Ask(req.history, req.user_id)
+
+    async def _histories(self, users: list[str]) -> list[list[str]]:
+        """The live histories of ``users``, in order, from one call to the context actor."""
+        if not users:
             return []
-        try:
-            hist: list[str] = await ctx.get_history.remote(req.user_id)
-        except RayActorError:
-            # The history actor died (its watchdog recreates it under the same name): drop the
-            # cached handle and ask once more; if it is still down, answer from popularity (the
-            # response's ``source`` says so) rather than failing the request.
-            self._ctx = None
+        for _ in range(2):
             ctx = self._context()
             if ctx is None:
-                return []
+                break
             try:
-                hist = await ctx.get_history.remote(req.user_id)
+                return await fetch_histories(ctx, users)
             except RayActorError:
+                # The history actor died (its watchdog recreates it under the same name): drop
+                # the cached handle and ask once more; if it is still down, answer from
+                # popularity (the response's ``source`` says so) rather than failing requests.
                 self._ctx = None
-                return []
-        return hist
+        return [[] for _ in users]
 
-    def _scores(self, m: Loaded, rows: list[int]) -> tuple[torch.Tensor, str]:
-        if not rows:
-            return m.popularity.clone(), "popularity"
-        x = torch.from_numpy(left_pad(rows, m.model.cfg.max_len))[None]
-        with torch.no_grad():
-            s = m.model.score(x)[0]
-        if not torch.isfinite(s[1:]).all():  # a broken version: an error the rollout sees
-            raise HTTPException(500, f"model version {m.version} produced non-finite scores")
-        return s, "history"
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # set per replica in __init__
+    async def _score_batch(self, asks: list[Ask]) -> list[Scored]:
+        """Concurrent requests, scored together: one history look-up, one model forward."""
+        m = self.current  # one snapshot for the whole batch, even if a swap lands meanwhile
+        assert m is not None, "the endpoints answer 503 before a model is loaded"
+        return await score_asks(m, asks, self._histories)
 
     # -- endpoints ----------------------------------------------------------------------
     @api.post("/recommend", response_model=RecommendResponse, responses=_POST_ERRORS)
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
         started = time.perf_counter()
-        m = self._model()
+        version = self._model().version  # until a batch scores it: that batch's version
         ok = False
         try:
             if req.k > self.cfg.max_k:
@@ -292,9 +265,9 @@ class RecommenderDeployment:
                     ["body", "k"], f"k={req.k} is above the limit of {self.cfg.max_k}",
                     "less_than_equal",
                 )  # fmt: skip
-            history = await self._history(req)
-            rows = m.vocab.encode(history)
-            scores, source = self._scores(m, rows)
+            got = await self._score_batch(self._ask(req))
+            m, rows, version = got.m, got.rows, got.m.version
+            scores = got.scores()
             # the shared ranking rule: padding, excluded and non-finite rows are never picked
             cand = top_k(scores, max(req.k * 5, 50), exclude=rows if req.exclude_seen else None)
             picked = mmr(scores, m.unit_emb, cand, req.k, req.diversity)
@@ -303,30 +276,30 @@ class RecommenderDeployment:
                 self.served[req.user_id] = (str(m.version), [i.item_id for i in items])
             ok = True
             return RecommendResponse(
-                items=items, version=m.version, source=source, history_len=len(rows),
-                unknown_items=len(history) - len(rows),
+                items=items, version=m.version, source=got.source, history_len=len(rows),
+                unknown_items=len(got.history) - len(rows),
             )  # fmt: skip
         except HTTPException as err:
             ok = err.status_code < 500
             raise
         finally:
-            self._record(m.version, started, ok)
+            self._record(version, started, ok)
 
     @api.post("/score", response_model=ScoreResponse, responses=_POST_ERRORS)
     async def score(self, req: ScoreRequest) -> ScoreResponse:
-        m = self._model()
+        self._model()  # 503 before anything else
         if len(req.items) > self.cfg.max_history:
             raise limit_error(
                 ["body", "items"], f"at most {self.cfg.max_history} items per request", "too_long"
             )
-        history = await self._history(req)
-        scores, source = self._scores(m, m.vocab.encode(history))
+        got = await self._score_batch(self._ask(req))
+        m, scores = got.m, got.scores()
         out: dict[str, float | None] = {}
         for item in req.items:
             row = m.vocab.index(item)
             val = float(scores[row]) if row is not None else None
             out[item] = val if val is None or math.isfinite(val) else None
-        return ScoreResponse(scores=out, version=m.version, source=source)
+        return ScoreResponse(scores=out, version=m.version, source=got.source)
 
     @api.get("/healthz", response_model=HealthResponse, responses=error_responses(413, 503))
     async def healthz(self) -> HealthResponse:
@@ -407,7 +380,9 @@ def settings_digest(cfg: ServingConfig) -> str:
     counts and the like are deployment options Serve compares itself: left out."""
     import hashlib
 
-    plain = cfg.model_dump_json(include={"max_k", "max_history", "max_body_bytes"}).encode()
+    plain = cfg.model_dump_json(
+        include={"max_k", "max_history", "max_body_bytes", "batch_max_size", "batch_wait_s"}
+    ).encode()
     key = cfg.api_key.get_secret_value().encode() if cfg.api_key is not None else b""
     return hashlib.sha256(plain + _slow_hash(key)).hexdigest()[:12]
 

@@ -23,6 +23,21 @@ class ServingConfig(_Strict):
         default=4.0, gt=0, description="Autoscaling target of in-flight requests per replica."
     )
     max_ongoing_requests: int = Field(default=32, ge=1, description="Per-replica concurrency cap.")
+    batch_max_size: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="Most concurrent /recommend and /score requests a replica scores in one "
+        "model forward (and one history look-up); keep it at most max_ongoing_requests.",
+    )
+    batch_wait_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="How long a replica waits after a batch's first request for more to join "
+        "it (latency added to every request when idle). 0 = take the requests that arrived "
+        "meanwhile: under load they pile up while a forward runs, so batches form anyway.",
+    )
     max_k: int = Field(default=100, ge=1, description="Largest k a request may ask for.")
     max_history: int = Field(default=1000, ge=1, description="Longest history a request may send.")
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, description="Larger bodies get 413.")

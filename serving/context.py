@@ -156,6 +156,11 @@ class ServingContext:
             h = self.history.get(user)
             return list(h) if h else []
 
+    def get_histories(self, users: list[str]) -> list[list[str]]:
+        """``get_history`` of each user, in order: one call for a replica's whole batch."""
+        with self.lock:
+            return [list(h) if (h := self.history.get(u)) else [] for u in users]
+
     # -- serving stats ------------------------------------------------------------------
     def _stats(self, version: str) -> VersionStats:
         s = self.stats.get(version)
