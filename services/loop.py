@@ -29,7 +29,7 @@ from services.config import LoopConfig
 from services.round_job import plan_round, run_on_cluster, run_planned
 from streams.buffer import EventBuffer
 from streams.storage import atomic_write_bytes
-from training.errors import ConcurrentRoundError
+from training.errors import ConcurrentRoundError, EmptyRoundError, RoundTooSmallError
 from training.registry import Registry
 from training.round import RoundConfig, RoundResult
 from training.session import TrainingSession
@@ -53,6 +53,7 @@ class ContinualLoop:
         self.last_round_at = time.monotonic()
         self.last_compact = time.monotonic()
         self.pending_since: float | None = None  # when should_train first saw pending events
+        self.retry_at_pending: int | None = None  # after a too-small round: wait for this many
         # loop.long_lived_trainer: one Ray Train run for every round (started by the first).
         self.session = TrainingSession() if cfg.long_lived_trainer else None
         self.last_skip: str | None = None  # why the last run_once returned None (for the CLI)
@@ -78,6 +79,10 @@ class ContinualLoop:
 
     def should_train(self) -> bool:
         n = self.pending()
+        if self.retry_at_pending is not None:
+            if n < self.retry_at_pending:
+                return False
+            self.retry_at_pending = None
         if n > 0 and self.pending_since is None:  # a round's trigger wait runs from here
             self.pending_since = time.monotonic()
         waited = time.monotonic() - self.last_round_at
@@ -116,6 +121,13 @@ class ContinualLoop:
         except ConcurrentRoundError as err:
             self.last_skip = f"another process registered this slice first: {err}"
             log.warning("round dropped: %s", self.last_skip)
+            return None
+        except (EmptyRoundError, RoundTooSmallError) as err:
+            # Nothing registered, the watermark stays: the next round takes these events too.
+            # Try again once min_round_events more have arrived, not at every poll.
+            self.last_skip = str(err)
+            self.retry_at_pending = self.pending() + self.cfg.min_round_events
+            log.info("skip round: %s", self.last_skip)
             return None
         if outcome.result is None:
             self.last_skip = outcome.skipped

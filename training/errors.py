@@ -44,3 +44,8 @@ class EmptyRoundError(TrainingError):
 
 class UnknownVersionError(RegistryIntegrityError, LookupError):
     """The registry's log has no such version: never registered, or pruned since."""
+
+
+class RoundTooSmallError(TrainingError):
+    """A round's new events hold too few held-out users for the gate to measure quality
+    (``gate.min_eval_users``): nothing is trained or registered; wait for more events."""

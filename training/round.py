@@ -40,6 +40,7 @@ from training.errors import (
     LineageError,
     NonFiniteWeightsError,
     RoundFailedError,
+    RoundTooSmallError,
 )
 from training.gate import gate
 from training.histories import UserHistories
@@ -281,7 +282,8 @@ def run_round(
     ``trainer``: what trains the candidate; ``train`` (a Ray Train run for this round) unless a
     ``TrainingSession``'s ``train`` is given (workers kept up between rounds).
 
-    Raises ``EmptyRoundError`` if the new events give no training example, ``LineageError`` if
+    Raises ``EmptyRoundError`` if the new events give no training example,
+    ``RoundTooSmallError`` if they hold too few held-out users to gate, ``LineageError`` if
     the registry's item map no longer extends the champion's, ``RoundFailedError`` if training
     failed, ``ConcurrentRoundError`` if another round registered since this one read the
     registry, and ``NonFiniteWeightsError`` if the candidate's weights
@@ -340,6 +342,13 @@ def run_round(
         raise EmptyRoundError(
             f"{new.num_rows} new events from {len(set(new.column('user_id').to_pylist()))} users "
             "give no training example (each needs an earlier event of its user); wait for more"
+        )
+    if len(new_hold) < cfg.gate.min_eval_users:
+        # The gate could only reject it, and a rejected round's events are never trained on
+        # again: leave them for the next round, which covers them and what arrives meanwhile.
+        raise RoundTooSmallError(
+            f"{new.num_rows} new events give {len(new_hold)} held-out users "
+            f"(< gate.min_eval_users={cfg.gate.min_eval_users}): too few to gate; wait for more"
         )
     if base_dir is not None and (base_dir / "replay.json").exists():
         reservoir = Reservoir.load(base_dir, cfg.replay.capacity)

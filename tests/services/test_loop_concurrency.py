@@ -192,3 +192,30 @@ def test_two_real_train_once_runs_register_the_slice_once(tmp_path: Path) -> Non
     assert [d["version"] for d in reg.decisions()] == [1]
     registered = [o for o in outs if '"version": 1' in o]
     assert len(registered) == 1, [o[-2000:] for o in outs]
+
+
+def test_a_round_too_small_to_gate_is_skipped_and_its_events_wait(tmp_path: Path) -> None:
+    """No Ray: the round is refused before training. Nothing is registered, the trained watermark
+    stays, and the loop asks again only once min_round_events more have arrived."""
+    from bench.faults_training import round_config
+    from services.config import LoopConfig
+    from services.loop import ContinualLoop
+    from streams.buffer import EventBuffer, OffsetRange
+    from streams.config import BufferConfig
+    from tests.training.data_gen import synthetic_table
+    from training.config import GateConfig
+
+    table = synthetic_table(800, seed=5)
+    buffer = EventBuffer(BufferConfig(path=tmp_path / "buffer"))
+    buffer.append(table.slice(0, 400), [OffsetRange("events", 0, 0, 400)])
+    cfg = round_config(tmp_path / "ray", epochs=1, max_failures=0)
+    cfg = cfg.model_copy(update={"gate": GateConfig(min_eval_users=10**6)})
+    loop = ContinualLoop(buffer, Registry(tmp_path / "registry"), cfg,
+                         LoopConfig(min_new_events=100, min_round_events=100),
+                         tmp_path / "loop.json")  # fmt: skip
+    assert loop.should_train()
+    assert loop.run_once() is None and "too few to gate" in str(loop.last_skip)
+    assert loop.registry.versions() == [] and loop.pending() == 400  # the events still wait
+    assert not loop.should_train()  # not again at once: for 100 more events
+    buffer.append(table.slice(400, 100), [OffsetRange("events", 0, 400, 500)])
+    assert loop.should_train() and loop.pending() == 500

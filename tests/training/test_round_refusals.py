@@ -19,6 +19,7 @@ from training.errors import (
     EmptyRoundError,
     LineageError,
     NonFiniteWeightsError,
+    RoundTooSmallError,
 )
 from training.model import Recommender, save_weights
 from training.registry import Registry
@@ -115,3 +116,19 @@ def test_a_round_without_examples_is_refused_before_training(tmp_path: Path) -> 
     with pytest.raises(EmptyRoundError, match="no training example"):
         run_round(first_of_each, table.slice(0, 0), watermark_of(table), reg, CFG)
     assert reg.versions() == []
+
+
+def test_a_round_too_small_to_gate_waits_instead_of_being_rejected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = Registry(tmp_path / "reg")
+    trained: list[int] = []
+    _as_trained(monkeypatch, lambda init: trained.append(1) or init)
+    table = synthetic_table(600, seed=1)
+    strict = CFG.model_copy(update={"gate": GateConfig(min_eval_users=10**6)})
+    with pytest.raises(RoundTooSmallError, match="too few to gate"):
+        run_round(table, table.slice(0, 0), watermark_of(table), reg, strict)
+    # Nothing trained, registered or decided: the events stay for the next, larger round.
+    assert trained == [] and reg.versions() == [] and reg.decisions() == []
+    r = run_round(table, table.slice(0, 0), watermark_of(table), reg, CFG)
+    assert r.version == 1 and trained == [1]

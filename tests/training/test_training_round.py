@@ -13,8 +13,10 @@ import ray
 
 from bench.faults_training import WorkerKiller, fault_worker_kill, round_config
 from tests.training.data_gen import synthetic_table, watermark_of
+from training import round as round_module
 from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
 from training.errors import RoundFailedError
+from training.gate import GateResult
 from training.registry import Registry
 from training.round import RoundConfig, run_round
 
@@ -69,8 +71,9 @@ def test_two_rounds_register_warm_start_and_grow(tmp_path: Path) -> None:
     # from the (older) champion but must keep every row the rejected version assigned.
     champion = reg.champion()
     third = synthetic_table(1500, seed=2, start=5000)
-    strict = cfg.model_copy(update={"gate": cfg.gate.model_copy(update={"min_eval_users": 10**6})})
-    r3 = run_round(third, second, {"events:0": 6500}, reg, strict)
+    with pytest.MonkeyPatch.context() as mp:  # a gate that rejects whatever it is shown
+        mp.setattr(round_module, "gate", lambda *a, **k: GateResult(False, "rejected", {}))
+        r3 = run_round(third, second, {"events:0": 6500}, reg, cfg)
     assert not r3.promoted and reg.champion() == champion
     fourth = synthetic_table(1500, seed=2, start=6500)
     r4 = run_round(fourth, third, {"events:0": 8000}, reg, cfg)
