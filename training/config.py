@@ -69,12 +69,13 @@ class TrainerConfig(_Strict):
     )
     cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs reserved per worker.")
     nice: int = Field(
-        default=10,
+        default=0,
         ge=0,
         le=19,
         description="Niceness added to each training worker process (to the 15 Ray gives its "
-        "workers; at most 19): on nodes that also serve or ingest, training yields the CPU to "
-        "them. 0 = no change.",
+        "workers; at most 19), so that on nodes that also serve or ingest, training yields the "
+        "CPU to them. 0 = as Ray starts them (with 10, the demo's first round starved and it "
+        "trained fewer, larger rounds).",
     )
     zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage.")
     epochs: int = Field(default=3, ge=1, description="Passes over the round's data.")

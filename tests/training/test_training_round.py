@@ -42,14 +42,14 @@ def config(tmp: Path, **trainer: object) -> RoundConfig:
 
 def test_two_rounds_register_warm_start_and_grow(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "registry")
-    cfg = config(tmp_path)
+    cfg = config(tmp_path, nice=10)
     first = synthetic_table(3000, seed=2)
     r1 = run_round(first, first.slice(0, 0), watermark_of(first), reg, cfg)
     assert r1.version == 1 and r1.promoted, r1.reason
     loaded = reg.load(1)
     assert loaded.meta["watermark"] == watermark_of(first) == {"events:0": 3000}
     assert loaded.meta["parent"] is None and loaded.meta["new_events"] == 3000
-    # Training yields the CPU (trainer.nice, 10, added to what Ray gives its workers; max 19).
+    # Training yields the CPU (trainer.nice=10, added to what Ray gives its workers; max 19).
     base = ray.get(ray.remote(lambda: os.nice(0)).remote())
     assert loaded.meta["metrics"]["train_nice"] == min(19, base + 10) > base
     assert loaded.model.n_rows == len(loaded.vocab)
