@@ -258,7 +258,11 @@ def _demo(
                 _score_next_slice(rows, reg.load(champion), static, before, new, cfg, s)
             with console.status(f"round {len(rows) + 1}: training on {new.num_rows:,} events"):
                 result = loop.run_once(upto=upto)
-            if result is None:
+            if result is None:  # too small to train or to gate: wait for more, if more will come
+                if done:
+                    console.print(f"the last {loop.pending():,} events: {loop.last_skip}")
+                    break
+                stop.wait(1.0)
                 continue
             covered = sum(upto.values())
             row = Row(result.version, "promote" if result.promoted else "reject",
