@@ -240,18 +240,19 @@ def _demo(
     rows: list[Row] = []
     static = None
     loop, buf, reg = running.loop, running.buffer, running.registry
+    want = cfg.first_round_events  # the next round's slice size
     try:
         while not stop.is_set():
             ingested = buf.stats().rows
             done = not producer.is_alive() and ingested >= len(events)
-            due = loop.pending() >= (cfg.round_events if rows else cfg.first_round_events)
+            due = loop.pending() >= want
             if not (due or (done and loop.pending() >= s.loop.min_round_events)):
                 if done:
                     break
                 stop.wait(1.0)
                 continue
-            after, upto = loop.trained_watermark(), buf.watermark()
-            new = buf.read(after=after, upto=upto)
+            after = loop.trained_watermark()
+            upto, new = _next_slice(buf, after, want)
             champion = reg.champion()
             if champion is not None and static is not None:
                 before = buf.read(upto=after)
@@ -259,11 +260,12 @@ def _demo(
             with console.status(f"round {len(rows) + 1}: training on {new.num_rows:,} events"):
                 result = loop.run_once(upto=upto)
             if result is None:  # too small to train or to gate: wait for more, if more will come
-                if done:
+                if done and upto == buf.watermark():  # nothing left to grow the slice with
                     console.print(f"the last {loop.pending():,} events: {loop.last_skip}")
                     break
-                stop.wait(1.0)
+                want += s.loop.min_round_events  # too small to gate: the slice grows
                 continue
+            want = cfg.round_events
             covered = sum(upto.values())
             row = Row(result.version, "promote" if result.promoted else "reject",
                       result.new_events, covered, result.reason,
@@ -299,6 +301,33 @@ def _demo(
         st.record = record
         stop.wait()
     return record
+
+
+def _next_slice(buf: Any, after: dict[str, int], n: int) -> tuple[dict[str, int], Any]:
+    """The watermark closing the next ~``n`` buffered events (time order) past ``after``, and them.
+
+    A round takes one slice of the configured size even when more has arrived while the previous
+    round trained, so the demo's slices, and the quality table, do not depend on how fast the
+    machine is: on a slow one, rounds fall behind the replay instead of swallowing the rest of it
+    (which would leave the last version no next slice to be scored on).
+    """
+    from streams.buffer import tp_key
+
+    upto = buf.watermark()
+    new = buf.read(after=after, upto=upto)
+    if new.num_rows <= n:
+        return upto, new
+    head = new.slice(0, n)
+    capped = {k: min(after.get(k, 0), end) for k, end in upto.items()}
+    for topic, part, off in zip(
+        head.column("topic").to_pylist(),
+        head.column("partition").to_pylist(),
+        head.column("offset").to_pylist(),
+        strict=True,
+    ):
+        k = tp_key(topic, part)
+        capped[k] = max(capped.get(k, 0), off + 1)
+    return capped, buf.read(after=after, upto=capped)
 
 
 def _score_next_slice(
