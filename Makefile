@@ -9,7 +9,7 @@ STAMP       := $(VENV)/.installed-$(shell cat requirements.lock Makefile pyproje
 DEEPSPEED   := deepspeed==0.19.8
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint typecheck kafka-jars s3-server clean
+.PHONY: install demo test test-fast lint typecheck kafka-jars s3-server schema-registry clean
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ kafka-jars: install
 s3-server: install
 	$(BIN)/streamtune s3 fetch
 
+# Apicurio Registry, the schema registry the Avro tests start (a ready-to-run distribution from
+# Maven Central, unpacked once into ~/.cache/streamtune/schema-registry).
+schema-registry: install
+	$(BIN)/python -m streams.schema_registry fetch
+
 demo: install kafka-jars
 	$(BIN)/streamtune demo $(DEMO_ARGS)
 
@@ -41,7 +46,7 @@ demo: install kafka-jars
 # multi-node cluster test, whose driver joins a `ray start` cluster.
 ISOLATED    := tests/services/test_loop_e2e.py tests/services/test_metrics.py \
                tests/services/test_cluster.py
-test: install kafka-jars s3-server lint typecheck
+test: install kafka-jars s3-server schema-registry lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS) $(addprefix --ignore=,$(ISOLATED))
 	@for t in $(ISOLATED); do $(BIN)/python -m pytest $(PYTEST_ARGS) $$t || exit 1; done
 

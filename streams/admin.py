@@ -9,12 +9,21 @@ from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from streams.config import KafkaConfig, TopicsConfig
+from streams.errors import MissingTopicError
+from streams.security import check_connection
 
 
 def ensure_topics(kafka: KafkaConfig, topics: TopicsConfig) -> list[str]:
-    """Create the events and dead-letter topics if missing; returns the ones created."""
+    """Create the events and dead-letter topics if missing; returns the ones created.
+
+    With ``topics.create`` false nothing is created or altered: a missing topic raises
+    MissingTopicError naming it (and what to do), and the return is always empty.
+    """
+    check_connection(kafka)  # wrong TLS/SASL settings fail here by name, not in a 30 s hang
     admin = KafkaAdminClient(**kafka.client_kwargs())
     try:
+        # Lists only the topics this principal may describe: under ACLs, one it may not is
+        # reported missing too, which is what it is to streamtune.
         existing = set(admin.list_topics())
         wanted = [
             NewTopic(topics.events, topics.partitions, topics.replication_factor),
@@ -22,6 +31,17 @@ def ensure_topics(kafka: KafkaConfig, topics: TopicsConfig) -> list[str]:
             NewTopic(topics.dead_letter, 1, topics.replication_factor),
         ]
         missing = [t for t in wanted if t.name not in existing]
+        if missing and not topics.create:
+            raise MissingTopicError(
+                "; ".join(
+                    f"topic {t.name!r} (topics.{role}) does not exist on {kafka.bootstrap_servers}"
+                    for role, t in zip(("events", "dead_letter"), wanted, strict=True)
+                    if t in missing
+                )
+                + ". topics.create is false, so streamtune does not create it: create it "
+                "(or have it created), point the setting at an existing topic, or set "
+                "topics.create: true"
+            )
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):  # created concurrently
                 admin.create_topics(missing)

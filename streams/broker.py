@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from streams.config import BrokerConfig
+from streams.config import BrokerConfig, SaslSslListener
 
 POM = Path(__file__).resolve().parent.parent / "deploy" / "kafka" / "pom.xml"
 
@@ -185,16 +185,23 @@ class LocalBroker:
     def _write_config(self) -> Path:
         c = self.cfg
         props = self.state / "server.properties"
+        listeners = f"PLAINTEXT://{c.host}:{c.port},CONTROLLER://{c.host}:{c.controller_port}"
+        advertised = f"PLAINTEXT://{c.host}:{c.port}"
+        protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+        if c.sasl_ssl is not None:
+            listeners += f",SASL_SSL://{c.host}:{c.sasl_ssl.port}"
+            advertised += f",SASL_SSL://{c.host}:{c.sasl_ssl.port}"
+            protocols += ",SASL_SSL:SASL_SSL"
         props.write_text(
             "\n".join(
                 [
                     "process.roles=broker,controller",
                     "node.id=1",
                     f"controller.quorum.bootstrap.servers={c.host}:{c.controller_port}",
-                    f"listeners=PLAINTEXT://{c.host}:{c.port},CONTROLLER://{c.host}:{c.controller_port}",
-                    f"advertised.listeners=PLAINTEXT://{c.host}:{c.port}",
+                    f"listeners={listeners}",
+                    f"advertised.listeners={advertised}",
                     "controller.listener.names=CONTROLLER",
-                    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                    f"listener.security.protocol.map={protocols}",
                     "inter.broker.listener.name=PLAINTEXT",
                     f"log.dirs={self.state / 'data'}",
                     "num.partitions=4",
@@ -209,6 +216,7 @@ class LocalBroker:
                     # Oversized events are dead-lettered by ingest, so the broker must accept them.
                     "message.max.bytes=4194304",
                     "log.retention.hours=168",
+                    *(_sasl_ssl_properties(c.sasl_ssl) if c.sasl_ssl else []),
                     "",
                 ]
             )
@@ -223,6 +231,7 @@ class LocalBroker:
         cmd = java_cmd(
             self.cfg, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
             "-c", str(props), "--standalone", "--ignore-formatted",
+            *_scram_arguments(self.cfg.sasl_ssl),
         )  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -263,6 +272,48 @@ class LocalBroker:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no log)"
+
+
+def _sasl_ssl_properties(listener: SaslSslListener) -> list[str]:
+    """server.properties lines of the SASL_SSL listener, all scoped to it by the listener prefix."""
+    pre = "listener.name.sasl_ssl."
+    password = listener.keystore_password.get_secret_value()
+    plain_users = " ".join(
+        f'user_{u.name}="{u.password.get_secret_value()}"' for u in listener.users
+    )
+    lines = [
+        f"{pre}ssl.keystore.type=PKCS12",
+        f"{pre}ssl.keystore.location={listener.keystore.resolve()}",
+        f"{pre}ssl.keystore.password={password}",
+        f"{pre}ssl.key.password={password}",
+        f"{pre}sasl.enabled.mechanisms={','.join(listener.mechanisms)}",
+    ]
+    for mech in listener.mechanisms:
+        if mech == "PLAIN":
+            # PLAIN checks passwords against this list; SCRAM against the cluster metadata.
+            module = (
+                f"org.apache.kafka.common.security.plain.PlainLoginModule required {plain_users};"
+            )
+        else:
+            module = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        lines.append(f"{pre}{mech.lower()}.sasl.jaas.config={module}")
+    return lines
+
+
+def _scram_arguments(listener: SaslSslListener | None) -> list[str]:
+    """kafka-storage format's --add-scram arguments: SCRAM users exist from the first start."""
+    if listener is None:
+        return []
+    return [
+        arg
+        for mech in listener.mechanisms
+        if mech.startswith("SCRAM")
+        for u in listener.users
+        for arg in (
+            "--add-scram",
+            f'{mech}=[name="{u.name}",password="{u.password.get_secret_value()}"]',
+        )
+    ]
 
 
 def _kraft_cluster_id() -> str:

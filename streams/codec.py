@@ -8,13 +8,20 @@ texts without surrounding whitespace, no ``context`` object, ``v`` and ``value``
 ``decode`` would accept it with exactly these values. Every other record (and the whole block,
 when the reader refuses it) goes through ``decode`` itself, so what is accepted, what is
 dead-lettered and why is the same as record by record; the fast path only decides faster.
+
+Mapped records (``streams.mapping``) take the same road: the reader parses the nested fields the
+mapping names (ignoring the others), event types, timestamps, keys and derived ids are converted
+column-wise into the native columns, and the same contract checks (``valid_rows``) decide which
+rows are taken; every other record goes through ``mapping.map_record``, which ends in ``decode``.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +29,14 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 
 from streams.events import ARROW_SCHEMA, DecodeError, Event, EventType, decode
+from streams.mapping import (
+    UNMAPPED,
+    MappingConfig,
+    derived_id_prefix,
+    lookup,
+    map_record,
+    unmapped_detail,
+)
 
 # The columns a record carries, as JSON types the reader must find (anything else: refused).
 _WIRE = pa.schema(
@@ -85,13 +100,34 @@ class Decoded:
     table: pa.Table
     errors: list[tuple[int, DecodeError]]
     one_by_one: int = 0  # records that went through decode() (not in plain form, or refused)
+    dropped: list[int] = field(default_factory=list)  # mapped: unmapped types, dropped by choice
 
 
-def decode_batch(values: Sequence[bytes | None]) -> Decoded:
+class Record(Protocol):
+    """Where a value came from (kafka-python's ConsumerRecord has these)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+
+
+def decode_batch(
+    values: Sequence[bytes | None],
+    mapping: MappingConfig | None = None,
+    records: Sequence[Record] | None = None,
+) -> Decoded:
     """Decode ``values`` by ``events.decode``'s rules; the common case without a Python object
-    per record."""
+    per record. With a ``mapping``, by ``mapping.map_record``'s rules, and ``records`` (one per
+    value, all of one partition) says where each value came from: its key and offset."""
+    if mapping is not None:
+        return _decode_mapped(values, mapping, records or [])
     chunks = []
-    for table, index in _parse(values, range(len(values))):
+    for table, index in _parse(values, range(len(values)), _PARSE):
         rows = table.select(EVENT_COLUMNS).append_column("index", pa.array(index, pa.int64()))
         chunks.append(rows.filter(_plain_rows(table)).cast(_DECODED))
     fast = pa.concat_tables(chunks) if chunks else _DECODED.empty_table()
@@ -104,12 +140,15 @@ def decode_batch(values: Sequence[bytes | None]) -> Decoded:
 
 
 def _parse(
-    values: Sequence[bytes | None], index: Sequence[int]
-) -> list[tuple[pa.Table, np.ndarray]]:
+    values: Sequence[bytes | None], index: Sequence[int], options: pj.ParseOptions,
+    utf8: bool = False,
+) -> list[tuple[pa.Table, np.ndarray]]:  # fmt: skip
     """The records at ``index`` through pyarrow's reader, as (table, index) parts in order.
 
     A part the reader refuses is halved until the refused records are isolated (those are
     left out, for decode()), so one bad record costs a few small parses, not the whole poll.
+    ``utf8``: refuse a part that is not UTF-8 as a whole (the reader checks only the fields it
+    keeps, and a mapping ignores the others).
     """
     lines: Sequence[bytes | None] = (
         values if len(index) == len(values) else [values[i] for i in index]
@@ -126,27 +165,31 @@ def _parse(
         block = b"\n".join(lines)  # type: ignore[arg-type]
     if not index:
         return []
-    table = _read(block, lines)  # type: ignore[arg-type]
+    table = _read(block, lines, options, utf8)  # type: ignore[arg-type]
     if table is not None:
         return [(table, np.asarray(index, dtype=np.int64))]
     if len(index) <= _SMALLEST_PART:
         return []
     half = len(index) // 2
-    return _parse(values, index[:half]) + _parse(values, index[half:])
+    return _parse(values, index[:half], options, utf8) + _parse(values, index[half:], options, utf8)
 
 
 _SMALLEST_PART = 16  # below this, refused parts go to decode() whole
 
 
-def _read(block: bytes, lines: list[bytes]) -> pa.Table | None:
+def _read(
+    block: bytes, lines: list[bytes], options: pj.ParseOptions, utf8: bool
+) -> pa.Table | None:
     """``lines`` (joined: ``block``) through pyarrow's reader; None when it refuses any line."""
     # Two blocks or more, parsed on Arrow's threads; a block must hold the longest line whole.
     size = max(len(block) // 2 + 1, max(map(len, lines)) + 1, 1 << 16)
     try:
+        if utf8 and not block.isascii():
+            block.decode("utf-8")
         table = pj.read_json(
             pa.BufferReader(block),
             read_options=pj.ReadOptions(use_threads=True, block_size=size),
-            parse_options=_PARSE,
+            parse_options=options,
         )
         table.validate(full=True)  # the reader does not check that strings are UTF-8
     except (pa.ArrowException, UnicodeError, ValueError):
@@ -160,7 +203,18 @@ def _read(block: bytes, lines: list[bytes]) -> pa.Table | None:
 
 def _plain_rows(t: pa.Table) -> pa.ChunkedArray:
     """True where the row is a valid event in plain form (see the module docstring)."""
-    ok = pc.and_(pc.equal(t["v"], 1), pc.is_in(t["event_type"], value_set=_TYPES))
+    # Null is not absent for decode() (a null ``value`` is refused, an absent one is 1.0): the
+    # reader cannot tell them apart, so rows missing these are decode()'s. A context object is
+    # refused by the reader; a context string, or null, is decode()'s too.
+    ok = pc.and_(pc.and_(pc.equal(t["v"], 1), pc.is_null(t["context"])), valid_rows(t))
+    return pc.fill_null(ok, False)
+
+
+def valid_rows(t: pa.Table) -> pa.ChunkedArray:
+    """The contract's rules, column-wise, over event columns (``v`` and ``context`` apart): true
+    where ``decode`` would accept the row with exactly these values, null or false elsewhere.
+    Shared by the native and the mapped batch paths."""
+    ok = pc.is_in(t["event_type"], value_set=_TYPES)
     for name, (shortest, longest) in _TEXTS.items():
         col = t[name]
         n = pc.utf8_length(col)
@@ -178,12 +232,7 @@ def _plain_rows(t: pa.Table) -> pa.ChunkedArray:
     ts = t["ts"]
     first, end, closed = _TS
     ok = pc.and_(ok, pc.greater_equal(ts, int(first)))
-    ok = pc.and_(ok, pc.less_equal(ts, int(end)) if closed else pc.less(ts, int(end)))
-    # Null is not absent for decode() (a null ``value`` is refused, an absent one is 1.0): the
-    # reader cannot tell them apart, so rows missing these are decode()'s. A context object is
-    # refused by the reader; a context string, or null, is decode()'s too.
-    ok = pc.and_(ok, pc.is_null(t["context"]))
-    return pc.fill_null(ok, False)
+    return pc.and_(ok, pc.less_equal(ts, int(end)) if closed else pc.less(ts, int(end)))
 
 
 def _one_by_one(values: Sequence[bytes | None], indices: Sequence[int]) -> Decoded:
@@ -201,3 +250,229 @@ def _one_by_one(values: Sequence[bytes | None], indices: Sequence[int]) -> Decod
         taken.append(i)
     table = pa.Table.from_pydict({**cols, "index": taken}, schema=_DECODED)
     return Decoded(table, errors, len(indices))
+
+
+# -- mapped records (streams.mapping) ---------------------------------------------------------
+
+_ISO = (
+    r"^\d{4}-\d{2}-\d{2}T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d{1,9})?"
+    r"(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)$"
+)
+_BASE = "%Y-%m-%dT%H:%M:%S"
+_options: dict[str, pj.ParseOptions] = {}
+
+
+def _mapped_options(cfg: MappingConfig) -> pj.ParseOptions:
+    key = cfg.model_dump_json()
+    opts = _options.get(key)
+    if opts is None:  # fields the mapping does not name are ignored, whatever they hold
+        opts = pj.ParseOptions(
+            explicit_schema=cfg.wire_schema(), unexpected_field_behavior="ignore"
+        )
+        _options[key] = opts
+    return opts
+
+
+def _decode_mapped(
+    values: Sequence[bytes | None], cfg: MappingConfig, records: Sequence[Record]
+) -> Decoded:
+    if (cfg.user_from == "key" or cfg.event_id_from == "derived") and len(records) != len(values):
+        raise ValueError(
+            f"this mapping needs the {len(values)} values' records, got {len(records)}"
+        )
+    first = records[0] if records else None
+    origin = (first.topic, first.partition) if first is not None else ("", 0)
+    chunks: list[pa.Table] = []
+    decided: list[pa.Array] = []  # positions taken here (fast rows, unmapped types)
+    errors: list[tuple[int, DecodeError]] = []
+    dropped: list[int] = []
+    for table, index in _parse(values, range(len(values)), _mapped_options(cfg), utf8=True):
+        rows, mask, unmapped = _mapped_columns(table, index, cfg, values, records, origin)
+        fast = rows.filter(mask).cast(_DECODED)
+        chunks.append(fast)
+        decided.append(fast["index"].combine_chunks())
+        decided.append(pa.array([i for i, _ in unmapped], pa.int64()))
+        for i, kind in unmapped:
+            if cfg.unmapped_types == "drop":
+                dropped.append(i)
+            else:
+                errors.append((i, DecodeError(UNMAPPED, unmapped_detail(kind))))
+    left = np.ones(len(values), dtype=bool)
+    for taken in decided:
+        left[taken.to_numpy()] = False
+    rest = np.flatnonzero(left).tolist()
+    slow = _one_by_one_mapped(values, rest, cfg, records, origin)
+    merged = pa.concat_tables([*chunks, slow.table])
+    if rest or len(chunks) > 1:
+        merged = merged.sort_by("index")
+    return Decoded(
+        merged, sorted(errors + slow.errors, key=lambda e: e[0]), slow.one_by_one,
+        sorted(dropped + slow.dropped),
+    )  # fmt: skip
+
+
+def _field(table: pa.Table, path: str) -> pa.ChunkedArray:
+    head, *rest = path.split(".")
+    col = table.column(head)
+    for name in rest:  # a null parent gives a null child
+        col = pc.struct_field(col, name)
+    return col
+
+
+def _mapped_columns(
+    table: pa.Table, index: np.ndarray, cfg: MappingConfig, values: Sequence[bytes | None],
+    records: Sequence[Record], origin: tuple[str, int],
+) -> tuple[pa.Table, pa.ChunkedArray, list[tuple[int, str]]]:  # fmt: skip
+    """A parsed part in the native event columns (plus ``index``), the rows the contract takes
+    as they are, and the (position, name) of rows whose event type the mapping does not know."""
+    n = table.num_rows
+    kinds = _field(table, cfg.event_type)
+    theirs = pa.array(list(cfg.event_types), pa.string())
+    at = pc.index_in(kinds, value_set=theirs)
+    event_type = pc.take(pa.array(list(cfg.event_types.values()), pa.string()), at)
+    unknown = pc.and_(pc.is_valid(kinds), pc.is_null(at))
+    unmapped = list(
+        zip(
+            pa.array(index).filter(pc.fill_null(unknown, False).combine_chunks()).to_pylist(),
+            kinds.filter(unknown).to_pylist(),
+            strict=True,
+        )
+    )
+    if cfg.event_id_from == "derived":
+        offsets = pa.array([records[i].offset for i in index], pa.int64())
+        event_id = pc.binary_join_element_wise(
+            derived_id_prefix(*origin), pc.cast(offsets, pa.string()), ""
+        )
+    else:
+        event_id = _field(table, cfg.event_id)  # type: ignore[arg-type]
+    user = _key_users([records[i].key for i in index]) if cfg.user_from == "key" else None
+    ok = pa.chunked_array([pa.array(np.ones(n, dtype=bool))])
+    context = pa.nulls(n, pa.string())
+    if cfg.context is not None:
+        context, ok = _contexts(_field(table, cfg.context), index, values, cfg.context)
+    native = pa.table(
+        {
+            "event_id": event_id,
+            "user_id": user if user is not None else _field(table, cfg.user),  # type: ignore[arg-type]
+            "item_id": _field(table, cfg.item),
+            "event_type": event_type,
+            "value": (
+                pc.fill_null(_field(table, cfg.value), 1.0)
+                if cfg.value is not None
+                else pa.array(np.ones(n))
+            ),
+            "ts": _epoch_ms(_field(table, cfg.ts), cfg.ts_format),
+            "item_text": (
+                _field(table, cfg.item_text)
+                if cfg.item_text is not None
+                else pa.nulls(n, pa.string())
+            ),
+            "context": context,
+            "index": pa.array(index, pa.int64()),
+        }
+    )
+    return native, pc.fill_null(pc.and_(ok, valid_rows(native)), False), unmapped
+
+
+def _key_users(keys: list[bytes | None]) -> pa.Array:
+    """Message keys as user ids; null where a key is absent or not UTF-8 (map_record says why)."""
+    raw = pa.array(keys, pa.binary())
+    try:
+        users = raw.view(pa.string())
+        users.validate(full=True)
+        return users
+    except pa.ArrowInvalid:
+        return pa.array([k.decode() if k is not None and _utf8(k) else None for k in keys])
+
+
+def _utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _contexts(
+    col: pa.ChunkedArray, index: np.ndarray, values: Sequence[bytes | None], path: str
+) -> tuple[pa.Array, pa.Array]:
+    """Context objects as the buffer stores them (JSON text), and false where a row's cannot be
+    stored as it is. The reader checks only that each is an object; its members are read here, by
+    the json module (a row per record with a context: mapped contexts cost that)."""
+    present = pc.is_valid(col).to_numpy(zero_copy_only=False)
+    texts: list[str | None] = [None] * len(index)
+    ok = np.ones(len(index), dtype=bool)
+    for row in np.flatnonzero(present):
+        raw = values[index[row]]
+        assert raw is not None  # the reader parsed it
+        try:
+            texts[row] = json.dumps(lookup(json.loads(raw, strict=False), path), allow_nan=False)
+        except ValueError:  # NaN/Infinity inside: map_record decides
+            ok[row] = False
+    return pa.array(texts, pa.string()), pa.array(ok)
+
+
+def _epoch_ms(raw: pa.ChunkedArray, fmt: str) -> pa.ChunkedArray:
+    """Timestamps as epoch ms, as ``mapping.epoch_ms`` computes them; null where this cannot say
+    (then the record goes one by one)."""
+    if fmt == "epoch_ms":
+        return raw
+    if fmt == "epoch_us":  # Arrow divides toward zero, Python floors: the same from 0 up
+        return pc.if_else(pc.greater_equal(raw, 0), pc.divide(raw, 1000), None)
+    if fmt == "epoch_s":  # half to even, as Python's round(); exact up to 2**53 ms
+        ms = pc.round(pc.multiply(raw, 1000.0), round_mode="half_to_even")
+        fits = pc.and_(pc.greater_equal(ms, 0.0), pc.less(ms, float(2**53)))
+        return pc.cast(pc.if_else(fits, ms, None), pa.int64())
+    # Only the strict form, by position; other forms go one by one. The common polls (all in
+    # that form, all in UTC) skip the steps they do not need.
+    strict = pc.match_substring_regex(raw, _ISO)
+    if not pc.all(strict).as_py():
+        raw = pc.if_else(strict, raw, None)
+    base = pc.utf8_slice_codeunits(raw, 0, 19)
+    try:  # strict (02-30 is refused), but one bad date fails the whole cast
+        secs = pc.cast(pc.cast(base, pa.timestamp("s")), pa.int64())
+    except pa.ArrowInvalid:
+        # strptime rolls 02-30 over to 03-01: a date must keep its day of the month.
+        stamp = pc.strptime(base, format=_BASE, unit="s", error_is_null=True)
+        day = pc.cast(pc.utf8_slice_codeunits(base, 8, 10), pa.int64())
+        secs = pc.if_else(pc.equal(pc.day(stamp), day), pc.cast(stamp, pa.int64()), None)
+    utc = pc.ends_with(raw, "Z")
+    if pc.all(utc).as_py():
+        frac = pc.utf8_slice_codeunits(raw, 19, -1)
+    else:
+        frac = pc.if_else(
+            utc, pc.utf8_slice_codeunits(raw, 19, -1), pc.utf8_slice_codeunits(raw, 19, -6)
+        )
+        oh = pc.cast(pc.if_else(utc, "00", pc.utf8_slice_codeunits(raw, -5, -3)), pa.int64())
+        om = pc.cast(pc.if_else(utc, "00", pc.utf8_slice_codeunits(raw, -2, None)), pa.int64())
+        offset = pc.add(pc.multiply(oh, 3600), pc.multiply(om, 60))
+        west = pc.equal(pc.utf8_slice_codeunits(raw, -6, -5), "-")
+        secs = pc.subtract(secs, pc.if_else(west, pc.negate(offset), offset))
+    ms = pc.cast(pc.utf8_rpad(pc.utf8_slice_codeunits(frac, 1, 4), 3, "0"), pa.int64())
+    return pc.add(pc.multiply(secs, 1000), ms)
+
+
+def _one_by_one_mapped(
+    values: Sequence[bytes | None], indices: Sequence[int], cfg: MappingConfig,
+    records: Sequence[Record], origin: tuple[str, int],
+) -> Decoded:  # fmt: skip
+    cols: dict[str, list[object]] = {n: [] for n in EVENT_COLUMNS}
+    taken: list[int] = []
+    errors: list[tuple[int, DecodeError]] = []
+    dropped: list[int] = []
+    for i in indices:
+        rec = records[i] if records else None
+        key, offset = (rec.key, rec.offset) if rec is not None else (None, 0)
+        try:
+            e = map_record(cfg, values[i], key, origin[0], origin[1], offset)
+        except DecodeError as err:
+            errors.append((i, err))
+            continue
+        if e is None:
+            dropped.append(i)
+            continue
+        for name, val in e.columns().items():
+            cols[name].append(val)
+        taken.append(i)
+    table = pa.Table.from_pydict({**cols, "index": taken}, schema=_DECODED)
+    return Decoded(table, errors, len(indices), dropped)

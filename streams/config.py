@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from streams.avro import AvroConfig
+from streams.mapping import MappingConfig
 from streams.storage import Location, StorageConfig
 
 Protocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
 class _Strict(BaseModel):
@@ -23,7 +27,7 @@ class KafkaConfig(_Strict):
         default="127.0.0.1:9092", description="Comma-separated host:port list of brokers."
     )
     security_protocol: Protocol = Field(default="PLAINTEXT", description="Kafka security protocol.")
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+    sasl_mechanism: SaslMechanism | None = Field(
         default=None, description="SASL mechanism, required with SASL_* protocols."
     )
     sasl_username: str | None = Field(default=None, description="SASL user name.")
@@ -74,6 +78,62 @@ class TopicsConfig(_Strict):
     dead_letter: str = Field(default="streamtune.events.dlq", description="Dead-letter topic.")
     partitions: int = Field(default=4, ge=1, le=1024, description="Partitions when we create it.")
     replication_factor: int = Field(default=1, ge=1, description="Replication when we create it.")
+    create: bool = Field(
+        default=True,
+        description=(
+            "Create missing topics at start-up. With false streamtune never creates or alters "
+            "topics (clusters that forbid it by ACL): it checks they exist and says at start-up "
+            "which one is missing."
+        ),
+    )
+
+
+# Credentials end up inside the broker's JAAS line and kafka-storage's --add-scram argument,
+# whose quoting neither tool documents fully; a plain alphabet keeps both unambiguous.
+_CREDENTIAL = r"^[A-Za-z0-9._~@#%+-]+$"
+_MECHANISMS: tuple[SaslMechanism, ...] = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+class SaslUser(_Strict):
+    """A user the embedded broker accepts on its SASL_SSL listener."""
+
+    name: str = Field(pattern=_CREDENTIAL, description="User name (letters, digits, ._~@#%+-).")
+    password: SecretStr = Field(
+        description=(
+            "Password (same alphabet as the name). PLAIN checks it against the broker's JAAS "
+            "config; SCRAM stores its salted hash when the storage is formatted."
+        )
+    )
+
+    @model_validator(mode="after")
+    def _check_password(self) -> SaslUser:
+        if not re.fullmatch(_CREDENTIAL, self.password.get_secret_value()):
+            raise ValueError(
+                f"the password of SASL user {self.name!r} may only use letters, digits and ._~@#%+-"
+            )
+        return self
+
+
+class SaslSslListener(_Strict):
+    """An extra SASL_SSL client listener on the embedded broker, beside its PLAINTEXT one."""
+
+    port: int = Field(ge=1, le=65535, description="Port of the SASL_SSL listener.")
+    keystore: Path = Field(
+        description="PKCS12 keystore holding the broker's private key and certificate chain."
+    )
+    keystore_password: SecretStr = Field(description="Password of the keystore and of its key.")
+    mechanisms: list[SaslMechanism] = Field(
+        default_factory=lambda: list(_MECHANISMS),
+        min_length=1,
+        description="SASL mechanisms the listener enables.",
+    )
+    users: list[SaslUser] = Field(
+        min_length=1,
+        description=(
+            "Accepted users. SCRAM credentials are created at storage format time, i.e. on the "
+            "first `up` of a fresh state_dir; later changes need a new state_dir."
+        ),
+    )
 
 
 class BrokerConfig(_Strict):
@@ -91,10 +151,29 @@ class BrokerConfig(_Strict):
     )
     heap: str = Field(default="768m", description="Broker JVM heap (-Xmx).")
     start_timeout_s: float = Field(default=90.0, gt=0, description="How long `up` waits.")
+    sasl_ssl: SaslSslListener | None = Field(
+        default=None,
+        description=(
+            "An extra SASL_SSL listener (TLS + SASL PLAIN/SCRAM) beside the PLAINTEXT one, which "
+            "stays for local administration; None: PLAINTEXT only."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_ports(self) -> BrokerConfig:
+        ports = [self.port, self.controller_port] + ([self.sasl_ssl.port] if self.sasl_ssl else [])
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"broker listener ports must differ, got {ports}")
+        return self
 
     @property
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def sasl_ssl_bootstrap(self) -> str | None:
+        """host:port of the SASL_SSL listener, if there is one."""
+        return f"{self.host}:{self.sasl_ssl.port}" if self.sasl_ssl else None
 
 
 class BufferConfig(_Strict):
@@ -120,6 +199,18 @@ class BufferConfig(_Strict):
 
 class IngestConfig(_Strict):
     """The consumer-group ingest service."""
+
+    format: Literal["json", "avro"] = Field(
+        default="json",
+        description=(
+            "Record values: 'json' (one JSON object per record), or 'avro' (Confluent wire "
+            "format: magic byte, schema id, Avro body; needs the `avro` section)."
+        ),
+    )
+    avro: AvroConfig | None = Field(
+        default=None,
+        description="Where Avro writer schemas come from: a schema registry or a local .avsc.",
+    )
 
     group_id: str = Field(default="streamtune-ingest", description="Kafka consumer group.")
     instance_id: str | None = Field(
@@ -168,3 +259,22 @@ class IngestConfig(_Strict):
             "default would leave ingest idle that long after the broker is back."
         ),
     )
+    mapping: MappingConfig | None = Field(
+        default=None,
+        description=(
+            "How to read events in your own JSON shape (field paths, event-type names, timestamp "
+            "format, ids); unset: records are streamtune's native event JSON. With "
+            "format='avro', the paths point into the decoded Avro record."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_format(self) -> IngestConfig:
+        if self.format == "avro" and self.avro is None:
+            raise ValueError(
+                "ingest.format='avro' needs ingest.avro: set avro.registry_url (a Confluent-"
+                "compatible schema registry) or avro.schema_file (a local .avsc)"
+            )
+        if self.format == "json" and self.avro is not None:
+            raise ValueError("ingest.avro is set but ingest.format='json': set format='avro'")
+        return self

@@ -53,3 +53,26 @@ class FencedError(EventBufferError):
 
 class DeadLetterError(StreamsError):
     """The dead-letter topic did not acknowledge a record; its offset must not count as consumed."""
+
+
+class MissingTopicError(StreamsError):
+    """A topic streamtune needs is missing and ``topics.create`` is false, so it may not make it."""
+
+
+class SchemaRegistryError(StreamsError):
+    """The schema registry (or the local one the project starts) refused or failed a request."""
+
+
+class SchemaRegistryUnavailableError(SchemaRegistryError):
+    """The schema registry did not answer (refused, timed out, 5xx): an outage, not bad records.
+
+    Raised instead of dead-lettering: the records are fine and must be decoded once it is back.
+    """
+
+
+class KafkaSecurityError(StreamsError):
+    """The broker refused the connection's TLS or SASL settings; ``setting`` names what to fix."""
+
+    def __init__(self, setting: str, detail: str) -> None:
+        super().__init__(f"{detail} (fix {setting})")
+        self.setting = setting

@@ -45,6 +45,8 @@ from streams.codec import Decoded, decode_batch
 from streams.config import IngestConfig, KafkaConfig, TopicsConfig
 from streams.errors import DeadLetterError, DiskFullError, FencedError, StreamsError
 from streams.events import ARROW_SCHEMA
+from streams.formats import Decoder
+from streams.security import check_connection
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +142,11 @@ class Ingestor:
         self._fences = 0  # consecutive refused (stale) batches
         self._quarantined = 0
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="ingest-decode")
+        self._decode = Decoder(cfg, self.stop_event)  # JSON (native or mapped) or Avro
 
     # -- lifecycle ----------------------------------------------------------------------
     def run(self) -> IngestStats:
+        check_connection(self.kafka)  # wrong TLS/SASL settings fail here by name, not in a hang
         common = self.kafka.client_kwargs()
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="ingest-decode")  # close() ends it
         self._consumer = KafkaConsumer(
@@ -221,6 +225,7 @@ class Ingestor:
                 self._consumer.close(autocommit=False)
                 self._consumer = None
             self._decoder.shutdown(wait=True, cancel_futures=True)
+            self._decode.close()
             if self._dlq is not None:
                 with contextlib.suppress(KafkaError):  # unacknowledged ones were not counted
                     self._dlq.close(timeout=10)
@@ -252,7 +257,8 @@ class Ingestor:
             oversized = {i for i, _, _ in refused}
             kept = [i for i in range(len(msgs)) if i not in oversized]
             values = [values[i] for i in kept]
-        job = self._decoder.submit(decode_batch, values)
+        sent = msgs if kept is None else [msgs[i] for i in kept]  # where each value came from
+        job = self._decoder.submit(self._decode, values, sent)
         self._pending.decoding.append(_Decoding(msgs, job, kept, refused))
 
     def _collect(self, wait: bool) -> None:

@@ -10,9 +10,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from streams.config import KafkaConfig
 from streams.events import Event
+from streams.security import check_connection
 
 
 def make_producer(kafka: KafkaConfig) -> KafkaProducer:
+    check_connection(kafka)  # bad credentials: a message naming the setting, not a 30 s hang
     # Idempotent producer: broker-side dedup of retried batches, so a replay never doubles events.
     return KafkaProducer(
         **kafka.client_kwargs(),

@@ -13,6 +13,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from streams.config import KafkaConfig, TopicsConfig
 from streams.events import DecodeError, Event, decode
+from streams.security import check_connection
 
 
 class EventTail:
@@ -24,6 +25,7 @@ class EventTail:
         start: dict[tuple[str, int], int] | None,
     ) -> None:
         """``start``: the buffer's next offset per (topic, partition); None: no buffer."""
+        check_connection(kafka)  # bad credentials: a message naming the setting, not a 30 s hang
         self._consumer = KafkaConsumer(
             **kafka.client_kwargs(), group_id=group_id, enable_auto_commit=False,
             auto_offset_reset="latest", fetch_max_wait_ms=50,

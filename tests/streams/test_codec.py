@@ -163,3 +163,11 @@ def test_any_records_are_judged_as_decode_judges_them(
     good: list[bytes | None] = list(plain_events(2))
     values = [*good] + [json.dumps(r, ensure_ascii=ascii).encode() for r, ascii in recs]
     assert batch(values) == reference(values)
+
+
+def test_native_records_ignore_where_they_came_from() -> None:
+    # decode_batch's mapping arguments leave the native path as it was.
+    values: list[bytes | None] = [*plain_events(50), *ODD]
+    d = decode_batch(values, None, [])
+    assert d.table.equals(decode_batch(values).table) and d.one_by_one > 0
+    assert [(i, e.reason, e.detail) for i, e in d.errors] == reference(values)[1]
