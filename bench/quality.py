@@ -2,12 +2,14 @@
 
     python -m bench.quality                       # MovieLens-100K, offline + streaming
     python -m bench.quality --data mine.csv       # user,item,ts[,rating] (header optional)
-    python -m bench.quality --offline-only --quick --chunks 10 --seed 0 --out ./out
+    python -m bench.quality --offline-only --quick --chunks 10 --seed 0 --seeds 1 --out ./out
 
 Offline: leave-one-out (validation = second-last event, test = last), HR@10 and NDCG@10 with full
 ranking (seen items excluded, target kept) and with 100 negatives sampled uniformly without
-replacement from the items the user never interacted with; beside a popularity baseline scored on
-the very same cases and negatives. The epoch with the best validation NDCG@10 is reported on test.
+replacement from the items the user never interacted with; beside two baselines scored on the
+very same cases and negatives: popularity, and popularity with recency (its half-life chosen on
+validation). Training stops after ``patience`` epochs without a better validation NDCG@10 and the
+best epoch is reported on test; ``--seeds N`` runs it with N seeds and reports mean ± std.
 
 Streaming: ``bench.prequential`` (protocol, forgetting and strategy definitions there). All
 training runs in this process with the trainer's ``training.fit`` loop on one worker, not on Ray:
@@ -19,7 +21,6 @@ Progress goes to stderr; stdout gets the tables and, last, exactly one JSON line
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -40,9 +41,11 @@ from bench.prequential import (
     build_chunks,
     run_stream,
     train_from_scratch,
+    train_selected,
 )
 from training.evaluation import (
     Interactions,
+    LooSplit,
     Metrics,
     ModelScorer,
     PopularityScorer,
@@ -51,7 +54,6 @@ from training.evaluation import (
     leave_one_out,
     load_table,
 )
-from training.model import Recommender
 from training.ranking import top_k
 
 matplotlib.use("Agg")  # no display here; must precede pyplot's import
@@ -76,6 +78,9 @@ class QualityConfig(BaseModel):
     out: Path = Field(default=Path("out"), description="Folder for the plot and results.json.")
     chunks: int = Field(default=10, ge=2, description="Streaming chunks (chunk 0 pretrains).")
     seed: int = Field(default=0, description="Seeds training, negatives and subsampling.")
+    seeds: int = Field(
+        default=3, ge=1, description="Offline runs with seeds seed..seed+N-1 (mean and std)."
+    )
     offline_only: bool = Field(default=False, description="Skip the streaming comparison.")
     quick: bool = Field(default=False, description="The ~2 minute smoke-test version.")
     offline_epochs: int = Field(default=20, ge=1, description="Max epochs of the offline model.")
@@ -114,51 +119,81 @@ def _metrics_dict(m: Metrics) -> dict[str, float]:
     }
 
 
+HALF_LIVES = (0.01, 0.03, 0.1, 0.3, 1.0)  # recency popularity: fractions of the training events
+
+
+def recent_popularity(inter: Interactions, split: LooSplit, valid_excl: list[np.ndarray],
+                      cfg: QualityConfig) -> tuple[PopularityScorer, float]:  # fmt: skip
+    """Popularity with recency, its half-life chosen on validation like the model's epoch."""
+    train_items = inter.items[split.train_rows]
+    best: tuple[float, float] = (-1.0, HALF_LIVES[0])
+    for frac in HALF_LIVES:
+        half_life = frac * len(train_items)
+        pop = PopularityScorer(train_items, inter.n_items, half_life=half_life)
+        m = evaluate_cases(pop, split.valid, inter.n_items, valid_excl, seed=cfg.seed,
+                           negatives=cfg.negatives)  # fmt: skip
+        best = max(best, (m.ndcg10_full, half_life))
+    return PopularityScorer(train_items, inter.n_items, half_life=best[1]), best[1]
+
+
 def run_offline(inter: Interactions, cfg: QualityConfig, t0: float) -> dict[str, Any]:
-    """Train on leave-one-out train rows, pick the epoch by validation NDCG@10, score test."""
+    """Per seed: train on leave-one-out train rows with the epoch chosen (and training stopped)
+    by validation NDCG@10, score test; then mean and standard deviation over the seeds."""
     split = leave_one_out(inter)
     full_seqs = [inter.items[rows] for rows in inter.rows_by_user()]
     valid_excl = [full_seqs[c.user] for c in split.valid]
     test_excl = [full_seqs[c.user] for c in split.test]
-    best: dict[str, Any] = {"ndcg": -1.0}
+    runs: list[dict[str, Any]] = []
+    model = vocab = None
+    for k in range(cfg.seeds):
+        seed = cfg.seed + k
+        stream = cfg.stream.model_copy(update={"seed": seed})
 
-    def on_epoch(epoch: int, model: Any, vocab: Any) -> None:
-        m = evaluate_cases(
-            ModelScorer(model, vocab, inter.item_ids), split.valid, inter.n_items, valid_excl,
-            seed=cfg.seed, negatives=cfg.negatives,
-        )  # fmt: skip
-        _log(f"offline epoch {epoch + 1}: valid NDCG@10 full {m.ndcg10_full:.4f}", t0)
-        if m.ndcg10_full > best["ndcg"]:
-            best.update(
-                ndcg=m.ndcg10_full, epoch=epoch + 1, state=copy.deepcopy(model.state_dict())
-            )
+        def on_epoch(epoch: int, ndcg: float, seed: int = seed) -> None:
+            _log(f"offline seed {seed} epoch {epoch + 1}: valid NDCG@10 full {ndcg:.4f}", t0)
 
-    t_train = time.perf_counter()
-    model, vocab, _ = train_from_scratch(
-        inter, split.train_rows, cfg.stream, cfg.offline_epochs, on_epoch
-    )
-    train_s = time.perf_counter() - t_train
-    model = Recommender.from_state(model.cfg, best["state"])
-    # Negatives seeded differently from validation so test is not tuned on the same draws.
-    model_m = evaluate_cases(
-        ModelScorer(model, vocab, inter.item_ids), split.test, inter.n_items, test_excl,
-        seed=cfg.seed + 1, negatives=cfg.negatives,
-    )  # fmt: skip
+        t_train = time.perf_counter()
+        chosen = train_selected(inter, split.train_rows, split.valid, stream, cfg.offline_epochs,
+                                on_epoch)  # fmt: skip
+        train_s = time.perf_counter() - t_train
+        scorer = ModelScorer(chosen.model, chosen.vocab, inter.item_ids)
+        # Negatives seeded differently from validation so test is not tuned on the same draws.
+        m = evaluate_cases(scorer, split.test, inter.n_items, test_excl, seed=cfg.seed + 1,
+                           negatives=cfg.negatives)  # fmt: skip
+        runs.append({**_metrics_dict(m), "train_s": round(train_s, 1),
+                     "best_epoch": chosen.best_epoch, "epochs_run": chosen.epochs_run,
+                     "valid_ndcg10_full": round(chosen.valid_ndcg10, 4), "seed": seed})  # fmt: skip
+        if k == 0:
+            model, vocab = chosen.model, chosen.vocab
+    assert model is not None and vocab is not None  # cfg.seeds >= 1
     pop = PopularityScorer(inter.items[split.train_rows], inter.n_items)
     pop_m = evaluate_cases(
         pop, split.test, inter.n_items, test_excl, seed=cfg.seed + 1, negatives=cfg.negatives
     )
+    recent, half_life = recent_popularity(inter, split, valid_excl, cfg)
+    recent_m = evaluate_cases(
+        recent, split.test, inter.n_items, test_excl, seed=cfg.seed + 1, negatives=cfg.negatives
+    )
     tradeoff = diversity_tradeoff(
         ModelScorer(model, vocab, inter.item_ids), model, split.test, test_excl
     )
+    keys = ("ndcg10_full", "hr10_full", "ndcg10_sampled", "hr10_sampled", "train_s", "best_epoch")
     return {
         "diversity": tradeoff,
-        "model": _metrics_dict(model_m),
+        "model": {k: _mean_std([r[k] for r in runs]) for k in keys},
+        "runs": runs,
         "popularity": _metrics_dict(pop_m),
-        "best_epoch": best["epoch"],
-        "valid_ndcg10_full": round(best["ndcg"], 4),
-        "train_s": round(train_s, 1),
-        "cases": model_m.cases,
+        "recent_popularity": {**_metrics_dict(recent_m), "half_life_events": round(half_life)},
+        "cases": pop_m.cases,
+    }
+
+
+def _mean_std(xs: list[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (0 for a single seed)."""
+    a = np.asarray(xs, dtype=np.float64)
+    return {
+        "mean": round(float(a.mean()), 4),
+        "std": round(float(a.std(ddof=1)) if len(a) > 1 else 0.0, 4),
     }
 
 
@@ -218,12 +253,27 @@ def run_streaming(
 
 
 def _offline_table(off: dict[str, Any]) -> Table:
-    table = Table(title=f"Offline leave-one-out ({off['cases']} users, test = last event)")
+    n = len(off["runs"])
+    table = Table(
+        title=f"Offline leave-one-out ({off['cases']} users, test = last event; "
+        f"transformer: mean ± std over {n} seed{'s' if n > 1 else ''})"
+    )
     table.add_column("model")
-    for col in ("NDCG@10 full", "HR@10 full", "NDCG@10 sampled", "HR@10 sampled"):
+    cols = ("ndcg10_full", "hr10_full", "ndcg10_sampled", "hr10_sampled")
+    for col in ("NDCG@10 full", "HR@10 full", "NDCG@10 sampled", "HR@10 sampled", "train s",
+                "best epoch"):  # fmt: skip
         table.add_column(col, justify="right")
-    for name, m in (("transformer", off["model"]), ("popularity", off["popularity"])):
-        table.add_row(name, *(f"{m[k]:.4f}" for k in m))
+    m = off["model"]
+    table.add_row(
+        "transformer",
+        *(f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}" for k in cols),
+        f"{m['train_s']['mean']:.1f} ± {m['train_s']['std']:.1f}",
+        f"{m['best_epoch']['mean']:.1f}",
+    )
+    rp = off["recent_popularity"]
+    recency = f"popularity, recency (half-life {rp['half_life_events']} events)"
+    for name, p in (("popularity", off["popularity"]), (recency, rp)):
+        table.add_row(name, *(f"{p[k]:.4f}" for k in cols), "", "")
     return table
 
 
@@ -284,14 +334,17 @@ def run(cfg: QualityConfig, console: Console) -> dict[str, Any]:
         "events": len(inter.items),
         "quick": cfg.quick,
         "seed": cfg.seed,
-        "offline_ndcg10_full": off["model"]["ndcg10_full"],
-        "offline_hr10_full": off["model"]["hr10_full"],
-        "offline_ndcg10_sampled": off["model"]["ndcg10_sampled"],
-        "offline_hr10_sampled": off["model"]["hr10_sampled"],
-        "offline_valid_ndcg10_full": off["valid_ndcg10_full"],
-        "offline_best_epoch": off["best_epoch"],
-        "offline_train_s": off["train_s"],
+        "seeds": cfg.seeds,
+        "offline_ndcg10_full": off["model"]["ndcg10_full"]["mean"],
+        "offline_hr10_full": off["model"]["hr10_full"]["mean"],
+        "offline_ndcg10_sampled": off["model"]["ndcg10_sampled"]["mean"],
+        "offline_hr10_sampled": off["model"]["hr10_sampled"]["mean"],
+        "offline_train_s": off["model"]["train_s"]["mean"],
+        "offline_best_epoch": off["model"]["best_epoch"]["mean"],
+        "offline_std": {k: v["std"] for k, v in off["model"].items()},
+        "offline_runs": off["runs"],
         "popularity": off["popularity"],
+        "recent_popularity": off["recent_popularity"],
         "diversity_tradeoff": off["diversity"],
         "negatives": NEGATIVES_NOTE,
         "model": cfg.stream.model.model_dump(),
@@ -318,7 +371,8 @@ def run(cfg: QualityConfig, console: Console) -> dict[str, Any]:
             chunks=cfg.chunks,
             pretrain_s=round(pretrain_s, 1),
             stream_config=cfg.stream.model_dump(exclude={"model"}),
-            full_retrain="from scratch every round (fresh model, same seed)",
+            full_retrain="from scratch every round (fresh model, same seed), epochs chosen on "
+            "validation (each user's last event so far), early stopping",
             training=TRAINING_NOTE,
             plot=str(plot(results, cfg.out / "quality_stream.png")),
         )
@@ -339,14 +393,15 @@ def parse_args(argv: list[str] | None = None) -> QualityConfig:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, help="user,item,ts[,rating] CSV (default MovieLens-100K)")
     p.add_argument("--chunks", type=int, help="streaming chunks (default 10; 4 with --quick)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--seeds", type=int, default=3, help="offline seeds, mean ± std (default 3)")
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out)")
     p.add_argument("--offline-only", action="store_true", help="skip the streaming comparison")
     p.add_argument("--quick", action="store_true", help="~2 minute version (smoke test)")
     a = p.parse_args(argv)
     if a.data is not None and not a.data.exists():
         p.error(f"--data {a.data} does not exist; pass a CSV with user,item,ts[,rating] rows")
-    over: dict[str, Any] = {"data": a.data, "seed": a.seed, "out": a.out}
+    over: dict[str, Any] = {"data": a.data, "seed": a.seed, "seeds": a.seeds, "out": a.out}
     over["offline_only"] = a.offline_only
     if a.chunks is not None:
         over["chunks"] = a.chunks

@@ -166,12 +166,26 @@ class Scorer(Protocol):
 
 
 class PopularityScorer:
-    """The most-popular baseline: every user gets the same scores, the training counts."""
+    """The most-popular baseline: every user gets the same scores, the training counts.
 
-    def __init__(self, train_items: np.ndarray, n_items: int) -> None:
+    With ``half_life`` (in events; ``train_items`` in time order), each event counts
+    ``0.5 ** (age / half_life)``, age = how many events came after it: popularity with recency,
+    the baseline a fresh catalog's trends make hard to beat.
+    """
+
+    def __init__(
+        self, train_items: np.ndarray, n_items: int, half_life: float | None = None
+    ) -> None:
         if train_items.size and (train_items.min() < 1 or train_items.max() > n_items):
             raise ValueError(f"item codes must lie in 1..{n_items} (0 is padding)")
-        self.counts = np.bincount(train_items, minlength=n_items + 1).astype(np.float32)
+        if half_life is not None and half_life <= 0:
+            raise ValueError(f"half_life={half_life}: give a positive number of events")
+        weights = None
+        if half_life is not None:
+            age = np.arange(train_items.size - 1, -1, -1, dtype=np.float64)
+            weights = np.exp2(-age / half_life)
+        counts = np.bincount(train_items, weights=weights, minlength=n_items + 1)
+        self.counts = counts.astype(np.float32)
 
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         return np.broadcast_to(self.counts, (len(histories), self.counts.size)).copy()

@@ -6,8 +6,10 @@ caller owns the optimizer step (a DeepSpeed engine's backward/step, or a plain t
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,6 +18,39 @@ from training.data import Examples
 from training.model import Recommender
 
 StepFn = Callable[[torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class LrSchedule:
+    """Linear warm-up to ``peak`` over ``warmup_steps``, then constant or cosine-decayed to
+    ``floor * peak`` at ``total_steps``.
+
+    The warm-up matters most for a warm-started round: a fresh AdamW's first updates are about
+    ``lr`` in size whatever the gradient (its moment estimates start at zero), which knocks a
+    converged model off its optimum before the round's data can steer it.
+    """
+
+    peak: float
+    total_steps: int
+    warmup_steps: int = 0
+    decay: str = "cosine"  # or "constant"
+    floor: float = 0.0
+
+    @classmethod
+    def for_run(
+        cls, peak: float, n: int, batch_size: int, epochs: int, warmup_epochs: float, decay: str
+    ) -> LrSchedule:
+        steps = math.ceil(n / batch_size)
+        return cls(peak, steps * epochs, min(steps * epochs, round(warmup_epochs * steps)), decay)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.peak * (step + 1) / self.warmup_steps
+        if self.decay == "constant":
+            return self.peak
+        done = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        cos = 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
+        return self.peak * (self.floor + (1.0 - self.floor) * cos)
 
 
 def fit(
@@ -29,10 +64,19 @@ def fit(
     kd_weight: float = 0.0,
     kd_temperature: float = 2.0,
     start_epoch: int = 0,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], bool | None] | None = None,
     device: torch.device | None = None,
+    schedule: LrSchedule | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, float]:
-    """Train for ``epochs - start_epoch`` epochs; returns loss and samples/s of the last epoch."""
+    """Train for ``epochs - start_epoch`` epochs; returns loss and samples/s of the last epoch.
+
+    ``on_epoch`` returning True stops training after that epoch (early stopping on validation).
+    With ``schedule``, every step first sets ``optimizer``'s learning rate to the schedule's
+    value at the run's global step (a resumed run picks up where its epoch began).
+    """
+    if (schedule is None) != (optimizer is None):
+        raise ValueError("a learning-rate schedule needs the optimizer it sets, and vice versa")
     n = len(examples)
     if n == 0:
         raise ValueError("no training examples: the round has no new events with a next item")
@@ -45,7 +89,12 @@ def fit(
         model.train()
         order = torch.from_numpy(np.random.default_rng(seed + epoch).permutation(n))
         total, steps, t0 = 0.0, 0, time.perf_counter()
+        first_step = epoch * math.ceil(n / batch_size)
         for s in range(0, n, batch_size):
+            if schedule is not None and optimizer is not None:
+                lr = schedule(first_step + steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
             idx = order[s : s + batch_size]
             x, y = inputs[idx], targets[idx]
             if device is not None:
@@ -60,14 +109,20 @@ def fit(
             steps += 1
         dt = time.perf_counter() - t0
         last = {"loss": total / steps, "samples_per_s": n / dt, "epochs": float(epoch + 1)}
-        if on_epoch is not None:
-            on_epoch(epoch, last)
+        if on_epoch is not None and on_epoch(epoch, last):
+            break
     return last
 
 
-def torch_step(model: Recommender, lr: float, weight_decay: float = 0.0) -> StepFn:
-    """A plain AdamW step, for in-process training (benchmarks, tests)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+def torch_step(
+    model: Recommender,
+    lr: float,
+    weight_decay: float = 0.0,
+    opt: torch.optim.Optimizer | None = None,
+) -> StepFn:
+    """A plain AdamW step (or ``opt``'s), for in-process training (benchmarks, tests)."""
+    if opt is None:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
     def step(loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from training.config import ModelConfig, ReplayConfig, TrainerConfig
 from training.data import Examples
-from training.fit import fit
+from training.fit import LrSchedule, fit
 from training.model import Recommender
 
 
@@ -165,6 +165,9 @@ def _train_round(
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 
+    # The schedule sets the base optimizer's groups: ZeRO's wrapper steps those same groups.
+    schedule = LrSchedule.for_run(tcfg.lr, len(shard), tcfg.batch_size, tcfg.epochs,
+                                  tcfg.warmup_epochs, tcfg.lr_schedule)  # fmt: skip
     fit(
         engine.module,
         shard,
@@ -178,6 +181,8 @@ def _train_round(
         start_epoch=start_epoch,
         on_epoch=on_epoch,
         device=device,
+        schedule=schedule,
+        optimizer=optimizer,
     )
     state = {k: v.numpy() for k, v in weights().items()} if rank == 0 else None
     return state, last
