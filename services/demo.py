@@ -128,6 +128,7 @@ def demo_settings(s: Settings, run_dir: Path) -> Settings:
     d = s.model_dump()
     d["state_dir"] = run_dir
     d["buffer"].pop("path")
+    d["registry"].pop("path")  # its own registry: never gated against another run's champion
     d["trainer"].pop("storage_path")
     tag = run_dir.name
     d["topics"].update(events=f"demo-{tag}.events", dead_letter=f"demo-{tag}.dlq")

@@ -47,3 +47,19 @@ def test_demo_runs_rounds_into_serve_and_reports(kafka: KafkaConfig, tmp_path: P
     assert last_promoted["rollout_s"] is not None and last_promoted["freshness_s"] is not None
     assert (out / "demo_quality.png").stat().st_size > 10_000
     assert "NDCG@10 next slice" in done.stdout and "curl -s -X POST" in done.stdout
+
+
+def test_demo_keeps_all_its_state_under_its_run_dir(tmp_path: Path) -> None:
+    """A demo run never reads or writes the user's buffer, registry or checkpoints, nor an earlier
+    demo's: with a shared registry, a new demo's first version was gated against the champion an
+    earlier demo had left there (and rejected)."""
+    from services.demo import demo_settings
+    from services.settings import Settings
+
+    user = Settings(state_dir=tmp_path / "state")
+    run = tmp_path / "state" / "demo" / "20261128-120000"
+    s = demo_settings(user, run)
+    for path in (s.buffer.path, s.registry.path, s.trainer.storage_path):
+        assert isinstance(path, Path) and path.is_relative_to(run), path
+    assert s.registry.path != user.registry.path
+    assert s.topics.events != user.topics.events
