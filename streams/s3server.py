@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import httpx
 
 from streams.broker import free_port
 from streams.errors import StorageError
+from streams.procs import log_tail, stop_group
 
 MODULE = "github.com/seaweedfs/seaweedfs"
 # SeaweedFS 4.53: the proxy refuses its release tags to `go install`, this pseudo-version it serves.
@@ -116,14 +116,16 @@ class S3Server:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise StorageError(f"SeaweedFS exited with {self.proc.returncode}:\n{self._tail()}")
+                code, tail = self.proc.returncode, log_tail(self.log_file)
+                raise StorageError(f"SeaweedFS exited with {code}:\n{tail}")
             try:
                 httpx.get(self.endpoint, timeout=1.0)
                 return self
             except httpx.HTTPError:
                 time.sleep(0.3)
         self.stop()
-        raise StorageError(f"SeaweedFS S3 did not answer on {self.endpoint}:\n{self._tail()}")
+        tail = log_tail(self.log_file)
+        raise StorageError(f"SeaweedFS S3 did not answer on {self.endpoint}:\n{tail}")
 
     def create_bucket(self, name: str) -> str:
         """Create ``name`` (idempotent); returns ``s3://name``."""
@@ -138,15 +140,8 @@ class S3Server:
         return f"s3://{name}"
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if self.proc is not None:
+            stop_group(self.proc)
         self.proc = None
 
     def __enter__(self) -> S3Server:
@@ -156,12 +151,6 @@ class S3Server:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-    def _tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
 
 
 _IDENTITY = (

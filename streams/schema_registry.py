@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -30,6 +29,7 @@ import httpx
 
 from streams.broker import free_port
 from streams.errors import SchemaRegistryError
+from streams.procs import log_tail, stop_group
 
 ARTIFACT = "io.apicurio:apicurio-registry-app"
 VERSION = "3.0.9"
@@ -125,7 +125,8 @@ class SchemaRegistryServer:
             if self.proc.poll() is not None:
                 code = self.proc.returncode
                 self.proc = None
-                raise SchemaRegistryError(f"Apicurio Registry exited with {code}:\n{self._tail()}")
+                tail = log_tail(self.log_file)
+                raise SchemaRegistryError(f"Apicurio Registry exited with {code}:\n{tail}")
             try:
                 # Ready, not merely listening: storage initialised and the API answering.
                 if httpx.get(self.base + "/health/ready", timeout=1.0).status_code == 200:
@@ -136,19 +137,12 @@ class SchemaRegistryServer:
         self.stop()
         raise SchemaRegistryError(
             f"Apicurio Registry was not ready on {self.base} within {timeout_s:.0f}s:\n"
-            + self._tail()
+            + log_tail(self.log_file)
         )
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if self.proc is not None:
+            stop_group(self.proc)
         self.proc = None
 
     def __enter__(self) -> SchemaRegistryServer:
@@ -158,12 +152,6 @@ class SchemaRegistryServer:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-    def _tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
 
 
 if __name__ == "__main__":
