@@ -25,6 +25,7 @@ segments together with their resume positions.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -237,8 +238,13 @@ class EventBuffer:
         staged = self._stage(_encode(table, wanted, (), writer))
         current: list[tuple[tuple[OffsetRange, ...], SegmentRecord]] = [(wanted, staged)]
 
-        def decide(state: BufferState) -> BufferCommit:
+        def decide(state: BufferState) -> BufferCommit | None:
             ranges_now, rec = current[0]
+            if rec.name in state.segments:
+                # A reader opening a buffer whose log was still empty adopted the staged object
+                # as a legacy segment (``_adopt_legacy``): it is committed; deleting it now would
+                # leave the log naming a segment that is gone.
+                return None
             kept = _subtract(wanted, _coverage(state))
             if kept != ranges_now:
                 self.storage.delete(rec.name)
@@ -254,7 +260,11 @@ class EventBuffer:
         try:
             self._commit(decide)
         except BaseException:
-            self.storage.delete(current[0][1].name)
+            # Unless a log entry names it after all (adopted, or the failure came after the
+            # entry was written): an orphan is collected later, a named object never comes back.
+            with contextlib.suppress(Exception):
+                if current[0][1].name not in self.log.refresh().segments:
+                    self.storage.delete(current[0][1].name)
             raise
         kept, rec = current[0]
         seg = _segment(rec)
@@ -437,20 +447,13 @@ class EventBuffer:
         """
         after_tp = {parse_tp(k): v for k, v in (after or {}).items()}
         upto_tp = {parse_tp(k): v for k, v in upto.items()} if upto is not None else None
-        planned = segments if segments is not None else self.plan(after, upto, start_ts, end_ts)
-        parts: list[pa.Table] = []
-        for seg in planned:
-            try:
-                t = self._load(seg)
-            except FileNotFoundError:
-                if segments is not None:
-                    raise  # a caller's plan went stale (compaction): it must plan again
-                return self.read(after, upto, start_ts, end_ts, columns)
-            except CorruptSegmentError:
-                continue  # quarantined and logged; ingest re-reads its offsets
-            t = _filter(t, after_tp, upto_tp, start_ts, end_ts)
-            if t.num_rows:
-                parts.append(t.replace_schema_metadata(None))
+        while True:
+            planned = segments if segments is not None else self.plan(after, upto, start_ts, end_ts)
+            parts = self._read_planned(planned, after_tp, upto_tp, start_ts, end_ts)
+            if parts is not None:
+                break
+            if segments is not None:  # a caller's plan went stale (compaction): it must plan again
+                raise FileNotFoundError(f"{self.storage.uri}: a planned segment is gone")
         if not parts:
             out = ARROW_SCHEMA.empty_table()
         else:
@@ -458,6 +461,28 @@ class EventBuffer:
                 [("ts", "ascending"), ("partition", "ascending"), ("offset", "ascending")]
             )
         return out.select(columns) if columns else out
+
+    def _read_planned(
+        self, planned: list[Segment], after_tp: dict[TopicPartition, int],
+        upto_tp: dict[TopicPartition, int] | None, start_ts: int | None, end_ts: int | None,
+    ) -> list[pa.Table] | None:  # fmt: skip
+        """The planned segments' rows in range; None when one is gone (plan again)."""
+        parts: list[pa.Table] = []
+        for seg in planned:
+            try:
+                t = self._load(seg)
+            except FileNotFoundError:
+                if seg.name in self.log.refresh().segments:
+                    # Still named by the log, yet gone: lost, not replaced. Recorded as a hole
+                    # like a corrupt segment, so ingest re-reads its offsets from Kafka.
+                    self._quarantine(seg, "object missing", None)
+                return None
+            except CorruptSegmentError:
+                continue  # quarantined and logged; ingest re-reads its offsets
+            t = _filter(t, after_tp, upto_tp, start_ts, end_ts)
+            if t.num_rows:
+                parts.append(t.replace_schema_metadata(None))
+        return parts
 
     # -- maintenance --------------------------------------------------------------------
     def compact(self) -> int:

@@ -152,3 +152,44 @@ def test_disk_full_leaves_nothing_visible_and_names_the_path(tiny_fs: Path) -> N
     filler.unlink()
     add(buf, 0, range(50, 5000))  # space is back: the same write succeeds
     assert sorted(buf.read()["offset"].to_pylist()) == list(range(5000))
+
+
+def test_a_reader_opening_a_new_buffer_mid_append_never_loses_the_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer or a stats call may open the buffer while ingest writes its very first
+    segment: the reader finds an empty log and one segment object, and adopts it as a legacy
+    buffer's. The writer's own commit then loses the race for entry 0; its segment is live all
+    the same and must stay where the log says it is."""
+    writer = make(tmp_path)
+    real_append = writer.log.append
+    readers: list[EventBuffer] = []
+
+    def opened_meanwhile(make_entry: object) -> object:
+        if not readers:
+            readers.append(EventBuffer(writer.cfg))  # between the stage and the commit
+        return real_append(make_entry)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer.log, "append", opened_meanwhile)
+    add(writer, 0, range(0, 10))
+    assert readers and len(readers[0].segments()) == 1  # the reader adopted the staged object
+    assert readers[0].log.refresh().segments[readers[0].segments()[0].name]  # by its own entry
+    monkeypatch.undo()
+    fresh = EventBuffer(writer.cfg)
+    assert sorted(fresh.read()["offset"].to_pylist()) == list(range(10))
+    assert all((fresh.root / s.name).exists() for s in fresh.segments())
+    add(writer, 0, range(10, 20))
+    assert sorted(fresh.read()["offset"].to_pylist()) == list(range(20))
+
+
+def test_a_segment_whose_object_vanished_is_a_hole_not_a_hang(tmp_path: Path) -> None:
+    """A live segment whose object is gone (deleted by hand, lost by the store) is recorded as a
+    hole that ingest refills, as a corrupt one is; reads go on with the rest."""
+    buf = make(tmp_path)
+    for start in (0, 10, 20):
+        add(buf, 0, range(start, start + 10))
+    (buf.root / buf.segments()[1].name).unlink()
+    offsets = sorted(buf.read()["offset"].to_pylist())
+    assert offsets == list(range(10)) + list(range(20, 30))
+    assert buf.next_offsets() == {("t", 0): 10}
+    assert len(buf.segments()) == 2
