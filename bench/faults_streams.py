@@ -29,12 +29,13 @@ from typing import Any
 
 from streams.admin import end_offsets, ensure_topics
 from streams.broker import LocalBroker, free_port
-from streams.buffer import EventBuffer, Segment
+from streams.buffer import EventBuffer
 from streams.config import BrokerConfig, BufferConfig, IngestConfig, KafkaConfig, TopicsConfig
 from streams.datasets import DriftSpec, synthetic_drift
 from streams.events import Event
 from streams.ingest import Ingestor, IngestStats
 from streams.producer import replay
+from streams.segments import Segment
 
 TOPICS = TopicsConfig(events="fault.events", dead_letter="fault.events.dlq", partitions=4)
 

@@ -34,7 +34,7 @@ from rich.table import Table
 from streams.admin import ensure_topics
 from streams.avro import AvroConfig, frame, parse, register_schema
 from streams.broker import LocalBroker, free_port, java_cmd
-from streams.buffer import EventBuffer, Segment
+from streams.buffer import EventBuffer
 from streams.config import BrokerConfig, BufferConfig, IngestConfig, KafkaConfig, TopicsConfig
 from streams.datasets import DriftSpec, synthetic_drift
 from streams.events import Event
@@ -42,6 +42,7 @@ from streams.ingest import Ingestor, IngestStats
 from streams.mapping import MappingConfig
 from streams.producer import make_producer, replay
 from streams.schema_registry import SchemaRegistryServer
+from streams.segments import Segment
 
 # The foreign shape's event-type names, and the mapping that reads it.
 SHOP_TYPES = {

@@ -27,9 +27,10 @@ import pyarrow as pa
 
 from services.config import LoopConfig
 from services.loop import ContinualLoop
-from streams.buffer import EventBuffer, OffsetRange
+from streams.buffer import EventBuffer
 from streams.config import BufferConfig
 from streams.events import ARROW_SCHEMA
+from streams.offsets import OffsetRange
 from streams.storage import StorageConfig
 from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
 from training.data import user_sequences

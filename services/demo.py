@@ -312,7 +312,7 @@ def _next_slice(buf: Any, after: dict[str, int], n: int) -> tuple[dict[str, int]
     machine is: on a slow one, rounds fall behind the replay instead of swallowing the rest of it
     (which would leave the last version no next slice to be scored on).
     """
-    from streams.buffer import tp_key
+    from streams.offsets import tp_key
 
     upto = buf.watermark()
     new = buf.read(after=after, upto=upto)

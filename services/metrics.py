@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from streams.buffer import Segment
 from streams.ingest import IngestStats
+from streams.segments import Segment
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from streams.buffer import EventBuffer, Segment
+from streams.buffer import EventBuffer
 from streams.config import BufferConfig
+from streams.segments import Segment
 from training.registry import Registry
 from training.round import RoundConfig, RoundResult, TrainFn, run_round
 

@@ -21,6 +21,9 @@ that ingest re-reads them from Kafka.
 Compaction writes a merged segment and commits "add merged, remove its inputs" in one entry, so
 readers see the inputs or the merged segment, never both. Retention commits the removal of old
 segments together with their resume positions.
+
+The typed contracts (footer, log entries, state) are in ``streams.segments``; the offset-range
+arithmetic of the fence is in ``streams.offsets``.
 """
 
 from __future__ import annotations
@@ -36,12 +39,9 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from streams.commitlog import CommitLog
 from streams.config import BufferConfig
@@ -53,92 +53,43 @@ from streams.errors import (
     FencedError,
 )
 from streams.events import ARROW_SCHEMA
+from streams.offsets import (
+    OffsetRange,
+    TopicPartition,
+    Watermark,
+    coalesce,
+    count,
+    describe,
+    filter_rows,
+    first_uncovered,
+    parse_tp,
+    rows_in,
+    subtract,
+    tp_key,
+)
+from streams.segments import (
+    BufferCommit,
+    BufferState,
+    QuarantineRecord,
+    Segment,
+    SegmentRecord,
+    apply_commit,
+    coverage,
+    crc_of,
+    encode,
+    footer_of,
+    overlaps,
+    segment_of,
+    with_fenced,
+)
 from streams.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 
-TopicPartition = tuple[str, int]
-Watermark = dict[str, int]  # "topic:partition" -> next offset not yet included
-
-_META_KEY = b"streamtune"
-_CRC_IN_NAME = re.compile(r"-c([0-9a-f]{8})\.parquet$")
 _NS_IN_NAME = re.compile(r"^seg-(\d{20})-")
 QUARANTINE = "quarantine"
 LOG = "_log"
 ORPHAN_AFTER_S = 3600  # an uncommitted segment object older than this is abandoned, not in flight
-
-
-def tp_key(topic: str, partition: int) -> str:
-    return f"{topic}:{partition}"
-
-
-def parse_tp(key: str) -> TopicPartition:
-    topic, _, partition = key.rpartition(":")
-    if not topic or not partition.isdigit():
-        raise EventBufferError(f"watermark key {key!r} is not 'topic:partition'")
-    return topic, int(partition)
-
-
-@dataclass(frozen=True)
-class OffsetRange:
-    topic: str
-    partition: int
-    start: int  # first offset covered
-    end: int  # one past the last offset covered
-
-    def __post_init__(self) -> None:
-        if not self.end > self.start >= 0:
-            raise EventBufferError(f"empty or negative offset range {self}")
-
-
-class SegmentFooter(BaseModel):
-    """What a segment's Parquet footer says about it (key ``streamtune`` of the schema metadata)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    v: Literal[1] = Field(default=1, description="Footer format version.")
-    ranges: list[tuple[str, int, int, int]] = Field(
-        min_length=1,
-        description="Covered offsets: (topic, partition, start, end) with end > start.",
-    )
-    replaces: list[str] = Field(default=[], description="Segments this compacted one replaces.")
-    writer: str = Field(default="", description="Ingest member (host:pid) or 'compactor'.")
-    rows: int = Field(ge=0, description="Rows in the segment.")
-    min_ts: int | None = Field(default=None, description="Oldest event time, epoch ms.")
-    max_ts: int | None = Field(default=None, description="Newest event time, epoch ms.")
-
-    @model_validator(mode="after")
-    def _check_ranges(self) -> SegmentFooter:
-        for _, partition, start, end in self.ranges:
-            if partition < 0 or not end > start >= 0:
-                raise ValueError(f"bad offset range {start}..{end} of partition {partition}")
-        return self
-
-
-class QuarantineRecord(BaseModel):
-    """Why a segment was set aside and which offsets it covered (ingest re-reads them)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(description="The segment's file name (now under quarantine/).")
-    reason: str = Field(description="What verification failed.")
-    ranges: list[tuple[str, int, int, int]] = Field(
-        default=[], description="Offsets it covered, when its footer could still be read."
-    )
-    at: float = Field(description="When it was quarantined, epoch seconds.")
-
-
-@dataclass(frozen=True)
-class Segment:
-    name: str
-    rows: int
-    ranges: tuple[OffsetRange, ...]
-    replaces: tuple[str, ...] = ()
-    min_ts: int | None = None
-    max_ts: int | None = None
-    bytes: int = 0
-    writer: str = ""
-    fenced: int = 0  # offsets of the append that were refused as already held (not persisted)
 
 
 @dataclass
@@ -148,53 +99,6 @@ class BufferStats:
     bytes: int = 0
     partitions: dict[str, int] = field(default_factory=dict)
     quarantined: int = 0
-
-
-class SegmentRecord(BaseModel):
-    """A committed segment as the commit log knows it: its object name, size and footer."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(description="Object key of the segment under the buffer's root.")
-    bytes: int = Field(ge=0, description="Size of the object.")
-    footer: SegmentFooter = Field(description="A copy of the segment's Parquet footer.")
-
-
-class BufferCommit(BaseModel):
-    """One entry of the buffer's commit log: what became visible or went away, atomically."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    add: list[SegmentRecord] = Field(default=[], description="Segments made visible.")
-    remove: list[str] = Field(default=[], description="Segments no longer visible.")
-    retire: dict[str, int] = Field(
-        default={}, description="Resume positions of removed segments ('topic:partition' -> end)."
-    )
-    quarantine: list[QuarantineRecord] = Field(default=[], description="Segments set aside.")
-    writer: str = Field(default="", description="Who committed it (host:pid or 'compactor').")
-
-
-class BufferState(BaseModel):
-    """The buffer as of a log entry: live segments, retired positions, quarantine records."""
-
-    segments: dict[str, SegmentRecord] = Field(default={}, description="Live segments by name.")
-    retired: dict[str, int] = Field(default={}, description="Resume positions of deleted data.")
-    quarantined: list[QuarantineRecord] = Field(default=[], description="Set-aside segments.")
-
-
-def _apply(state: BufferState, c: BufferCommit) -> BufferState:
-    # A new state per entry, never a mutation: another thread may be reading the previous one
-    # (the copy is a dict of segment records, cheap beside the segment write itself).
-    segments = dict(state.segments)
-    for name in c.remove:
-        segments.pop(name, None)
-    for rec in c.add:
-        segments[rec.name] = rec
-    retired = dict(state.retired)
-    for key, end in c.retire.items():
-        retired[key] = max(retired.get(key, 0), end)
-    quarantined = [*state.quarantined, *c.quarantine]
-    return BufferState.model_construct(segments=segments, retired=retired, quarantined=quarantined)
 
 
 def _write_error(where: str, err: OSError) -> BufferWriteError:
@@ -210,7 +114,7 @@ class EventBuffer:
     def __init__(self, cfg: BufferConfig) -> None:
         self.cfg = cfg
         self.storage: Storage = open_storage(cfg.path, cfg.storage)
-        self.log = CommitLog(self.storage, LOG, BufferState, BufferCommit, _apply)
+        self.log = CommitLog(self.storage, LOG, BufferState, BufferCommit, apply_commit)
         self._adopt_legacy()
 
     @property
@@ -235,7 +139,7 @@ class EventBuffer:
         wanted = tuple(ranges)
         # The slow part (encode, upload, fsync) happens before the commit; only the coverage check
         # and the create-only log entry are retried when another writer commits first.
-        staged = self._stage(_encode(table, wanted, (), writer))
+        staged = self._stage(encode(table, wanted, (), writer))
         current: list[tuple[tuple[OffsetRange, ...], SegmentRecord]] = [(wanted, staged)]
 
         def decide(state: BufferState) -> BufferCommit | None:
@@ -245,15 +149,15 @@ class EventBuffer:
                 # as a legacy segment (``_adopt_legacy``): it is committed; deleting it now would
                 # leave the log naming a segment that is gone.
                 return None
-            kept = _subtract(wanted, _coverage(state))
+            kept = subtract(wanted, coverage(state))
             if kept != ranges_now:
                 self.storage.delete(rec.name)
                 if not kept:
                     raise FencedError(
-                        f"refused {_count(wanted)} offsets from {writer or 'a writer'} "
-                        f"({_describe(wanted)}): the buffer already holds all of them"
+                        f"refused {count(wanted)} offsets from {writer or 'a writer'} "
+                        f"({describe(wanted)}): the buffer already holds all of them"
                     )
-                rec = self._stage(_encode(_rows_in(table, kept), kept, (), writer))
+                rec = self._stage(encode(rows_in(table, kept), kept, (), writer))
                 current[0] = (kept, rec)
             return BufferCommit(add=[rec], writer=writer)
 
@@ -267,14 +171,14 @@ class EventBuffer:
                     self.storage.delete(current[0][1].name)
             raise
         kept, rec = current[0]
-        seg = _segment(rec)
+        seg = segment_of(rec)
         if kept != wanted:
-            fenced = _count(wanted) - _count(kept)
+            fenced = count(wanted) - count(kept)
             log.warning(
                 "fenced %d offsets of %s already held by the buffer; wrote %s",
-                fenced, writer or "a writer", _describe(kept),
+                fenced, writer or "a writer", describe(kept),
             )  # fmt: skip
-            return _with_fenced(seg, fenced)
+            return with_fenced(seg, fenced)
         return seg
 
     def _stage(self, data: pa.Buffer) -> SegmentRecord:
@@ -284,7 +188,7 @@ class EventBuffer:
             self.storage.write(name, data.to_pybytes())
         except OSError as err:
             raise _write_error(f"{self.storage.uri}/{name}", err) from err
-        footer = _footer_of(pq.read_schema(pa.BufferReader(data)))
+        footer = footer_of(pq.read_schema(pa.BufferReader(data)))
         return SegmentRecord(name=name, bytes=len(data), footer=footer)
 
     def _commit(
@@ -310,7 +214,7 @@ class EventBuffer:
         for name in names:
             try:
                 data = self.storage.read(name)
-                footer = _footer_of(pq.read_schema(pa.BufferReader(data)))
+                footer = footer_of(pq.read_schema(pa.BufferReader(data)))
             except (FileNotFoundError, pa.ArrowException, OSError, CorruptSegmentError):
                 continue  # the next read of its offsets finds the hole; ingest refills it
             recs.append(SegmentRecord(name=name, bytes=len(data), footer=footer))
@@ -329,7 +233,7 @@ class EventBuffer:
     def segments(self) -> list[Segment]:
         """Live segments in creation order, as the commit log has them."""
         state = self.log.refresh()
-        return [_segment(state.segments[n]) for n in sorted(state.segments)]
+        return [segment_of(state.segments[n]) for n in sorted(state.segments)]
 
     def next_offsets(self) -> dict[TopicPartition, int]:
         """Per partition, the first offset the buffer does not hold: where ingest resumes.
@@ -343,10 +247,10 @@ class EventBuffer:
             for topic, part, _, end in rec.footer.ranges:
                 nxt[(topic, part)] = max(nxt.get((topic, part), 0), end)
         if state.quarantined:
-            covered = _coverage(state)
+            covered = coverage(state)
             for q in state.quarantined:
                 for topic, part, start, end in q.ranges:
-                    hole = _first_uncovered(covered.get((topic, part), []), start, end)
+                    hole = first_uncovered(covered.get((topic, part), []), start, end)
                     if hole is not None:
                         nxt[(topic, part)] = min(nxt.get((topic, part), hole), hole)
         return nxt
@@ -397,7 +301,7 @@ class EventBuffer:
     def _load(self, seg: Segment) -> pa.Table:
         """A segment's rows, verified (CRC in its name, Parquet structure, row count)."""
         data = self.storage.read(seg.name)
-        expected = _crc_of(seg.name)
+        expected = crc_of(seg.name)
         problem = None
         if expected is not None and zlib.crc32(data) != expected:
             problem = f"CRC-32 {zlib.crc32(data):08x} != {expected:08x} recorded in its name"
@@ -425,7 +329,7 @@ class EventBuffer:
         """The live segments that hold rows in [after, upto) and [start_ts, end_ts)."""
         after_tp = {parse_tp(k): v for k, v in (after or {}).items()}
         upto_tp = {parse_tp(k): v for k, v in upto.items()} if upto is not None else None
-        return [s for s in self.segments() if _overlaps(s, after_tp, upto_tp, start_ts, end_ts)]
+        return [s for s in self.segments() if overlaps(s, after_tp, upto_tp, start_ts, end_ts)]
 
     def read(
         self,
@@ -479,7 +383,7 @@ class EventBuffer:
                 return None
             except CorruptSegmentError:
                 continue  # quarantined and logged; ingest re-reads its offsets
-            t = _filter(t, after_tp, upto_tp, start_ts, end_ts)
+            t = filter_rows(t, after_tp, upto_tp, start_ts, end_ts)
             if t.num_rows:
                 parts.append(t.replace_schema_metadata(None))
         return parts
@@ -509,9 +413,9 @@ class EventBuffer:
             log.warning("compaction skipped a group: %s", err)  # merged on a later pass
             return False
         merged = pa.concat_tables(tables)
-        ranges = _coalesce([r for s in group for r in s.ranges])
+        ranges = coalesce([r for s in group for r in s.ranges])
         names = [s.name for s in group]
-        rec = self._stage(_encode(merged, ranges, tuple(names), "compactor"))
+        rec = self._stage(encode(merged, ranges, tuple(names), "compactor"))
         done = self._commit(
             lambda st: (
                 BufferCommit(add=[rec], remove=names, writer="compactor")
@@ -566,214 +470,3 @@ class EventBuffer:
     def _delete(self, names: list[str]) -> None:
         for name in names:
             self.storage.delete(name)
-
-
-def _coverage(state: BufferState) -> dict[TopicPartition, list[tuple[int, int]]]:
-    """Per partition, the merged offset intervals the buffer holds (retired ones included)."""
-    spans: dict[TopicPartition, list[tuple[int, int]]] = {}
-    for key, end in state.retired.items():
-        spans.setdefault(parse_tp(key), []).append((0, end))
-    for rec in state.segments.values():
-        for topic, part, start, end in rec.footer.ranges:
-            spans.setdefault((topic, part), []).append((start, end))
-    return {tp: _merge_intervals(iv) for tp, iv in spans.items()}
-
-
-def _segment(rec: SegmentRecord) -> Segment:
-    return _segment_from_footer(rec.name, rec.footer, rec.bytes)
-
-
-def _encode(
-    table: pa.Table, ranges: tuple[OffsetRange, ...], replaces: tuple[str, ...], writer: str
-) -> pa.Buffer:
-    """A whole segment file in memory: its bytes are checksummed before they touch the disk."""
-    ts = table.column("ts")
-    footer = SegmentFooter(
-        ranges=[(r.topic, r.partition, r.start, r.end) for r in ranges],
-        replaces=list(replaces),
-        writer=writer,
-        rows=table.num_rows,
-        min_ts=pc.min(ts).as_py() if table.num_rows else None,
-        max_ts=pc.max(ts).as_py() if table.num_rows else None,
-    )
-    table = table.replace_schema_metadata({_META_KEY: footer.model_dump_json().encode()})
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
-
-
-def _footer_of(schema: pa.Schema) -> SegmentFooter:
-    raw = (schema.metadata or {}).get(_META_KEY)
-    if raw is None:
-        raise CorruptSegmentError("footer", "no streamtune metadata in the Parquet footer")
-    try:
-        return SegmentFooter.model_validate_json(raw)
-    except ValidationError as err:
-        raise CorruptSegmentError("footer", f"invalid streamtune metadata: {err}") from None
-
-
-def _segment_from_footer(name: str, footer: SegmentFooter, size: int) -> Segment:
-    return Segment(
-        name=name,
-        rows=footer.rows,
-        ranges=tuple(OffsetRange(t, p, s, e) for t, p, s, e in footer.ranges),
-        replaces=tuple(footer.replaces),
-        min_ts=footer.min_ts,
-        max_ts=footer.max_ts,
-        bytes=size,
-        writer=footer.writer,
-    )
-
-
-def _with_fenced(seg: Segment, fenced: int) -> Segment:
-    return Segment(
-        name=seg.name, rows=seg.rows, ranges=seg.ranges, replaces=seg.replaces,
-        min_ts=seg.min_ts, max_ts=seg.max_ts, bytes=seg.bytes, writer=seg.writer, fenced=fenced,
-    )  # fmt: skip
-
-
-def _crc_of(name: str) -> int | None:
-    """The CRC-32 recorded in a segment's name (segments written before it had none)."""
-    m = _CRC_IN_NAME.search(name)
-    return int(m.group(1), 16) if m else None
-
-
-def _merge_intervals(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for start, end in sorted(intervals):
-        if out and start <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], end))
-        else:
-            out.append((start, end))
-    return out
-
-
-def _first_uncovered(covered: list[tuple[int, int]], start: int, end: int) -> int | None:
-    """The first offset of [start, end) outside the merged intervals ``covered``, if any."""
-    pos = start
-    for cs, ce in covered:
-        if ce <= pos:
-            continue
-        if cs > pos:
-            break
-        pos = ce
-        if pos >= end:
-            return None
-    return pos if pos < end else None
-
-
-def _subtract(
-    ranges: tuple[OffsetRange, ...], covered: dict[TopicPartition, list[tuple[int, int]]]
-) -> tuple[OffsetRange, ...]:
-    """``ranges`` less every offset in ``covered``; may split a range in pieces."""
-    out: list[OffsetRange] = []
-    for r in ranges:
-        pieces = [(r.start, r.end)]
-        for cs, ce in covered.get((r.topic, r.partition), []):
-            nxt = []
-            for s, e in pieces:
-                if ce <= s or cs >= e:
-                    nxt.append((s, e))
-                    continue
-                if s < cs:
-                    nxt.append((s, cs))
-                if ce < e:
-                    nxt.append((ce, e))
-            pieces = nxt
-        out.extend(OffsetRange(r.topic, r.partition, s, e) for s, e in pieces)
-    return tuple(out)
-
-
-def _count(ranges: tuple[OffsetRange, ...]) -> int:
-    return sum(r.end - r.start for r in ranges)
-
-
-def _describe(ranges: tuple[OffsetRange, ...]) -> str:
-    return ", ".join(f"{r.topic}:{r.partition}@[{r.start},{r.end})" for r in ranges[:8]) + (
-        f" and {len(ranges) - 8} more" if len(ranges) > 8 else ""
-    )
-
-
-def _rows_in(table: pa.Table, ranges: tuple[OffsetRange, ...]) -> pa.Table:
-    """The rows of ``table`` whose (topic, partition, offset) lies in one of ``ranges``."""
-    mask = None
-    for r in ranges:
-        m = pc.and_(
-            pc.and_(pc.equal(table["topic"], r.topic), pc.equal(table["partition"], r.partition)),
-            pc.and_(pc.greater_equal(table["offset"], r.start), pc.less(table["offset"], r.end)),
-        )
-        mask = m if mask is None else pc.or_(mask, m)
-    return table.filter(mask) if mask is not None else table.slice(0, 0)
-
-
-def _coalesce(ranges: list[OffsetRange]) -> tuple[OffsetRange, ...]:
-    by_tp: dict[TopicPartition, list[OffsetRange]] = {}
-    for r in ranges:
-        by_tp.setdefault((r.topic, r.partition), []).append(r)
-    out: list[OffsetRange] = []
-    for (topic, part), rs in sorted(by_tp.items()):
-        rs.sort(key=lambda r: r.start)
-        cur = rs[0]
-        for r in rs[1:]:
-            if r.start <= cur.end:
-                cur = OffsetRange(topic, part, cur.start, max(cur.end, r.end))
-            else:
-                out.append(cur)
-                cur = r
-        out.append(cur)
-    return tuple(out)
-
-
-def _overlaps(
-    seg: Segment,
-    after: dict[TopicPartition, int],
-    upto: dict[TopicPartition, int] | None,
-    start_ts: int | None,
-    end_ts: int | None,
-) -> bool:
-    if seg.rows == 0:
-        return False
-    if start_ts is not None and seg.max_ts is not None and seg.max_ts < start_ts:
-        return False
-    if end_ts is not None and seg.min_ts is not None and seg.min_ts >= end_ts:
-        return False
-    for r in seg.ranges:
-        lo = after.get((r.topic, r.partition), 0)
-        hi = upto.get((r.topic, r.partition), 0) if upto is not None else None
-        if r.end > lo and (hi is None or r.start < hi):
-            return True
-    return False
-
-
-def _filter(
-    t: pa.Table,
-    after: dict[TopicPartition, int],
-    upto: dict[TopicPartition, int] | None,
-    start_ts: int | None,
-    end_ts: int | None,
-) -> pa.Table:
-    mask = None
-
-    def both(a: pa.ChunkedArray | pa.Array, b: pa.ChunkedArray | pa.Array | None) -> pa.Array:
-        return a if b is None else pc.and_(a, b)
-
-    if start_ts is not None:
-        mask = both(pc.greater_equal(t["ts"], start_ts), mask)
-    if end_ts is not None:
-        mask = both(pc.less(t["ts"], end_ts), mask)
-    if after or upto is not None:
-        # Per-partition bounds, expressed as a lookup on the "topic:partition" key of each row.
-        keys = pc.binary_join_element_wise(t["topic"], pc.cast(t["partition"], pa.string()), ":")
-        tps = sorted(set(after) | set(upto or {}))
-        names = pa.array([tp_key(*tp) for tp in tps])
-        idx = pc.index_in(keys, value_set=names)
-        lo_vals = pa.array([after.get(tp, 0) for tp in tps] + [0], pa.int64())
-        lo = pc.take(lo_vals, pc.fill_null(idx, len(tps)))
-        offset_mask = pc.greater_equal(t["offset"], lo)
-        if upto is not None:
-            # A partition the upper watermark does not name has nothing below it.
-            hi_vals = pa.array([upto.get(tp, 0) for tp in tps] + [0], pa.int64())
-            hi = pc.take(hi_vals, pc.fill_null(idx, len(tps)))
-            offset_mask = pc.and_(offset_mask, pc.less(t["offset"], hi))
-        mask = both(offset_mask, mask)
-    return t if mask is None else t.filter(mask)

@@ -40,13 +40,15 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 
-from streams.buffer import EventBuffer, OffsetRange, Segment
+from streams.buffer import EventBuffer
 from streams.codec import Decoded, decode_batch
 from streams.config import IngestConfig, KafkaConfig, TopicsConfig
 from streams.errors import DeadLetterError, DiskFullError, FencedError, StreamsError
 from streams.events import ARROW_SCHEMA
 from streams.formats import Decoder
+from streams.offsets import OffsetRange
 from streams.security import check_connection
+from streams.segments import Segment
 
 log = logging.getLogger(__name__)
 

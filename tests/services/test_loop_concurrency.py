@@ -120,8 +120,9 @@ def test_real_round_loses_the_race_and_is_not_registered(tmp_path: Path, ray_loc
     from bench.faults_training import round_config, train_worker_pids
     from services.config import LoopConfig
     from services.loop import ContinualLoop
-    from streams.buffer import EventBuffer, OffsetRange
+    from streams.buffer import EventBuffer
     from streams.config import BufferConfig
+    from streams.offsets import OffsetRange
     from tests.training.data_gen import synthetic_table
 
     table = synthetic_table(800, seed=5)
@@ -158,8 +159,9 @@ def test_two_real_train_once_runs_register_the_slice_once(tmp_path: Path) -> Non
     """Two `streamtune train --once` processes over one state dir, started together: each starts
     its own Ray and trains; whichever registers second is dropped (or, if it started after the
     first had registered, finds nothing new). Never two versions for one slice."""
-    from streams.buffer import EventBuffer, OffsetRange
+    from streams.buffer import EventBuffer
     from streams.config import BufferConfig
+    from streams.offsets import OffsetRange
     from tests.training.data_gen import synthetic_table
 
     state = tmp_path / "state"
@@ -200,8 +202,9 @@ def test_a_round_too_small_to_gate_is_skipped_and_its_events_wait(tmp_path: Path
     from bench.faults_training import round_config
     from services.config import LoopConfig
     from services.loop import ContinualLoop
-    from streams.buffer import EventBuffer, OffsetRange
+    from streams.buffer import EventBuffer
     from streams.config import BufferConfig
+    from streams.offsets import OffsetRange
     from tests.training.data_gen import synthetic_table
     from training.config import GateConfig
 

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from streams.buffer import BufferCommit, EventBuffer, OffsetRange, _encode
+from streams.buffer import EventBuffer
 from streams.config import BufferConfig
 from streams.events import Event, EventType, RowBatch
+from streams.offsets import OffsetRange
+from streams.segments import BufferCommit, encode
 
 
 def batch(topic: str, partition: int, offsets: range, ts0: int = 0) -> RowBatch:
@@ -103,7 +105,7 @@ def test_crash_mid_compaction_never_duplicates(tmp_path: Path) -> None:
     names = [s.name for s in buf.segments()]
     merged = buf.read()
     # Crash 1: the merged segment was uploaded but its log entry never written: invisible.
-    rec = buf._stage(_encode(merged, (OffsetRange("t", 0, 0, 10),), tuple(names), "compactor"))
+    rec = buf._stage(encode(merged, (OffsetRange("t", 0, 0, 10),), tuple(names), "compactor"))
     fresh = EventBuffer(buf.cfg)
     assert [s.name for s in fresh.segments()] == names and fresh.read().num_rows == 10
     # Crash 2: the entry "add merged, remove inputs" was committed, the inputs not yet deleted.

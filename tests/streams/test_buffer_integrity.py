@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from streams.buffer import EventBuffer, OffsetRange, SegmentFooter
+from streams.buffer import EventBuffer
 from streams.config import BufferConfig
 from streams.errors import CorruptSegmentError, DiskFullError, FencedError, StreamsError
+from streams.offsets import OffsetRange
+from streams.segments import SegmentFooter
 from tests.streams.test_buffer import add, batch, make
 
 
