@@ -184,7 +184,7 @@ def durable_ingest(
             done.append(time.monotonic())
             ing.stop()
 
-    cfg = IngestConfig(group_id=f"bench-{time.time_ns()}", idle_exit_s=30.0, mapping=mapping,
+    cfg = IngestConfig(group_id=f"bench-{time.time_ns()}", idle_exit_s=60.0, mapping=mapping,
                        format="avro" if avro else "json", avro=avro)  # fmt: skip
     ing = Ingestor(kafka, topics, cfg, buf, on_flush=on_flush)
     stats = ing.run()

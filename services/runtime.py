@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # A freshly created history actor first rebuilds users' histories from the whole buffer.
 _FIRST_PING_S = 180.0
+# Whether init_ray started a local Ray in this process (rather than connecting to a cluster).
+_started_local_ray = False
 
 
 def round_config(s: Settings) -> RoundConfig:
@@ -57,7 +59,9 @@ def init_ray(address: str | None, s: Settings, dashboard: bool = True) -> None:
     if address:
         ray.init(address=address)
         return
+    global _started_local_ray
     needed = s.trainer.num_workers * s.trainer.cpus_per_worker + 0.25 * s.serving.replicas + 1
+    _started_local_ray = True
     ray.init(
         num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
         include_dashboard=dashboard,
@@ -373,7 +377,15 @@ def shutdown(
 
     if ray.is_initialized():
         in_cluster = running is not None and running.control is not None
-        if serve and not in_cluster and (running is None or running.serving):
+        # A local Ray this process started takes Serve down with it. Serve's own graceful stop
+        # waits on replicas and the GCS, and at the end of every `make demo` it ran into its
+        # 10 s limit, which then cut Ray's shutdown short and left its processes to the reap.
+        if (
+            serve
+            and not in_cluster
+            and not _started_local_ray
+            and (running is None or running.serving)
+        ):
             # (In cluster mode the app and its control plane stay up without `up`.)
             from ray import serve as ray_serve
 
