@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
@@ -45,9 +46,18 @@ def ensure_topics(kafka: KafkaConfig, topics: TopicsConfig) -> list[str]:
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):  # created concurrently
                 admin.create_topics(missing)
+            _await_metadata(admin, {t.name for t in missing})
         return [t.name for t in missing]
     finally:
         admin.close()
+
+
+def _await_metadata(admin: KafkaAdminClient, names: set[str], timeout_s: float = 15.0) -> None:
+    """Wait until the brokers list topics just created: the create returns once the controller
+    accepted them, and a client that looks them up before the metadata spreads finds nothing."""
+    deadline = time.monotonic() + timeout_s
+    while not names <= set(admin.list_topics()) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def end_offsets(kafka: KafkaConfig, topic: str) -> dict[int, int]:
