@@ -189,7 +189,9 @@ def durable_ingest(
     ing = Ingestor(kafka, topics, cfg, buf, on_flush=on_flush)
     stats = ing.run()
     if not done or stats.first_record_at is None:
-        raise RuntimeError(f"ingest stopped after {stats.ingested} of {n} events")
+        raise RuntimeError(
+            f"ingest of {topics.events} stopped after {stats.ingested} of {n} events: {stats}"
+        )
     # From the first record (the group join before it is a one-time cost, not throughput) to
     # the last event durable with its offsets committed.
     return stats.ingested / (done[0] - stats.first_record_at), stats
