@@ -45,8 +45,17 @@ no Ray: this measures the learning strategy, not distribution):
   validation NDCG@10 (at most ``full_epochs``) and the best epoch's weights are kept
   (``train_selected``). A fixed epoch count would flatter the cheaper strategies.
 
-New items grow the item table (``Recommender.grow``, mean-of-known init; the MiniLM title init of
-production rounds is off here so that no strategy pays for it). Scores go through the one ranking
+New items grow the item table as a production round grows it (``training.round.prepare_model``),
+for every item of the new chunk, held-out events' included, as a production round's vocabulary
+does: in ``id``, mean-of-known rows (the MiniLM title init, ``text_init``, is off in
+``StreamConfig``'s model so that no strategy pays for it); with a text item representation
+(``ModelConfig.item_repr``), the titles' MiniLM features.
+
+Cold items (``cold_items_run``): the replay strategy with one item representation; the ranks of
+each round's held-out events right after that round (``a[k][k]``'s cases) are pooled over rounds
+1..F, and scored on all of them and on those whose target is a cold item, first seen in that
+chunk (``cold_targets``): no model saw it before the round, which trained on its few other events
+of the chunk at most. Scores go through the one ranking
 core (``training.ranking`` via ``training.evaluation``), the gate's.
 
 Benchmark-only: production never imports this module (it lived in ``training/`` before).
@@ -69,8 +78,10 @@ from training.config import ModelConfig
 from training.data import Examples, round_examples
 from training.evaluation import Case, Interactions, ModelScorer, Scorer, ndcg_hr, rank_full
 from training.fit import LrSchedule, fit, torch_step
+from training.items import TEXT_DIM
 from training.model import Recommender
 from training.replay import Reservoir
+from training.round import prepare_model
 from training.vocab import ItemVocab
 
 STRATEGIES = ("static", "finetune", "replay", "replay_kd", "full_retrain")
@@ -192,16 +203,23 @@ def build_chunks(
     return chunks
 
 
-def ndcg_on(scorer: Scorer, cases: Sequence[Case], known_items: int, batch: int = 512) -> float:
-    """Full-ranking NDCG@10 over items ``1..known_items`` (later items scored ``-inf``)."""
-    ranks: list[np.ndarray] = []
+def ranks_on(
+    scorer: Scorer, cases: Sequence[Case], known_items: int, batch: int = 512
+) -> np.ndarray:
+    """Full-ranking 0-based ranks over items ``1..known_items`` (later items scored ``-inf``)."""
+    ranks: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
     for start in range(0, len(cases), batch):
         part = cases[start : start + batch]
         scores = scorer.score([c.history for c in part])
         scores[:, known_items + 1 :] = -np.inf
         targets = np.array([c.target for c in part], dtype=np.int64)
         ranks.append(rank_full(scores, targets, [c.history for c in part]))
-    return ndcg_hr(np.concatenate(ranks))[0]
+    return np.concatenate(ranks)
+
+
+def ndcg_on(scorer: Scorer, cases: Sequence[Case], known_items: int, batch: int = 512) -> float:
+    """Full-ranking NDCG@10 over items ``1..known_items`` (later items scored ``-inf``)."""
+    return ndcg_hr(ranks_on(scorer, cases, known_items, batch))[0]
 
 
 class Strategy(Protocol):
@@ -209,8 +227,11 @@ class Strategy(Protocol):
 
     name: str
 
-    def update(self, rows: np.ndarray, seen_rows: np.ndarray) -> None:
-        """Learn from the new ``rows``; ``seen_rows`` = every trainable row so far (incl. rows)."""
+    def update(
+        self, rows: np.ndarray, seen_rows: np.ndarray, catalog_rows: np.ndarray | None = None
+    ) -> None:
+        """Learn from the new ``rows``; ``seen_rows`` = every trainable row so far (incl. rows);
+        ``catalog_rows``: the rows whose items join the catalog now (default ``rows``)."""
         ...
 
     def scorer(self) -> Scorer: ...
@@ -221,6 +242,7 @@ class StrategyResult:
     name: str
     stream_ndcg10: list[float] = field(default_factory=list)  # chunks 1..F
     just_learned: list[float] = field(default_factory=list)  # a[k][k], k = 0..F
+    just_learned_ranks: list[np.ndarray] = field(default_factory=list)  # their ranks, k = 0..F
     final: list[float] = field(default_factory=list)  # a[F][k], k = 0..F
     train_s: list[float] = field(default_factory=list)  # rounds 1..F
 
@@ -258,20 +280,29 @@ def run_stream(
     results: list[StrategyResult] = []
     for strategy in strategies:
         res = StrategyResult(strategy.name)
-        res.just_learned.append(_holdout_ndcg(strategy.scorer(), chunks[0]))
+        _just_learned(res, strategy.scorer(), chunks[0])
         seen = chunks[0].train_rows
         for chunk in chunks[1:]:
             res.stream_ndcg10.append(ndcg_on(strategy.scorer(), chunk.stream, chunk.known_items))
             seen = np.concatenate([seen, chunk.train_rows])
             t0 = time.perf_counter()
-            strategy.update(chunk.train_rows, seen)
+            # The chunk's held-out events' items join the catalog too, as in a production round
+            # (their rows exist; they are just never trained on as targets).
+            strategy.update(chunk.train_rows, seen, np.arange(chunk.start, chunk.end))
             res.train_s.append(time.perf_counter() - t0)
-            res.just_learned.append(_holdout_ndcg(strategy.scorer(), chunk))
+            _just_learned(res, strategy.scorer(), chunk)
             if on_round is not None:
                 on_round(chunk.index, res)
         res.final = [_holdout_ndcg(strategy.scorer(), c) for c in chunks]
         results.append(res)
     return results
+
+
+def _just_learned(res: StrategyResult, scorer: Scorer, chunk: Chunk) -> None:
+    # Scored after training on its chunk, so items first seen inside the chunk are candidates.
+    ranks = ranks_on(scorer, chunk.holdout, chunk.known_items_end)
+    res.just_learned_ranks.append(ranks)
+    res.just_learned.append(ndcg_hr(ranks)[0] if ranks.size else float("nan"))
 
 
 def _holdout_ndcg(scorer: Scorer, chunk: Chunk) -> float:
@@ -296,6 +327,15 @@ def vocab_of(inter: Interactions, rows: np.ndarray, vocab: ItemVocab | None = No
     vocab = ItemVocab() if vocab is None else vocab
     vocab.add(inter.item_ids[c - 1] for c in inter.items[np.sort(rows)])
     return vocab
+
+
+def item_titles(inter: Interactions) -> dict[str, str]:
+    """item id -> its text (``item_text``: MovieLens titles), for items that have one."""
+    if "item_text" not in inter.table.column_names:
+        return {}
+    ids = inter.table.column("item_id").to_pylist()
+    texts = inter.table.column("item_text").to_pylist()
+    return {i: t for i, t in zip(ids, texts, strict=True) if t}
 
 
 def train_fit(
@@ -339,7 +379,7 @@ def train_from_scratch(
     and stops training by returning True."""
     vocab = vocab_of(inter, rows)
     torch.manual_seed(cfg.seed)
-    model = Recommender(cfg.model, len(vocab))
+    model = prepare_model(None, vocab, cfg.model, item_titles(inter), [])
     examples, _ = round_examples({}, sequences(inter, rows, vocab), cfg.model.max_len, False)
     hook = None if on_epoch is None else (lambda e, _m: on_epoch(e, model, vocab))
     train_fit(model, examples, cfg, epochs, cfg.seed, on_epoch=hook)
@@ -370,7 +410,8 @@ def train_selected(
     (full-ranking NDCG@10); stops after ``cfg.patience`` epochs without a better score and keeps
     the best epoch's weights. The offline model and the streaming full retrain both use it, so
     neither is compared at a fixed, possibly unlucky, epoch count."""
-    best = Selected(Recommender(cfg.model, 2), ItemVocab(), Examples.empty(1), 0, 0, -1.0)
+    text = torch.zeros(2, TEXT_DIM) if cfg.model.item_repr != "id" else None  # a placeholder
+    best = Selected(Recommender(cfg.model, 2, text), ItemVocab(), Examples.empty(1), 0, 0, -1.0)
     state: dict[str, torch.Tensor] | None = None
 
     def pick(epoch: int, model: Recommender, vocab: ItemVocab) -> bool:
@@ -433,7 +474,9 @@ class ModelStrategy:
     def scorer(self) -> Scorer:
         return ModelScorer(self.model, self.vocab, self.inter.item_ids)
 
-    def update(self, rows: np.ndarray, seen_rows: np.ndarray) -> None:
+    def update(
+        self, rows: np.ndarray, seen_rows: np.ndarray, catalog_rows: np.ndarray | None = None
+    ) -> None:
         self.rounds += 1
         cfg = self.cfg
         seed = cfg.seed + 1000 * self.rounds  # a different shuffle every round, reproducibly
@@ -446,8 +489,14 @@ class ModelStrategy:
             self.best_epochs.append(chosen.best_epoch)
             return
         teacher = self.model.frozen_teacher() if self.name == "replay_kd" else None
+        old_rows = len(self.vocab)
         vocab_of(self.inter, rows, self.vocab)
-        self.model.grow(len(self.vocab))
+        if catalog_rows is not None:
+            vocab_of(self.inter, catalog_rows, self.vocab)
+        # A production round's growth: title features (text modes) or the title init (id).
+        added = self.vocab.items()[old_rows - 1 :]
+        titles = item_titles(self.inter)
+        self.model = prepare_model(self.model, self.vocab, self.model.cfg, titles, added)
         new_users = np.isin(self.inter.users, np.unique(self.inter.users[rows]))
         context_rows = np.setdiff1d(seen_rows, rows)
         context_rows = context_rows[new_users[context_rows]]
@@ -462,3 +511,63 @@ class ModelStrategy:
             train_ex = new_ex.concat(self.reservoir.sample(int(cfg.replay_ratio * len(new_ex))))
             self.reservoir.add(new_ex)
         train_fit(self.model, train_ex, cfg, cfg.update_epochs, seed, teacher=teacher)
+
+
+# The cold-item table's options: name -> (ModelConfig.item_repr, ModelConfig.text_init).
+# "id+title init" is the ID model as production rounds run it by default: new rows start from a
+# ridge map of their titles (training.textinit.init_rows) instead of the mean of known rows.
+ITEM_REPRS: dict[str, tuple[str, bool]] = {
+    "id": ("id", False),
+    "id+title init": ("id", True),
+    "text": ("text", False),
+    "id+text": ("id+text", False),
+}
+
+
+def cold_targets(chunk: Chunk) -> np.ndarray:
+    """[len(chunk.holdout)] bool: the target is a cold item, first seen in this chunk (no model
+    trained on it before this chunk's round)."""
+    return np.array([c.target > chunk.known_items for c in chunk.holdout], dtype=bool)
+
+
+@dataclass(frozen=True)
+class ColdItemsRun:
+    """The replay strategy with one item representation: NDCG@10 right after each round on that
+    round's held-out events (pooled over rounds 1..F), all of them and those of cold items."""
+
+    item_repr: str
+    seed: int
+    all_ndcg10: float
+    cold_ndcg10: float
+    n_targets: int
+    n_cold_targets: int
+    stream_ndcg10: float
+    train_s: float
+
+
+def cold_items_run(
+    inter: Interactions, chunks: Sequence[Chunk], cfg: StreamConfig, option: str, seed: int
+) -> ColdItemsRun:
+    """Pretrain on chunk 0 and stream with ``replay`` (the production recipe) with one of the
+    ``ITEM_REPRS`` options.
+
+    Held-out events are never trained on, so a cold target's item was learned from at most its
+    few other events in the same chunk (or none: then only its title can place it).
+    """
+    item_repr, text_init = ITEM_REPRS[option]
+    model = cfg.model.model_copy(update={"item_repr": item_repr, "text_init": text_init})
+    run_cfg = cfg.model_copy(update={"seed": seed, "model": model})
+    pretrained = train_from_scratch(inter, chunks[0].train_rows, run_cfg, run_cfg.pretrain_epochs)
+    res = run_stream(chunks, [ModelStrategy("replay", inter, run_cfg, pretrained)])[0]
+    ranks = np.concatenate(res.just_learned_ranks[1:])
+    cold = np.concatenate([cold_targets(c) for c in chunks[1:]])
+    return ColdItemsRun(
+        item_repr=option,
+        seed=seed,
+        all_ndcg10=ndcg_hr(ranks)[0],
+        cold_ndcg10=ndcg_hr(ranks[cold])[0] if cold.any() else float("nan"),
+        n_targets=int(ranks.size),
+        n_cold_targets=int(cold.sum()),
+        stream_ndcg10=res.mean_stream_ndcg10,
+        train_s=res.mean_train_s,
+    )

@@ -30,7 +30,14 @@ class ModelConfig(_Strict):
     )
     text_init: bool = Field(
         default=True,
-        description="Initialise new items' rows from their title via MiniLM (offline, packaged).",
+        description="Initialise new items' rows from their title via MiniLM (offline, packaged); "
+        "item_repr='id' only (the text modes place new items by their title features).",
+    )
+    item_repr: Literal["id", "text", "id+text"] = Field(
+        default="id",
+        description="What an item's row is: a learned ID row ('id'); a learned projection of "
+        "its title's MiniLM features, kept with the version ('text'; items without a title "
+        "share one row); or their sum ('id+text', new items start from their text).",
     )
 
     @model_validator(mode="after")

@@ -10,21 +10,29 @@ weights, in the registry, the Ray Train workers, the round driver and the benchm
 distillation teacher is ``frozen_teacher()``.
 
 Public API:
-  Recommender(cfg, n_rows)                   build (n_rows = len(ItemVocab), row 0 = padding)
+  Recommender(cfg, n_rows, text=None)        build (n_rows = len(ItemVocab), row 0 = padding;
+                                             text [n_rows, 384] title features in text modes)
   Recommender.from_state(cfg, state)         strict load of tensors or numpy arrays
   Recommender.from_file(path, cfg)           the same from safetensors (never unpickles)
   model.state_numpy()                        {name: np.ndarray}, e.g. for Ray's object store
   model.frozen_teacher()                     eval-mode, requires_grad=False copy for distillation
   model.loss(inputs, targets, teacher_logits, kd_weight, kd_temperature)   [B, L] item rows
   model.score(inputs)                        [B, n_rows] next-item scores (padding = -inf)
-  model.item_embeddings()                    [n_rows, D] the tied table
-  model.grow(n_rows, init=None)              append rows for new items, old rows untouched
+  model.item_embeddings()                    [n_rows, D] the tied table (fused in text modes)
+  model.grow(n_rows, init=None, text=None)   append rows for new items, old rows untouched
   save_weights(model, path) / load_weights(path, cfg, n_rows)   safetensors, no pickle
 
 Distillation with a growing catalog: the teacher (the champion) has fewer rows than the student
 when a round adds items. ``Teacher`` reads rows it never knew as padding, so the grown student's
 inputs cannot crash it, and ``loss`` distils only over the teacher's own rows, at positions whose
 current item the teacher knows.
+
+Item rows (``ModelConfig.item_repr``, ``training.items``): ``id`` is the ID table
+``backbone.wte`` alone (the state-dict keys of every version before text modes); ``text`` is a
+learned projection of the rows' title features (``items.text``, a buffer saved with the weights;
+the ID table stays, frozen and unused, so the row count lives where it always did); ``id+text``
+is their sum. One fused table feeds the transformer (``inputs_embeds``; GPT-2 adds positions)
+and scores its output, so loss, sampled softmax, distillation, scoring and serving share it.
 """
 
 from __future__ import annotations
@@ -42,12 +50,13 @@ from transformers import GPT2Config, GPT2Model
 
 from training.config import ModelConfig
 from training.errors import ModelStateError
+from training.items import TEXT_DIM, TextItems, check_text
 
 TABLE = "backbone.wte.weight"  # the item table: its row count is the catalog size
 
 
 class Recommender(nn.Module):
-    def __init__(self, cfg: ModelConfig, n_rows: int) -> None:
+    def __init__(self, cfg: ModelConfig, n_rows: int, text: torch.Tensor | None = None) -> None:
         super().__init__()
         if n_rows < 2:
             raise ValueError("the catalog needs at least one item (n_rows counts padding too)")
@@ -66,6 +75,13 @@ class Recommender(nn.Module):
             pad_token_id=0,
         )
         self.backbone = GPT2Model(gpt)
+        self.items: TextItems | None = None
+        if cfg.item_repr != "id":
+            self.items = TextItems(check_text(text, n_rows, "Recommender"), cfg.d_model)
+        elif text is not None:
+            raise ValueError("text features given, but item_repr='id' would ignore them")
+        if cfg.item_repr == "text":
+            self.backbone.wte.weight.requires_grad_(False)  # no ID row contributes
 
     # -- lifecycle ----------------------------------------------------------------------
     @classmethod
@@ -79,7 +95,11 @@ class Recommender(nn.Module):
             k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
             for k, v in state.items()
         }
-        model = cls(cfg, int(tensors[TABLE].shape[0]))
+        n_rows = int(tensors[TABLE].shape[0])
+        # Placeholder features: the strict load below replaces them, or fails if the state has
+        # none (or misshapen ones).
+        text = torch.zeros(n_rows, TEXT_DIM) if cfg.item_repr != "id" else None
+        model = cls(cfg, n_rows, text)
         try:
             model.load_state_dict(tensors, strict=True)
         except RuntimeError as err:
@@ -111,22 +131,32 @@ class Recommender(nn.Module):
         return int(self.backbone.wte.weight.shape[0])
 
     def item_embeddings(self) -> torch.Tensor:
-        return self.backbone.wte.weight  # [V, D]
+        """[V, D]: the item table the inputs are read from and the outputs scored against."""
+        ids = self.backbone.wte.weight
+        if self.items is None:
+            return ids
+        text = self.items()
+        return text if self.cfg.item_repr == "text" else ids + text
 
     def hidden(self, inputs: torch.Tensor) -> torch.Tensor:
         """inputs [B, L] left-padded item rows -> [B, L, D] states."""
+        return self._hidden(inputs, self.item_embeddings())
+
+    def _hidden(self, inputs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         mask = (inputs != 0).long()
-        out = self.backbone(input_ids=inputs, attention_mask=mask)
+        out = self.backbone(inputs_embeds=F.embedding(inputs, table), attention_mask=mask)
         return out.last_hidden_state
 
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
         """[B, L] -> [B, L, V]: every position's next-item scores."""
-        return self.hidden(inputs) @ self.item_embeddings().T
+        table = self.item_embeddings()
+        return self._hidden(inputs, table) @ table.T
 
     def score(self, inputs: torch.Tensor) -> torch.Tensor:
         """[B, L] histories (left-padded, newest last) -> [B, V] next-item scores."""
-        h = self.hidden(inputs)[:, -1]  # [B, D]
-        s = h @ self.item_embeddings().T  # [B, V]
+        table = self.item_embeddings()
+        h = self._hidden(inputs, table)[:, -1]  # [B, D]
+        s = h @ table.T  # [B, V]
         s[:, 0] = float("-inf")
         return s
 
@@ -144,10 +174,10 @@ class Recommender(nn.Module):
         (rows 1..V_old-1: rows added since the teacher are left out), at the positions whose
         current item the teacher knew (elsewhere it predicted from a history it could not read).
         """
-        h = self.hidden(inputs)  # [B, L, D]
+        table = self.item_embeddings()
+        h = self._hidden(inputs, table)  # [B, L, D]
         valid = targets != 0
         hv, tv = h[valid], targets[valid]  # [N, D], [N]
-        table = self.item_embeddings()
         if self.cfg.loss == "sampled" and self.cfg.num_negatives < table.shape[0] - 1:
             ce = _sampled_softmax(hv, tv, table, self.cfg.num_negatives)
         else:
@@ -174,22 +204,35 @@ class Recommender(nn.Module):
         return ce + kd_weight * kd
 
     @torch.no_grad()
-    def grow(self, n_rows: int, init: torch.Tensor | None = None) -> None:
-        """Append rows up to ``n_rows``; ``init`` [n_rows - old, D] sets the new rows."""
+    def grow(
+        self, n_rows: int, init: torch.Tensor | None = None, text: torch.Tensor | None = None
+    ) -> None:
+        """Append rows up to ``n_rows``; ``init`` [n_rows - old, D] sets the new ID rows, and in
+        text modes ``text`` [n_rows - old, 384] are the new rows' title features (required).
+
+        New ID rows start, without ``init``: in ``id``, near the mean of the known rows; in
+        ``id+text`` at zero, so a new item starts exactly where its title puts it (its ID row
+        then learns what the title misses); in ``text`` at zero (unused).
+        """
         old = self.n_rows
         if n_rows < old:
             raise ValueError(f"cannot shrink the item table from {old} to {n_rows} rows")
         if n_rows == old:
             return
-        table = self.item_embeddings()
-        new = torch.empty(n_rows - old, table.shape[1], dtype=table.dtype)
+        if self.items is not None:
+            self.items.grow(check_text(text, n_rows - old, "grow"))
+        elif text is not None:
+            raise ValueError("text features given, but item_repr='id' would ignore them")
+        ids = self.backbone.wte.weight
+        new = torch.zeros(n_rows - old, ids.shape[1], dtype=ids.dtype)
         if init is not None:
             new.copy_(init)
-        else:
+        elif self.items is None:
             # Near the mean of known items: a neutral, in-distribution start for cold items.
-            new.normal_(0.0, float(table[1:].std())).add_(table[1:].mean(0))
+            new.normal_(0.0, float(ids[1:].std())).add_(ids[1:].mean(0))
         self.backbone.resize_token_embeddings(n_rows, mean_resizing=False)
         self.backbone.wte.weight[old:] = new
+        self.backbone.wte.weight.requires_grad_(self.cfg.item_repr != "text")
         self.backbone.config.vocab_size = n_rows
 
 
@@ -228,6 +271,6 @@ class Teacher(Recommender):
     def train(self, mode: bool = True) -> Self:
         return super().train(False)
 
-    def hidden(self, inputs: torch.Tensor) -> torch.Tensor:
+    def _hidden(self, inputs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         known = torch.where(inputs < self.n_rows, inputs, torch.zeros_like(inputs))
-        return super().hidden(known)
+        return super()._hidden(known, table)

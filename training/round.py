@@ -47,7 +47,7 @@ from training.histories import UserHistories
 from training.model import Recommender, save_weights
 from training.registry import Registry
 from training.replay import Reservoir
-from training.textinit import init_rows
+from training.textinit import init_rows, text_rows
 from training.vocab import ItemVocab
 from training.worker import train_loop_per_worker
 
@@ -108,10 +108,18 @@ def prepare_model(
     titles: dict[str, str],
     new_items: list[str],
 ) -> Recommender:
-    """The round's starting point: the champion grown to the new catalog, or a fresh model."""
+    """The round's starting point: the champion grown to the new catalog, or a fresh model.
+
+    In the text item representations the rows' title features (zeros without a title) are
+    embedded here, once per item: they travel in the version's weights from then on.
+    """
     if champion is None:
-        return Recommender(cfg, len(vocab))
+        texts = [None, *(titles.get(i) for i in vocab.items())]  # row 0 = padding
+        return Recommender(cfg, len(vocab), text_rows(texts) if cfg.item_repr != "id" else None)
     model = Recommender.from_state(champion.cfg, champion.state_dict())
+    if model.cfg.item_repr != "id":  # titles place new items; id+text's ID rows start at zero
+        model.grow(len(vocab), text=text_rows([titles.get(i) for i in new_items]))
+        return model
     init = None
     if cfg.text_init and new_items and all(i in titles for i in new_items):
         known = [i for i in vocab.items()[: champion.n_rows - 1] if i in titles]

@@ -9,6 +9,9 @@ Embedding is the costly part (MiniLM on a CPU: seconds per thousand titles), and
 path from an event to a fresher model: a process embeds each title once (``_vectors``), and the
 fit uses at most ``MAX_FIT`` known items (evenly spread over the catalog), so a round's cost
 follows its new titles, not the catalog.
+
+``text_rows`` gives the per-row features of the text item representations
+(``ModelConfig.item_repr``, ``training.items``): the same embeddings, kept with the version.
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
+
+from training.items import TEXT_DIM
 
 
 @lru_cache(maxsize=1)
@@ -55,6 +61,16 @@ def embed(texts: list[str]) -> np.ndarray:
         for t in texts:
             _vectors.move_to_end(t)
         return np.stack([_vectors[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
+
+
+def text_rows(texts: Sequence[str | None]) -> torch.Tensor:
+    """[N, 384] float32 title features for item rows (``ModelConfig.item_repr`` text modes):
+    MiniLM embeddings, and zeros where a row has no text (padding, items without a title)."""
+    out = np.zeros((len(texts), TEXT_DIM), dtype=np.float32)
+    have = [(i, t) for i, t in enumerate(texts) if t]
+    if have:
+        out[[i for i, _ in have]] = embed([t for _, t in have])
+    return torch.from_numpy(out)
 
 
 def init_rows(
