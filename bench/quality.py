@@ -38,15 +38,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.table import Table
 
+from bench.cold_items import ITEM_REPRS, ColdItemsRun, cold_items_run
 from bench.prequential import (
-    ITEM_REPRS,
     STRATEGIES,
-    ColdItemsRun,
     ModelStrategy,
     StrategyResult,
     StreamConfig,
     build_chunks,
-    cold_items_run,
     run_stream,
     train_from_scratch,
     train_selected,
