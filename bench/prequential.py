@@ -295,17 +295,22 @@ def run_stream(
 
 
 def _just_learned(res: StrategyResult, scorer: Scorer, chunk: Chunk) -> None:
-    # Scored after training on its chunk, so items first seen inside the chunk are candidates.
-    ranks = ranks_on(scorer, chunk.holdout, chunk.known_items_end)
+    ranks = _holdout_ranks(scorer, chunk)
     res.just_learned_ranks.append(ranks)
-    res.just_learned.append(ndcg_hr(ranks)[0] if ranks.size else float("nan"))
+    res.just_learned.append(_ndcg10(ranks))
 
 
 def _holdout_ndcg(scorer: Scorer, chunk: Chunk) -> float:
+    return _ndcg10(_holdout_ranks(scorer, chunk))
+
+
+def _holdout_ranks(scorer: Scorer, chunk: Chunk) -> np.ndarray:
     # Scored after training on its chunk, so items first seen inside the chunk are candidates.
-    if not chunk.holdout:
-        return float("nan")
-    return ndcg_on(scorer, chunk.holdout, chunk.known_items_end)
+    return ranks_on(scorer, chunk.holdout, chunk.known_items_end)
+
+
+def _ndcg10(ranks: np.ndarray) -> float:
+    return ndcg_hr(ranks)[0] if ranks.size else float("nan")  # no held-out events: no score
 
 
 def sequences(inter: Interactions, rows: np.ndarray, vocab: ItemVocab) -> dict[str, list[int]]:
@@ -458,6 +463,7 @@ class ModelStrategy:
         if name not in STRATEGIES:
             raise ValueError(f"unknown strategy {name!r}; choose among {', '.join(STRATEGIES)}")
         self.name, self.inter, self.cfg = name, inter, cfg
+        self.titles = item_titles(inter)  # what a round's new items are grown from
         model, vocab, examples = pretrained
         self.model = Recommender.from_state(model.cfg, model.state_dict())
         self.vocab = ItemVocab(vocab.items())
@@ -491,8 +497,7 @@ class ModelStrategy:
             vocab_of(self.inter, catalog_rows, self.vocab)
         # A production round's growth: title features (text modes) or the title init (id).
         added = self.vocab.items()[old_rows - 1 :]
-        titles = item_titles(self.inter)
-        self.model = prepare_model(self.model, self.vocab, self.model.cfg, titles, added)
+        self.model = prepare_model(self.model, self.vocab, self.model.cfg, self.titles, added)
         new_users = np.isin(self.inter.users, np.unique(self.inter.users[rows]))
         context_rows = np.setdiff1d(seen_rows, rows)
         context_rows = context_rows[new_users[context_rows]]

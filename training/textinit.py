@@ -60,7 +60,9 @@ def embed(texts: list[str]) -> np.ndarray:
     with _lock:
         for t in texts:
             _vectors.move_to_end(t)
-        return np.stack([_vectors[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
+        if not texts:
+            return np.zeros((0, TEXT_DIM), np.float32)
+        return np.stack([_vectors[t] for t in texts])
 
 
 def text_rows(texts: Sequence[str | None]) -> torch.Tensor:
