@@ -56,14 +56,24 @@ class Examples:
 
 @dataclass
 class Holdout:
-    """One next-item question per user: history rows -> target row."""
+    """Next-item questions: history rows -> target row.
 
-    histories: np.ndarray  # [U, L]
-    targets: np.ndarray  # [U]
+    ``users`` groups the questions by who asked them (a round may hold out several of a user's
+    events, and those answers are not independent); None: every question its own user.
+    """
+
+    histories: np.ndarray  # [Q, L]
+    targets: np.ndarray  # [Q]
     seen: list[set[int]]  # rows each user already interacted with (excluded from ranking)
+    users: np.ndarray | None = None  # [Q] int: which user asked each question
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    @property
+    def n_users(self) -> int:
+        """How many users asked the questions."""
+        return len(np.unique(self.users)) if self.users is not None else len(self)
 
 
 def user_sequences(table: pa.Table, vocab: ItemVocab) -> dict[str, list[int]]:
@@ -108,25 +118,29 @@ def round_examples(
     context: dict[str, list[int]],
     new: dict[str, list[int]],
     max_len: int,
-    holdout: bool,
+    holdout: int,
     seen: dict[str, set[int]] | None = None,
 ) -> tuple[Examples, Holdout]:
-    """Training examples over the new events (context = earlier events), and, if asked, each
-    user's last new event held out for evaluation (not trained on).
+    """Training examples over the new events (context = earlier events), and each user's last
+    ``holdout`` new events held out as evaluation questions (not trained on); never more than
+    half of a user's new events, but always the last one, and only events with a history.
 
     ``context`` needs only each user's last ``max_len`` rows; ``seen`` adds the rows of older
     history to what evaluation excludes from ranking (the context's rows always count).
     """
     parts: list[Examples] = []
-    h_hist, h_tgt, h_seen = [], [], []
-    for user, rows in new.items():
+    h_hist, h_tgt, h_seen, h_user = [], [], [], []
+    for u, (user, rows) in enumerate(new.items()):
         ctx = context.get(user, [])
         full = ctx + rows
-        if holdout and len(full) >= 2:
-            h_hist.append(left_pad(full[:-1], max_len))
-            h_tgt.append(full[-1])
-            h_seen.append(set(full[:-1]) | (seen or {}).get(user, set()))
-            full = full[:-1]
+        older = (seen or {}).get(user, set())
+        n_hold = min(int(holdout), max(1, len(rows) // 2), len(full) - 1) if holdout else 0
+        for pos in range(len(full) - n_hold, len(full)):
+            h_hist.append(left_pad(full[:pos], max_len))
+            h_tgt.append(full[pos])
+            h_seen.append(set(full[:pos]) | older)
+            h_user.append(u)
+        full = full[: len(full) - n_hold]
         first = len(ctx)
         if len(full) > max(first, 1):
             parts.append(windows(full, first, max_len))
@@ -137,6 +151,7 @@ def round_examples(
         np.stack(h_hist) if h_hist else np.zeros((0, max_len), dtype=np.int64),
         np.asarray(h_tgt, dtype=np.int64),
         h_seen,
+        np.asarray(h_user, dtype=np.int64),
     )
     return ex, hold
 

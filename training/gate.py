@@ -6,7 +6,8 @@ champion's NDCG@10 minus the candidate's. A candidate is rejected when that mean
 ``tolerance`` by more than ``confidence_z`` standard errors of the mean. A few hundred held-out
 users make NDCG@10 noisy (a standard error near 0.01 is common), and a fixed tolerance alone then
 rejects good candidates by coin flip; a real regression (a broken model) is far outside the noise
-and is still rejected. ``confidence_z = 0`` gives the plain tolerance rule.
+and is still rejected. ``confidence_z = 0`` gives the plain tolerance rule. The newest events give
+several questions per user (``holdout_events``), and the error is clustered by user.
 
 Scores go through ``training.ranking`` (ties and non-finite scores count against the model), so a
 collapsed or NaN candidate scores 0 and can never pass.
@@ -32,12 +33,29 @@ class GateResult:
 
 
 def paired_drop(candidate: RowScorer, champion: RowScorer, hold: Holdout) -> tuple[float, float]:
-    """Mean per-question NDCG@10 drop (champion - candidate) and its standard error."""
+    """Mean per-question NDCG@10 drop (champion - candidate) and its standard error.
+
+    The error is clustered by user: one user's questions (their last few events) rise and fall
+    together, so treating them as independent would understate it."""
     champ = question_ndcg(holdout_ranks(champion, hold))
     cand = question_ndcg(holdout_ranks(candidate, hold))
     diff = champ - cand
-    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
-    return float(diff.mean()), se
+    return float(diff.mean()), clustered_se(diff, hold.users)
+
+
+def clustered_se(x: np.ndarray, groups: np.ndarray | None) -> float:
+    """Standard error of ``x.mean()`` when the values of a group are correlated (the sandwich
+    estimator with the small-sample factor G/(G-1)); with one value per group it is the usual
+    ``std(ddof=1) / sqrt(n)``."""
+    n = len(x)
+    if groups is None:
+        groups = np.arange(n)
+    _, g = np.unique(groups, return_inverse=True)
+    n_groups = int(g.max()) + 1 if n else 0
+    if n_groups < 2:
+        return 0.0
+    sums = np.bincount(g, weights=x - x.mean(), minlength=n_groups)  # [G]
+    return float(np.sqrt(n_groups / (n_groups - 1) * (sums**2).sum()) / n)
 
 
 def gate(
@@ -49,10 +67,10 @@ def gate(
     cfg: GateConfig,
 ) -> GateResult:
     m: dict[str, float] = {}
-    if len(new_hold) < cfg.min_eval_users:
+    if new_hold.n_users < cfg.min_eval_users:
         return GateResult(
             False,
-            f"only {len(new_hold)} held-out users (< min_eval_users={cfg.min_eval_users}): "
+            f"only {new_hold.n_users} held-out users (< min_eval_users={cfg.min_eval_users}): "
             "quality cannot be measured; wait for more events",
             m,
         )

@@ -344,18 +344,18 @@ def run_round(
     history = indexed or UserHistories.from_sequences(user_sequences(context, vocab), mcfg.max_len)
     new_seqs = user_sequences(new, vocab)
     new_ex, new_hold = round_examples(
-        history.recent, new_seqs, mcfg.max_len, holdout=True, seen=history.seen
+        history.recent, new_seqs, mcfg.max_len, cfg.gate.holdout_events, seen=history.seen
     )
     if len(new_ex) == 0:
         raise EmptyRoundError(
             f"{new.num_rows} new events from {len(set(new.column('user_id').to_pylist()))} users "
             "give no training example (each needs an earlier event of its user); wait for more"
         )
-    if len(new_hold) < cfg.gate.min_eval_users:
+    if new_hold.n_users < cfg.gate.min_eval_users:
         # The gate could only reject it, and a rejected round's events are never trained on
         # again: leave them for the next round, which covers them and what arrives meanwhile.
         raise RoundTooSmallError(
-            f"{new.num_rows} new events give {len(new_hold)} held-out users "
+            f"{new.num_rows} new events give {new_hold.n_users} held-out users "
             f"(< gate.min_eval_users={cfg.gate.min_eval_users}): too few to gate; wait for more"
         )
     if base_dir is not None and (base_dir / "replay.json").exists():
