@@ -74,7 +74,6 @@ from training.config import ModelConfig
 from training.data import Examples, round_examples
 from training.evaluation import Case, Interactions, ModelScorer, Scorer, ndcg_hr, rank_full
 from training.fit import LrSchedule, fit, torch_step
-from training.items import TEXT_DIM
 from training.model import Recommender
 from training.replay import Reservoir
 from training.round import prepare_model
@@ -411,25 +410,24 @@ def train_selected(
     (full-ranking NDCG@10); stops after ``cfg.patience`` epochs without a better score and keeps
     the best epoch's weights. The offline model and the streaming full retrain both use it, so
     neither is compared at a fixed, possibly unlucky, epoch count."""
-    text = torch.zeros(2, TEXT_DIM) if cfg.model.item_repr != "id" else None  # a placeholder
-    best = Selected(Recommender(cfg.model, 2, text), ItemVocab(), Examples.empty(1), 0, 0, -1.0)
+    best_score, best_epoch, epochs_run = -1.0, 0, 0
     state: dict[str, torch.Tensor] | None = None
 
     def pick(epoch: int, model: Recommender, vocab: ItemVocab) -> bool:
-        nonlocal state
-        best.epochs_run = epoch + 1
+        nonlocal best_score, best_epoch, epochs_run, state
+        epochs_run = epoch + 1
         score = ndcg_on(ModelScorer(model, vocab, inter.item_ids), valid, inter.n_items)
         if on_epoch is not None:
             on_epoch(epoch, score)
-        if score > best.valid_ndcg10:
-            best.valid_ndcg10, best.best_epoch = score, epoch + 1
+        if score > best_score:
+            best_score, best_epoch = score, epoch + 1
             state = copy.deepcopy(model.state_dict())
-        return epoch + 1 - best.best_epoch >= cfg.patience
+        return epochs_run - best_epoch >= cfg.patience
 
-    best.model, best.vocab, best.examples = train_from_scratch(inter, rows, cfg, max_epochs, pick)
+    model, vocab, examples = train_from_scratch(inter, rows, cfg, max_epochs, pick)
     if state is not None:
-        best.model = Recommender.from_state(best.model.cfg, state)
-    return best
+        model = Recommender.from_state(model.cfg, state)
+    return Selected(model, vocab, examples, best_epoch, epochs_run, best_score)
 
 
 def last_event_split(inter: Interactions, rows: np.ndarray) -> tuple[np.ndarray, list[Case]]:

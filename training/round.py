@@ -409,6 +409,7 @@ def run_round(
         "model_config": mcfg.model_dump(),
         "trainer_config": cfg.trainer.model_dump(mode="json"),
         "replay_config": cfg.replay.model_dump(),
+        "gate_config": cfg.gate.model_dump(),  # which questions it was judged on (gate_review)
         "metrics": {**decision.metrics, **{f"train_{k}": v for k, v in train_metrics.items()}},
         "decision": "promote" if decision.promote else "reject",
         "reason": decision.reason,
