@@ -16,6 +16,7 @@ The reference is the champion, measured on the same questions in the same run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -65,17 +66,18 @@ def review(run: Path) -> list[dict[str, Any]]:
     reg = Registry(run / "registry")
     buf = EventBuffer(BufferConfig(path=run / "buffer"))
     versions = reg.versions()
+    load = functools.cache(reg.load)  # a version is a candidate, a champion and a next vocab
     rows: list[dict[str, Any]] = []
     for v in versions:
         meta = reg.meta(v)
         champ_v = meta.get("parent")
         if champ_v is None or v - 1 not in versions:
             continue
-        cand, champ = reg.load(v), reg.load(champ_v)
+        cand, champ = load(v), load(champ_v)
         row: dict[str, Any] = {"version": v, "champion": champ_v, "decision": meta["decision"]}
         row["own"] = paired(cand, champ, questions(reg, buf, v, cand))
         if v + 1 in versions:
-            later = reg.load(v + 1)  # its vocab covers the next round's items
+            later = load(v + 1)  # its vocab covers the next round's items
             row["next"] = paired(cand, champ, questions(reg, buf, v + 1, later))
         rows.append(row)
     return rows
