@@ -259,18 +259,33 @@ _ISO = (
     r"(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)$"
 )
 _BASE = "%Y-%m-%dT%H:%M:%S"
-_options: dict[str, pj.ParseOptions] = {}
 
 
-def _mapped_options(cfg: MappingConfig) -> pj.ParseOptions:
-    key = cfg.model_dump_json()
-    opts = _options.get(key)
-    if opts is None:  # fields the mapping does not name are ignored, whatever they hold
-        opts = pj.ParseOptions(
-            explicit_schema=cfg.wire_schema(), unexpected_field_behavior="ignore"
+@dataclass(frozen=True)
+class _Plan:
+    """What the batch path needs of a mapping, built once per mapping (not once per poll)."""
+
+    options: pj.ParseOptions
+    theirs: pa.Array  # the mapping's event-type names
+    ours: pa.Array  # their native names, position by position
+
+
+_plans: dict[str, _Plan] = {}
+
+
+def _plan(cfg: MappingConfig) -> _Plan:
+    key = cfg.model_dump_json()  # the config holds a dict, so it does not hash itself
+    plan = _plans.get(key)
+    if plan is None:  # fields the mapping does not name are ignored, whatever they hold
+        plan = _Plan(
+            options=pj.ParseOptions(
+                explicit_schema=cfg.wire_schema(), unexpected_field_behavior="ignore"
+            ),
+            theirs=pa.array(list(cfg.event_types), pa.string()),
+            ours=pa.array(list(cfg.event_types.values()), pa.string()),
         )
-        _options[key] = opts
-    return opts
+        _plans[key] = plan
+    return plan
 
 
 def _decode_mapped(
@@ -282,13 +297,16 @@ def _decode_mapped(
         )
     first = records[0] if records else None
     origin = (first.topic, first.partition) if first is not None else ("", 0)
+    plan = _plan(cfg)
     chunks: list[pa.Table] = []
     decided: list[pa.Array] = []  # positions taken here (fast rows, unmapped types)
     errors: list[tuple[int, DecodeError]] = []
     dropped: list[int] = []
-    for table, index in _parse(values, range(len(values)), _mapped_options(cfg), utf8=True):
-        rows, mask, unmapped = _mapped_columns(table, index, cfg, values, records, origin)
+    for table, index in _parse(values, range(len(values)), plan.options, utf8=True):
+        rows, mask, unmapped = _mapped_columns(table, index, cfg, plan, values, records, origin)
         fast = rows.filter(mask).cast(_DECODED)
+        if fast.num_rows == len(values):  # the common poll: every record taken here
+            return Decoded(fast, [])
         chunks.append(fast)
         decided.append(fast["index"].combine_chunks())
         decided.append(pa.array([i for i, _ in unmapped], pa.int64()))
@@ -320,16 +338,15 @@ def _field(table: pa.Table, path: str) -> pa.ChunkedArray:
 
 
 def _mapped_columns(
-    table: pa.Table, index: np.ndarray, cfg: MappingConfig, values: Sequence[bytes | None],
-    records: Sequence[Record], origin: tuple[str, int],
+    table: pa.Table, index: np.ndarray, cfg: MappingConfig, plan: _Plan,
+    values: Sequence[bytes | None], records: Sequence[Record], origin: tuple[str, int],
 ) -> tuple[pa.Table, pa.ChunkedArray, list[tuple[int, str]]]:  # fmt: skip
     """A parsed part in the native event columns (plus ``index``), the rows the contract takes
     as they are, and the (position, name) of rows whose event type the mapping does not know."""
     n = table.num_rows
     kinds = _field(table, cfg.event_type)
-    theirs = pa.array(list(cfg.event_types), pa.string())
-    at = pc.index_in(kinds, value_set=theirs)
-    event_type = pc.take(pa.array(list(cfg.event_types.values()), pa.string()), at)
+    at = pc.index_in(kinds, value_set=plan.theirs)
+    event_type = pc.take(plan.ours, at)
     unmapped: list[tuple[int, str]] = []
     if at.null_count:  # some type is absent or not the mapping's
         unknown = pc.and_(pc.is_valid(kinds), pc.is_null(at))
@@ -347,7 +364,7 @@ def _mapped_columns(
     else:
         event_id = _field(table, cfg.event_id)  # type: ignore[arg-type]
     user = _key_users([records[i].key for i in index]) if cfg.user_from == "key" else None
-    ok = pa.chunked_array([pa.array(np.ones(n, dtype=bool))])
+    ok = None  # where a row's context can be stored as it is (no context: everywhere)
     context = pa.nulls(n, pa.string())
     if cfg.context is not None:
         context, ok = _contexts(_field(table, cfg.context), index, values, cfg.context)
@@ -372,7 +389,8 @@ def _mapped_columns(
             "index": pa.array(index, pa.int64()),
         }
     )
-    return native, pc.fill_null(pc.and_(ok, valid_rows(native)), False), unmapped
+    valid = valid_rows(native)
+    return native, pc.fill_null(valid if ok is None else pc.and_(ok, valid), False), unmapped
 
 
 def _offsets(records: Sequence[Record], index: np.ndarray) -> pa.Array:
