@@ -21,8 +21,8 @@ import numpy as np
 
 from training.config import GateConfig
 from training.data import Holdout
-from training.metrics import RowScorer, evaluate, holdout_ranks, popularity_ndcg
-from training.ranking import question_ndcg
+from training.metrics import RowScorer, holdout_ranks, popularity_ndcg
+from training.ranking import ndcg_hr, question_ndcg
 
 
 @dataclass
@@ -32,14 +32,13 @@ class GateResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def paired_drop(candidate: RowScorer, champion: RowScorer, hold: Holdout) -> tuple[float, float]:
-    """Mean per-question NDCG@10 drop (champion - candidate) and its standard error.
+def paired_drop(champion: np.ndarray, candidate: np.ndarray, hold: Holdout) -> tuple[float, float]:
+    """Mean per-question NDCG@10 drop (champion - candidate) and its standard error, from each
+    model's 0-based ranks of ``hold``'s targets ([Q] each, ``metrics.holdout_ranks``).
 
     The error is clustered by user: one user's questions (their last few events) rise and fall
     together, so treating them as independent would understate it."""
-    champ = question_ndcg(holdout_ranks(champion, hold))
-    cand = question_ndcg(holdout_ranks(candidate, hold))
-    diff = champ - cand
+    diff = question_ndcg(champion) - question_ndcg(candidate)
     return float(diff.mean()), clustered_se(diff, hold.users)
 
 
@@ -74,11 +73,12 @@ def gate(
             "quality cannot be measured; wait for more events",
             m,
         )
-    m["cand_new_ndcg10"] = evaluate(candidate, new_hold)["ndcg10"]
+    # Each model ranks each question set once; every figure below comes from those ranks.
+    sets = [("new", new_hold)] + ([("replay", replay_hold)] if len(replay_hold) else [])
+    cand_ranks = {name: holdout_ranks(candidate, hold) for name, hold in sets}
+    for name, ranks in cand_ranks.items():
+        m[f"cand_{name}_ndcg10"] = ndcg_hr(ranks)[0]
     m["pop_new_ndcg10"] = popularity_ndcg(popularity, new_hold)
-    has_replay = len(replay_hold) > 0
-    if has_replay:
-        m["cand_replay_ndcg10"] = evaluate(candidate, replay_hold)["ndcg10"]
     if champion is None:
         # The first version has nothing to beat but popularity.
         ok = m["cand_new_ndcg10"] > m["pop_new_ndcg10"]
@@ -87,9 +87,8 @@ def gate(
             f"{m['pop_new_ndcg10']:.4f}"
         )
         return GateResult(ok, why, m)
-    sets = [("new", new_hold)] + ([("replay", replay_hold)] if has_replay else [])
     for name, hold in sets:
-        drop, se = paired_drop(candidate, champion, hold)
+        drop, se = paired_drop(holdout_ranks(champion, hold), cand_ranks[name], hold)
         cand = m[f"cand_{name}_ndcg10"]
         m[f"champ_{name}_ndcg10"] = cand + drop
         m[f"{name}_drop_se"] = se
@@ -106,7 +105,7 @@ def gate(
         f"NDCG@10 new {m['cand_new_ndcg10']:.4f} (champion {m['champ_new_ndcg10']:.4f})"
         + (
             f", replay {m['cand_replay_ndcg10']:.4f} (champion {m['champ_replay_ndcg10']:.4f})"
-            if has_replay
+            if len(sets) > 1
             else ""
         ),
         m,
