@@ -49,6 +49,7 @@ class RolloutService:
         self.controller = RolloutController(
             registry, serving, rollout, find_context(), on_event=self._on_event, owns_app=owns_app
         )
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rollout", daemon=True)
         self._thread.start()
 
@@ -56,9 +57,11 @@ class RolloutService:
         self.metrics.on_rollout(event)
         self.metrics.freshness(self.controller.registry.meta(event.version).get("data_max_ts"))
 
-    def _run(self) -> None:
-        import time
+    def nudge(self) -> None:
+        """A round just promoted a version: step now instead of at the next ``poll_s``."""
+        self._wake.set()
 
+    def _run(self) -> None:
         while True:
             try:
                 self.step()
@@ -66,7 +69,8 @@ class RolloutService:
                 self.errors += 1
                 log.exception("rollout step failed")
                 self.controller.context = find_context()  # recreated under the same name?
-            time.sleep(self.controller.cfg.poll_s)
+            self._wake.wait(self.controller.cfg.poll_s)
+            self._wake.clear()
 
     def step(self) -> dict[str, Any] | None:
         with self.lock:

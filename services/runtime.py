@@ -100,6 +100,8 @@ class Running:
         # Set the event before reading ``ingestor``: a restarting ingest either is the one read
         # here or sees the event and never starts.
         self.supervisor.stop.set()
+        if self.controller is not None:
+            self.controller.nudge()  # it waits on its own wake-up, not on the stop event
         self.ingestor.stop()
         t = self.supervisor.threads.get("ingest")
         if t is not None:
@@ -163,6 +165,11 @@ def start(
         controller = _controller(registry, s, context, metrics)
 
     def record(result: Any, rec: dict[str, Any]) -> None:
+        if result.promoted:  # roll it out now, not at the controller's next poll
+            if controller is not None:
+                controller.nudge()
+            elif control is not None:
+                control.nudge.remote()
         try:
             metrics.on_round(result, rec["seconds"], registry.champion(), rec.get("phases"))
         except Exception:

@@ -160,8 +160,9 @@ class RecommenderDeployment:
         return chosen if chosen is not None else self.pinned
 
     async def _follow_forever(self) -> None:
+        seen = -1
         while True:
-            await asyncio.sleep(self.cfg.follow_s)
+            seen = await self._next_look(seen)
             try:
                 target = await asyncio.to_thread(self._target)
                 if target not in self.failed:  # a failed load is reported once, not every poll
@@ -170,6 +171,22 @@ class RecommenderDeployment:
                 continue
             if self._flusher is None:  # report even before the first request: the controller
                 self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+
+    async def _next_look(self, seen: int) -> int:
+        """Wait until the registry is worth reading again: the rollout controller announced a
+        version (through the context actor, so a rollout reaches replicas in milliseconds), or
+        ``follow_s`` passed (the fallback that works with no announcer at all)."""
+        ctx = self._context()
+        if ctx is None:
+            await asyncio.sleep(self.cfg.follow_s)
+            return seen
+        try:
+            counter: int = await ctx.await_announcement.remote(seen, self.cfg.follow_s)
+        except Exception:  # the context restarting: poll on the clock meanwhile
+            self._ctx = None
+            await asyncio.sleep(self.cfg.follow_s)
+            return seen
+        return counter
 
     async def _use(self, version: int) -> None:
         if self.current is not None and self.current.version == version:

@@ -102,6 +102,9 @@ class ServingContext:
         self.replicas: dict[str, dict[str, Any]] = {}
         self.load_failures: dict[str, str] = {}
         self._forgot_at = time.time()
+        # Rollout announcements: a counter the replicas' followers wait on (see ``announce``).
+        self._announced = threading.Condition()
+        self.announcements = 0
         self.events_seen = 0
         self.last_event_at: float | None = None
         start = self._rebuild(BufferConfig(**buffer)) if buffer else None
@@ -190,6 +193,22 @@ class ServingContext:
                 self._forgot_at = now
                 for st in self.stats.values():
                     st.forget_before(now - BUCKET_KEEP_S)
+
+    # -- rollout hints --------------------------------------------------------------------
+    def announce(self) -> None:
+        """The rollout controller recorded a new serving version in the registry: wake every
+        replica's follower now instead of at its next ``follow_s`` poll. Only a hint: the
+        replicas read the version from the registry, which stays the one record of it."""
+        with self._announced:
+            self.announcements += 1
+            self._announced.notify_all()
+
+    def await_announcement(self, seen: int, timeout_s: float) -> int:
+        """Blocks until the announcement counter differs from ``seen`` or ``timeout_s`` passes;
+        returns the counter (pass -1 to learn it at once)."""
+        with self._announced:
+            self._announced.wait_for(lambda: self.announcements != seen, timeout=timeout_s)
+            return self.announcements
 
     def record_load_failure(self, version: str, reason: str) -> None:
         with self.lock:

@@ -27,6 +27,7 @@ the older side; ``min_clicks_base`` and the served-volume check keep tiny window
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class RolloutController:
         self.rollback_impossible: int | None = state.rollback_impossible
         self.deployed = False  # has this process pointed Serve anywhere yet?
         self.events: list[RolloutEvent] = []
+        self._wake = threading.Event()
 
     # -- state ----------------------------------------------------------------------------
     def _save(self) -> None:
@@ -92,6 +94,19 @@ class RolloutController:
             except Exception:  # a metrics hook must never stop rollouts
                 log.exception("rollout on_event hook failed")
         return ev
+
+    def _announce(self) -> None:
+        """Tell the replicas' followers to read the registry now (a hint; see ServingContext)."""
+        if self.context is None:
+            return
+        try:
+            self.context.announce.remote()
+        except Exception:  # the replicas' own poll still finds the new version
+            log.debug("rollout announcement failed", exc_info=True)
+
+    def nudge(self) -> None:
+        """A round just promoted a version: step now instead of at the next ``poll_s``."""
+        self._wake.set()
 
     # -- deployment ---------------------------------------------------------------------
     def deploy(self, version: int) -> float:
@@ -141,6 +156,7 @@ class RolloutController:
             self.current, self.previous = version, None
             self.watch_since = None
         self._save()  # first: replicas of an app deployed on its own follow this record
+        self._announce()
         seconds = self.deploy(version)
         return self._emit(RolloutEvent(kind, version, reason, seconds))
 
@@ -259,4 +275,5 @@ class RolloutController:
         """Poll until ``stop`` (a threading.Event) is set."""
         while not stop.is_set():
             self.step()
-            stop.wait(self.cfg.poll_s)
+            self._wake.wait(self.cfg.poll_s)
+            self._wake.clear()

@@ -65,7 +65,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, kafka: KafkaConfig) -> Itera
     v1 = add_version(reg, 1)
     reg.set_champion(v1, "first")
     port = free_port()
-    cfg = ServingConfig(port=port, replicas=2)
+    # Replicas read the registry on the clock only every 600 s: a rollout that reaches them
+    # sooner came through the controller's announcement (the app deployed on its own, below).
+    cfg = ServingConfig(port=port, replicas=2, follow_s=600.0)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     ctx = start_context(kafka, topics, None, cfg)
@@ -232,3 +234,33 @@ def test_unknown_user_and_items_fall_back_and_say_so(stack: Stack) -> None:
         f"{stack.url}/recommend", json={"history": ["item3"], "k": 10, "diversity": 0.9}
     ).json()
     assert len({i["item_id"] for i in diverse["items"]}) == 10
+
+
+def test_an_announced_rollout_reaches_replicas_the_controller_does_not_deploy(
+    stack: Stack,
+) -> None:
+    """A controller that does not own the app (a RayService) only records the version and
+    announces it; the replicas poll the registry every 600 s here, so serving the new version
+    within seconds proves the announcement woke them."""
+    own = RolloutController(
+        stack.reg, ServingConfig(), RolloutConfig(watch_s=0), stack.ctl.context, owns_app=False
+    )
+    own.deployed = True  # the app is up (the stack's controller deployed it): no restore step
+    v = add_version(stack.reg, 99)
+    stack.reg.set_champion(v, "announced rollout")
+    t0 = time.monotonic()
+    ev = own.step()
+    assert ev is not None and ev.kind == "rollout" and ev.version == v
+    served: set[int] = set()
+    with httpx.Client(timeout=10) as c:
+        while time.monotonic() - t0 < 10.0 and served != {v}:
+            served = {
+                c.post(f"{stack.url}/recommend", json={"history": ITEMS[:3], "k": 3}).json()[
+                    "version"
+                ]
+                for _ in range(8)  # two replicas: several requests reach both
+            }
+    took = time.monotonic() - t0
+    assert served == {v}, f"replicas still serve {served} {took:.1f}s after the announcement"
+    assert took < 10.0
+    stack.ctl.current = v  # the stack's controller follows the registry from here on
