@@ -30,6 +30,18 @@ TEXT_DIM = 384  # all-MiniLM-L6-v2's sentence embedding size
 TEXT_GAIN = 0.3  # the projection's output scale (see the module docstring)
 
 
+def text_for(
+    item_repr: str, text: torch.Tensor | None, n_rows: int, what: str
+) -> torch.Tensor | None:
+    """The title features a model of ``item_repr`` keeps for ``n_rows`` rows: checked ones in the
+    text modes, None in 'id' (which would silently ignore any given: that is refused)."""
+    if item_repr == "id":
+        if text is not None:
+            raise ValueError(f"{what}: text features given, but item_repr='id' would ignore them")
+        return None
+    return check_text(text, n_rows, what)
+
+
 def check_text(text: torch.Tensor | None, n_rows: int, what: str) -> torch.Tensor:
     """``text`` as a float32 [n_rows, TEXT_DIM] tensor; a clear ValueError when it is not one."""
     if text is None:

@@ -50,7 +50,7 @@ from transformers import GPT2Config, GPT2Model
 
 from training.config import ModelConfig
 from training.errors import ModelStateError
-from training.items import TEXT_DIM, TextItems, check_text
+from training.items import TEXT_DIM, TextItems, text_for
 
 TABLE = "backbone.wte.weight"  # the item table: its row count is the catalog size
 
@@ -75,11 +75,8 @@ class Recommender(nn.Module):
             pad_token_id=0,
         )
         self.backbone = GPT2Model(gpt)
-        self.items: TextItems | None = None
-        if cfg.item_repr != "id":
-            self.items = TextItems(check_text(text, n_rows, "Recommender"), cfg.d_model)
-        elif text is not None:
-            raise ValueError("text features given, but item_repr='id' would ignore them")
+        rows = text_for(cfg.item_repr, text, n_rows, "Recommender")
+        self.items = TextItems(rows, cfg.d_model) if rows is not None else None
         if cfg.item_repr == "text":
             self.backbone.wte.weight.requires_grad_(False)  # no ID row contributes
 
@@ -219,10 +216,9 @@ class Recommender(nn.Module):
             raise ValueError(f"cannot shrink the item table from {old} to {n_rows} rows")
         if n_rows == old:
             return
-        if self.items is not None:
-            self.items.grow(check_text(text, n_rows - old, "grow"))
-        elif text is not None:
-            raise ValueError("text features given, but item_repr='id' would ignore them")
+        rows = text_for(self.cfg.item_repr, text, n_rows - old, "grow")
+        if self.items is not None and rows is not None:
+            self.items.grow(rows)
         ids = self.backbone.wte.weight
         new = torch.zeros(n_rows - old, ids.shape[1], dtype=ids.dtype)
         if init is not None:
