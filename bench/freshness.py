@@ -54,8 +54,13 @@ FIRST = 20_000
 
 def bench_settings(root: Path, long_lived: bool = False, micro: bool = False) -> Settings:
     loop: dict[str, Any] = {"min_new_events": 2000, "max_wait_s": 15.0, "min_round_events": 200}
+    trainer: dict[str, Any] = {}
     if micro:  # a round every few hundred events or every two seconds
         loop = {"min_new_events": 300, "max_wait_s": 2.0, "min_round_events": 100}
+        # One pass over each round's new events and as many replayed: a stream's own recipe
+        # (each event trained on once, in the round after it arrived). The first version keeps
+        # trainer.first_round_epochs.
+        trainer = {"epochs": 1}
     return load_settings(
         state_dir=root,
         broker={"port": free_port(), "controller_port": free_port()},
@@ -63,6 +68,7 @@ def bench_settings(root: Path, long_lived: bool = False, micro: bool = False) ->
         serving={"port": free_port(), "replicas": 1},
         loop={**loop, "poll_s": 0.5, "long_lived_trainer": long_lived},
         ingest={"flush_interval_s": 0.2},
+        trainer=trainer,
     )
 
 
@@ -288,7 +294,9 @@ def main(argv: list[str] | None = None) -> None:
         "--long-lived", action="store_true", help="loop.long_lived_trainer: one Ray Train run"
     )
     p.add_argument(
-        "--micro", action="store_true", help="micro-rounds: every 300 events or 2 s (100 at least)"
+        "--micro",
+        action="store_true",
+        help="micro-rounds: every 300 events or 2 s (100 at least), one epoch each",
     )
     a = p.parse_args(argv)
     if a.rate <= 0 or a.seconds <= 0:
