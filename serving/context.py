@@ -24,6 +24,8 @@ import time
 from collections import OrderedDict, deque
 from typing import Any
 
+import ray
+
 from serving.config import ServingConfig
 from streams.buffer import EventBuffer
 from streams.config import BufferConfig, KafkaConfig, TopicsConfig
@@ -36,6 +38,10 @@ CONTEXT_ACTOR = "streamtune-serving-context"
 CONTROL_NAMESPACE = "streamtune"
 BUCKET_S = 1.0
 BUCKET_KEEP_S = 3 * 3600.0
+# Replicas waiting for a rollout announcement hold a thread each, for up to serving.follow_s:
+# they get threads of their own, so however many replicas wait, history lookups never queue
+# behind them. Past this many replicas, a wait queues for at most follow_s before it starts.
+HINT_THREADS = 128
 
 
 class VersionStats:
@@ -203,6 +209,7 @@ class ServingContext:
             self.announcements += 1
             self._announced.notify_all()
 
+    @ray.method(concurrency_group="rollout_hints")
     def await_announcement(self, seen: int, timeout_s: float) -> int:
         """Blocks until the announcement counter differs from ``seen`` or ``timeout_s`` passes;
         returns the counter (pass -1 to learn it at once)."""
@@ -248,9 +255,9 @@ def start_context(
     On a cluster it runs on the head node (the control plane's place); Ray restarts it when its
     process dies, and it rebuilds users' histories from the buffer then.
     """
-    import ray
-
-    actor_cls = ray.remote(num_cpus=0, max_concurrency=64)(ServingContext)  # type: ignore[call-overload]
+    actor_cls = ray.remote(  # type: ignore[call-overload]
+        num_cpus=0, max_concurrency=64, concurrency_groups={"rollout_hints": HINT_THREADS}
+    )(ServingContext)
     return actor_cls.options(
         name=CONTEXT_ACTOR,
         namespace=CONTROL_NAMESPACE,
@@ -268,8 +275,6 @@ def start_context(
 
 def find_context() -> Any:
     """The running context actor's handle, or None if there is none (yet)."""
-    import ray
-
     try:
         return ray.get_actor(CONTEXT_ACTOR, namespace=CONTROL_NAMESPACE)
     except ValueError:
