@@ -153,10 +153,9 @@ def decode_ab(events: list[Event], poll: int, pairs: int) -> tuple[float, float,
 
     ratios = []
     for i in range(pairs):
-        first = seconds(mapped=bool(i % 2))
-        second = seconds(mapped=not i % 2)
-        mapped_s, native_s = (first, second) if i % 2 else (second, first)
-        ratios.append(native_s / mapped_s)
+        order = (True, False) if i % 2 else (False, True)
+        took = {mapped: seconds(mapped) for mapped in order}
+        ratios.append(took[False] / took[True])
     return statistics.median(ratios), min(ratios), max(ratios)
 
 

@@ -49,7 +49,6 @@ class RolloutService:
         self.controller = RolloutController(
             registry, serving, rollout, find_context(), on_event=self._on_event, owns_app=owns_app
         )
-        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rollout", daemon=True)
         self._thread.start()
 
@@ -59,7 +58,7 @@ class RolloutService:
 
     def nudge(self) -> None:
         """A round just promoted a version: step now instead of at the next ``poll_s``."""
-        self._wake.set()
+        self.controller.nudge()
 
     def _run(self) -> None:
         while True:
@@ -69,8 +68,7 @@ class RolloutService:
                 self.errors += 1
                 log.exception("rollout step failed")
                 self.controller.context = find_context()  # recreated under the same name?
-            self._wake.wait(self.controller.cfg.poll_s)
-            self._wake.clear()
+            self.controller.pause()
 
     def step(self) -> dict[str, Any] | None:
         with self.lock:

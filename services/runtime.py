@@ -165,11 +165,14 @@ def start(
         controller = _controller(registry, s, context, metrics)
 
     def record(result: Any, rec: dict[str, Any]) -> None:
-        if result.promoted:  # roll it out now, not at the controller's next poll
-            if controller is not None:
-                controller.nudge()
-            elif control is not None:
-                control.nudge.remote()
+        try:
+            if result.promoted:  # roll it out now, not at the controller's next poll
+                if controller is not None:
+                    controller.nudge()
+                elif control is not None:  # a rollout actor of an older release has no nudge:
+                    control.nudge.remote()  # it still finds the version at its next poll
+        except Exception:
+            log.debug("rollout nudge failed", exc_info=True)
         try:
             metrics.on_round(result, rec["seconds"], registry.champion(), rec.get("phases"))
         except Exception:

@@ -108,6 +108,11 @@ class RolloutController:
         """A round just promoted a version: step now instead of at the next ``poll_s``."""
         self._wake.set()
 
+    def pause(self) -> None:
+        """Between steps: until ``poll_s`` has passed or ``nudge`` was called, whichever first."""
+        self._wake.wait(self.cfg.poll_s)
+        self._wake.clear()
+
     # -- deployment ---------------------------------------------------------------------
     def deploy(self, version: int) -> float:
         """Move Serve to ``version``; returns seconds until its replicas serve it.
@@ -275,5 +280,4 @@ class RolloutController:
         """Poll until ``stop`` (a threading.Event) is set."""
         while not stop.is_set():
             self.step()
-            self._wake.wait(self.cfg.poll_s)
-            self._wake.clear()
+            self.pause()
