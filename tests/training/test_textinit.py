@@ -57,3 +57,32 @@ def test_the_fit_embeds_at_most_max_fit_known_titles(
     embedded = [t for call in counting.calls for t in call]
     assert len([t for t in embedded if t in set(known)]) == 40
     assert set(new) <= set(embedded)
+
+
+def test_the_fit_sample_barely_moves_as_the_catalog_grows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(textinit, "MAX_FIT", 100)
+    known = titles(1000)
+    before = {known[i] for i in textinit.fit_sample(known)}
+    grown = known + titles(20)  # a round's new items join the catalog
+    after = {grown[i] for i in textinit.fit_sample(grown)}
+    assert len(before) == len(after) == 100
+    # Each new item displaces a sampled one only when its hash is smaller: ~2 of 100 expected
+    # (an evenly spaced pick would have shifted nearly every index).
+    assert len(after - before) <= 10
+    # Spread over the catalog's age, not its oldest items.
+    picked = textinit.fit_sample(known)
+    assert picked.min() < 100 and picked.max() > 900
+
+
+def test_warm_embeds_what_the_next_fit_needs(
+    counting: Counting, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(textinit, "MAX_FIT", 30)
+    known, new = titles(200), titles(3)
+    textinit.warm(known).join(timeout=60)
+    warmed = [t for call in counting.calls for t in call]
+    assert len(warmed) == 30
+    counting.calls.clear()
+    textinit.init_rows(torch.randn(200, 8), known, new)
+    # The round embeds only its new titles: the fit's were ready.
+    assert [t for call in counting.calls for t in call] == new
