@@ -42,6 +42,21 @@ class LoopConfig(BaseModel):
             "round_on_cluster."
         ),
     )
+    # bench.freshness --micro on 2026-11-29: at niceness 0 and two torch threads, each gate
+    # (0.4-0.7 s) held the /recommend requests that overlapped it for up to 0.4 s; every slow
+    # history probe of the run overlapped a gate.
+    nice: int = Field(
+        default=15,
+        ge=0,
+        le=19,
+        description=(
+            "Niceness of the loop's thread, which does a round's own work in this process "
+            "(read, prepare, gate, register; training runs in Ray workers), with torch on that "
+            "one thread. Ray starts its workers, Serve replicas and the history actor included, "
+            "at 15: at 15 the round shares the CPU with requests instead of preempting them. "
+            "0 = leave this thread and torch's threads as they are."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_place_for_rounds(self) -> Self:

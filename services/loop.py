@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import asdict
@@ -165,6 +166,8 @@ class ContinualLoop:
     # -- forever ------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         """Until ``stop``: train when due, compact. Rollouts run in their own thread (serving)."""
+        if self.cfg.nice:
+            _yield_cpu(self.cfg.nice)
         while not stop.is_set():
             if self.should_train():
                 try:
@@ -176,3 +179,16 @@ class ContinualLoop:
                 self.buffer.apply_retention()
                 self.last_compact = time.monotonic()
             stop.wait(self.cfg.poll_s)
+
+
+def _yield_cpu(nice: int) -> None:
+    """This thread at niceness ``nice`` (Linux: niceness is per thread), and torch computing in
+    the calling thread only: its pool threads would keep the priority they started with."""
+    import torch
+
+    torch.set_num_threads(1)
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+    except OSError as err:  # e.g. a sandbox that forbids it: rounds still run, only unfairly
+        log.warning("could not set the loop thread's niceness to %d: %s", nice, err)
