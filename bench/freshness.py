@@ -56,7 +56,8 @@ def bench_settings(root: Path, long_lived: bool = False, micro: bool = False) ->
     loop: dict[str, Any] = {"min_new_events": 2000, "max_wait_s": 15.0, "min_round_events": 200}
     trainer: dict[str, Any] = {}
     if micro:  # a round every few hundred events or every two seconds
-        loop = {"min_new_events": 300, "max_wait_s": 2.0, "min_round_events": 100}
+        loop = {"min_new_events": 300, "max_wait_s": 2.0, "min_round_events": 100,
+                "max_pending_s": 5.0}  # fmt: skip
         # One pass over each round's new events and as many replayed: a stream's own recipe
         # (each event trained on once, in the round after it arrived). The first version keeps
         # trainer.first_round_epochs.

@@ -21,6 +21,15 @@ class LoopConfig(BaseModel):
     min_round_events: int = Field(
         default=500, ge=1, description="Skip a round with fewer new events than this."
     )
+    max_pending_s: float = Field(
+        default=600.0,
+        gt=0,
+        description=(
+            "Train on whatever is pending, fewer than min_round_events included, once it has "
+            "waited this long: the tail of a stream that went quiet is not left untrained "
+            "until more events arrive."
+        ),
+    )
     poll_s: float = Field(default=2.0, gt=0, description="How often the buffer is checked.")
     compact_every_s: float = Field(
         default=300.0, gt=0, description="How often the buffer is compacted."

@@ -1,9 +1,10 @@
 """The continual loop: buffer -> training round -> gate -> registry (-> rollout, via serving).
 
 Decides when to train (``min_new_events`` new events or ``max_wait_s``, whichever first; skips
-rounds with too few events), plans the round's data between two watermarks (segment names and
-offsets, never rows) and runs the planned round: with ``loop.round_on_cluster`` as a Ray task on
-a training node that reads the data itself, otherwise in this process (``services.round_job``).
+rounds with too few events, until they have waited ``max_pending_s``), plans the round's data
+between two watermarks (segment names and offsets, never rows) and runs the planned round: with
+``loop.round_on_cluster`` as a Ray task on a training node that reads the data itself, otherwise
+in this process (``services.round_job``).
 The registry is the loop's memory: the data a round trains on starts at the watermark of the
 latest registered version, so a loop killed at any point resumes without skipping or
 re-training data (a round that never registered simply runs again).
@@ -55,6 +56,7 @@ class ContinualLoop:
         self.last_compact = time.monotonic()
         self.pending_since: float | None = None  # when should_train first saw pending events
         self.retry_at_pending: int | None = None  # after a too-small round: wait for this many
+        self.flush_tail = False  # should_train's verdict: a quiet stream's small tail is due
         # loop.long_lived_trainer: one Ray Train run for every round (started by the first).
         self.session = TrainingSession() if cfg.long_lived_trainer else None
         self.last_skip: str | None = None  # why the last run_once returned None (for the CLI)
@@ -86,9 +88,15 @@ class ContinualLoop:
             self.retry_at_pending = None
         if n > 0 and self.pending_since is None:  # a round's trigger wait runs from here
             self.pending_since = time.monotonic()
-        waited = time.monotonic() - self.last_round_at
-        return n >= self.cfg.min_new_events or (
-            n >= self.cfg.min_round_events and waited >= self.cfg.max_wait_s
+        now = time.monotonic()
+        waited = now - self.last_round_at
+        since = self.pending_since
+        quiet = since is not None and now - since >= self.cfg.max_pending_s
+        self.flush_tail = quiet and n < self.cfg.min_round_events
+        return (
+            n >= self.cfg.min_new_events
+            or (n >= self.cfg.min_round_events and waited >= self.cfg.max_wait_s)
+            or (n > 0 and quiet)
         )
 
     # -- one round ----------------------------------------------------------------------
@@ -104,7 +112,9 @@ class ContinualLoop:
         fresh = self.registry.champion() is None
         after = {} if fresh else self._watermark_of(base)
         upto = self.buffer.watermark() if upto is None else upto
-        plan = plan_round(self.buffer, after, upto, fresh, self.cfg.min_round_events)
+        min_events = 1 if self.flush_tail else self.cfg.min_round_events
+        self.flush_tail = False
+        plan = plan_round(self.buffer, after, upto, fresh, min_events)
         self.last_round_at = time.monotonic()
         self.last_skip = None
         t0 = time.monotonic()

@@ -222,3 +222,48 @@ def test_a_round_too_small_to_gate_is_skipped_and_its_events_wait(tmp_path: Path
     assert not loop.should_train()  # not again at once: for 100 more events
     buffer.append(table.slice(400, 100), [OffsetRange("events", 0, 400, 500)])
     assert loop.should_train() and loop.pending() == 500
+
+
+def test_a_quiet_streams_small_tail_is_trained_once_it_waited_max_pending_s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No Ray: fewer than min_round_events pending is no round, until they have waited
+    max_pending_s; then the round takes them, below min_round_events included."""
+    import time
+
+    from bench.faults_training import round_config
+    from services import loop as loop_mod
+    from services.config import LoopConfig
+    from services.loop import ContinualLoop
+    from streams.buffer import EventBuffer
+    from streams.config import BufferConfig
+    from streams.offsets import OffsetRange
+    from tests.training.data_gen import synthetic_table
+
+    table = synthetic_table(100, seed=5)
+    buffer = EventBuffer(BufferConfig(path=tmp_path / "buffer"))
+    buffer.append(table.slice(0, 60), [OffsetRange("events", 0, 0, 60)])
+    cfg = round_config(tmp_path / "ray", epochs=1, max_failures=0)
+    loop = ContinualLoop(buffer, Registry(tmp_path / "registry"), cfg,
+                         LoopConfig(min_new_events=1000, min_round_events=100, max_wait_s=0.01,
+                                    max_pending_s=0.5),
+                         tmp_path / "loop.json")  # fmt: skip
+    planned: list[int] = []
+
+    def run_planned(plan: Any, *args: Any) -> Any:  # what the round would get: stop there
+        planned.append(plan.min_events)
+        raise ConcurrentRoundError("stop here")
+
+    monkeypatch.setattr(loop_mod, "run_planned", run_planned)
+    assert not loop.should_train()  # 60 < 100, just seen
+    time.sleep(0.1)
+    assert not loop.should_train()  # max_wait_s passed, but still too few
+    time.sleep(0.5)
+    assert loop.should_train()  # waited max_pending_s: due, small as it is
+    loop.run_once()
+    assert planned == [1]  # the round does not refuse them for being under min_round_events
+    buffer.append(table.slice(60, 40), [OffsetRange("events", 0, 60, 100)])
+    time.sleep(0.02)
+    assert loop.should_train()  # 100 pending and max_wait_s passed: the usual trigger
+    loop.run_once()
+    assert planned == [1, 100]
