@@ -89,7 +89,9 @@ class QualityConfig(BaseModel):
     )
     offline_only: bool = Field(default=False, description="Skip the streaming comparison.")
     quick: bool = Field(default=False, description="The ~2 minute smoke-test version.")
-    offline_epochs: int = Field(default=20, ge=1, description="Max epochs of the offline model.")
+    offline_epochs: int = Field(
+        default=40, ge=1, description="Max epochs of the offline model (early stopping ends most)."
+    )
     negatives: int = Field(default=100, ge=1, description="Sampled negatives per case.")
     max_stream_cases: int = Field(
         default=2000, ge=1, description="Test events per chunk (seeded subsample, same for all)."

@@ -44,6 +44,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bs32_lr5e3_s2": {"bs": 32, "lr": 5e-3, "seed": 2},
     "bs32_lr5e3_do01": {"bs": 32, "lr": 5e-3, "dropout": 0.1},
     "bs32_lr5e3_len100": {"bs": 32, "lr": 5e-3, "max_len": 100},
+    # 2026-11-29: the best epoch was still the last (20 of 20): more signal per second?
+    "bs32_lr5e3_do03": {"bs": 32, "lr": 5e-3, "dropout": 0.3},
+    "bs32_lr5e3_do05": {"bs": 32, "lr": 5e-3, "dropout": 0.5},
+    "bs32_lr5e3_h1": {"bs": 32, "lr": 5e-3, "n_heads": 1},
+    "bs32_lr5e3_d32": {"bs": 32, "lr": 5e-3, "d_model": 32},
+    "bs32_lr5e3_l1": {"bs": 32, "lr": 5e-3, "n_layers": 1},
+    "bs64_lr1e2": {"bs": 64, "lr": 1e-2},
+    "bs32_lr5e3_e30": {"bs": 32, "lr": 5e-3, "epochs": 30},
+    # Cheaper models (d32, l1) scored as well in less time: spend the time on epochs.
+    "d32_e40": {"bs": 32, "lr": 5e-3, "d_model": 32, "epochs": 40},
+    "l1_e30": {"bs": 32, "lr": 5e-3, "n_layers": 1, "epochs": 30},
+    "l1_d32_e50": {"bs": 32, "lr": 5e-3, "n_layers": 1, "d_model": 32, "epochs": 50},
+    "d32_lr1e2_e40": {"bs": 32, "lr": 1e-2, "d_model": 32, "epochs": 40},
+    "l1_d32_e50_s1": {"bs": 32, "lr": 5e-3, "n_layers": 1, "d_model": 32, "epochs": 50, "seed": 1},
+    "l1_d32_e50_s2": {"bs": 32, "lr": 5e-3, "n_layers": 1, "d_model": 32, "epochs": 50, "seed": 2},
 }
 
 

@@ -21,7 +21,7 @@ from training.round import prepare_model
 from training.textinit import text_rows
 from training.vocab import ItemVocab
 
-CFG = ModelConfig(max_len=8, d_model=16, n_heads=2, text_init=False, dropout=0.0)
+CFG = ModelConfig(max_len=8, d_model=16, n_layers=2, n_heads=2, text_init=False, dropout=0.0)
 TEXT_MODES = ("text", "id+text")
 
 
