@@ -60,7 +60,7 @@ def round_config(prefix: str, opts: StorageConfig, epochs: int) -> RoundConfig:
 
 def _training(prefix: str, opts: StorageConfig, epochs: int) -> dict[str, Any]:
     return {
-        "model": ModelConfig(max_len=20, d_model=32, text_init=False),
+        "model": ModelConfig(max_len=20, d_model=32, n_layers=2, text_init=False),
         "trainer": TrainerConfig(
             num_workers=2,
             epochs=epochs,

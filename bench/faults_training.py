@@ -67,7 +67,8 @@ def round_config(
         max_failures=max_failures,
     )
     return RoundConfig(
-        model=ModelConfig(max_len=20, d_model=32, text_init=False),
+        # Two blocks, as when the fault tests' timings were set: the kill must land mid-round.
+        model=ModelConfig(max_len=20, d_model=32, n_layers=2, text_init=False),
         trainer=trainer,
         replay=ReplayConfig(capacity=2000, ratio=1.0, kd_weight=kd_weight),
         gate=GateConfig(min_eval_users=10, tolerance=0.02),

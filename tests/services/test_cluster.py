@@ -86,7 +86,7 @@ def _settings(tmp: Path, kafka: KafkaConfig, topics: TopicsConfig, prefix: str,
         buffer=BufferConfig(path=f"{prefix}/buffer", storage=opts),
         registry=RegistryConfig(path=f"{prefix}/registry", storage=opts),
         ingest=IngestConfig(group_id=f"g-{topics.events}"),
-        model=ModelConfig(max_len=20, d_model=32, text_init=False),
+        model=ModelConfig(max_len=20, d_model=32, n_layers=2, text_init=False),
         trainer=TrainerConfig(
             num_workers=2,
             epochs=4,

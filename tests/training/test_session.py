@@ -58,7 +58,8 @@ def examples(n: int, seed: int) -> Examples:
 
 
 def model() -> Recommender:
-    return Recommender(ModelConfig(max_len=20, d_model=32, text_init=False), N_ITEMS + 1)
+    cfg = ModelConfig(max_len=20, d_model=32, n_layers=2, text_init=False)  # round_config's
+    return Recommender(cfg, N_ITEMS + 1)
 
 
 def test_rounds_share_the_workers_and_each_returns_its_own_model(tmp_path: Path) -> None:

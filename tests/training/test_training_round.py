@@ -32,7 +32,7 @@ def ray_cluster() -> Iterator[None]:
 
 def config(tmp: Path, **trainer: object) -> RoundConfig:
     return RoundConfig(
-        model=ModelConfig(max_len=20, d_model=32, text_init=True),
+        model=ModelConfig(max_len=20, d_model=32, n_layers=2, text_init=True),
         trainer=TrainerConfig(num_workers=2, epochs=3, first_round_epochs=3, batch_size=64,
                               lr=5e-3, storage_path=tmp / "ray", **trainer),  # type: ignore[arg-type]
         replay=ReplayConfig(capacity=2000, ratio=1.0),
