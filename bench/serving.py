@@ -6,11 +6,13 @@ In one process tree: a local Kafka broker (the history component's source), a lo
 Serve, a registry of 11 versions of the default model over the MovieLens-100K catalog, and the
 live history of the first 20,000 MovieLens events (so /recommend uses the history path).
 
-(a) /recommend p50/p99 and requests/s at fixed concurrency levels (closed loop: each client
-    sends its next request when the previous answer arrives);
-(b) the same for a bare Serve deployment that returns a constant (same replicas and proxy),
-    the floor; the table prints our/floor ratios;
-(c) the same load as (a) at concurrency 8 while the rollout controller rolls through 10 versions,
+(a) the floor: a bare Serve deployment that returns a constant (same replicas), on a Ray with
+    Serve's defaults (its Python proxy actor);
+(b) /recommend p50/p99 and requests/s at fixed concurrency levels (closed loop: each client
+    sends its next request when the previous answer arrives), on a Ray started with our
+    settings' ingress (``serving.ingress``, HAProxy by default, as `up` and `demo` start it);
+    the table prints our/floor ratios, and also /recommend behind the floor's proxy;
+(c) the same load as (b) at concurrency 8 while the rollout controller rolls through 10 versions,
     counting non-2xx responses.
 
 The weights are untrained (seeded random): latency does not depend on their values. The load
@@ -21,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from serving.config import RolloutConfig, ServingConfig
+from serving.ingress import choose_for_local_ray
 from streams.admin import ensure_topics
 from streams.broker import LocalBroker, free_port
 from streams.config import BrokerConfig, KafkaConfig, TopicsConfig
@@ -123,12 +128,14 @@ def floor_app(replicas: int) -> Any:
 
 
 def run(seconds: float, levels: list[int], replicas: int) -> dict[str, Any]:
-    import ray
-    from ray import serve
+    """Two Ray sessions in one run, one after the other, on one broker and one registry.
 
-    from serving.context import start_context
-    from serving.rollout import RolloutController
-
+    1. Serve as it comes (no environment switches): the floor, and our app behind the same proxy.
+    2. Serve with the ingress our settings choose (``serving.ingress``, as `up` starts it): our
+       app, and then the rollouts.
+    Serve reads its ingress from each process's environment at start, so a choice holds for a
+    whole Ray session: that is why the floor gets a session of its own.
+    """
     events = movielens_100k(DEFAULT_ML100K)
     items = sorted({e.item_id for e in events}, key=int)
     users = sorted({e.user_id for e in events[:20_000]})
@@ -136,40 +143,74 @@ def run(seconds: float, levels: list[int], replicas: int) -> dict[str, Any]:
     broker = LocalBroker(
         BrokerConfig(state_dir=tmp / "kafka", port=free_port(), controller_port=free_port())
     )
-    console.print("starting Kafka, Ray and Serve ...")
+    console.print("starting Kafka ...")
     broker.up()
     kafka = KafkaConfig(bootstrap_servers=broker.cfg.bootstrap)  # the broker just started
-    topics = TopicsConfig(events="bench-serving.events", dead_letter="bench-serving.dlq")
+    ours_cfg = ServingConfig(replicas=replicas)
+    bodies = [{"user_id": u, "k": 10} for u in users]
     try:
-        ensure_topics(kafka, topics)
         reg = build_registry(tmp / "registry", items, 11)
-        port = free_port()
-        cfg = ServingConfig(port=port, replicas=replicas)
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        console.print("session 1: Serve's defaults (the floor, and our app behind its proxy)")
+        with _session(kafka, reg, ServingConfig(replicas=replicas, ingress="proxy"), events,
+                      "proxy", floor=True) as (base, _ctl):  # fmt: skip
+            warm(f"{base}/recommend", bodies)
+            warm(f"{base}/floor", bodies)
+            ours_proxy, floor = {}, {}
+            for c in levels:
+                console.print(f"concurrency {c}: /recommend, then the floor ({seconds:.0f}s each)")
+                ours_proxy[c] = asyncio.run(load(f"{base}/recommend", bodies, c, seconds))
+                floor[c] = asyncio.run(load(f"{base}/floor", bodies, c, seconds))
+        console.print(f"session 2: our settings (ingress={ours_cfg.ingress})")
+        with _session(kafka, reg, ours_cfg, events, "ours", floor=False) as (base, ctl):
+            warm(f"{base}/recommend", bodies)
+            ours = {}
+            for c in levels:
+                console.print(f"concurrency {c}: /recommend ({seconds:.0f}s)")
+                ours[c] = asyncio.run(load(f"{base}/recommend", bodies, c, seconds))
+            console.print("concurrency 8 while rolling through 10 versions ...")
+            during, rollout_s = _under_rollouts(ctl, reg, f"{base}/recommend", bodies)
+    finally:
+        broker.down()
+    return {"ours": ours, "ours_proxy": ours_proxy, "floor": floor, "during": during,
+            "rollout_s": rollout_s, "ingress": ours_cfg.ingress}  # fmt: skip
+
+
+def warm(url: str, bodies: list[dict[str, Any]]) -> None:
+    asyncio.run(load(url, bodies, 4, 3.0))
+
+
+@contextlib.contextmanager
+def _session(
+    kafka: KafkaConfig, reg: Registry, cfg: ServingConfig, events: list[Any], name: str,
+    floor: bool,
+) -> Iterator[tuple[str, Any]]:  # fmt: skip
+    """A local Ray with Serve on ``cfg``'s ingress, our app on v1 with the live history of the
+    first 20,000 events (and the floor app): yields the base URL and the rollout controller."""
+    import ray
+    from ray import serve
+
+    from serving.context import start_context
+    from serving.rollout import RolloutController
+
+    topics = TopicsConfig(events=f"bench-serving-{name}.events",
+                          dead_letter=f"bench-serving-{name}.dlq")  # fmt: skip
+    ensure_topics(kafka, topics)
+    cfg = cfg.model_copy(update={"port": free_port()})
+    choose_for_local_ray(cfg)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
         ctx = start_context(kafka, topics, None, cfg)
         time.sleep(3.0)  # the history consumer starts at the end of the topic (no buffer here)
         replay(events[:20_000], kafka, topics.events)
         ctl = RolloutController(reg, cfg, RolloutConfig(watch_s=0), ctx)
         ctl.step()
-        serve.run(floor_app(replicas), name="floor", route_prefix="/floor")
-        bodies = [{"user_id": u, "k": 10} for u in users]
-        base = f"http://127.0.0.1:{port}"
-        _wait_history(ctx, users)
-        asyncio.run(load(f"{base}/recommend", bodies, 4, 3.0))  # warm both paths
-        asyncio.run(load(f"{base}/floor", bodies, 4, 3.0))
-        ours, floor = {}, {}
-        for c in levels:
-            console.print(f"concurrency {c}: /recommend, then the floor ({seconds:.0f}s each)")
-            ours[c] = asyncio.run(load(f"{base}/recommend", bodies, c, seconds))
-            floor[c] = asyncio.run(load(f"{base}/floor", bodies, c, seconds))
-        console.print("concurrency 8 while rolling through 10 versions ...")
-        during, rollout_s = _under_rollouts(ctl, reg, f"{base}/recommend", bodies)
-        serve.shutdown()
-        ray.shutdown()
+        if floor:
+            serve.run(floor_app(cfg.replicas), name="floor", route_prefix="/floor")
+        _wait_history(ctx, sorted({e.user_id for e in events[:20_000]}))
+        yield f"http://127.0.0.1:{cfg.port}", ctl
     finally:
-        broker.down()
-    return {"ours": ours, "floor": floor, "during": during, "rollout_s": rollout_s}
+        ray.shutdown()  # takes Serve down with it (a local Ray)
 
 
 def _wait_history(ctx: Any, users: list[str]) -> None:
@@ -219,18 +260,22 @@ def _under_rollouts(
 
 
 def report(res: dict[str, Any], levels: list[int]) -> dict[str, Any]:
-    table = Table(title="POST /recommend vs a bare Serve deployment (closed loop)")
+    table = Table(
+        title=f"POST /recommend (ingress={res['ingress']}) vs a bare Serve deployment with "
+        "Serve's defaults (closed loop)"
+    )
     for col in ("concurrency", "p50 ms", "p99 ms", "req/s", "floor p50", "floor p99",
-                "floor req/s", "p50 ratio", "p99 ratio", "req/s ratio", "non-2xx"):  # fmt: skip
+                "floor req/s", "p50 ratio", "p99 ratio", "req/s ratio", "via proxy req/s",
+                "via proxy ratio", "non-2xx"):  # fmt: skip
         table.add_column(col, justify="right")
     for c in levels:
-        o, f = res["ours"][c], res["floor"][c]
+        o, f, px = res["ours"][c], res["floor"][c], res["ours_proxy"][c]
         table.add_row(
             str(c), f"{o['p50_ms']:.1f}", f"{o['p99_ms']:.1f}", f"{o['rps']:.0f}",
             f"{f['p50_ms']:.1f}", f"{f['p99_ms']:.1f}", f"{f['rps']:.0f}",
             f"{o['p50_ms'] / f['p50_ms']:.2f}", f"{o['p99_ms'] / f['p99_ms']:.2f}",
-            f"{o['rps'] / f['rps']:.2f}",
-            str(o["errors"] + f["errors"]),
+            f"{o['rps'] / f['rps']:.2f}", f"{px['rps']:.0f}", f"{px['rps'] / f['rps']:.2f}",
+            str(o["errors"] + f["errors"] + px["errors"]),
         )  # fmt: skip
     OUT.print(table)
     d = res["during"]
@@ -253,6 +298,7 @@ def report(res: dict[str, Any], levels: list[int]) -> dict[str, Any]:
         )
     return {
         "bench": "serving",
+        "ingress": res["ingress"],
         "concurrency": c8,
         "p50_ms": round(o["p50_ms"], 2),
         "p99_ms": round(o["p99_ms"], 2),
@@ -261,6 +307,7 @@ def report(res: dict[str, Any], levels: list[int]) -> dict[str, Any]:
         "floor_p99_ms": round(f["p99_ms"], 2),
         "floor_rps": round(f["rps"], 1),
         "rps_over_floor": round(o["rps"] / f["rps"], 3),
+        "rps_over_floor_via_proxy": round(res["ours_proxy"][c8]["rps"] / f["rps"], 3),
         "errors_during_rollouts": d["errors"],
         "requests_during_rollouts": d["requests"],
         "versions_during_rollouts": d["versions"],
@@ -268,6 +315,10 @@ def report(res: dict[str, Any], levels: list[int]) -> dict[str, Any]:
         "levels": {
             str(c): {k: round(v, 2) for k, v in res["ours"][c].items() if isinstance(v, float)}
             for c in levels
+        },
+        "proxy_levels": {
+            str(c): {k: round(v, 2) for k, v in px.items() if isinstance(v, float)}
+            for c, px in res["ours_proxy"].items()
         },
         "floor_levels": {
             str(c): {k: round(v, 2) for k, v in res["floor"][c].items() if isinstance(v, float)}

@@ -28,6 +28,7 @@ from services.metrics import StreamMetrics
 from services.settings import Settings
 from services.supervisor import Supervisor
 from serving.context import start_context
+from serving.ingress import choose_for_local_ray
 from serving.rollout import RolloutController
 from streams.buffer import EventBuffer
 from streams.ingest import Ingestor
@@ -62,6 +63,8 @@ def init_ray(address: str | None, s: Settings, dashboard: bool = True) -> None:
     global _started_local_ray
     needed = s.trainer.num_workers * s.trainer.cpus_per_worker + 0.25 * s.serving.replicas + 1
     _started_local_ray = True
+    choose_for_local_ray(s.serving)  # Serve reads its ingress from the nodes' environment
+    log.info("starting a local Ray; Serve's HTTP ingress: %s", s.serving.ingress)
     ray.init(
         num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
         include_dashboard=dashboard,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 
@@ -15,6 +17,14 @@ class ServingConfig(_Strict):
     app_name: str = Field(default="streamtune", description="Serve application name.")
     host: str = Field(default="127.0.0.1", description="HTTP bind address; loopback unless opened.")
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
+    ingress: Literal["haproxy", "proxy"] = Field(
+        default="haproxy",
+        description="How HTTP reaches the replicas on a Ray that streamtune starts itself: "
+        "'haproxy' (Ray Serve's HAProxy ingress: requests go straight to each replica's own "
+        "HTTP server, about twice the throughput of the proxy on 2 cores) or 'proxy' (Serve's "
+        "default Python proxy actor). On a cluster you run, the nodes' environment decides "
+        "(RAY_SERVE_ENABLE_HA_PROXY=1, see the README).",
+    )
     replicas: int = Field(default=2, ge=1, description="Replicas (the minimum when autoscaling).")
     max_replicas: int | None = Field(
         default=None, ge=1, description="Autoscale up to this many replicas; None = fixed count."

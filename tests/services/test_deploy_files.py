@@ -82,3 +82,17 @@ def test_cluster_manifests_keep_state_on_object_storage() -> None:
     cluster = next(d for d in docs if d["kind"] == "RayCluster")
     workers = cluster["spec"]["workerGroupSpecs"][0]["rayStartParams"]["resources"]
     assert s.trainer.node_resource in workers
+
+
+def test_the_rayservice_gives_every_node_the_haproxy_ingress() -> None:
+    """Serve reads its ingress from each node's environment: the head (controller, HAProxy) and
+    the replicas' workers all need the same switches as a local Ray that `up` starts."""
+    from serving.ingress import HAPROXY_ENV
+
+    service = yaml.safe_load((DEPLOY / "kuberay" / "rayservice.yaml").read_text())
+    spec = service["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        for container in pod["spec"]["containers"]:
+            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            assert {k: env.get(k) for k in HAPROXY_ENV} == HAPROXY_ENV, container["name"]

