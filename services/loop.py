@@ -56,7 +56,6 @@ class ContinualLoop:
         self.last_compact = time.monotonic()
         self.pending_since: float | None = None  # when should_train first saw pending events
         self.retry_at_pending: int | None = None  # after a too-small round: wait for this many
-        self.flush_tail = False  # should_train's verdict: a quiet stream's small tail is due
         # loop.long_lived_trainer: one Ray Train run for every round (started by the first).
         self.session = TrainingSession() if cfg.long_lived_trainer else None
         self.last_skip: str | None = None  # why the last run_once returned None (for the CLI)
@@ -88,16 +87,17 @@ class ContinualLoop:
             self.retry_at_pending = None
         if n > 0 and self.pending_since is None:  # a round's trigger wait runs from here
             self.pending_since = time.monotonic()
-        now = time.monotonic()
-        waited = now - self.last_round_at
-        since = self.pending_since
-        quiet = since is not None and now - since >= self.cfg.max_pending_s
-        self.flush_tail = quiet and n < self.cfg.min_round_events
+        waited = time.monotonic() - self.last_round_at
         return (
             n >= self.cfg.min_new_events
             or (n >= self.cfg.min_round_events and waited >= self.cfg.max_wait_s)
-            or (n > 0 and quiet)
+            or (n > 0 and self._quiet())
         )
+
+    def _quiet(self) -> bool:
+        """Pending events have waited ``max_pending_s``: train them however few they are."""
+        since = self.pending_since
+        return since is not None and time.monotonic() - since >= self.cfg.max_pending_s
 
     # -- one round ----------------------------------------------------------------------
     def run_once(self, upto: dict[str, int] | None = None) -> RoundResult | None:
@@ -112,8 +112,7 @@ class ContinualLoop:
         fresh = self.registry.champion() is None
         after = {} if fresh else self._watermark_of(base)
         upto = self.buffer.watermark() if upto is None else upto
-        min_events = 1 if self.flush_tail else self.cfg.min_round_events
-        self.flush_tail = False
+        min_events = 1 if self._quiet() else self.cfg.min_round_events
         plan = plan_round(self.buffer, after, upto, fresh, min_events)
         self.last_round_at = time.monotonic()
         self.last_skip = None

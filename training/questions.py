@@ -118,4 +118,4 @@ class RecentQuestions:
 
 def _newest(a: np.ndarray, n: int) -> np.ndarray:
     """The last ``n`` rows of ``a`` (none for n <= 0; ``a[-0:]`` would be all of them)."""
-    return a[len(a) - n :] if 0 < n < len(a) else (a if n > 0 else a[:0])
+    return a[max(len(a) - n, 0) :] if n > 0 else a[:0]
