@@ -1,7 +1,8 @@
 """The model registry: immutable, hashed versions, a champion alias, a decision log and the
 rollout state, on a local directory or an object-store prefix (``s3://``, ``gs://``, ``az://``).
 
-Layout under the registry's location (this module is the only one that knows it)::
+Layout under the registry's location (this module is the only one that knows it; the checks on a
+version's files are in ``registry_files``, the log's typed entries in ``registry_log``)::
 
     versions/<ms>-<id>/  model.safetensors  vocab.json  popularity.json  titles.json
                          replay.{safetensors,json}  replay_eval.{safetensors,json}
@@ -46,8 +47,7 @@ a NaN or infinite weight. Weights are safetensors: nothing here unpickles.
 
 A local directory written by the older layout (``v000001/`` directories with ``_SUCCESS``,
 ``champion.json``, ``decisions.jsonl``, ``rollout.json``) is adopted on first open by one log
-entry; from then on only its version directories are read. A complete version that had no
-decision line (a registration a crash interrupted in the old layout) is adopted as rejected.
+entry (``registry_legacy``); from then on only its version directories are read.
 """
 
 from __future__ import annotations
@@ -67,8 +67,6 @@ from pathlib import Path
 from types import EllipsisType
 from typing import TYPE_CHECKING, Any
 
-from safetensors import safe_open
-
 from streams.commitlog import CommitLog
 from streams.storage import Storage, StorageConfig, fsync_dir, open_storage
 from training.config import ModelConfig
@@ -79,6 +77,20 @@ from training.errors import (
     RegistryIntegrityError,
     UnknownVersionError,
 )
+from training.registry_files import (
+    META,
+    WEIGHTS,
+    cache_root,
+    check_finite,
+    fetch_verified,
+    fsync_file,
+    install,
+    mismatch,
+    pid_alive,
+    sha256_file,
+    verify_dir,
+)
+from training.registry_legacy import LEGACY_FILES, legacy_dirs, legacy_entry
 from training.registry_log import (
     ChampionState,
     Decision,
@@ -113,12 +125,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = "model.safetensors"
-META = "meta.json"
 LOG = "_log"
 VERSIONS = "versions"
 UPLOADS = "uploads"
-LEGACY_SUCCESS = "_SUCCESS"
 REPAIR_GRACE_S = 3600.0
 _TMP_PREFIX = ".tmp-v-"
 
@@ -132,59 +141,8 @@ class LoadedVersion:
     path: Path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _mismatch(version: int, name: str, actual: str, digest: str) -> RegistryIntegrityError:
-    return RegistryIntegrityError(
-        f"version {version}: {name} has sha256 {actual[:12]}…, expected {digest[:12]}… "
-        "(truncated or tampered); restore it or delete the version"
-    )
-
-
 def _writer() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def cache_root() -> Path:
-    """Where object-store versions are cached locally (``$STREAMTUNE_CACHE`` overrides)."""
-    base = os.environ.get("STREAMTUNE_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "streamtune") / "registry"
-
-
-def check_finite(weights: Path) -> None:
-    """Raise NonFiniteWeightsError if any floating tensor of a safetensors file has NaN/inf."""
-    import torch  # imported here: reading the registry (CLI, serving context) needs no torch
-
-    with safe_open(str(weights), framework="pt") as f:
-        for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-            t = f.get_tensor(name)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).sum())
-                raise NonFiniteWeightsError(
-                    f"{weights.name}: tensor {name!r} has {bad} NaN/inf values; a model with "
-                    "non-finite weights is never registered"
-                )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Registry:
@@ -286,7 +244,7 @@ class Registry:
                 raise RegistryError(f"a version needs {WEIGHTS}; write() did not create it")
             check_finite(staging / WEIGHTS)
             files = sorted(p.name for p in staging.iterdir() if p.is_file() and p.name != META)
-            digests = {name: _sha256(staging / name) for name in files}
+            digests = {name: sha256_file(staging / name) for name in files}
             uploaded = True
             self._upload(staging, key, files)
 
@@ -332,7 +290,7 @@ class Registry:
             version = entry.add[0].version
             if self._cache is not None:
                 (staging / META).write_bytes(meta_bytes[0])
-                self._install(staging, prefix)  # the writer's copy is the verified cache
+                install(staging, self._cache / prefix)  # the writer's copy is the verified cache
         except BaseException:
             if uploaded and not self._committed(prefix):
                 self._delete_prefix(prefix)
@@ -369,7 +327,7 @@ class Registry:
                 self.storage.write(f"{VERSIONS}/{key}/{name}", (staging / name).read_bytes())
             return
         for name in files:
-            _fsync_file(staging / name)
+            fsync_file(staging / name)
         fsync_dir(staging)
         (local / VERSIONS).mkdir(exist_ok=True)
         os.rename(staging, local / VERSIONS / key)
@@ -522,7 +480,7 @@ class Registry:
         if base is not None and base.is_dir():
             for p in base.glob(f"{_TMP_PREFIX}*"):
                 pid = p.name[len(_TMP_PREFIX) :].split("-", 1)[0]
-                if pid.isdigit() and not _pid_alive(int(pid)):
+                if pid.isdigit() and not pid_alive(int(pid)):
                     shutil.rmtree(p, ignore_errors=True)
         return []
 
@@ -531,11 +489,10 @@ class Registry:
         self._state()
         if self.log.next_entry > 0:
             return
-        dirs = sorted(p for p in root.glob("v[0-9]*") if p.is_dir() and p.name[1:].isdigit())
-        named = [root / n for n in ("champion.json", "decisions.jsonl", "rollout.json")]
-        if not dirs and not any(p.exists() for p in named):
+        dirs = legacy_dirs(root)
+        if not dirs and not any((root / n).exists() for n in LEGACY_FILES):
             return
-        entry = _legacy_entry(root, dirs)
+        entry = legacy_entry(root, dirs, _writer())
         # Two processes opening it at once: the first entry wins, the other adopts nothing.
         if self._commit(lambda _: None if self.log.next_entry > 0 else entry) is not None:
             log.warning("registry %s: adopted %d versions of the older layout", root,
@@ -581,31 +538,11 @@ class Registry:
             return dest
         staging = self._staging_dir()
         try:
-            for name, digest in sorted(rec.files.items()):
-                try:
-                    data = self.storage.read(f"{rec.prefix}/{name}")
-                except FileNotFoundError:
-                    raise RegistryIntegrityError(
-                        f"version {rec.version}: {name} is missing from {self.location}"
-                    ) from None
-                actual = hashlib.sha256(data).hexdigest()
-                if actual != digest:
-                    raise _mismatch(rec.version, name, actual, digest)
-                (staging / name).write_bytes(data)
-            self._install(staging, rec.prefix)
+            fetch_verified(self.storage, rec, staging)
+            install(staging, dest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return dest
-
-    def _install(self, staging: Path, prefix: str) -> None:
-        assert self._cache is not None
-        dest = self._cache / prefix
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(staging, dest)
-        except OSError:
-            if not dest.is_dir():  # else another process installed the same version first
-                raise
 
     def meta(self, version: int) -> dict[str, Any]:
         """The version's meta.json as a plain dict (see ``version_meta`` for the typed form)."""
@@ -618,7 +555,7 @@ class Registry:
                 raise RegistryIntegrityError(f"version {version}: {META} is missing") from None
             actual = hashlib.sha256(data).hexdigest()
             if actual != rec.files.get(META):
-                raise _mismatch(version, META, actual, rec.files.get(META, "?"))
+                raise mismatch(version, META, actual, rec.files.get(META, "?"))
             self._meta_bytes[version] = data
         out: dict[str, Any] = json.loads(data)
         return out
@@ -635,28 +572,7 @@ class Registry:
 
     def verify(self, version: int) -> dict[str, Any]:
         """Re-hash every file of ``version``; raise RegistryIntegrityError if anything is off."""
-        rec = self._record(version)
-        d = self.path(version)
-        for name, digest in rec.files.items():
-            f = d / name
-            if not f.exists():
-                raise RegistryIntegrityError(f"version {version}: {name} is missing")
-            actual = _sha256(f)
-            if actual != digest:
-                raise _mismatch(version, name, actual, digest)
-        try:
-            meta: dict[str, Any] = json.loads((d / META).read_text())
-        except (FileNotFoundError, json.JSONDecodeError) as err:
-            raise RegistryIntegrityError(
-                f"version {version}: unreadable meta.json ({err})"
-            ) from None
-        for name, digest in meta["files"].items():
-            if rec.files.get(name) != digest:
-                raise RegistryIntegrityError(
-                    f"version {version}: meta.json lists {name} with sha256 {digest[:12]}…, "
-                    "the registry's log does not (tampered); restore it or delete the version"
-                )
-        return meta
+        return verify_dir(self._record(version), self.path(version))
 
     def load(self, version: int | None = None) -> LoadedVersion:
         """Verify and load a version (default: the champion). Read-only."""
@@ -673,63 +589,6 @@ class Registry:
         model.eval()
         vocab = ItemVocab.load(d / "vocab.json")
         return LoadedVersion(v, model, vocab, meta, d)
-
-
-def _legacy_entry(root: Path, dirs: list[Path]) -> RegistryEntry:
-    """One entry holding everything an older-layout registry directory knew."""
-    recs: list[VersionRecord] = []
-    for d in dirs:
-        if not (d / LEGACY_SUCCESS).exists():
-            continue  # its writer died before the marker: it never was a version
-        try:
-            raw = (d / META).read_bytes()
-            meta = VersionMeta.model_validate_json(raw)
-        except (OSError, ValueError) as err:
-            log.warning("registry %s: not adopting %s: unreadable meta.json (%s)", root, d, err)
-            continue
-        files = {**meta.files, META: hashlib.sha256(raw).hexdigest()}
-        recs.append(VersionRecord(version=int(d.name[1:]), prefix=d.name, files=files,
-                                  parent=meta.parent))  # fmt: skip
-    try:  # an older file without generation reads as 0
-        champion = ChampionState.model_validate_json((root / "champion.json").read_bytes())
-    except FileNotFoundError:
-        champion = ChampionState()
-    decisions: list[Decision] = []
-    try:
-        lines = (root / "decisions.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        lines = []
-    for line in lines:
-        try:
-            decisions.append(Decision.model_validate_json(line))
-        except ValueError:
-            continue  # a torn last line of a crashed append
-    decided = {d.version for d in decisions}
-    for rec in recs:
-        if rec.version not in decided:
-            decisions.append(Decision(
-                version=rec.version,
-                decision="reject",
-                reason="adopted from the older layout without a decision line (its registration "
-                "was interrupted); not promoted",
-                repaired=True,
-            ))  # fmt: skip
-    try:
-        rollout: RolloutState | None = RolloutState.model_validate_json(
-            (root / "rollout.json").read_bytes()
-        )
-    except FileNotFoundError:
-        rollout = None
-    used = [int(d.name[1:]) for d in dirs]  # incomplete ones too: numbers are never reused
-    return RegistryEntry(
-        kind="adopt",
-        add=recs,
-        champion=champion,
-        decisions=decisions,
-        rollout=rollout,
-        next_version=max(used, default=0) + 1,
-        writer=_writer(),
-    )
 
 
 class _Pinned(Registry):
