@@ -14,13 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.prequential import (
-    Chunk,
-    ModelStrategy,
-    StreamConfig,
-    run_stream,
-    train_from_scratch,
-)
+from bench.prequential import Chunk, StreamConfig, run_stream
+from bench.strategies import ModelStrategy, train_from_scratch
 from training.evaluation import Interactions, ndcg_hr
 
 # The cold-item table's options: name -> (ModelConfig.item_repr, ModelConfig.text_init).

@@ -41,14 +41,12 @@ from rich.table import Table
 from bench.cold_items import ITEM_REPRS, ColdItemsRun, cold_items_run
 from bench.prequential import (
     STRATEGIES,
-    ModelStrategy,
     StrategyResult,
     StreamConfig,
     build_chunks,
     run_stream,
-    train_from_scratch,
-    train_selected,
 )
+from bench.strategies import ModelStrategy, train_from_scratch, train_selected
 from training.evaluation import (
     Interactions,
     LooSplit,
