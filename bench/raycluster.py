@@ -23,6 +23,8 @@ from types import TracebackType
 
 import yaml
 
+from serving.config import ServingConfig
+from serving.ingress import node_env
 from streams.broker import free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -100,7 +102,9 @@ class LocalCluster:
         log = (self.root / f"{name}.log").open("ab")
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env=dict(os.environ, **self.env()),
+            # Serve's ingress as the default settings choose it (HAProxy), as the RayService sets
+            # it on every node; with ports of its own, since these nodes share one machine.
+            env=dict(os.environ, **self.env(), **node_env(ServingConfig())),
         )  # fmt: skip
         node = Node(name, proc, temp, resources, ports[0])
         self.nodes.append(node)

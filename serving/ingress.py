@@ -18,6 +18,7 @@ import os
 from collections.abc import MutableMapping
 
 from serving.config import ServingConfig
+from streams.broker import free_port
 
 # A draining replica keeps answering this long so the balancer can stop sending it requests.
 # Serve's default (30 s) is for load balancers outside the cluster; here HAProxy runs beside the
@@ -29,6 +30,16 @@ HAPROXY_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{DRAIN_S:g}",
 }
+# Ports Serve's HAProxy mode binds on every node besides the app's: HAProxy's stats page and
+# Prometheus endpoint (on all interfaces: Serve's template) and the head's fallback proxy. Serve's
+# defaults are fixed numbers (8404, 9101, 8500, 9500), right for one node per machine; two local
+# Rays, or the nodes of a cluster on one machine, would collide, so each node gets free ones.
+NODE_PORTS = (
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
 
 
 def ray_env(cfg: ServingConfig) -> dict[str, str]:
@@ -36,13 +47,21 @@ def ray_env(cfg: ServingConfig) -> dict[str, str]:
     return dict(HAPROXY_ENV) if cfg.ingress == "haproxy" else {}
 
 
+def node_env(cfg: ServingConfig) -> dict[str, str]:
+    """``ray_env`` plus free ports for the ones HAProxy mode binds besides the app's: for a Ray
+    node that shares its machine with other nodes or other Rays."""
+    if cfg.ingress != "haproxy":
+        return {}
+    return {**ray_env(cfg), **{key: str(free_port()) for key in NODE_PORTS}}
+
+
 def choose_for_local_ray(
     cfg: ServingConfig, environ: MutableMapping[str, str] = os.environ
 ) -> None:
-    """Put ``cfg.ingress``'s switches in ``environ`` (this process's, by default) and take the other
-    choice's out (a Ray started earlier by this process may have left them): a local Ray started
-    next from this process inherits them in every node process."""
-    chosen = ray_env(cfg)
-    for key in HAPROXY_ENV.keys() - chosen.keys():
+    """Put ``cfg.ingress``'s switches (``node_env``) in ``environ`` (this process's, by default)
+    and take the other choice's out (a Ray started earlier by this process may have left them): a
+    local Ray started next from this process inherits them in every node process."""
+    chosen = node_env(cfg)
+    for key in (HAPROXY_ENV.keys() | set(NODE_PORTS)) - chosen.keys():
         environ.pop(key, None)
     environ.update(chosen)

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from serving.config import ServingConfig
-from serving.ingress import HAPROXY_ENV, choose_for_local_ray, ray_env
+from serving.ingress import HAPROXY_ENV, NODE_PORTS, choose_for_local_ray, ray_env
 from streams.broker import free_port
 from training.registry import Registry
 
@@ -27,10 +27,15 @@ def test_haproxy_puts_its_switches_in_and_leaves_the_rest_alone() -> None:
         == HAPROXY_ENV["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]
     )
     assert env["PATH"] == "/bin"
+    # HAProxy's stats and metrics ports and the fallback proxy's: free ones, not Serve's fixed
+    # defaults, so a second local Ray (or another node on this machine) does not collide
+    ports = [int(env[k]) for k in NODE_PORTS]
+    assert len(set(ports)) == len(NODE_PORTS) and not {8404, 9101, 8500, 9500} & set(ports)
 
 
 def test_proxy_takes_the_switches_out_that_an_earlier_choice_left() -> None:
-    env = {"PATH": "/bin", **HAPROXY_ENV}
+    env = {"PATH": "/bin"}
+    choose_for_local_ray(ServingConfig(), env)
     choose_for_local_ray(ServingConfig(ingress="proxy"), env)
     assert env == {"PATH": "/bin"}
     assert ray_env(ServingConfig(ingress="proxy")) == {}
@@ -45,7 +50,7 @@ def test_an_unknown_ingress_is_refused_at_the_boundary() -> None:
 def restore_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     import services.runtime
 
-    saved = {k: os.environ.get(k) for k in HAPROXY_ENV}
+    saved = {k: os.environ.get(k) for k in [*HAPROXY_ENV, *NODE_PORTS]}
     monkeypatch.setattr(services.runtime, "_started_local_ray", False)
     yield
     for k, v in saved.items():
