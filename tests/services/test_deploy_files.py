@@ -84,7 +84,7 @@ def test_cluster_manifests_keep_state_on_object_storage() -> None:
     assert s.trainer.node_resource in workers
 
 
-def test_the_rayservice_gives_every_node_the_haproxy_ingress() -> None:
+def test_every_ray_node_of_the_manifests_gets_the_haproxy_ingress() -> None:
     """Serve reads its ingress from each node's environment: the head (controller, HAProxy) and
     the replicas' workers all need the same switches as a local Ray that `up` starts."""
     from serving.ingress import HAPROXY_ENV
@@ -96,3 +96,7 @@ def test_the_rayservice_gives_every_node_the_haproxy_ingress() -> None:
         for container in pod["spec"]["containers"]:
             env = {e["name"]: e["value"] for e in container.get("env", [])}
             assert {k: env.get(k) for k in HAPROXY_ENV} == HAPROXY_ENV, container["name"]
+    compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
+    for name in ("ray-head", "ray-worker"):
+        env = compose["services"][name]["environment"]
+        assert {k: env.get(k) for k in HAPROXY_ENV} == HAPROXY_ENV, name
