@@ -71,6 +71,7 @@ def init_ray(address: str | None, s: Settings, dashboard: bool = True) -> None:
         dashboard_host="127.0.0.1",  # loopback only unless the user runs their own cluster
         log_to_driver=False,
     )
+    threading.Thread(target=_track_descendants, name="track-descendants", daemon=True).start()
 
 
 @dataclass
@@ -419,13 +420,32 @@ def _end_round(procs: list[Any], loop: threading.Thread, timeout: float) -> None
     loop.join(max(0.5, timeout))
 
 
+# Every process this one has started, as last seen (pid -> psutil.Process, which knows its start
+# time, so a recycled pid is never mistaken for ours). Ctrl-C in a terminal signals the whole
+# foreground group: Ray's raylet may exit before ``shutdown`` looks, and its agents, reparented,
+# are no longer our children then; they are still in here.
+_seen: dict[int, Any] = {}
+_SEEN_EVERY_S = 2.0
+
+
 def _descendants() -> list[Any]:
     import psutil
 
     try:
-        return list(psutil.Process().children(recursive=True))
+        now = psutil.Process().children(recursive=True)
     except psutil.Error:
-        return []
+        now = []
+    _seen.update((p.pid, p) for p in now)
+    for pid, p in list(_seen.items()):  # a long `up` starts and ends many Ray workers
+        if not p.is_running():
+            _seen.pop(pid, None)  # (the tracking thread may have dropped it first)
+    return list(_seen.values())
+
+
+def _track_descendants() -> None:
+    while True:
+        _descendants()
+        time.sleep(_SEEN_EVERY_S)
 
 
 def _reap(procs: list[Any], deadline: float) -> list[str]:
