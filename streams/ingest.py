@@ -192,7 +192,14 @@ class Ingestor:
                 except StreamsError as err:
                     self._retry(err)
                 idle = time.monotonic() - idle_since
-                if self.cfg.idle_exit_s is not None and idle > self.cfg.idle_exit_s:
+                # Quiet is not caught up: a first fetch can take longer than idle_exit_s (a slow
+                # TLS broker). Still behind after the bound: exit anyway, as before.
+                limit = self.cfg.idle_exit_s
+                if (
+                    limit is not None
+                    and idle > limit
+                    and (idle > limit + unassigned_limit or _caught_up(self._consumer))
+                ):
                     break
         finally:
             self.close()
@@ -457,6 +464,16 @@ class Ingestor:
         self.stats.rebalances += 1
         self._seek_to_buffer(assigned)
         log.info("assigned %s", sorted((tp.topic, tp.partition) for tp in assigned))
+
+
+def _caught_up(consumer: KafkaConsumer) -> bool:
+    """Batch mode's "nothing left": each assigned partition's position at its end offset."""
+    tps = list(consumer.assignment())
+    try:
+        ends = consumer.end_offsets(tps, timeout_ms=5_000) if tps else {}
+        return all((consumer.position(tp, timeout_ms=5_000) or 0) >= ends[tp] for tp in tps)
+    except KafkaError:
+        return False  # cannot tell now; the next idle check asks again
 
 
 class _Rebalance(ConsumerRebalanceListener):
