@@ -152,7 +152,7 @@ def run(seconds: float, levels: list[int], replicas: int) -> dict[str, Any]:
         reg = build_registry(tmp / "registry", items, 11)
         console.print("session 1: Serve's defaults (the floor, and our app behind its proxy)")
         with _session(kafka, reg, ServingConfig(replicas=replicas, ingress="proxy"), events,
-                      "proxy", floor=True) as (base, _ctl):  # fmt: skip
+                      users, "proxy", floor=True) as (base, _ctl):  # fmt: skip
             warm(f"{base}/recommend", bodies)
             warm(f"{base}/floor", bodies)
             ours_proxy, floor = {}, {}
@@ -161,7 +161,7 @@ def run(seconds: float, levels: list[int], replicas: int) -> dict[str, Any]:
                 ours_proxy[c] = asyncio.run(load(f"{base}/recommend", bodies, c, seconds))
                 floor[c] = asyncio.run(load(f"{base}/floor", bodies, c, seconds))
         console.print(f"session 2: our settings (ingress={ours_cfg.ingress})")
-        with _session(kafka, reg, ours_cfg, events, "ours", floor=False) as (base, ctl):
+        with _session(kafka, reg, ours_cfg, events, users, "ours", floor=False) as (base, ctl):
             warm(f"{base}/recommend", bodies)
             ours = {}
             for c in levels:
@@ -181,11 +181,12 @@ def warm(url: str, bodies: list[dict[str, Any]]) -> None:
 
 @contextlib.contextmanager
 def _session(
-    kafka: KafkaConfig, reg: Registry, cfg: ServingConfig, events: list[Any], name: str,
-    floor: bool,
+    kafka: KafkaConfig, reg: Registry, cfg: ServingConfig, events: list[Any], users: list[str],
+    name: str, floor: bool,
 ) -> Iterator[tuple[str, Any]]:  # fmt: skip
     """A local Ray with Serve on ``cfg``'s ingress, our app on v1 with the live history of the
-    first 20,000 events (and the floor app): yields the base URL and the rollout controller."""
+    first 20,000 events (``users`` are theirs) and the floor app: yields the base URL and the
+    rollout controller."""
     import ray
     from ray import serve
 
@@ -207,7 +208,7 @@ def _session(
         ctl.step()
         if floor:
             serve.run(floor_app(cfg.replicas), name="floor", route_prefix="/floor")
-        _wait_history(ctx, sorted({e.user_id for e in events[:20_000]}))
+        _wait_history(ctx, users)
         yield f"http://127.0.0.1:{cfg.port}", ctl
     finally:
         ray.shutdown()  # takes Serve down with it (a local Ray)

@@ -71,7 +71,11 @@ def init_ray(address: str | None, s: Settings, dashboard: bool = True) -> None:
         dashboard_host="127.0.0.1",  # loopback only unless the user runs their own cluster
         log_to_driver=False,
     )
-    threading.Thread(target=_track_descendants, name="track-descendants", daemon=True).start()
+    global _tracker
+    if _tracker is None:  # one per process, however many local Rays it starts
+        _tracker = threading.Thread(target=_track_descendants, name="track-descendants",
+                                    daemon=True)  # fmt: skip
+        _tracker.start()
 
 
 @dataclass
@@ -426,6 +430,7 @@ def _end_round(procs: list[Any], loop: threading.Thread, timeout: float) -> None
 # are no longer our children then; they are still in here.
 _seen: dict[int, Any] = {}
 _SEEN_EVERY_S = 2.0
+_tracker: threading.Thread | None = None
 
 
 def _descendants() -> list[Any]:
