@@ -151,7 +151,10 @@ def measure(
     loop = ContinualLoop(buffer, registry, cfg, LoopConfig(min_round_events=100,
                          round_on_cluster=True), tmp / "loop.json")  # fmt: skip
     t1 = time.monotonic()
-    result = loop.run_once()
+    try:
+        result = loop.run_once()
+    finally:
+        loop.close()
     round_s = time.monotonic() - t1
     if result is None:
         raise RuntimeError(f"the round over {size} buffered events did not run: {loop.last_skip}")

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from services.settings import Settings
 from streams.buffer import EventBuffer
+from training.registry import Registry
 
 console = Console()
 SettingsOf = Callable[[typer.Context], Settings]
@@ -144,6 +145,7 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         if champ is not None:
             age = time.time() - reg.meta(champ)["created_at"]
             console.print(f"freshness: champion v{champ} was trained {age:,.0f}s ago")
+        _learning(s, reg)
 
     @app.command()
     def train(
@@ -161,8 +163,10 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         s = settings_of(ctx)
         init_ray(None, s, dashboard=False)
         reg = s.open_registry()
+        # One round: a long-lived training run would be started only to be closed again.
+        once_cfg = s.loop.model_copy(update={"long_lived_trainer": False})
         loop = ContinualLoop(
-            EventBuffer(s.buffer), reg, round_config(s), s.loop, s.state_dir / "loop.json"
+            EventBuffer(s.buffer), reg, round_config(s), once_cfg, s.state_dir / "loop.json"
         )
         result = loop.run_once()
         if result is None:
@@ -215,3 +219,28 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
 
 def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def _learning(s: Settings, reg: Registry) -> None:
+    """Live model freshness over the last minutes, and the events not (yet) trained on."""
+    from services.freshness import live_freshness
+
+    try:
+        state = json.loads((s.state_dir / "loop.json").read_text())
+    except FileNotFoundError:
+        console.print("rounds: none recorded yet")
+        return
+    records = state.get("rounds", [])
+    live = live_freshness(records, reg.rollout_state().live, 300.0, time.time())
+    fmt = lambda x: "-" if x is None else f"{x:.1f}s"  # noqa: E731
+    console.print(
+        f"model freshness (events live in the last 5 min, event time -> first serving version): "
+        f"p50 {fmt(live['p50_s'])}, p99 {fmt(live['p99_s'])} over ~{live['events']:,} events"
+    )
+    latest = reg.latest()
+    waiting = reg.meta(latest).get("carry_events", 0) if latest is not None else 0
+    never = state.get("totals", {}).get("never_trained_events", 0)
+    console.print(
+        f"events never trained on: {never:,} (let go from the carry); "
+        f"{waiting:,} from rejected rounds wait for the next round"
+    )

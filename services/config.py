@@ -2,37 +2,60 @@
 
 from __future__ import annotations
 
-from typing import Self
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class LoopConfig(BaseModel):
-    """When to train: every ``min_new_events`` new events or ``max_wait_s``, whichever first."""
+    """When to train: continuously, a round as soon as the previous one is registered and enough
+    events are pending; each round takes what is pending, up to ``max_round_events``."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    min_new_events: int = Field(
-        default=5_000, ge=1, description="Train as soon as this many new events are buffered."
-    )
-    max_wait_s: float = Field(
-        default=120.0, gt=0, description="Train at least this often if any events are new."
-    )
     min_round_events: int = Field(
-        default=500, ge=1, description="Skip a round with fewer new events than this."
+        default=100,
+        ge=1,
+        description=(
+            "A round starts once this many events are pending (and the previous round is "
+            "registered). A slow stream gets rounds of about this size; a fast one, larger rounds "
+            "(whatever arrived while the previous round ran)."
+        ),
+    )
+    max_round_events: int = Field(
+        default=10_000,
+        ge=1,
+        description=(
+            "The most events one warm round takes (oldest first); the rest go to the next round. "
+            "Bounds a round's time, so one burst cannot hold every later event back for long."
+        ),
+    )
+    first_round_events: int = Field(
+        default=1_000,
+        ge=1,
+        description=(
+            "The first version (no champion yet) waits for this many buffered events, or for "
+            "max_pending_s of quiet: with fewer it can neither learn much nor be gated."
+        ),
     )
     max_pending_s: float = Field(
-        default=600.0,
+        default=5.0,
         gt=0,
         description=(
             "Train on whatever is pending, fewer than min_round_events included, once it has "
-            "waited this long: the tail of a stream that went quiet is not left untrained "
-            "until more events arrive."
+            "waited this long: a slow or quiet stream's events are not left untrained."
         ),
     )
-    poll_s: float = Field(default=2.0, gt=0, description="How often the buffer is checked.")
+    poll_s: float = Field(default=0.5, gt=0, description="How often the buffer is checked.")
     compact_every_s: float = Field(
         default=300.0, gt=0, description="How often the buffer is compacted."
+    )
+    keep_rounds: int = Field(
+        default=2_000,
+        ge=10,
+        description=(
+            "Round records kept in the loop's state file (which slices each version trained on, "
+            "for freshness and 'never trained' accounting); older ones are dropped, their "
+            "counts kept as totals."
+        ),
     )
     round_on_cluster: bool = Field(
         default=False,
@@ -43,17 +66,16 @@ class LoopConfig(BaseModel):
         ),
     )
     long_lived_trainer: bool = Field(
-        default=False,
+        default=True,
         description=(
             "Keep one Ray Train run up across rounds (training.session): its workers wait for "
             "the next round instead of a new run per round, which saves Ray Train's start-up "
-            "(~10-16 s here) on every round. Runs in the loop's process, so not with "
-            "round_on_cluster."
+            "(~10-16 s on 2 cores) on every round. With round_on_cluster the round task on a "
+            "training node trains through it too. false: a new Ray Train run per round."
         ),
     )
-    # bench.freshness --micro on 2026-11-29: at niceness 0 and two torch threads, each gate
-    # (0.4-0.7 s) held the /recommend requests that overlapped it for up to 0.4 s; every slow
-    # history probe of the run overlapped a gate.
+    # At niceness 0 and two torch threads, each gate (0.4-0.7 s) held the /recommend requests
+    # that overlapped it for up to 0.4 s: every slow history probe overlapped a gate.
     nice: int = Field(
         default=15,
         ge=0,
@@ -66,15 +88,6 @@ class LoopConfig(BaseModel):
             "0 = leave this thread and torch's threads as they are."
         ),
     )
-
-    @model_validator(mode="after")
-    def _one_place_for_rounds(self) -> Self:
-        if self.long_lived_trainer and self.round_on_cluster:
-            raise ValueError(
-                "loop.long_lived_trainer keeps the training run in the loop's process and "
-                "loop.round_on_cluster runs each round as a task elsewhere: set one of them"
-            )
-        return self
 
 
 class SupervisorConfig(BaseModel):

@@ -54,7 +54,10 @@ class RolloutService:
 
     def _on_event(self, event: RolloutEvent) -> None:
         self.metrics.on_rollout(event)
-        self.metrics.freshness(self.controller.registry.meta(event.version).get("data_max_ts"))
+        meta = self.controller.registry.meta(event.version)
+        self.metrics.freshness(meta.get("data_max_ts"))
+        if event.kind == "rollout":
+            self.metrics.on_live(meta.get("spans", []), event.at)
 
     def nudge(self) -> None:
         """A round just promoted a version: step now instead of at the next ``poll_s``."""

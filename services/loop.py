@@ -1,13 +1,17 @@
 """The continual loop: buffer -> training round -> gate -> registry (-> rollout, via serving).
 
-Decides when to train (``min_new_events`` new events or ``max_wait_s``, whichever first; skips
-rounds with too few events, until they have waited ``max_pending_s``), plans the round's data
+Rounds run continuously: the next round starts as soon as the previous one is registered and at
+least ``min_round_events`` events are pending (or fewer have waited ``max_pending_s``); it takes
+everything pending up to ``max_round_events``, so rounds stay small on a slow stream and grow with
+a fast one. The first version waits for ``first_round_events``. The loop plans the round's data
 between two watermarks (segment names and offsets, never rows) and runs the planned round: with
 ``loop.round_on_cluster`` as a Ray task on a training node that reads the data itself, otherwise
-in this process (``services.round_job``).
+in this process (``services.round_job``); with ``loop.long_lived_trainer`` either way trains on
+one Ray Train run kept up across rounds.
 The registry is the loop's memory: the data a round trains on starts at the watermark of the
 latest registered version, so a loop killed at any point resumes without skipping or
-re-training data (a round that never registered simply runs again).
+re-training data (a round that never registered simply runs again). A rejected round's events
+are carried forward (``training.carry``) into the next round, not lost to learning.
 
 One writer per slice: at start the loop repairs registrations a crash interrupted (see
 ``Registry.repair``), and a round registers only if the latest version is still the one whose
@@ -82,17 +86,16 @@ class ContinualLoop:
     def should_train(self) -> bool:
         n = self.pending()
         if self.retry_at_pending is not None:
-            if n < self.retry_at_pending:
+            if n < self.retry_at_pending and not self._quiet():
                 return False
             self.retry_at_pending = None
         if n > 0 and self.pending_since is None:  # a round's trigger wait runs from here
             self.pending_since = time.monotonic()
-        waited = time.monotonic() - self.last_round_at
-        return (
-            n >= self.cfg.min_new_events
-            or (n >= self.cfg.min_round_events and waited >= self.cfg.max_wait_s)
-            or (n > 0 and self._quiet())
-        )
+        enough = (
+            self.cfg.first_round_events if self.registry.champion() is None
+            else self.cfg.min_round_events
+        )  # fmt: skip
+        return n >= enough or (n > 0 and self._quiet())
 
     def _quiet(self) -> bool:
         """Pending events have waited ``max_pending_s``: train them however few they are."""
@@ -111,7 +114,10 @@ class ContinualLoop:
         base = self.registry.latest()  # the slice starts at this version's watermark: pin it
         fresh = self.registry.champion() is None
         after = {} if fresh else self._watermark_of(base)
-        upto = self.buffer.watermark() if upto is None else upto
+        if upto is None:
+            upto = self.buffer.watermark()
+            if not fresh:  # a fresh start learns from everything there is
+                upto = cap_round(after, upto, self.cfg.max_round_events)
         min_events = 1 if self._quiet() else self.cfg.min_round_events
         plan = plan_round(self.buffer, after, upto, fresh, min_events)
         self.last_round_at = time.monotonic()
@@ -148,6 +154,7 @@ class ContinualLoop:
         if waited is not None:  # seen by should_train (not for a round asked for directly)
             phases = {"trigger_wait": waited, **phases}
         record = {**asdict(result), "started": t0, "seconds": time.monotonic() - t0,
+                  "registered_at": time.time(),
                   "read_s": outcome.read_s, "segments": len(plan.segments), "node": outcome.node,
                   "after_watermark": after, "phases": phases}  # fmt: skip
         self._persist(record)
@@ -156,16 +163,29 @@ class ContinualLoop:
         return result
 
     def _persist(self, record: dict[str, Any]) -> None:
+        """Append the round's record; past ``keep_rounds`` the oldest go, their counts kept."""
         state = self.state()
         state["rounds"].append(record)
+        totals = state.setdefault("totals", {})
+        totals["rounds"] = totals.get("rounds", 0) + 1
+        totals["never_trained_events"] = totals.get("never_trained_events", 0) + sum(
+            int(s.get("events", 0)) for s in record.get("dropped", [])
+        )
+        del state["rounds"][: -self.cfg.keep_rounds]
         atomic_write_bytes(self.state_file, json.dumps(state, default=str).encode())
 
     def state(self) -> dict[str, Any]:
+        """The loop's record: ``rounds`` (newest ``keep_rounds``) and running ``totals``."""
+        # Read each time: another process (`train --once` beside `up`) may have appended.
         try:
             data: dict[str, Any] = json.loads(self.state_file.read_text())
             return data
         except FileNotFoundError:
-            return {"rounds": []}
+            return {"rounds": [], "totals": {}}
+
+    def never_trained(self) -> int:
+        """Events let go from the carry so far (never trained on, by rule; dead letters apart)."""
+        return int(self.state().get("totals", {}).get("never_trained_events", 0))
 
     def close(self, timeout_s: float = 30.0) -> None:
         """End the long-lived training run, if there is one (before Ray goes down)."""
@@ -188,6 +208,18 @@ class ContinualLoop:
                 self.buffer.apply_retention()
                 self.last_compact = time.monotonic()
             stop.wait(self.cfg.poll_s)
+
+
+def cap_round(after: dict[str, int], upto: dict[str, int], cap: int) -> dict[str, int]:
+    """``upto`` moved back so that at most ``cap`` events lie past ``after``: each partition
+    gives up the same share of its pending events, so the round keeps the stream's time order
+    across partitions as closely as offsets allow."""
+    pending = {tp: max(0, end - after.get(tp, 0)) for tp, end in upto.items()}
+    total = sum(pending.values())
+    if total <= cap:
+        return upto
+    share = cap / total
+    return {tp: after.get(tp, 0) + int(n * share) if n else upto[tp] for tp, n in pending.items()}
 
 
 def _yield_cpu(nice: int) -> None:

@@ -78,6 +78,18 @@ SPECS: dict[str, Spec] = {
         "streamtune_model_freshness_seconds",
         "Age of the newest event the serving model was trained on.",
     ),
+    "event_freshness_s": Spec(
+        "histogram",
+        "streamtune_event_freshness_seconds",
+        "Model freshness per event: its timestamp to the rollout of the first version trained "
+        "on it (21 quantile points per round).",
+        boundaries=(0.5, 1, 2, 3, 5, 10, 20, 60, 120, 300, 900),
+    ),
+    "never_trained": Spec(
+        "gauge",
+        "streamtune_events_never_trained",
+        "Events let go from the carry of rejected rounds: never trained on (dead letters apart).",
+    ),
     "restarts": Spec(
         "counter",
         "streamtune_component_restarts",
@@ -167,6 +179,15 @@ class StreamMetrics:
         age = max(0.0, (time.time() if now is None else now) - data_max_ts_ms / 1000.0)
         self.gauge("freshness_s", age)
         return age
+
+    def on_live(self, spans: list[dict[str, Any]], at: float) -> None:
+        """A version went live at ``at``: freshness of the events it first trained on."""
+        from services.freshness import Span, freshness_samples
+
+        for seconds, _ in freshness_samples(
+            [Span.model_validate(s) for s in spans], int(at * 1000)
+        ):
+            self.observe("event_freshness_s", max(0.0, seconds))
 
     def restart(self, component: str, error: BaseException | None = None) -> None:
         self.count("restarts", tags={"component": component})

@@ -114,6 +114,7 @@ class Running:
         t = self.supervisor.threads.get("ingest")
         if t is not None:
             t.join(timeout)
+        self.loop.close(min(timeout, 30.0))  # the long-lived training run, before Ray goes
         self._stopped = True
 
 
@@ -183,6 +184,7 @@ def start(
             log.debug("rollout nudge failed", exc_info=True)
         try:
             metrics.on_round(result, rec["seconds"], registry.champion(), rec.get("phases"))
+            metrics.gauge("never_trained", float(loop.never_trained()))
         except Exception:
             log.debug("metrics update failed", exc_info=True)
         if on_round is not None:
@@ -206,8 +208,10 @@ def _controller(
     def on_event(event: Any) -> None:
         try:
             metrics.on_rollout(event)
-            version = event.version
-            metrics.freshness(registry.meta(version).get("data_max_ts"))
+            meta = registry.meta(event.version)
+            metrics.freshness(meta.get("data_max_ts"))
+            if event.kind == "rollout":
+                metrics.on_live(meta.get("spans", []), event.at)
         except Exception:
             log.debug("metrics update failed", exc_info=True)
 

@@ -41,6 +41,9 @@ from training.registry import Registry, RolloutState
 log = logging.getLogger(__name__)
 
 
+LIVE_KEPT = 500  # rollouts remembered in the rollout state: minutes of continuous rounds
+
+
 @dataclass
 class RolloutEvent:
     kind: str  # "rollout" | "rollback" | "restore"
@@ -71,6 +74,7 @@ class RolloutController:
         self.previous: int | None = state.previous
         self.watch_since: float | None = state.watch_since
         self.rollback_impossible: int | None = state.rollback_impossible
+        self.live: list[tuple[int, float]] = list(state.live)
         self.deployed = False  # has this process pointed Serve anywhere yet?
         self.events: list[RolloutEvent] = []
         self._wake = threading.Event()
@@ -83,6 +87,7 @@ class RolloutController:
                 previous=self.previous,
                 watch_since=self.watch_since,
                 rollback_impossible=self.rollback_impossible,
+                live=self.live[-LIVE_KEPT:],
             )
         )
 
@@ -163,6 +168,9 @@ class RolloutController:
         self._save()  # first: replicas of an app deployed on its own follow this record
         self._announce()
         seconds = self.deploy(version)
+        if kind == "rollout":  # when its events went live (freshness in `streamtune status`)
+            self.live.append((version, time.time()))
+            self._save()
         return self._emit(RolloutEvent(kind, version, reason, seconds))
 
     def _restore(self, version: int) -> RolloutEvent:

@@ -228,8 +228,9 @@ class IngestConfig(_Strict):
     segment_rows: int = Field(
         default=50_000, ge=1, description="Flush a segment once this many records are pending."
     )
+    # A round can only start on what is flushed: this bounds the buffer's share of freshness.
     flush_interval_s: float = Field(
-        default=2.0, gt=0, description="Flush at least this often while records are pending."
+        default=0.2, gt=0, description="Flush at least this often while records are pending."
     )
     max_event_bytes: int = Field(
         default=64 * 1024, ge=256, description="Larger records are dead-lettered as oversized."

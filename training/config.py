@@ -66,6 +66,15 @@ class ReplayConfig(_Strict):
         le=16.0,
         description="Replayed sequences per new sequence in a round (capped by the reservoir).",
     )
+    carry_max_examples: int = Field(
+        default=50_000,
+        ge=0,
+        description=(
+            "A rejected round's training examples are trained on again in the next round (with "
+            "that round's own), until a round is promoted; past this many carried examples the "
+            "oldest rejected rounds are let go and counted as never trained."
+        ),
+    )
     kd_weight: float = Field(
         default=0.0, ge=0.0, le=10.0, description="Distillation loss weight from the champion."
     )
@@ -91,7 +100,9 @@ class TrainerConfig(_Strict):
         "trained fewer, larger rounds).",
     )
     zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage.")
-    epochs: int = Field(default=3, ge=1, description="Passes over the round's data.")
+    # Rounds are small and continuous: each new event is trained on once, in the round after it
+    # arrived, with as many replayed sequences against forgetting (a stream's own recipe).
+    epochs: int = Field(default=1, ge=1, description="Passes over a warm round's data.")
     first_round_epochs: int = Field(
         default=10,
         ge=1,

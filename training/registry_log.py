@@ -73,6 +73,11 @@ class RolloutState(BaseModel):
         default=None,
         description="Version already recorded as bad with no rollback target (recorded once).",
     )
+    live: list[tuple[int, float]] = Field(
+        default_factory=list,
+        description="(version, Unix time) of the latest rollouts, once each served: how fresh "
+        "the events a version first trained on were when they went live.",
+    )
     updated_at: float = Field(default_factory=time.time, description="Unix time of this state.")
 
 

@@ -27,6 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from streams.storage import arrow_filesystem
+from training.carry import Carry
 from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
 from training.data import (
     Examples,
@@ -77,6 +78,11 @@ class RoundResult:
     new_events: int = 0
     items_added: int = 0
     train_s: float = 0.0
+    # Offset spans this version first trained on (its own slice and the rejected rounds' it
+    # carried; none if rejected), and spans the bounded carry let go (never trained on).
+    trained: list[dict[str, Any]] = field(default_factory=list)
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    carried_events: int = 0
     # Seconds of each part of the round here: prepare (item map, context, examples), train,
     # gate, register. (The loop adds what happens around it: trigger wait, data read.)
     phases: dict[str, float] = field(default_factory=dict)
@@ -90,6 +96,14 @@ def _titles(table: pa.Table) -> dict[str, str]:
         if text:
             out[item] = text
     return out
+
+
+def _ts_quantiles(table: pa.Table) -> list[int]:
+    """21 event-time quantiles (ms) of a round's events, for freshness once it serves."""
+    if table.num_rows == 0:
+        return []
+    ts = table.column("ts").to_numpy()
+    return [int(x) for x in np.quantile(ts, np.linspace(0, 1, 21), method="nearest")]
 
 
 def _popularity(registry: Registry, base: int | None, vocab: ItemVocab, new: pa.Table) -> list[int]:
@@ -281,8 +295,13 @@ def run_round(
     read_history: Callable[[list[str]], pa.Table] | None = None,
     run_id: str | None = None,
     trainer: TrainFn | None = None,
+    span: dict[str, Any] | None = None,
 ) -> RoundResult:
     """Train, gate and register one round; see the module docstring.
+
+    ``span``: the offsets ``new`` came from (``{"after": ..., "upto": ...}``; default: from
+    ``extra_meta["after_watermark"]`` to ``watermark``), recorded with what the version first
+    trained on (``RoundResult.trained``) or left in the carry.
 
     ``context``: the new users' earlier events as a table, or None to take them from the
     latest version's per-user index (``training.histories``), which costs the round's users,
@@ -382,7 +401,12 @@ def run_round(
         probes = Reservoir(cfg.gate.replay_eval_size, mcfg.max_len, cfg.replay.seed + 1)
     replay_hold = holdout_from_examples(Examples(probes.inputs, probes.targets))
     replay_ex = reservoir.sample(int(cfg.replay.ratio * len(new_ex)))
-    train_ex = new_ex.concat(replay_ex)
+    # Rejected rounds since the champion: trained on again here (none for a fresh start, which
+    # reads everything buffered anyway).
+    carry = Carry.empty(mcfg.max_len)
+    if base_dir is not None and Carry.exists(base_dir) and champ is not None:
+        carry = Carry.load(base_dir)
+    train_ex = new_ex.concat(carry.examples).concat(replay_ex)
 
     t_train = time.monotonic()
     candidate, train_metrics = (trainer or train)(
@@ -399,6 +423,17 @@ def run_round(
                     cfg.gate)  # fmt: skip
     decision.metrics.update(gate_users_own=new_hold.n_users, gate_users_borrowed=borrowed)
     t_register = time.monotonic()
+    after = (extra_meta or {}).get("after_watermark", {})
+    own_span = {**(span or {"after": after, "upto": watermark}), "events": new.num_rows,
+                "ts_q": _ts_quantiles(new)}  # fmt: skip
+    carried_events = carry.events
+    spans = [*carry.spans, own_span]  # what the candidate trained on for the first time
+    if decision.promote:
+        trained, dropped = spans, []
+        carry = Carry.empty(mcfg.max_len)
+    else:
+        trained = []
+        dropped = carry.add(new_ex, own_span, cfg.replay.carry_max_examples)
     reservoir.add(new_ex)
     probes.add(holdout_as_examples(new_hold))
     recent.add(own_hold)
@@ -414,6 +449,8 @@ def run_round(
         probes.save(d, name="replay_eval")
         recent.save(d)
         history.extended(new_seqs).save(d, base_dir)
+        if len(carry):
+            carry.save(d)
 
     ts = new.column("ts")
     meta: dict[str, Any] = {
@@ -430,6 +467,12 @@ def run_round(
         "new_events": new.num_rows,
         "train_examples": len(train_ex),
         "replay_examples": len(replay_ex),
+        "carried_examples": len(train_ex) - len(new_ex) - len(replay_ex),
+        "carried_events": carried_events,
+        "carry_events": carry.events,  # waiting for the next round, if this one was rejected
+        "trained": trained,
+        "spans": spans,  # if it serves after all (a manual promotion): its events' freshness
+        "dropped": dropped,
         "items_added": len(vocab) - rows_before,
         "n_items": vocab.n_items,
         "train_s": train_s,
@@ -455,6 +498,9 @@ def run_round(
         new_events=new.num_rows,
         items_added=len(vocab) - rows_before,
         train_s=train_s,
+        trained=trained,
+        dropped=dropped,
+        carried_events=carried_events,
         phases={
             "prepare": t_train - t_start,
             "train": train_s,

@@ -131,7 +131,8 @@ def test_real_round_loses_the_race_and_is_not_registered(tmp_path: Path, ray_loc
     reg = Registry(tmp_path / "registry")
     # Enough epochs that the round is still training when the other process has registered.
     loop = ContinualLoop(buffer, reg, round_config(tmp_path / "ray", epochs=60, max_failures=0),
-                         LoopConfig(min_round_events=100), tmp_path / "loop.json")  # fmt: skip
+                         LoopConfig(min_round_events=100, long_lived_trainer=False),
+                         tmp_path / "loop.json")  # fmt: skip
     out: dict[str, Any] = {}
     runner = threading.Thread(target=lambda: out.update(result=loop.run_once()))
     runner.start()
@@ -214,7 +215,7 @@ def test_a_round_too_small_to_gate_is_skipped_and_its_events_wait(tmp_path: Path
     cfg = round_config(tmp_path / "ray", epochs=1, max_failures=0)
     cfg = cfg.model_copy(update={"gate": GateConfig(min_eval_users=10**6)})
     loop = ContinualLoop(buffer, Registry(tmp_path / "registry"), cfg,
-                         LoopConfig(min_new_events=100, min_round_events=100),
+                         LoopConfig(min_round_events=100, first_round_events=100),
                          tmp_path / "loop.json")  # fmt: skip
     assert loop.should_train()
     assert loop.run_once() is None and "too few to gate" in str(loop.last_skip)
@@ -245,7 +246,7 @@ def test_a_quiet_streams_small_tail_is_trained_once_it_waited_max_pending_s(
     buffer.append(table.slice(0, 60), [OffsetRange("events", 0, 0, 60)])
     cfg = round_config(tmp_path / "ray", epochs=1, max_failures=0)
     loop = ContinualLoop(buffer, Registry(tmp_path / "registry"), cfg,
-                         LoopConfig(min_new_events=1000, min_round_events=100, max_wait_s=0.01,
+                         LoopConfig(min_round_events=100, first_round_events=100,
                                     max_pending_s=0.5),
                          tmp_path / "loop.json")  # fmt: skip
     planned: list[int] = []
@@ -257,13 +258,67 @@ def test_a_quiet_streams_small_tail_is_trained_once_it_waited_max_pending_s(
     monkeypatch.setattr(loop_mod, "run_planned", run_planned)
     assert not loop.should_train()  # 60 < 100, just seen
     time.sleep(0.1)
-    assert not loop.should_train()  # max_wait_s passed, but still too few
+    assert not loop.should_train()  # still too few, not waited long enough
     time.sleep(0.5)
     assert loop.should_train()  # waited max_pending_s: due, small as it is
     loop.run_once()
     assert planned == [1]  # the round does not refuse them for being under min_round_events
     buffer.append(table.slice(60, 40), [OffsetRange("events", 0, 60, 100)])
     time.sleep(0.02)
-    assert loop.should_train()  # 100 pending and max_wait_s passed: the usual trigger
+    assert loop.should_train()  # 100 pending: the usual trigger, no wait
     loop.run_once()
     assert planned == [1, 100]
+
+
+def test_rounds_are_capped_and_the_first_version_waits_for_enough_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No Ray: a warm round takes at most max_round_events (oldest first, shared across
+    partitions), the rest waits for the next; with no champion the round waits for
+    first_round_events and then takes everything."""
+    from services import loop as loop_mod
+    from services.config import LoopConfig
+    from services.loop import ContinualLoop, cap_round
+    from streams.buffer import EventBuffer
+    from streams.config import BufferConfig
+    from streams.offsets import OffsetRange
+    from tests.training.data_gen import synthetic_table
+
+    assert cap_round({"a": 10}, {"a": 30, "b": 20}, 100) == {"a": 30, "b": 20}
+    assert cap_round({"a": 10}, {"a": 30, "b": 20}, 20) == {"a": 20, "b": 10}
+    assert cap_round({}, {"a": 0, "b": 40}, 10) == {"a": 0, "b": 10}
+
+    table = synthetic_table(600, seed=5)
+    buffer = EventBuffer(BufferConfig(path=tmp_path / "buffer"))
+    buffer.append(table.slice(0, 300), [OffsetRange("events", 0, 0, 300)])
+    loop = ContinualLoop(buffer, Registry(tmp_path / "registry"), _cfg(tmp_path),
+                         LoopConfig(min_round_events=50, max_round_events=100,
+                                    first_round_events=500, max_pending_s=60),
+                         tmp_path / "loop.json")  # fmt: skip
+    planned: list[dict[str, int]] = []
+
+    def run_planned(plan: Any, *args: Any) -> Any:  # what the round would get: stop there
+        planned.append(plan.upto)
+        raise ConcurrentRoundError("stop here")
+
+    monkeypatch.setattr(loop_mod, "run_planned", run_planned)
+    assert not loop.should_train()  # no champion: 300 < first_round_events
+    buffer.append(table.slice(300, 300), [OffsetRange("events", 0, 300, 600)])
+    assert loop.should_train()
+    loop.run_once()
+    assert planned == [{"events:0": 600}]  # a fresh start is not capped
+    _fake_champion(loop.registry, {"events:0": 200})
+    assert loop.should_train()  # 400 pending >= min_round_events
+    loop.run_once()
+    assert planned[-1] == {"events:0": 300}  # 100 of the 400 pending
+
+
+def _cfg(tmp: Path) -> Any:
+    from bench.faults_training import round_config
+
+    return round_config(tmp / "ray", epochs=1, max_failures=0)
+
+
+def _fake_champion(reg: Registry, watermark: dict[str, int]) -> None:
+    reg.register(_write, {"watermark": watermark}, promote=True, reason="test champion",
+                 expect_latest=reg.latest())  # fmt: skip

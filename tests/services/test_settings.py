@@ -64,7 +64,12 @@ def test_sasl_needs_credentials() -> None:
     assert kw["sasl_plain_password"] == "p" and kw["security_protocol"] == "SASL_SSL"
 
 
-def test_long_lived_trainer_and_rounds_on_the_cluster_exclude_each_other() -> None:
-    assert load_settings(loop={"long_lived_trainer": True}).loop.long_lived_trainer
-    with pytest.raises(ValidationError, match="set one of them"):
-        load_settings(loop={"long_lived_trainer": True, "round_on_cluster": True})
+def test_continuous_rounds_on_a_long_lived_run_are_the_default_on_one_machine_and_a_cluster() -> (
+    None
+):
+    loop = load_settings().loop
+    assert loop.long_lived_trainer and loop.min_round_events <= 100 and loop.max_pending_s <= 5
+    both = load_settings(loop={"round_on_cluster": True}).loop
+    assert both.long_lived_trainer and both.round_on_cluster
+    with pytest.raises(ValidationError, match="min_new_events"):  # the old cadence is gone
+        load_settings(loop={"min_new_events": 100})

@@ -103,8 +103,8 @@ def system(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iter
         **small_env(kafka, state, free_port()),
         "STREAMTUNE_TOPICS__EVENTS": f"sup-{state.name}.events",
         "STREAMTUNE_TOPICS__DEAD_LETTER": f"sup-{state.name}.dlq",
-        "STREAMTUNE_LOOP__MIN_NEW_EVENTS": "1000000",  # no round: this is about the threads
-        "STREAMTUNE_LOOP__MAX_WAIT_S": "100000",
+        "STREAMTUNE_LOOP__FIRST_ROUND_EVENTS": "1000000",  # no round: this is about the threads
+        "STREAMTUNE_LOOP__MAX_PENDING_S": "100000",
         "STREAMTUNE_LOOP__POLL_S": "0.2",
         "STREAMTUNE_ROLLOUT__POLL_S": "0.2",
         "STREAMTUNE_SUPERVISOR__LIVENESS_S": "0.5",
