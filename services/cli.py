@@ -52,11 +52,11 @@ def demo(
         int | None, typer.Option(help="Replay only the first N MovieLens events (default all).")
     ] = None,
     rate: Annotated[float, typer.Option(help="Replay rate in events/s.")] = 300.0,
-    round_events: Annotated[
-        int, typer.Option(help="Train again once this many events are new.")
+    slice_events: Annotated[
+        int, typer.Option(help="Events per row of the report (a slice of the replay).")
     ] = 12_000,
     first_round_events: Annotated[
-        int, typer.Option(help="Events the first version (the static baseline) trains on.")
+        int, typer.Option(help="Events published as a backlog before the loop starts.")
     ] = 20_000,
     query_rps: Annotated[float, typer.Option(help="Live /recommend queries per second.")] = 20.0,
     keep: Annotated[bool, typer.Option("--keep", help="Keep serving until Ctrl-C.")] = False,
@@ -66,7 +66,7 @@ def demo(
     from services.demo import DemoConfig, DemoInterrupted, run_demo
 
     cfg = DemoConfig(
-        events=events, rate=rate, round_events=round_events,
+        events=events, rate=rate, slice_events=slice_events,
         first_round_events=first_round_events, query_rps=query_rps, keep=keep, out=out,
     )  # fmt: skip
     try:

@@ -1,28 +1,29 @@
 """`streamtune demo`: the whole product on one machine, with embedded defaults.
 
-Starts the local broker and a local Ray, replays MovieLens-100K into Kafka in time order at an
-accelerated rate, ingests it exactly once, and lets the continual loop train rounds that the
-rollout controller moves into Ray Serve while a client thread keeps querying the live endpoint.
+Starts the local broker and a local Ray, publishes the first MovieLens-100K events as a backlog,
+then runs `streamtune up`'s own continual loop, with the loop's defaults, while the rest of the
+stream is replayed in time order at a steady rate and a client keeps querying the live endpoint.
+The demo trains nothing itself: it watches the versions the loop registers and the rollout
+controller moves into Ray Serve, and scores them.
 
-Quality is measured test-then-train: when a round starts, the events it is about to learn from
-have not been trained on by anyone, so they are the "next slice" of the version serving at that
-moment. Each version is scored on it (NDCG@10, full ranking) beside the very first version, which
-is never updated. That comparison is what the table and the plot show.
+Quality is measured test-then-train per slice of the replay: the champion at the moment a slice's
+first event is published cannot have trained on any of the slice's events. It is scored on them
+(NDCG@10, full ranking) beside the first promoted version, which is never updated. Freshness per
+event follows ``services.freshness``: published -> first live answer by a version trained on it.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import random
 import shutil
 import sys
 import threading
 import time
-from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,11 +33,22 @@ from services.errors import ServiceError
 from services.settings import Settings
 from streams.events import Event
 
+if TYPE_CHECKING:
+    from services.loop import ContinualLoop
+    from services.runtime import Running
+    from training.registry import LoadedVersion, Registry
+
 console = Console()
+log = logging.getLogger(__name__)
+
+# Bounds on the demo's own waits: a backlog that never reaches the buffer is a fault, a tail the
+# loop does not train in time is reported as pending.
+_BACKLOG_S = 300.0
+_TAIL_S = 120.0
 
 
 class DemoConfig(BaseModel):
-    """Knobs of `streamtune demo`; defaults finish in well under 10 minutes on 2 cores."""
+    """Knobs of `streamtune demo` (the workload and the report; the loop keeps its defaults)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -45,13 +57,15 @@ class DemoConfig(BaseModel):
     )
     rate: float = Field(default=300.0, gt=0, description="Replay rate in events/s.")
     first_round_events: int = Field(
-        default=20_000, ge=100, description="Events the first version (the static baseline) sees."
+        default=20_000,
+        ge=100,
+        description="Events published as a backlog before the loop starts (its first round).",
     )
-    round_events: int = Field(
-        default=12_000, ge=100, description="Train again once this many new events are buffered."
+    slice_events: int = Field(
+        default=12_000, ge=100, description="Events per report row (a slice of the replay)."
     )
     eval_cases: int = Field(
-        default=2000, ge=10, description="Next-slice events scored per round (seeded sample)."
+        default=2000, ge=10, description="Events of a slice scored (seeded sample)."
     )
     query_rps: float = Field(default=20.0, ge=0, description="Live /recommend queries per second.")
     keep: bool = Field(default=False, description="Keep serving after the replay until Ctrl-C.")
@@ -59,39 +73,20 @@ class DemoConfig(BaseModel):
 
 
 @dataclass
-class Row:
-    """One round of the demo table."""
-
-    version: int | None
-    decision: str
-    new_events: int
-    covered: int
-    reason: str = ""
-    ndcg_next: float | None = None  # this version on the slice that arrived after it
-    ndcg_static: float | None = None  # the never-updated first version on the same slice
-    newest_published: float = 0.0  # wall time the newest event it covers was published
-    served_at: float | None = None  # first live response that named this version
-    rollout_s: float | None = None
-
-
-@dataclass
 class Clock:
-    """Wall time at which the n-th replayed event was handed to the producer."""
+    """Wall time at which each replayed event was handed to the producer, numbered in order
+    across ``stamp`` calls."""
 
-    counts: list[int] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
 
-    def stamp(self, events: list[Event]) -> Iterator[Event]:
-        for n, event in enumerate(events):
-            if n % 200 == 0:
-                self.counts.append(n)
-                self.times.append(time.time())
+    def stamp(self, events: Iterable[Event]) -> Iterator[Event]:
+        for event in events:
+            self.times.append(time.time())
             yield event
 
     def published(self, n: int) -> float:
-        """When event number ``n`` (0-based) was published, to within one 200-event stamp."""
-        i = min(bisect_left(self.counts, n), len(self.times) - 1)
-        return self.times[i] if self.times else time.time()
+        """When event number ``n`` (0-based) was published (now, if it has not been yet)."""
+        return self.times[n] if n < len(self.times) else time.time()
 
 
 class Queries:
@@ -154,8 +149,9 @@ def run_demo(settings: Settings, cfg: DemoConfig) -> dict[str, Any]:
     """The main job; returns the summary record (also written to ``out/demo.json``).
 
     The work runs in a thread; the main thread only waits, so Ctrl-C or SIGTERM at any moment
-    (mid-round included, while the worker is blocked in ``trainer.fit``) stops everything the demo
-    started within seconds: ingest (flushed), Serve, Ray, and the broker if the demo started it.
+    (mid-round included, while the loop's thread is blocked in training) stops everything the
+    demo started within seconds: ingest (flushed), Serve, Ray, and the broker if the demo started
+    it.
     """
     from services.runtime import shutdown, stop_on_signals
 
@@ -185,6 +181,10 @@ def _guarded(settings: Settings, cfg: DemoConfig, stop: threading.Event, st: _St
         if not stop.is_set():  # errors after a stop come from Ray being shut down under us
             st.error = err
     finally:
+        # The loop runs supervised, sharing ``stop``: one that kept failing ended the demo.
+        failure = st.running.supervisor.failure if st.running is not None else None
+        if failure is not None and st.error is None:
+            st.error = failure
         st.setup_done.set()
         stop.set()
 
@@ -193,20 +193,21 @@ def _demo(
     settings: Settings, cfg: DemoConfig, stop: threading.Event, st: _Started
 ) -> dict[str, Any] | None:
     from services.cli_stream import ensure_broker
-    from services.demo_report import plot, summary, table
+    from services.demo_report import report
     from services.runtime import init_ray, start
     from streams.broker import LocalBroker
     from streams.datasets import DEFAULT_ML100K, movielens_100k
-    from streams.producer import replay
 
     t_start = time.time()
     root = settings.state_dir / "demo"
     shutil.rmtree(root, ignore_errors=True)  # each demo starts from an empty buffer and registry
     s = demo_settings(settings, root / time.strftime("%Y%m%d-%H%M%S"))
-    s.loop.min_new_events = cfg.round_events
-    s.loop.min_round_events = min(1000, cfg.round_events)
-    s.loop.max_wait_s = 3600.0  # the demo decides when the replay is over
     events = movielens_100k(DEFAULT_ML100K)[: cfg.events]
+    if cfg.first_round_events >= len(events):
+        raise ServiceError(
+            f"the backlog ({cfg.first_round_events:,} events) must leave some of the "
+            f"{len(events):,} events to replay live"
+        )
     with console.status("starting the Kafka broker and Ray"):
         # A broker the demo starts, the demo stops; one the user already runs stays up.
         if s.embedded_broker and not LocalBroker(s.broker).status().answering:
@@ -226,73 +227,15 @@ def _demo(
     if cfg.query_rps > 0:
         queries.thread.start()
     clock = Clock()
-    producer = threading.Thread(
-        target=replay,
-        args=(clock.stamp(events), s.kafka, s.topics.events),
-        kwargs={"rate": cfg.rate},
-        name="producer",
-        daemon=True,
-    )
-    producer.start()
-    console.print(
-        f"replaying {len(events):,} MovieLens-100K events at {cfg.rate:.0f}/s into "
-        f"{s.topics.events}; Serve at {url}; dashboard at http://127.0.0.1:8265"
-    )
-    rows: list[Row] = []
-    static = None
-    loop, buf, reg = running.loop, running.buffer, running.registry
-    want = cfg.first_round_events  # the next round's slice size
     try:
-        while not stop.is_set():
-            ingested = buf.stats().rows
-            done = not producer.is_alive() and ingested >= len(events)
-            due = loop.pending() >= want
-            if not (due or (done and loop.pending() >= s.loop.min_round_events)):
-                if done:
-                    break
-                stop.wait(1.0)
-                continue
-            after = loop.trained_watermark()
-            upto, new = _next_slice(buf, after, want)
-            champion = reg.champion()
-            if champion is not None and static is not None:
-                before = buf.read(upto=after)
-                _score_next_slice(rows, reg.load(champion), static, before, new, cfg, s)
-            with console.status(f"round {len(rows) + 1}: training on {new.num_rows:,} events"):
-                result = loop.run_once(upto=upto)
-            if result is None:  # too small to train or to gate: wait for more, if more will come
-                if done and upto == buf.watermark():  # nothing left to grow the slice with
-                    console.print(f"the last {loop.pending():,} events: {loop.last_skip}")
-                    break
-                want += s.loop.min_round_events  # too small to gate: the slice grows
-                continue
-            want = cfg.round_events
-            covered = sum(upto.values())
-            row = Row(result.version, "promote" if result.promoted else "reject",
-                      result.new_events, covered, result.reason,
-                      newest_published=clock.published(covered - 1))  # fmt: skip
-            rows.append(row)
-            if static is None and result.promoted:
-                static = reg.load(result.version)  # kept in memory: pruning cannot take it
-            console.print(
-                f"v{result.version}: {row.decision} after {result.new_events:,} new events "
-                f"({covered:,} in all) - {result.reason}"
-            )
-        if stop.is_set():
+        watch = _stream(running, cfg, events, clock, queries, stop)
+        if watch is None or not _wait_tail(running, queries, watch, len(events), stop):
             return None
-        _wait_served(rows, reg.champion(), queries, running.controller)
     finally:
         queries.stop.set()
-    for r in rows:
-        r.served_at = queries.first_seen.get(r.version) if r.version is not None else None
-        ev = [e for e in running.controller.events if (e.version, e.kind) == (r.version, "rollout")]
-        r.rollout_s = ev[0].seconds if ev else None
-    console.print(table(rows))
-    record = summary(rows, queries, time.time() - t_start, len(events))
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    record["plot"] = str(plot(rows, cfg.out / "demo_quality.png"))
-    (cfg.out / "demo.json").write_text(json.dumps(record, indent=2))
-    console.print(f"plot: {record['plot']}")
+    if queries.thread.is_alive():  # its last answer lands before first_seen is read
+        queries.thread.join(15)
+    record = report(running, cfg, events, clock, watch, queries, time.time() - t_start)
     console.print(
         f"query it:  curl -s -X POST {url}/recommend -H 'content-type: application/json' "
         '-d \'{"user_id": "42", "k": 5}\''
@@ -304,59 +247,166 @@ def _demo(
     return record
 
 
-def _next_slice(buf: Any, after: dict[str, int], n: int) -> tuple[dict[str, int], Any]:
-    """The watermark closing the next ~``n`` buffered events (time order) past ``after``, and them.
+class StreamWatch:
+    """What the demo notes while the stream runs: the champion at each slice's start (snapshot
+    in the producer's thread, before the slice's first event is sent), those versions and the
+    first promoted one loaded into memory (where the registry's pruning cannot take them)."""
 
-    A round takes one slice of the configured size even when more has arrived while the previous
-    round trained, so the demo's slices, and the quality table, do not depend on how fast the
-    machine is: on a slow one, rounds fall behind the replay instead of swallowing the rest of it
-    (which would leave the last version no next slice to be scored on).
-    """
-    from streams.offsets import tp_key
+    def __init__(self, registry: Registry, loop: ContinualLoop) -> None:
+        self.registry, self.loop = registry, loop
+        self.starts: dict[int, int | None] = {}
+        self.models: dict[int, LoadedVersion | None] = {}
+        self.static: LoadedVersion | None = None
+        self.static_version: int | None = None
+        self.bounds: list[tuple[int, int]] = []
+        self.ended = 0.0  # when the last event was published
+        self.said = 0  # round records printed so far
+        self._lock = threading.Lock()
 
-    upto = buf.watermark()
-    new = buf.read(after=after, upto=upto)
-    if new.num_rows <= n:
-        return upto, new
-    head = new.slice(0, n)
-    capped = {k: min(after.get(k, 0), end) for k, end in upto.items()}
-    for topic, part, off in zip(
-        head.column("topic").to_pylist(),
-        head.column("partition").to_pylist(),
-        head.column("offset").to_pylist(),
-        strict=True,
-    ):
-        k = tp_key(topic, part)
-        capped[k] = max(capped.get(k, 0), off + 1)
-    return capped, buf.read(after=after, upto=capped)
+    def marked(self, events: Iterator[Event], first: int, stop: threading.Event) -> Iterator[Event]:
+        starts = {a for a, _ in self.bounds}
+        for n, event in enumerate(events, start=first):
+            if stop.is_set():
+                return  # the producer ends with the demo
+            if n in starts:
+                champion = self.registry.champion()
+                with self._lock:
+                    self.starts[n] = champion
+            yield event
+
+    def poll(self) -> None:
+        from services.demo_report import ledger_of
+
+        with self._lock:
+            wanted = {v for v in self.starts.values() if v is not None} - set(self.models)
+        for v in sorted(wanted):
+            self.models[v] = _load(self.registry, v)
+        records = self.loop.state()["rounds"]
+        champion = self.registry.champion()
+        if self.static_version is None and champion is not None:
+            v1 = self.static_version = min(ledger_of(records).promoted, default=champion)
+            self.static = self.models[v1] if v1 in self.models else _load(self.registry, v1)
+        for rec in records[self.said :]:
+            decision = "promote" if rec.get("promoted") else "reject"
+            console.print(
+                f"v{rec.get('version')}: {decision} after {rec.get('new_events', 0):,} new events"
+                f" ({rec.get('seconds', 0.0):.1f} s) - {rec.get('reason', '')}"
+            )
+        self.said = len(records)
 
 
-def _score_next_slice(
-    rows: list[Row], current: Any, static: Any, before: Any, new: Any, cfg: DemoConfig, s: Settings
-) -> None:
-    """Test-then-train: the serving champion and the static v1 on events nobody trained on yet."""
-    from training.data import next_slice_holdout
-    from training.metrics import evaluate
+def _stream(
+    running: Running,
+    cfg: DemoConfig,
+    events: list[Event],
+    clock: Clock,
+    queries: Queries,
+    stop: threading.Event,
+) -> StreamWatch | None:
+    """The backlog, then `up`'s loop as `up` runs it, then the rest of the stream at its rate."""
+    from services.demo_report import slice_bounds
+    from streams.producer import replay
 
-    scores = {}
-    for name, lv in (("champion", current), ("static", static)):
-        hold = next_slice_holdout(before, new, lv.vocab, s.model.max_len, cfg.eval_cases, len(rows))
-        scores[name] = evaluate(lv.model, hold)["ndcg10"]
-    for r in rows:
-        if r.version == current.version:
-            r.ndcg_next, r.ndcg_static = scores["champion"], scores["static"]
+    s, first = running.settings, cfg.first_round_events
+    with console.status(f"publishing a backlog of {first:,} events"):
+        replay(_until(clock.stamp(events[:first]), stop), s.kafka, s.topics.events)
+        waited = _wait_for(lambda: running.buffer.stats().rows >= first, _BACKLOG_S, stop)
+        if waited == "timeout":
+            got = running.buffer.stats().rows
+            raise ServiceError(f"ingest buffered {got:,} of the {first:,} backlog events in "
+                               f"{_BACKLOG_S:.0f} s")  # fmt: skip
+        if waited == "stopped":
+            return None
+    running.supervisor.add("loop", running.loop.run)
+    # The live stream starts once the first version answers, as for a service started on a
+    # topic's history: the first round (many epochs over the backlog) is set-up, not freshness.
+    with console.status(f"the loop's first version trains on the {first:,} backlog events"):
+
+        def served() -> bool:
+            answered = queries.rps == 0 or bool(queries.first_seen)
+            return running.registry.champion() is not None and answered
+
+        if _wait_for(served, _BACKLOG_S * 3, stop) == "stopped":
+            return None
+    watch = StreamWatch(running.registry, running.loop)
+    watch.bounds = slice_bounds(first, len(events), cfg.slice_events)
+    errors: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            rest = watch.marked(clock.stamp(events[first:]), first, stop)
+            replay(rest, s.kafka, s.topics.events, rate=cfg.rate)
+        except Exception as err:  # reported by the demo's thread
+            errors.append(err)
+
+    producer = threading.Thread(target=produce, name="producer", daemon=True)
+    producer.start()
+    console.print(
+        f"{first:,} events buffered; the loop is running. Replaying the other "
+        f"{len(events) - first:,} at {cfg.rate:.0f}/s into {s.topics.events}; Serve at "
+        f"http://{s.serving.host}:{s.serving.port}; dashboard at http://127.0.0.1:8265"
+    )
+    while producer.is_alive() and not stop.wait(0.5):
+        watch.poll()
+    watch.ended = time.time()
+    if errors and not stop.is_set():
+        raise ServiceError(f"replaying the stream failed: {errors[0]}") from errors[0]
+    return None if stop.is_set() else watch
 
 
-def _wait_served(rows: list[Row], champion: int | None, queries: Queries, ctl: Any) -> None:
-    """Give the last rollout time to reach the live endpoint (bounded)."""
-    deadline = time.time() + 60
-    while champion is not None and time.time() < deadline:
-        answered = queries.first_seen.get(champion) or queries.rps == 0
-        # The controller records its choice before it deploys (replicas follow the record), so
-        # ask for its event, which it emits once the deployment returned.
-        if answered and any(e.version == champion for e in ctl.events):
+def _until(events: Iterator[Event], stop: threading.Event) -> Iterator[Event]:
+    for event in events:
+        if stop.is_set():
             return
-        time.sleep(0.5)
+        yield event
+
+
+def _wait_for(
+    cond: Callable[[], bool], timeout: float, stop: threading.Event
+) -> Literal["done", "stopped", "timeout"]:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if stop.wait(0.5):
+            return "stopped"
+        if time.monotonic() > deadline:
+            return "timeout"
+    return "done"
+
+
+def _wait_tail(
+    running: Running, queries: Queries, watch: StreamWatch, total: int, stop: threading.Event
+) -> bool:
+    """Until the loop has trained the whole stream and the newest promoted version answered live
+    (so every event trained on is attributed to a live version). False on ``stop``.
+
+    A rejected last round's events wait in the carry for events that will not come: they are
+    reported as pending, as is whatever the loop has not trained within the bound.
+    """
+    loop, reg = running.loop, running.registry
+
+    def idle() -> bool:
+        watch.poll()
+        champion = reg.champion()
+        return (
+            running.buffer.stats().rows >= total
+            and loop.pending() == 0
+            and champion is not None
+            and (queries.rps == 0 or champion in queries.first_seen)
+        )
+
+    with console.status("waiting for the loop to train and serve the end of the stream"):
+        waited = _wait_for(idle, _TAIL_S, stop)
+    if waited == "timeout":
+        console.print(f"the end of the stream was not trained and served in {_TAIL_S:.0f} s")
+    return waited != "stopped"
+
+
+def _load(registry: Registry, version: int) -> LoadedVersion | None:
+    try:
+        return registry.load(version)
+    except LookupError as err:  # pruned already: that slice goes unscored
+        log.warning("v%d could not be loaded for scoring: %s", version, err)
+        return None
 
 
 def _say(line: str) -> None:

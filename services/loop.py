@@ -42,6 +42,8 @@ from training.session import TrainingSession
 
 log = logging.getLogger(__name__)
 
+CARRY_TRIES = 3  # rounds on a quiet stream's carried events alone before waiting for new ones
+
 
 class ContinualLoop:
     def __init__(
@@ -60,6 +62,8 @@ class ContinualLoop:
         self.last_compact = time.monotonic()
         self.pending_since: float | None = None  # when should_train first saw pending events
         self.retry_at_pending: int | None = None  # after a too-small round: wait for this many
+        self.carry_tries = 0  # rounds in a row on rejected rounds' events alone
+        self._carry_of: tuple[int, int] | None = None  # (latest version, its carried events)
         # loop.long_lived_trainer: one Ray Train run for every round (started by the first).
         self.session = TrainingSession() if cfg.long_lived_trainer else None
         self.last_skip: str | None = None  # why the last run_once returned None (for the CLI)
@@ -85,17 +89,31 @@ class ContinualLoop:
 
     def should_train(self) -> bool:
         n = self.pending()
+        if n == 0:
+            return self._carry_due()
         if self.retry_at_pending is not None:
-            if n < self.retry_at_pending and not self._quiet():
+            if n < self.retry_at_pending:
                 return False
             self.retry_at_pending = None
-        if n > 0 and self.pending_since is None:  # a round's trigger wait runs from here
+        if self.pending_since is None:  # a round's trigger wait runs from here
             self.pending_since = time.monotonic()
         enough = (
             self.cfg.first_round_events if self.registry.champion() is None
             else self.cfg.min_round_events
         )  # fmt: skip
-        return n >= enough or (n > 0 and self._quiet())
+        return n >= enough or self._quiet()
+
+    def _carry_due(self) -> bool:
+        """Nothing new, but the latest round was rejected and its events wait in the carry: once
+        the stream has been quiet for ``max_pending_s``, a round trains them alone (a few tries;
+        new events end the wait anyway, since every round takes the carry along)."""
+        latest = self.registry.latest()
+        if latest is None or self.registry.champion() is None or self.carry_tries >= CARRY_TRIES:
+            return False
+        if self._carry_of is None or self._carry_of[0] != latest:
+            self._carry_of = (latest, int(self.registry.meta(latest).get("carry_events", 0)))
+        quiet = time.monotonic() - self.last_round_at >= self.cfg.max_pending_s
+        return self._carry_of[1] > 0 and quiet
 
     def _quiet(self) -> bool:
         """Pending events have waited ``max_pending_s``: train them however few they are."""
@@ -118,7 +136,9 @@ class ContinualLoop:
             upto = self.buffer.watermark()
             if not fresh:  # a fresh start learns from everything there is
                 upto = cap_round(after, upto, self.cfg.max_round_events)
-        min_events = 1 if self._quiet() else self.cfg.min_round_events
+        carry_only = self.pending() == 0
+        min_events = 0 if carry_only else 1 if self._quiet() else self.cfg.min_round_events
+        self.carry_tries = self.carry_tries + 1 if carry_only else 0
         plan = plan_round(self.buffer, after, upto, fresh, min_events)
         self.last_round_at = time.monotonic()
         self.last_skip = None

@@ -4,9 +4,13 @@ The loop (the driver) never holds a round's rows. It plans the round from the bu
 (which segment objects hold offsets in [after, upto): names and offsets, no bytes) and submits
 ``run_planned`` as a Ray task. The task reads those segments straight from the buffer's storage
 (a local directory or s3://...), takes the new users' history from the latest version's per-user
-index (``training.histories``: bounded by the round's users, not by everything buffered), launches
-the Ray Train job from there and registers the result. So a round's cost follows its new events,
-and on a cluster the bytes move between object storage and the training nodes only.
+index (``training.histories``: bounded by the round's users, not by everything buffered), trains
+from there and registers the result. So a round's cost follows its new events, and on a cluster
+the bytes move between object storage and the training nodes only.
+
+Training is either the driver's long-lived run (a ``training.session.SessionClient`` passed as
+``trainer``: the task posts the round to the run's feeder on the head and waits for its result)
+or, with no ``trainer``, a new Ray Train run launched by the task for this round.
 """
 
 from __future__ import annotations
@@ -39,9 +43,10 @@ class RoundPlan:
     upto: dict[str, int]
     fresh_start: bool  # no champion: train from scratch on everything, with no context
     min_events: int
-    # Names the round's Ray Train run. A task retried after its node died runs the same plan, so
-    # Ray Train finds the run in storage and resumes from its last epoch checkpoint; a new plan
-    # (another loop, a later attempt at the slice) starts a run of its own.
+    # Names the round's Ray Train run (or the round in a long-lived run). A task retried after its
+    # node died runs the same plan, so Ray Train finds the run in storage and resumes from its last
+    # epoch checkpoint (a long-lived run's feeder keeps the round, its progress and its result);
+    # a new plan (another loop, a later attempt at the slice) starts a run of its own.
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
@@ -109,16 +114,21 @@ def run_on_cluster(
     registry: Registry,
     cfg: RoundConfig,
     extra_meta: dict[str, Any] | None = None,
+    trainer: TrainFn | None = None,
 ) -> RoundOutcome:
-    """``run_planned`` as a Ray task on a training node (``trainer.node_resource``)."""
+    """``run_planned`` as a Ray task on a training node (``trainer.node_resource``).
+
+    ``trainer``: a picklable ``TrainFn`` the task trains with, e.g. the driver's long-lived run
+    (``TrainingSession.client``); None: the task launches a new Ray Train run for the round."""
     import ray
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
     resources = {cfg.trainer.node_resource: 0.001} if cfg.trainer.node_resource else None
     # No CPU of its own: the task only waits on the Ray Train job, whose workers hold the CPUs.
-    # Retried if its node dies (never on an exception): a rerun plans nothing new, and the
-    # registry's expect_latest check makes a rerun after a registration a no-op.
+    # Retried if its node dies (never on an exception): a rerun plans nothing new (and posts the
+    # same round id to a long-lived run, which trains it once), and the registry's expect_latest
+    # check makes a rerun after a registration a no-op.
     task = ray.remote(run_planned).options(num_cpus=0, resources=resources, max_retries=2)
-    outcome: RoundOutcome = ray.get(task.remote(plan, registry, cfg, extra_meta))
+    outcome: RoundOutcome = ray.get(task.remote(plan, registry, cfg, extra_meta, trainer))
     return outcome

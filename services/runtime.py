@@ -114,7 +114,6 @@ class Running:
         t = self.supervisor.threads.get("ingest")
         if t is not None:
             t.join(timeout)
-        self.loop.close(min(timeout, 30.0))  # the long-lived training run, before Ray goes
         self._stopped = True
 
 

@@ -367,7 +367,12 @@ def run_round(
     new_ex, new_hold = round_examples(
         history.recent, new_seqs, mcfg.max_len, cfg.gate.holdout_events, seen=history.seen
     )
-    if len(new_ex) == 0:
+    # Rejected rounds since the champion: trained on again here (none for a fresh start, which
+    # reads everything buffered anyway). A round with no new events of its own trains them alone.
+    carry = Carry.empty(mcfg.max_len)
+    if base_dir is not None and Carry.exists(base_dir) and champ is not None:
+        carry = Carry.load(base_dir)
+    if len(new_ex) == 0 and len(carry) == 0:
         raise EmptyRoundError(
             f"{new.num_rows} new events from {len(set(new.column('user_id').to_pylist()))} users "
             "give no training example (each needs an earlier event of its user); wait for more"
@@ -400,12 +405,7 @@ def run_round(
     else:
         probes = Reservoir(cfg.gate.replay_eval_size, mcfg.max_len, cfg.replay.seed + 1)
     replay_hold = holdout_from_examples(Examples(probes.inputs, probes.targets))
-    replay_ex = reservoir.sample(int(cfg.replay.ratio * len(new_ex)))
-    # Rejected rounds since the champion: trained on again here (none for a fresh start, which
-    # reads everything buffered anyway).
-    carry = Carry.empty(mcfg.max_len)
-    if base_dir is not None and Carry.exists(base_dir) and champ is not None:
-        carry = Carry.load(base_dir)
+    replay_ex = reservoir.sample(int(cfg.replay.ratio * (len(new_ex) + len(carry))))
     train_ex = new_ex.concat(carry.examples).concat(replay_ex)
 
     t_train = time.monotonic()

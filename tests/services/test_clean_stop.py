@@ -46,7 +46,7 @@ def _env(state: Path, broker_port: int) -> dict[str, str]:
         # Long enough that the signal surely lands while the workers train.
         "STREAMTUNE_TRAINER__EPOCHS": "200",
         "STREAMTUNE_TRAINER__FIRST_ROUND_EPOCHS": "200",
-        "STREAMTUNE_LOOP__MIN_NEW_EVENTS": "1000",
+        "STREAMTUNE_LOOP__FIRST_ROUND_EVENTS": "1000",
         "STREAMTUNE_LOOP__MIN_ROUND_EVENTS": "300",
         "STREAMTUNE_LOOP__POLL_S": "0.5",
         "STREAMTUNE_INGEST__FLUSH_INTERVAL_S": "0.3",
@@ -102,7 +102,7 @@ def test_signal_mid_round_stops_everything(
         args = ["up"]
     else:
         args = ["demo", "--keep", "--events", "5000", "--first-round-events", "1500",
-                "--round-events", "1000", "--rate", "3000", "--query-rps", "2",
+                "--slice-events", "1000", "--rate", "3000", "--query-rps", "2",
                 "--out", str(tmp_path / "out")]  # fmt: skip
     log = tmp_path / "cli.log"
     with log.open("wb") as out:
@@ -119,7 +119,7 @@ def test_signal_mid_round_stops_everything(
         # Mid-round: after the first epoch's checkpoint, with epochs still to go. (Not earlier:
         # a fresh environment's first round JIT-builds a DeepSpeed op, and a kill during that
         # build leaves partial build files behind for every later test's rounds.)
-        ckpts = lambda: list(state.rglob("ray_results/round-*/checkpoint_*"))  # noqa: E731
+        ckpts = lambda: list(state.rglob("ray_results/*/checkpoint_*"))  # noqa: E731
         _wait_for(lambda: bool(ckpts()), 420, "a training round's first epoch", proc, log)
         assert proc.poll() is None
         started = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]

@@ -322,3 +322,44 @@ def _cfg(tmp: Path) -> Any:
 def _fake_champion(reg: Registry, watermark: dict[str, int]) -> None:
     reg.register(_write, {"watermark": watermark}, promote=True, reason="test champion",
                  expect_latest=reg.latest())  # fmt: skip
+
+
+def test_a_rejected_last_round_is_retrained_alone_once_the_stream_is_quiet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No Ray: nothing pending, but the latest version was rejected with events in its carry.
+    After max_pending_s the loop runs a round with no new events (min_events 0), a few times at
+    most; a rejected round without carried events asks for nothing."""
+    import time
+
+    from services import loop as loop_mod
+    from services.config import LoopConfig
+    from services.loop import CARRY_TRIES, ContinualLoop
+    from streams.buffer import EventBuffer
+    from streams.config import BufferConfig
+
+    reg = Registry(tmp_path / "registry")
+    _fake_champion(reg, {})
+    reg.register(_write, {"watermark": {}, "carry_events": 120}, promote=False,
+                 reason="rejected", expect_latest=1)  # fmt: skip
+    loop = ContinualLoop(EventBuffer(BufferConfig(path=tmp_path / "buffer")), reg, _cfg(tmp_path),
+                         LoopConfig(max_pending_s=0.2), tmp_path / "loop.json")  # fmt: skip
+    planned: list[int] = []
+
+    def run_planned(plan: Any, *args: Any) -> Any:
+        planned.append(plan.min_events)
+        raise ConcurrentRoundError("stop here")
+
+    monkeypatch.setattr(loop_mod, "run_planned", run_planned)
+    assert not loop.should_train()  # not quiet long enough yet
+    for _ in range(CARRY_TRIES):
+        time.sleep(0.25)
+        assert loop.should_train()
+        loop.run_once()
+    time.sleep(0.25)
+    assert planned == [0] * CARRY_TRIES and not loop.should_train()  # gave up: wait for events
+    reg.register(_write, {"watermark": {}, "carry_events": 0}, promote=False, reason="rejected",
+                 expect_latest=2)  # fmt: skip
+    loop.carry_tries = 0
+    time.sleep(0.25)
+    assert not loop.should_train()  # nothing carried: nothing to do

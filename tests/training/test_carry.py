@@ -125,3 +125,20 @@ def test_a_fresh_start_ignores_the_carry_since_it_reads_everything(
     again = run_round(table, table.slice(0, 0), {"events:0": 1600}, r.reg, CFG,
                       {"after_watermark": {}})  # fmt: skip
     assert again.carried_events == 0 and again.trained[0]["after"] == {}
+
+
+def test_a_round_without_new_events_trains_the_carry_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end of a quiet stream: the last round was rejected and nothing new comes. The loop's
+    carry round has no events of its own; it trains the carried ones (with replay) and is gated
+    on earlier rounds' questions."""
+    r = Rounds(tmp_path, monkeypatch, CFG.model_copy(update={"replay": ReplayConfig(ratio=1.0)}))
+    r.run(1200, promote=True)
+    r.run(400, promote=False)
+    carried = Carry.load(r.reg.path(2)).examples
+    tail = r.run(0, promote=True)
+    assert tail.new_events == 0 and tail.carried_events == 400
+    assert _rows(carried) <= _rows(r.seen[-1]) and len(r.seen[-1]) > len(carried)  # + replay
+    assert [s["upto"] for s in tail.trained] == [{"events:0": 1600}, {"events:0": 1600}]
+    assert r.reg.meta(tail.version)["watermark"] == {"events:0": 1600}
