@@ -4,10 +4,12 @@
 
 Starts the project's SeaweedFS S3 server, the embedded Kafka broker and a Ray cluster of a head
 and two worker nodes (`ray start`, see ``bench/raycluster.py``). A producer publishes a steady
-synthetic stream; ingest writes it to a buffer on S3; the continual loop runs rounds on the
-worker nodes (``trainer.node_resource``) with the registry and Ray Train's checkpoints on S3.
-During the second round the worker node hosting a training worker is SIGKILLed; the round must
-still register exactly one version, and the node is then started again. After the stream ends,
+synthetic stream; ingest writes it to a buffer on S3; the continual loop runs rounds as tasks on
+the worker nodes (``trainer.node_resource``), which train through the driver's long-lived Ray
+Train run (its workers on the worker nodes too), with the registry and Ray Train's checkpoints on
+S3. During the second round the worker node hosting a training worker is SIGKILLed; the round
+must resume from its checkpoint and still register exactly one version, and the node is then
+started again. After the stream ends,
 every published event must be in the buffer exactly once. Finally the round-cost measurement of
 ``bench.round_cost`` runs on the same cluster and S3: the same 20,000 new events with 100k, 1M
 and 5M events already buffered (``--quick``: 100k, 400k, 1M).
@@ -88,7 +90,8 @@ def settings(tmp: Path, kafka: KafkaConfig, topics: TopicsConfig, prefix: str,
         buffer=BufferConfig(path=f"{prefix}/buffer", storage=opts),
         registry=RegistryConfig(path=f"{prefix}/registry", storage=opts),
         ingest=IngestConfig(group_id="bench-ingest"),
-        loop=LoopConfig(min_round_events=300, round_on_cluster=True),
+        # Rounds run as tasks on the worker nodes and train through the driver's long-lived run.
+        loop=LoopConfig(min_round_events=300, round_on_cluster=True, long_lived_trainer=True),
         serving=ServingConfig(replicas=2, node_resource=SERVE, follow_s=0.5),
         rollout=RolloutConfig(
             in_cluster=True,
@@ -123,43 +126,60 @@ def serve_env(s: Settings, tmp: Path) -> dict[str, str]:
     }
 
 
+def state_address() -> str:
+    """The connected cluster's address for Ray's state API, which without one guesses among the
+    Ray instances on the machine (and fails when others run there too)."""
+    import ray
+
+    return str(ray.get_runtime_context().gcs_address)
+
+
 def _train_worker_nodes() -> set[str]:
     from ray.util.state import list_actors
 
-    alive = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    alive = list_actors(state_address(), filters=[("state", "=", "ALIVE")], limit=1000)
     return {a.node_id for a in alive if a.node_id and "RayTrainWorker" in (a.class_name or "")}
 
 
-def checkpoints(location: str, cfg: StorageConfig) -> int:
-    """Runs under Ray Train's storage URI whose controller has registered a checkpoint.
+def checkpointed(location: str, cfg: StorageConfig) -> set[str]:
+    """``run/round`` of the checkpoint each run under Ray Train's storage URI has registered.
 
     Registered, not just uploaded: a worker killed between its upload and the controller's
-    bookkeeping leaves a checkpoint that no retry resumes from.
+    bookkeeping leaves a checkpoint that no retry resumes from. A new entry appears when a new
+    run (a round's own) registers its first checkpoint or a long-lived run's checkpoint moves on
+    to another round (its progress names the round).
     """
     import pyarrow.fs as pafs
 
     fs, path = arrow_filesystem(location, cfg)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    n = 0
+    out: set[str] = set()
     for info in infos:
         if info.base_name != "checkpoint_manager_snapshot.json":
             continue
+        run_dir = info.path.rsplit("/", 1)[0]
+        run = run_dir.rsplit("/", 1)[-1]
         try:
             with fs.open_input_stream(info.path) as f:
-                n += json.loads(f.read()).get("latest_checkpoint_result") is not None
-        except (OSError, ValueError):
-            continue  # being rewritten (not atomic on every store)
-    return n
+                latest = json.loads(f.read()).get("latest_checkpoint_result")
+            if latest is None:
+                continue
+            progress = f"{run_dir}/{latest['checkpoint_dir_name']}/progress.json"
+            with fs.open_input_stream(progress) as f:
+                out.add(f"{run}/{json.loads(f.read()).get('round')}")
+        except (OSError, ValueError, KeyError):
+            continue  # being rewritten (not atomic on every store), or pruned meanwhile
+    return out
 
 
 def _kill_mid_round(cluster: LocalCluster, workers: list[Node], running: threading.Thread,
                     store: tuple[str, StorageConfig]) -> str:  # fmt: skip
     """Once the round has written its first checkpoint, SIGKILL the worker node hosting a
     training worker (so the recovery can resume from that checkpoint)."""
-    before = checkpoints(*store)
+    before = checkpointed(*store)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and running.is_alive():
-        if checkpoints(*store) <= before:
+        if checkpointed(*store) <= before:
             time.sleep(0.3)
             continue
         hosting = _train_worker_nodes()

@@ -51,7 +51,8 @@ does: in ``id``, mean-of-known rows (the MiniLM title init, ``text_init``, is of
 ``StreamConfig``'s model so that no strategy pays for it); with a text item representation
 (``ModelConfig.item_repr``), the titles' MiniLM features.
 
-The cold-item table's runs are in ``bench.cold_items``. Scores go through the one ranking core
+The ``product`` strategy (the product's own rounds) is in ``bench.product_stream``; the
+cold-item table's runs are in ``bench.cold_items``. Scores go through the one ranking core
 (``training.ranking`` via ``training.evaluation``), the gate's.
 
 Benchmark-only: production never imports this module (it lived in ``training/`` before).
@@ -63,10 +64,12 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from rich.table import Table
 
 from training.config import ModelConfig
 from training.evaluation import Case, Interactions, Scorer, ndcg_hr, rank_full
@@ -304,3 +307,41 @@ def _holdout_ranks(scorer: Scorer, chunk: Chunk) -> np.ndarray:
 
 def _ndcg10(ranks: np.ndarray) -> float:
     return ndcg_hr(ranks)[0] if ranks.size else float("nan")  # no held-out events: no score
+
+
+def stream_table(results: Sequence[StrategyResult], title: str) -> Table:
+    """One row per strategy: stream NDCG@10, forgetting, training seconds."""
+    table = Table(title=title)
+    table.add_column("strategy")
+    for col in ("stream NDCG@10", "forgetting", "train s/round", "total train s"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(
+            r.name,
+            f"{r.mean_stream_ndcg10:.4f}",
+            f"{r.forgetting:+.4f}",
+            f"{r.mean_train_s:.2f}",
+            f"{sum(r.train_s):.1f}",
+        )
+    return table
+
+
+def plot_stream(results: Sequence[StrategyResult], path: Path) -> Path:
+    """NDCG@10 per chunk and training seconds per round, one line per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display here; must precede pyplot's import
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        x = np.arange(1, len(r.stream_ndcg10) + 1)
+        ax1.plot(x, r.stream_ndcg10, marker="o", label=r.name)
+        ax2.plot(x, r.train_s, marker="o", label=r.name)
+    ax1.set(xlabel="chunk", ylabel="NDCG@10 (test-then-train)", title="Streaming quality")
+    ax2.set(xlabel="round", ylabel="seconds", title="Training time per round", yscale="log")
+    ax1.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -11,14 +11,17 @@ very same cases and negatives: popularity, and popularity with recency (its half
 validation). Training stops after ``patience`` epochs without a better validation NDCG@10 and the
 best epoch is reported on test; ``--seeds N`` runs it with N seeds and reports mean ± std.
 
-Streaming: ``bench.prequential`` (protocol, forgetting and strategy definitions there). The
+Streaming: ``bench.prequential`` (protocol, forgetting and strategy definitions there), plus
+``product`` (``bench.product_stream``): the product's own rounds (Ray Train + DeepSpeed, gate,
+registry, carry) with its default settings, scored as the others; ``--strategies`` runs a subset
+(and then skips the cold-item table, which belongs to the full run). The
 cold-item table runs the replay strategy (the production recipe) once per item representation
 (``ModelConfig.item_repr``: id, text, id+text; text = the dataset's titles, MiniLM; plus id with
 the title init production rounds use for new ID rows, ``text_init``) and seed, and
 scores each round's held-out events right after that round, pooled over rounds: all of them, and
 those whose item is cold (first seen in that round's chunk). All
-training runs in this process with the trainer's ``training.fit`` loop on one worker, not on Ray:
-the benchmark compares learning strategies, not distribution.
+training but ``product``'s runs in this process with the trainer's ``training.fit`` loop on one
+worker, not on Ray: the benchmark compares learning strategies, not distribution.
 
 Progress goes to stderr; stdout gets the tables and, last, exactly one JSON line.
 """
@@ -31,10 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from rich.console import Console
 from rich.table import Table
 
@@ -44,8 +46,11 @@ from bench.prequential import (
     StrategyResult,
     StreamConfig,
     build_chunks,
+    plot_stream,
     run_stream,
+    stream_table,
 )
+from bench.product_stream import ProductStream, product_goal, run_product
 from bench.strategies import ModelStrategy, train_from_scratch, train_selected
 from training.evaluation import (
     Interactions,
@@ -60,12 +65,14 @@ from training.evaluation import (
 )
 from training.ranking import top_k
 
-matplotlib.use("Agg")  # no display here; must precede pyplot's import
-import matplotlib.pyplot as plt
-
 TRAINING_NOTE = (
     "in-process, single worker (training.fit + AdamW), not Ray/DeepSpeed: this benchmark "
     "measures the learning strategy, not distribution"
+)
+ALL_STRATEGIES = (*STRATEGIES, "product")
+PRODUCT_NOTE = (
+    "the product's rounds (run_round, default settings, gate, registry) on a long-lived Ray "
+    "Train + DeepSpeed run, train s = wall time of a chunk's rounds"
 )
 NEGATIVES_NOTE = "100 per case, uniform, without replacement, from items the user never touched"
 err = Console(stderr=True)
@@ -97,6 +104,22 @@ class QualityConfig(BaseModel):
     stream: StreamConfig = Field(
         default_factory=StreamConfig, description="How the streaming strategies train."
     )
+    product: ProductStream = Field(
+        default_factory=ProductStream, description="How the product strategy's rounds are fed."
+    )
+    strategies: tuple[str, ...] = Field(
+        default=ALL_STRATEGIES,
+        min_length=1,
+        description="Streaming strategies to run; a subset skips the cold-item table.",
+    )
+
+    @field_validator("strategies")
+    @classmethod
+    def _known(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(names) - set(ALL_STRATEGIES))
+        if unknown:
+            raise ValueError(f"unknown strategies {unknown}; choose among {ALL_STRATEGIES}")
+        return tuple(n for n in ALL_STRATEGIES if n in names)  # the tables' fixed order
 
     @classmethod
     def quick_preset(cls, **overrides: Any) -> QualityConfig:
@@ -237,15 +260,10 @@ def diversity_tradeoff(
 
 def run_streaming(
     inter: Interactions, cfg: QualityConfig, t0: float
-) -> tuple[list[StrategyResult], float]:
-    """Pretrain once on chunk 0, then every strategy streams over the remaining chunks."""
+) -> tuple[list[StrategyResult], float, dict[str, Any] | None]:
+    """Pretrain once on chunk 0, then every strategy streams over the remaining chunks; the
+    product strategy (if chosen) last, its first version trained by its own first round."""
     chunks = build_chunks(inter, cfg.chunks, cfg.max_stream_cases, cfg.seed)
-    t_pre = time.perf_counter()
-    pretrained = train_from_scratch(
-        inter, chunks[0].train_rows, cfg.stream, cfg.stream.pretrain_epochs
-    )
-    pretrain_s = time.perf_counter() - t_pre
-    _log(f"pretrained on chunk 0 ({len(chunks[0].train_rows)} events) in {pretrain_s:.1f}s", t0)
 
     def on_round(k: int, res: StrategyResult) -> None:
         _log(
@@ -254,8 +272,24 @@ def run_streaming(
             t0,
         )
 
-    strategies = [ModelStrategy(name, inter, cfg.stream, pretrained) for name in STRATEGIES]
-    return run_stream(chunks, strategies, on_round), pretrain_s
+    results: list[StrategyResult] = []
+    pretrain_s = 0.0
+    names = [n for n in cfg.strategies if n in STRATEGIES]
+    if names:
+        t_pre = time.perf_counter()
+        pretrained = train_from_scratch(
+            inter, chunks[0].train_rows, cfg.stream, cfg.stream.pretrain_epochs
+        )
+        pretrain_s = time.perf_counter() - t_pre
+        _log(f"pretrained on chunk 0 ({len(chunks[0].train_rows)} events) in {pretrain_s:.1f}s",
+             t0)  # fmt: skip
+        strategies = [ModelStrategy(name, inter, cfg.stream, pretrained) for name in names]
+        results = run_stream(chunks, strategies, on_round)
+    product = None
+    if "product" in cfg.strategies:
+        res, product = run_product(inter, chunks, cfg.product, on_round, lambda m: _log(m, t0))
+        results.append(res)
+    return results, pretrain_s, product
 
 
 def run_cold_items(inter: Interactions, cfg: QualityConfig, t0: float) -> dict[str, Any]:
@@ -344,36 +378,30 @@ def _diversity_table(rows: list[dict[str, float]]) -> Table:
     return table
 
 
-def _stream_table(results: list[StrategyResult], n_chunks: int) -> Table:
-    table = Table(title=f"Streaming, test-then-train over {n_chunks} chunks ({TRAINING_NOTE})")
-    table.add_column("strategy")
-    for col in ("stream NDCG@10", "forgetting", "train s/round", "total train s"):
-        table.add_column(col, justify="right")
-    for r in results:
-        table.add_row(
-            r.name,
-            f"{r.mean_stream_ndcg10:.4f}",
-            f"{r.forgetting:+.4f}",
-            f"{r.mean_train_s:.2f}",
-            f"{sum(r.train_s):.1f}",
-        )
-    return table
-
-
-def plot(results: list[StrategyResult], path: Path) -> Path:
-    """NDCG@10 per chunk and training seconds per round, one line per strategy."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for r in results:
-        x = np.arange(1, len(r.stream_ndcg10) + 1)
-        ax1.plot(x, r.stream_ndcg10, marker="o", label=r.name)
-        ax2.plot(x, r.train_s, marker="o", label=r.name)
-    ax1.set(xlabel="chunk", ylabel="NDCG@10 (test-then-train)", title="Streaming quality")
-    ax2.set(xlabel="round", ylabel="seconds", title="Training time per round", yscale="log")
-    ax1.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def stream_goals(by_name: dict[str, StrategyResult], record: dict[str, Any],
+                 console: Console) -> None:  # fmt: skip
+    """The streaming goals whose strategies ran: into ``record`` and one console line each."""
+    full, replay = by_name.get("full_retrain"), by_name.get("replay")
+    ft, product = by_name.get("finetune"), by_name.get("product")
+    goals = record["goals"]
+    if full is not None and replay is not None:
+        ndcg_ratio = replay.mean_stream_ndcg10 / full.mean_stream_ndcg10
+        time_ratio = replay.mean_train_s / full.mean_train_s
+        record["replay_over_full_ndcg"] = round(ndcg_ratio, 4)
+        record["replay_over_full_train_s"] = round(time_ratio, 4)
+        goals["replay_ndcg_ge_98pct_of_full"] = ndcg_ratio >= 0.98
+        goals["replay_train_s_le_25pct_of_full"] = time_ratio <= 0.25
+        console.print(f"replay / full_retrain: NDCG@10 {ndcg_ratio:.1%} (goal >= 98%), "
+                      f"training time {time_ratio:.1%} (goal <= 25%)")  # fmt: skip
+    if replay is not None and ft is not None:
+        goals["replay_forgets_less_than_finetune"] = replay.forgetting < ft.forgetting
+        console.print(f"forgetting: replay {replay.forgetting:+.4f} vs finetune "
+                      f"{ft.forgetting:+.4f}")  # fmt: skip
+    if full is not None and product is not None:
+        ratio, line = product_goal(product, full, record["strategies"]["product"])
+        record["product_over_full_ndcg"] = round(ratio, 4)
+        goals["product_ndcg_ge_98pct_of_full"] = ratio >= 0.98
+        console.print(line)
 
 
 def run(cfg: QualityConfig, console: Console) -> dict[str, Any]:
@@ -410,46 +438,43 @@ def run(cfg: QualityConfig, console: Console) -> dict[str, Any]:
         "cold_items": {},
         "replay_over_full_ndcg": None,
         "replay_over_full_train_s": None,
+        "product_over_full_ndcg": None,
     }
     if not cfg.offline_only:
-        results, pretrain_s = run_streaming(inter, cfg, t0)
-        console.print(_stream_table(results, cfg.chunks))
+        results, pretrain_s, product = run_streaming(inter, cfg, t0)
         by_name = {r.name: r for r in results}
-        replay, full, ft = by_name["replay"], by_name["full_retrain"], by_name["finetune"]
-        ndcg_ratio = replay.mean_stream_ndcg10 / full.mean_stream_ndcg10
-        time_ratio = replay.mean_train_s / full.mean_train_s
+        note = TRAINING_NOTE + (f"; product: {PRODUCT_NOTE}" if "product" in by_name else "")
+        console.print(stream_table(results, f"Streaming, test-then-train over {cfg.chunks} "
+                                   f"chunks ({note})"))  # fmt: skip
+        summaries = {r.name: r.summary() for r in results}
+        if product is not None:
+            summaries["product"].update(product)
         record.update(
-            strategies={r.name: r.summary() for r in results},
-            replay_over_full_ndcg=round(ndcg_ratio, 4),
-            replay_over_full_train_s=round(time_ratio, 4),
-            goals={
-                "replay_ndcg_ge_98pct_of_full": ndcg_ratio >= 0.98,
-                "replay_train_s_le_25pct_of_full": time_ratio <= 0.25,
-                "replay_forgets_less_than_finetune": replay.forgetting < ft.forgetting,
-            },
+            strategies=summaries,
+            goals={},
             chunks=cfg.chunks,
+            strategies_run=list(cfg.strategies),
             pretrain_s=round(pretrain_s, 1),
             stream_config=cfg.stream.model_dump(exclude={"model"}),
+            product_stream=cfg.product.model_dump(),
             full_retrain="from scratch every round (fresh model, same seed), epochs chosen on "
             "validation (each user's last event so far), early stopping",
             training=TRAINING_NOTE,
-            plot=str(plot(results, cfg.out / "quality_stream.png")),
+            product_training=PRODUCT_NOTE if "product" in cfg.strategies else None,
+            plot=str(plot_stream(results, cfg.out / "quality_stream.png")),
         )
-        cold = run_cold_items(inter, cfg, t0)
-        console.print(_cold_table(cold, cfg.seeds))
-        goal = cold_items_goal(cold)
-        record["cold_items"] = cold
-        record["goals"]["id_text_beats_id_on_cold_by_more_than_spread"] = goal["beats"]
-        record["cold_items_margin"] = goal
-        console.print(
-            f"cold items: id+text - id = {goal['margin']:+.4f} NDCG@10 "
-            f"(seed-to-seed spread {goal['spread']:.4f})"
-        )
-        console.print(
-            f"replay / full_retrain: NDCG@10 {ndcg_ratio:.1%} (goal >= 98%), "
-            f"training time {time_ratio:.1%} (goal <= 25%); forgetting replay "
-            f"{replay.forgetting:+.4f} vs finetune {ft.forgetting:+.4f}"
-        )
+        stream_goals(by_name, record, console)
+        if set(cfg.strategies) == set(ALL_STRATEGIES):  # the full run's table
+            cold = run_cold_items(inter, cfg, t0)
+            console.print(_cold_table(cold, cfg.seeds))
+            goal = cold_items_goal(cold)
+            record["cold_items"] = cold
+            record["goals"]["id_text_beats_id_on_cold_by_more_than_spread"] = goal["beats"]
+            record["cold_items_margin"] = goal
+            console.print(
+                f"cold items: id+text - id = {goal['margin']:+.4f} NDCG@10 "
+                f"(seed-to-seed spread {goal['spread']:.4f})"
+            )
     record["offline_beats_popularity"] = (
         record["offline_ndcg10_full"] > record["popularity"]["ndcg10_full"]
     )
@@ -467,6 +492,12 @@ def parse_args(argv: list[str] | None = None) -> QualityConfig:
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out)")
     p.add_argument("--offline-only", action="store_true", help="skip the streaming comparison")
     p.add_argument("--quick", action="store_true", help="~2 minute version (smoke test)")
+    p.add_argument(
+        "--strategies",
+        help="comma-separated streaming strategies (default: all: "
+        f"{','.join(ALL_STRATEGIES)}); a subset skips the cold-item table",
+    )
+    p.add_argument("--round-events", type=int, help="product: events per round (default 300)")
     a = p.parse_args(argv)
     if a.data is not None and not a.data.exists():
         p.error(f"--data {a.data} does not exist; pass a CSV with user,item,ts[,rating] rows")
@@ -474,7 +505,14 @@ def parse_args(argv: list[str] | None = None) -> QualityConfig:
     over["offline_only"] = a.offline_only
     if a.chunks is not None:
         over["chunks"] = a.chunks
-    cfg = QualityConfig.quick_preset(**over) if a.quick else QualityConfig(**over)
+    if a.strategies is not None:
+        over["strategies"] = tuple(n.strip() for n in a.strategies.split(",") if n.strip())
+    if a.round_events is not None:
+        over["product"] = ProductStream(round_events=a.round_events)
+    try:
+        cfg = QualityConfig.quick_preset(**over) if a.quick else QualityConfig(**over)
+    except ValidationError as err:
+        p.error(str(err))
     # Seeds flow into the training config too, so --seed changes model init and shuffles.
     cfg.stream = cfg.stream.model_copy(update={"seed": a.seed})
     return cfg

@@ -323,11 +323,16 @@ def _stream(
     with console.status(f"the loop's first version trains on the {first:,} backlog events"):
 
         def served() -> bool:
+            if running.loop.retry_at_pending is not None:  # waits for events that never come
+                return True
             answered = queries.rps == 0 or bool(queries.first_seen)
             return running.registry.champion() is not None and answered
 
         if _wait_for(served, _BACKLOG_S * 3, stop) == "stopped":
             return None
+    if running.registry.champion() is None:
+        console.print(f"[yellow]no first version from the backlog ({running.loop.last_skip}); "
+                      "the live stream brings the events it needs[/yellow]")  # fmt: skip
     watch = StreamWatch(running.registry, running.loop)
     watch.bounds = slice_bounds(first, len(events), cfg.slice_events)
     errors: list[BaseException] = []

@@ -107,13 +107,19 @@ class ContinualLoop:
         """Nothing new, but the latest round was rejected and its events wait in the carry: once
         the stream has been quiet for ``max_pending_s``, a round trains them alone (a few tries;
         new events end the wait anyway, since every round takes the carry along)."""
-        latest = self.registry.latest()
-        if latest is None or self.registry.champion() is None or self.carry_tries >= CARRY_TRIES:
+        if self.carry_tries >= CARRY_TRIES:
             return False
+        quiet = time.monotonic() - self.last_round_at >= self.cfg.max_pending_s
+        return quiet and self._carried() > 0
+
+    def _carried(self) -> int:
+        """Events waiting in the latest version's carry (0 without a champion to train on)."""
+        latest = self.registry.latest()
+        if latest is None or self.registry.champion() is None:
+            return 0
         if self._carry_of is None or self._carry_of[0] != latest:
             self._carry_of = (latest, int(self.registry.meta(latest).get("carry_events", 0)))
-        quiet = time.monotonic() - self.last_round_at >= self.cfg.max_pending_s
-        return self._carry_of[1] > 0 and quiet
+        return self._carry_of[1]
 
     def _quiet(self) -> bool:
         """Pending events have waited ``max_pending_s``: train them however few they are."""
@@ -137,6 +143,9 @@ class ContinualLoop:
             if not fresh:  # a fresh start learns from everything there is
                 upto = cap_round(after, upto, self.cfg.max_round_events)
         carry_only = self.pending() == 0
+        if carry_only and self._carried() == 0:
+            self.last_skip = "nothing new to train on and nothing carried"
+            return None
         min_events = 0 if carry_only else 1 if self._quiet() else self.cfg.min_round_events
         self.carry_tries = self.carry_tries + 1 if carry_only else 0
         plan = plan_round(self.buffer, after, upto, fresh, min_events)
@@ -150,7 +159,9 @@ class ContinualLoop:
         try:
             registry, extra = self.registry.expecting(base), {"after_watermark": after}
             if self.cfg.round_on_cluster:
-                outcome = run_on_cluster(plan, registry, self.round_cfg, extra)
+                # The round task on a training node trains on the long-lived run, if any.
+                client = self.session.client(self.round_cfg) if self.session else None
+                outcome = run_on_cluster(plan, registry, self.round_cfg, extra, trainer=client)
             else:
                 trainer = self.session.train if self.session is not None else None
                 outcome = run_planned(plan, registry, self.round_cfg, extra, trainer)

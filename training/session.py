@@ -4,67 +4,171 @@
 worker group, the process group, imports: ~10-16 s on this machine) before every round's first
 step. A ``TrainingSession`` pays it once. Its workers (``worker.rounds_loop_per_worker``) wait on
 the session's feeder actor for the next round, train it with a fresh DeepSpeed engine (the item
-table grows between rounds) and hand rank 0's weights back through the feeder; the driver's
-``train`` returns them exactly as ``training.round.train`` does, so gating and registration are
-unchanged, one version per round.
+table grows between rounds) and hand rank 0's weights back through the feeder.
+
+Rounds reach the run through a ``SessionClient`` (``TrainingSession.client``): a small picklable
+``TrainFn`` holding the feeder's handle, so the round can be prepared anywhere, in the driver
+(``TrainingSession.train``) or in a round task on a training node (``services.round_job``). It
+returns what ``training.round.train`` returns, so gating and registration are unchanged, one
+version per round.
 
 Faults: the run has ``FailureConfig(max_failures=-1)``. A worker that dies restarts the group from
 the run's last checkpoint; the feeder hands out the unfinished round again and the checkpoint
-(its progress names the round) resumes it after its last finished epoch. A round the run cannot
-finish - the run itself ended - raises ``RoundFailedError``.
+(its progress names the round) resumes it after its last finished epoch. A round the restarted
+groups cannot finish within ``ROUND_ATTEMPTS`` fails, and so does every round of a run that
+ended: the client raises ``RoundFailedError`` rather than wait forever. The feeder lives on the
+head node, so losing a training node loses neither it nor the rounds it holds. A round task
+retried elsewhere (its node died) posts the same round id again: the round keeps its place, its
+attempts and its result (the retried poster's data replaces the dead one's, which went with it).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from training.data import Examples
 from training.errors import RoundFailedError
 from training.model import Recommender
 from training.round import RoundConfig, round_job, run_config, scaling_config
+from training.worker import IDLE, rounds_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+# Worker groups that may take one round before it fails. Not trainer.max_failures: that budgets
+# a per-round run's restarts, and the session has always retried a round whose worker died
+# (tests and the cluster's node-loss recovery rely on it); this only ends a round that kills
+# every group it reaches (e.g. a deterministic error), which would otherwise stall the session.
+ROUND_ATTEMPTS = 4
+# Results kept for a re-posted round (a retried round task): whole models, so only the latest.
+KEEP_RESULTS = 4
+Pick = tuple[str, int] | Literal["idle"] | None  # (round id, generation) / nothing yet / stop
+
+
+@dataclass
+class Outcome:
+    """A round's end: rank 0's weights (numpy) and last metrics, or why it failed."""
+
+    state: dict[str, Any] | None
+    metrics: dict[str, float]
+    error: str | None = None
+
+
+@dataclass
+class _Round:
+    job: dict[str, Any]  # {"data": [ObjectRef] or None, "config": {...}}
+    gen: int = 0  # bumped by every re-post: which poster's data a worker took
+    attempts: int = 0  # worker groups that took it
 
 
 class RoundFeeder:
-    """The meeting point of the driver and the workers (a threaded Ray actor)."""
+    """The meeting point of the round posters and the workers (a threaded Ray actor).
+
+    Rank 0 of the worker group alone takes rounds (``next_round``) and tells the other ranks
+    which, so a group trains one round together and each group counts one attempt.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._rounds: OrderedDict[str, dict[str, Any]] = OrderedDict()  # posted, not finished
-        self._results: dict[str, tuple[dict[str, Any], dict[str, float]]] = {}
+        self._rounds: OrderedDict[str, _Round] = OrderedDict()  # posted, not finished
+        self._results: OrderedDict[str, Outcome] = OrderedDict()
         self._stopped = False
+        self._ended: str | None = None  # why the run is over, once it is
+        self._handed_out = 0  # attempts, all rounds together
 
     def post(self, round_id: str, job: dict[str, Any]) -> None:
+        """Queue a round; idempotent per ``round_id``: a finished round is not queued again (its
+        result is handed out again) and a queued one keeps its place, with the new data."""
         with self._cond:
-            self._rounds[round_id] = job
+            if round_id in self._results:
+                return
+            queued = self._rounds.get(round_id)
+            if queued is None:
+                self._rounds[round_id] = _Round(job)
+            else:  # the poster was retried: its data is alive, the first poster's may not be
+                queued.job, queued.gen = job, queued.gen + 1
             self._cond.notify_all()
 
-    def next_round(self, after: str | None) -> dict[str, Any] | None:
-        """The oldest unfinished round other than ``after`` (the one this worker just finished,
-        which rank 0 may not have reported yet); None once the session is closing."""
+    def next_round(self, timeout_s: float) -> Pick:
+        """(rank 0) The oldest round with data to train, counted as an attempt; IDLE after
+        ``timeout_s`` without one; None once the session is closing or over."""
+        deadline = time.monotonic() + timeout_s
         with self._cond:
-            while not self._stopped:
-                for round_id, job in self._rounds.items():
-                    if round_id != after:
-                        return {"id": round_id, **job}
-                self._cond.wait(timeout=1.0)
+            while not self._stopped and self._ended is None:
+                for round_id, r in list(self._rounds.items()):
+                    if r.job["data"] is None:  # lost with its poster: waits for a re-post
+                        continue
+                    if r.attempts >= ROUND_ATTEMPTS:
+                        why = f"round {round_id} failed {r.attempts} times on the session's workers"
+                        self._finish(round_id, Outcome(None, {}, why))
+                        continue
+                    r.attempts += 1
+                    self._handed_out += 1
+                    return round_id, r.gen
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return IDLE
+                self._cond.wait(left)
             return None
+
+    def job(self, round_id: str, gen: int) -> dict[str, Any] | None:
+        """The round as ``next_round`` handed it out; None if it was re-posted or ended since."""
+        with self._cond:
+            r = self._rounds.get(round_id)
+            return r.job if r is not None and r.gen == gen and r.job["data"] else None
+
+    def not_taken(self, round_id: str, gen: int) -> None:
+        """(rank 0) The group could not read the round's data: no attempt was made, and if that
+        data is still the round's, it went with its poster (until the round is posted again)."""
+        with self._cond:
+            r = self._rounds.get(round_id)
+            if r is not None:
+                r.attempts = max(0, r.attempts - 1)
+                self._handed_out -= 1
+                if r.gen == gen:
+                    r.job = {**r.job, "data": None}
 
     def round_done(self, round_id: str, state: dict[str, Any], metrics: dict[str, float]) -> None:
         with self._cond:
             if self._rounds.pop(round_id, None) is not None:  # once, even if reported again
-                self._results[round_id] = (state, metrics)
+                self._finish(round_id, Outcome(state, metrics))
+
+    def _finish(self, round_id: str, outcome: Outcome) -> None:
+        self._rounds.pop(round_id, None)
+        self._results[round_id] = outcome
+        while len(self._results) > KEEP_RESULTS:
+            self._results.popitem(last=False)
+        self._cond.notify_all()
+
+    def result(self, round_id: str, timeout_s: float) -> Outcome | None:
+        """The round's outcome, or None if it has none within ``timeout_s``."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: round_id in self._results or self._ended is not None, timeout=timeout_s
+            )
+            if round_id in self._results:
+                return self._results[round_id]
+            if self._ended is not None:
+                return Outcome(None, {}, f"the training session has ended: {self._ended}")
+            return None
+
+    def end(self, reason: str) -> None:
+        """The run is over (``fit`` returned or raised): rounds without a result fail."""
+        with self._cond:
+            self._ended = reason
             self._cond.notify_all()
 
-    def result(
-        self, round_id: str, timeout_s: float
-    ) -> tuple[dict[str, Any], dict[str, float]] | None:
+    def stats(self) -> dict[str, Any]:
+        """What the feeder holds (for tests and for looking into a stuck session)."""
         with self._cond:
-            self._cond.wait_for(lambda: round_id in self._results, timeout=timeout_s)
-            return self._results.pop(round_id, None)
+            return {"queued": list(self._rounds), "parked": [k for k, r in self._rounds.items()
+                    if r.job["data"] is None], "results": list(self._results),
+                    "handed_out": self._handed_out, "ended": self._ended}  # fmt: skip
 
     def stop(self) -> None:
         with self._cond:
@@ -72,45 +176,105 @@ class RoundFeeder:
             self._cond.notify_all()
 
 
+@dataclass(frozen=True)
+class SessionClient:
+    """Trains rounds on a session's run from any process: a ``training.round.TrainFn``."""
+
+    feeder: Any  # the RoundFeeder's actor handle
+    run_name: str
+    poll_s: float = 10.0  # how often a wait re-checks that the run is still there
+
+    def __call__(
+        self,
+        init: Recommender,
+        teacher: Recommender | None,
+        examples: Examples,
+        cfg: RoundConfig,
+        cold: bool = False,
+        run_id: str | None = None,
+    ) -> tuple[Recommender, dict[str, float]]:
+        """Train one round on the session's workers; returns the model and its last metrics.
+
+        ``run_id`` names the round: posting it again (a retried round task) trains nothing new
+        and returns the same result. Raises ``RoundFailedError`` if the run cannot finish it."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        round_id = run_id or uuid.uuid4().hex[:16]
+        data, job_config = round_job(init, teacher, examples, cfg, cold)
+        data_ref = ray.put(data)  # owned and held here until the round is done: workers read it
+        try:
+            ray.get(self.feeder.post.remote(round_id, {"data": [data_ref], "config": job_config}))
+            got: Outcome | None = None
+            while got is None:
+                got = ray.get(self.feeder.result.remote(round_id, self.poll_s))
+        except RayActorError as err:  # the driver closed the session, or died and took it along
+            raise RoundFailedError(
+                f"the training session {self.run_name} is gone (round {round_id}): {err}"
+            ) from err
+        if got.error is not None or got.state is None:
+            raise RoundFailedError(f"round {round_id} in session {self.run_name}: {got.error}")
+        model = Recommender.from_state(init.cfg, {k: v.copy() for k, v in got.state.items()})
+        model.eval()  # (copies: the arrays Ray hands back are read-only views of its store)
+        return model, {k: float(v) for k, v in got.metrics.items() if isinstance(v, int | float)}
+
+
 class TrainingSession:
     """The driver's handle on a long-lived run; ``train`` is ``training.round.train``'s twin.
 
-    Started by the first ``train``; the run's shape (workers, GPUs, storage) comes from the
-    config of that first round. ``close`` ends the run.
+    Started by the first ``client`` (or ``train``); the run's shape (workers, GPUs, storage)
+    comes from that first config. ``close`` ends the run. The run's controller is an actor of
+    this process, so the run also ends with it (Ray ends a job's actors with its driver).
     """
 
     def __init__(self) -> None:
         self._feeder: Any = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._closed = False
         self.run_name: str | None = None
 
     def _start(self, cfg: RoundConfig) -> None:
         import ray
+        from ray._common.constants import HEAD_NODE_RESOURCE_NAME
         from ray.train.torch import TorchTrainer
-
-        from training.worker import rounds_loop_per_worker
 
         if not ray.is_initialized():
             ray.init(include_dashboard=False)
-        feeder_cls = ray.remote(num_cpus=0, max_concurrency=64)(RoundFeeder)  # type: ignore[call-overload]
-        self._feeder = feeder_cls.remote()
+        # On the head (as serving.context.on_head pins the control plane): a lost training node
+        # must not take the queued rounds and their results along with it.
+        on_head = {HEAD_NODE_RESOURCE_NAME: 0.001}
+        feeder_cls = ray.remote(num_cpus=0, max_concurrency=64, max_restarts=0,  # type: ignore[call-overload]
+                                resources=on_head)(RoundFeeder)  # fmt: skip
+        feeder = feeder_cls.remote()
+        self._feeder, self._error = feeder, None
         self.run_name = f"session-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         trainer = TorchTrainer(
             rounds_loop_per_worker,
             train_loop_config={
-                "feeder": self._feeder,
+                "feeder": feeder,
                 "trainer_config": cfg.trainer.model_dump(mode="json"),
             },
             scaling_config=scaling_config(cfg),
             run_config=run_config(cfg, self.run_name, max_failures=-1),
         )
+        name = self.run_name
 
         def fit() -> None:
+            reason = "its workers returned"
             try:
                 trainer.fit()
-            except BaseException as err:  # the run is over; train() reports it
+            except BaseException as err:  # the run is over: every waiting round is told why
                 self._error = err
+                reason = f"{type(err).__name__}: {err}"
+                level = logging.INFO if self._closed else logging.ERROR  # closing: expected
+                log.log(level, "training session %s ended: %s", name, reason)
+            if not ray.is_initialized():  # Ray shut down under the run: nobody is left to tell
+                return  # (and a call now would start a Ray instance of its own)
+            try:
+                ray.get(feeder.end.remote(reason))
+            except Exception as err:  # closed and killed already, or Ray going down: none waits
+                log.info("training session %s: feeder gone at the run's end: %r", name, err)
 
         self._thread = threading.Thread(target=fit, name="training-session", daemon=True)
         self._thread.start()
@@ -118,6 +282,23 @@ class TrainingSession:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def client(self, cfg: RoundConfig) -> SessionClient:
+        """A picklable ``TrainFn`` for this session's run, started now if it is not running.
+
+        A run that ended on its own (an error Ray Train does not retry) is replaced by a new one
+        here, so one failure does not fail every later round; rounds already waiting on the old
+        run fail with ``RoundFailedError``."""
+        if self._closed:
+            raise RoundFailedError("the training session is closed")
+        if self._thread is not None and not self.running:
+            log.warning("training session %s had ended (%r); starting a new run",
+                        self.run_name, self._error)  # fmt: skip
+            self._drop_feeder()
+        if self._thread is None:
+            self._start(cfg)
+        assert self.run_name is not None
+        return SessionClient(self._feeder, self.run_name)
 
     def train(
         self,
@@ -128,38 +309,30 @@ class TrainingSession:
         cold: bool = False,
         run_id: str | None = None,
     ) -> tuple[Recommender, dict[str, float]]:
-        """Train one round on the session's workers; returns the model and its last metrics."""
-        import ray
-
-        if self._thread is None:
-            self._start(cfg)
-        elif not self.running:
-            raise RoundFailedError(f"the training session has ended: {self._error!r}")
-        round_id = run_id or uuid.uuid4().hex[:16]
-        data, job_config = round_job(init, teacher, examples, cfg, cold)
-        data_ref = ray.put(data)  # held here until the round is done: the workers read it
-        ray.get(self._feeder.post.remote(round_id, {"data": [data_ref], "config": job_config}))
-        while True:
-            got = ray.get(self._feeder.result.remote(round_id, 1.0))
-            if got is not None:
-                break
-            if not self.running:
-                raise RoundFailedError(
-                    f"the training session ended during round {round_id}: {self._error!r}"
-                )
-        state, metrics = got
-        model = Recommender.from_state(init.cfg, {k: v.copy() for k, v in state.items()})  # own it
-        model.eval()
-        return model, {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        """Train one round on the session's workers from this process (see ``SessionClient``)."""
+        return self.client(cfg)(init, teacher, examples, cfg, cold, run_id)
 
     def close(self, timeout_s: float = 60.0) -> None:
         """End the run: the workers finish their loop and ``fit`` returns."""
         import ray
 
+        self._closed = True
         if self._feeder is None:
             return
-        ray.get(self._feeder.stop.remote())
+        try:
+            ray.get(self._feeder.stop.remote(), timeout=timeout_s)
+        except ray.exceptions.RayError as err:  # the rounds' clients learn it from the kill below
+            log.warning("training session %s: could not stop its feeder: %s", self.run_name, err)
         if self._thread is not None:
             self._thread.join(timeout_s)
-        ray.kill(self._feeder)
-        self._feeder = None
+            if self._thread.is_alive():
+                log.warning("training session %s did not end within %.0f s", self.run_name,
+                            timeout_s)  # fmt: skip
+        self._drop_feeder()
+
+    def _drop_feeder(self) -> None:
+        import ray
+
+        if self._feeder is not None:
+            ray.kill(self._feeder)  # its waiting clients raise RoundFailedError
+        self._feeder, self._thread = None, None

@@ -15,10 +15,12 @@ The teacher for distillation (the champion, which may have fewer rows than the g
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import torch
 from safetensors.torch import save_file
@@ -27,6 +29,14 @@ from training.config import ModelConfig, ReplayConfig, TrainerConfig
 from training.data import Examples
 from training.fit import LrSchedule, fit
 from training.model import Recommender
+
+log = logging.getLogger(__name__)
+
+# Rank 0 asks the feeder for a round for this long before every rank goes round again; the other
+# ranks wait for it on the control group, whose timeout must outlast that and a round's data read.
+IDLE_WAIT_S = 30.0
+IDLE: Final = "idle"  # the feeder's answer when it had no round within IDLE_WAIT_S
+CONTROL_TIMEOUT = timedelta(minutes=10)
 
 
 def deepspeed_config(tcfg: TrainerConfig, on_gpu: bool) -> dict[str, Any]:
@@ -57,27 +67,93 @@ def rounds_loop_per_worker(config: dict[str, Any]) -> None:
     """A long-lived run (``training.session.TrainingSession``): round after round from the
     session's feeder actor, each ending with a report to it (rank 0); None from it ends the run.
 
-    After a worker-group restart the feeder hands out the unfinished round again, and the last
-    checkpoint (its progress names the round) resumes it after its last finished epoch.
+    Rank 0 alone takes rounds from the feeder and tells the other ranks which one over a gloo
+    group of their own (ids only: object refs do not travel through torch), so the whole group
+    trains the same round and the feeder counts one attempt per group. After a worker-group
+    restart the feeder hands out the unfinished round again, and the last checkpoint (its
+    progress names the round) resumes it after its last finished epoch.
     """
     import ray
     import ray.train
+    import torch.distributed as dist
 
     _setup(config)
     rank = ray.train.get_context().get_world_rank()
     feeder = config["feeder"]
+    control = (
+        dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT) if dist.is_initialized() else None
+    )
     resume = _resume_point()
-    last: str | None = None
     while True:
-        job = ray.get(feeder.next_round.remote(last))
-        if job is None:
+        pick = _share(_next_round(feeder) if rank == 0 else None, control)
+        if pick is None:
             return
-        round_config = {**config, **job["config"], "round_id": job["id"]}
-        at = resume if resume is not None and resume[0] == job["id"] else None
-        state, metrics = _train_round(round_config, ray.get(job["data"][0]), at)
+        if pick == IDLE:  # every rank goes round again
+            continue
+        round_id, gen = pick
+        taken = _take(feeder, round_id, gen, control)
+        if taken is None:
+            if rank == 0:
+                ray.get(feeder.not_taken.remote(round_id, gen))
+            continue
+        job, data = taken
+        round_config = {**config, **job["config"], "round_id": round_id}
+        at = resume if resume is not None and resume[0] == round_id else None
+        state, metrics = _train_round(round_config, data, at)
         if rank == 0:
-            ray.get(feeder.round_done.remote(job["id"], state, metrics))
-        last, resume = job["id"], None
+            ray.get(feeder.round_done.remote(round_id, state, metrics))
+        resume = None
+
+
+def _next_round(feeder: Any) -> Any:
+    """(rank 0) The feeder's next pick; None (end the run) if the feeder is gone: the session
+    was closed past its timeout, or its driver died. Raising instead would have Ray Train
+    restart the group (max_failures=-1) again and again against a feeder that is not coming
+    back."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    try:
+        return ray.get(feeder.next_round.remote(IDLE_WAIT_S))
+    except RayActorError as err:
+        log.warning("the session's feeder is gone (%s): ending the run", type(err).__name__)
+        return None
+
+
+def _share(value: Any, group: Any) -> Any:
+    """Rank 0's ``value`` on every rank of ``group`` (None: a group of one)."""
+    import torch.distributed as dist
+
+    if group is None:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def _take(
+    feeder: Any, round_id: str, gen: int, group: Any
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The round's job and data on every rank, or None on every rank if any could not read them:
+    a round posted again since (a newer generation), or data lost with its poster (a round task
+    on a node that died; its retry posts the round again)."""
+    import ray
+    import torch.distributed as dist
+
+    job = ray.get(feeder.job.remote(round_id, gen))
+    data = None
+    if job is not None:
+        try:
+            data = ray.get(job["data"][0])
+        except ray.exceptions.ObjectLostError as err:
+            log.warning("round %s: its data is lost (%s); waiting for it to be posted again",
+                        round_id, type(err).__name__)  # fmt: skip
+    ok = torch.tensor([int(data is not None)])
+    if group is not None:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+    if not ok.item() or job is None or data is None:
+        return None
+    return job, data
 
 
 def _setup(config: dict[str, Any]) -> None:

@@ -101,7 +101,7 @@ def test_signal_mid_round_stops_everything(
     if command == "up":
         args = ["up"]
     else:
-        args = ["demo", "--keep", "--events", "5000", "--first-round-events", "1500",
+        args = ["demo", "--keep", "--events", "6000", "--first-round-events", "3000",
                 "--slice-events", "1000", "--rate", "3000", "--query-rps", "2",
                 "--out", str(tmp_path / "out")]  # fmt: skip
     log = tmp_path / "cli.log"

@@ -5,14 +5,15 @@ resources, temp dirs and ports), the project's SeaweedFS S3 server and the real 
 runs what `up --address ... --no-serve` runs: ingest (Kafka -> buffer on S3), the loop, and the
 control plane, which lands in the cluster (the history actor and the rollout controller as named,
 detached actors on the head). Each round is planned by the driver (segment names and offsets
-only) and runs as a Ray task on a worker node, which reads its segments from S3, trains with Ray
-Train + DeepSpeed (checkpoints on S3) and registers in the registry on S3. The Serve app is
+only) and runs as a Ray task on a worker node, which reads its segments from S3, trains through
+the driver's long-lived Ray Train + DeepSpeed run (its workers on the worker nodes, its feeder on
+the head, checkpoints on S3) and registers in the registry on S3. The Serve app is
 deployed on its own (`serve deploy` of deploy/serve.yaml, by another process) onto the worker
 nodes and follows the controller: two promotions reach its replicas, then a version that fails
 live is rolled back. Mid-round (after its first epoch checkpoint) a worker node hosting a
-training worker is SIGKILLed; the round must resume from that checkpoint and still register
-exactly one version for its slice. Last, the controller's process is killed:
-Ray restarts it and it resumes from its state in the registry.
+training worker is SIGKILLed; the long-lived run's restarted workers must resume the round from
+that checkpoint and still register exactly one version for its slice. Last, the controller's
+process is killed: Ray restarts it and it resumes from its state in the registry.
 
 This module runs in a pytest process of its own (see the Makefile): its driver joins an
 external cluster, which an earlier in-process `ray.init` would prevent.
@@ -28,12 +29,13 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import ray
 
-from bench.cluster import checkpoints, serve_env
+from bench.cluster import checkpointed, serve_env, state_address
 from bench.liveclient import LiveClient, register_broken_copy
 from bench.raycluster import LocalCluster, Node
 from services.config import LoopConfig
@@ -58,22 +60,22 @@ TRAIN, SERVE = "streamtune_train", "streamtune_serve"
 def _train_worker_nodes() -> set[str]:
     from ray.util.state import list_actors
 
-    alive = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-    return {a.node_id for a in alive if "RayTrainWorker" in (a.class_name or "")}
+    alive = list_actors(state_address(), filters=[("state", "=", "ALIVE")], limit=1000)
+    return {a.node_id for a in alive if a.node_id and "RayTrainWorker" in (a.class_name or "")}
 
 
 def _round_task_nodes() -> set[str]:
     from ray.util.state import list_tasks
 
-    running = list_tasks(filters=[("state", "=", "RUNNING")], limit=1000)
+    running = list_tasks(state_address(), filters=[("state", "=", "RUNNING")], limit=1000)
     return {t.node_id for t in running if t.name and "run_planned" in t.name and t.node_id}
 
 
 def _actor_nodes(class_name: str) -> set[str]:
     from ray.util.state import list_actors
 
-    alive = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-    return {a.node_id for a in alive if class_name in (a.class_name or "")}
+    alive = list_actors(state_address(), filters=[("state", "=", "ALIVE")], limit=1000)
+    return {a.node_id for a in alive if a.node_id and class_name in (a.class_name or "")}
 
 
 def _settings(tmp: Path, kafka: KafkaConfig, topics: TopicsConfig, prefix: str,
@@ -100,7 +102,8 @@ def _settings(tmp: Path, kafka: KafkaConfig, topics: TopicsConfig, prefix: str,
         ),
         replay=ReplayConfig(capacity=2000, ratio=1.0),
         gate=GateConfig(min_eval_users=10, tolerance=1.0),
-        loop=LoopConfig(min_round_events=200, round_on_cluster=True),
+        # Round tasks on the worker nodes train through the driver's long-lived run.
+        loop=LoopConfig(min_round_events=200, round_on_cluster=True, long_lived_trainer=True),
         serving=ServingConfig(replicas=2, node_resource=SERVE, follow_s=0.5),
         # What `up --address` sets: the controller is a detached actor in the cluster.
         rollout=RolloutConfig(
@@ -150,6 +153,12 @@ def test_cluster_rounds_on_workers_state_on_s3_a_separate_serve_app_and_a_lost_n
             rec = running.loop.state()["rounds"][-1]
             assert rec["node"] in worker_ids and rec["node"] != head_id  # ran on a worker node
             assert rec["segments"] >= 1  # the driver handed over segment names, not rows
+            # The long-lived run stays up between rounds: its workers on worker nodes only, its
+            # feeder (the rounds' meeting point) on the head, out of a lost node's way.
+            assert running.loop.session is not None and running.loop.session.running
+            session_workers = _train_worker_nodes()
+            assert session_workers and session_workers <= worker_ids, session_workers
+            assert _actor_nodes("RoundFeeder") == {head_id}
 
             # The Serve app, deployed on its own by another process, serves the champion ...
             cluster.serve_deploy(port, serve_env(s, tmp_path))
@@ -171,13 +180,15 @@ def test_cluster_rounds_on_workers_state_on_s3_a_separate_serve_app_and_a_lost_n
                 _wait_rows(running, 9000)
                 out: dict[str, object] = {}
                 ray_store = (f"{prefix}/ray", s.trainer.storage)
-                before = checkpoints(*ray_store)
+                before = checkpointed(*ray_store)  # the run's checkpoint: the first round's
                 runner = threading.Thread(target=lambda: out.update(r=running.loop.run_once()))
                 runner.start()
                 # Killed once the round has a checkpoint (of its first epoch), so the recovery
                 # can show that it resumed from it rather than starting over.
-                victim = _pick_victim(workers, runner, lambda: checkpoints(*ray_store) > before)
+                moved_on = lambda: bool(checkpointed(*ray_store) - before)  # noqa: E731
+                victim = _pick_victim(workers, runner, moved_on)
                 killed_id = victim.node_id()
+                task_lost = killed_id in _round_task_nodes()  # the round's task went with it
                 cluster.kill(victim)
                 runner.join(timeout=900)
                 assert not runner.is_alive(), "the round did not finish after the node was lost"
@@ -192,6 +203,10 @@ def test_cluster_rounds_on_workers_state_on_s3_a_separate_serve_app_and_a_lost_n
                 assert fresh.champion() == 2
                 resumed = fresh.meta(2)["metrics"]["train_start_epoch"]
                 assert resumed >= 1, f"the retried round started over at epoch {resumed}"
+                # Resumed by the same long-lived run (restarted workers), not a run of its own.
+                runs = {c.split("/")[0] for c in checkpointed(*ray_store)}
+                assert len(runs) == 1 and running.loop.session.running, runs
+                print(f"node-kill: round 2 resumed at epoch {resumed}; task lost: {task_lost}")
                 # The second promotion reaches the app's replicas (one moved off the lost node).
                 client.wait_for(2, timeout=180)
                 # A version that fails live: the controller rolls the app back to v2.
@@ -244,11 +259,12 @@ def _wait_champion(reg: Registry, version: int, timeout: float) -> None:
         time.sleep(0.5)
 
 
-def _status_after_restart(handle: object, timeout: float = 120) -> dict[str, object]:
+def _status_after_restart(handle: Any, timeout: float = 120) -> dict[str, object]:
     deadline = time.time() + timeout
     while True:
         try:
-            return ray.get(handle.status.remote(), timeout=30)  # type: ignore[attr-defined]
+            status: dict[str, object] = ray.get(handle.status.remote(), timeout=30)
+            return status
         except ray.exceptions.RayError:
             assert time.time() < deadline, "the rollout actor did not come back"
             time.sleep(1)

@@ -40,10 +40,10 @@ def test_demo_watches_the_loops_rounds_into_serve_and_reports(
         "COLUMNS": "200",  # rich wraps tables to the terminal width
     }
     out = tmp_path / "out"
-    # A slow replay: on 2 busy cores the first round (Ray Train's start included) took 154 s on
-    # 6,000 events, and slices published before the first version have nothing to score.
+    # The live replay starts once the first version answers; at 100/s its 6,000 events take a
+    # minute, several continuous rounds on two cores.
     cmd = [sys.executable, "-m", "services.cli", "demo", "--events", "9000",
-           "--first-round-events", "3000", "--slice-events", "1000", "--rate", "30",
+           "--first-round-events", "3000", "--slice-events", "1000", "--rate", "100",
            "--query-rps", "10", "--out", str(out)]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
