@@ -323,16 +323,20 @@ def _stream(
     with console.status(f"the loop's first version trains on the {first:,} backlog events"):
 
         def served() -> bool:
-            if running.loop.retry_at_pending is not None:  # waits for events that never come
+            loop, reg = running.loop, running.registry
+            if loop.retry_at_pending is not None:  # too few to gate: it waits for more events
                 return True
-            answered = queries.rps == 0 or bool(queries.first_seen)
-            return running.registry.champion() is not None and answered
+            if reg.champion() is None:  # a first version the gate rejected: the same
+                return reg.latest() is not None and loop.pending() == 0
+            return queries.rps == 0 or bool(queries.first_seen)
 
         if _wait_for(served, _BACKLOG_S * 3, stop) == "stopped":
             return None
     if running.registry.champion() is None:
-        console.print(f"[yellow]no first version from the backlog ({running.loop.last_skip}); "
-                      "the live stream brings the events it needs[/yellow]")  # fmt: skip
+        latest = running.registry.latest()
+        why = running.registry.meta(latest).get("reason") if latest else running.loop.last_skip
+        console.print(f"[yellow]no first version from the backlog ({why}); the loop tries again "
+                      "on the live stream[/yellow]")  # fmt: skip
     watch = StreamWatch(running.registry, running.loop)
     watch.bounds = slice_bounds(first, len(events), cfg.slice_events)
     errors: list[BaseException] = []

@@ -469,8 +469,10 @@ class Ingestor:
 def _caught_up(consumer: KafkaConsumer) -> bool:
     """Batch mode's "nothing left": each assigned partition's position at its end offset."""
     tps = list(consumer.assignment())
+    if not tps:  # not yet assigned (a join in progress): nothing read is not nothing left
+        return False
     try:
-        ends = consumer.end_offsets(tps, timeout_ms=5_000) if tps else {}
+        ends = consumer.end_offsets(tps, timeout_ms=5_000)
         return all((consumer.position(tp, timeout_ms=5_000) or 0) >= ends[tp] for tp in tps)
     except KafkaError:
         return False  # cannot tell now; the next idle check asks again

@@ -32,17 +32,14 @@ def test_demo_watches_the_loops_rounds_into_serve_and_reports(
         "STREAMTUNE_SERVING__PORT": str(free_port()),
         "STREAMTUNE_SERVING__REPLICAS": "1",
         "STREAMTUNE_MODEL__TEXT_INIT": "false",
-        # A short first round, so that versions serve while most of the replay is still to come
-        # and some slices have a champion to score (the demo itself keeps the loop's defaults).
-        "STREAMTUNE_TRAINER__FIRST_ROUND_EPOCHS": "2",
         # This test is about the plumbing; a loose gate keeps it from hinging on noisy metrics.
         "STREAMTUNE_GATE__TOLERANCE": "0.05",
         "COLUMNS": "200",  # rich wraps tables to the terminal width
     }
     out = tmp_path / "out"
-    # The live replay starts once the first version answers; at 100/s its 6,000 events take a
-    # minute, several continuous rounds on two cores.
-    cmd = [sys.executable, "-m", "services.cli", "demo", "--events", "9000",
+    # The live replay starts once the first version answers; at 100/s its 4,000 events take
+    # 40 s, several continuous rounds on two cores.
+    cmd = [sys.executable, "-m", "services.cli", "demo", "--events", "7000",
            "--first-round-events", "3000", "--slice-events", "1000", "--rate", "100",
            "--query-rps", "10", "--out", str(out)]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -54,7 +51,7 @@ def test_demo_watches_the_loops_rounds_into_serve_and_reports(
     assert record["versions_served"], "no live answer named a trained version"
     rows = record["per_row"]
     assert [(r["start"], r["end"]) for r in rows] == [
-        (a, a + 1000) for a in range(3000, 9000, 1000)
+        (a, a + 1000) for a in range(3000, 7000, 1000)
     ]
     assert any(r["ndcg_champion"] is not None for r in rows), "no slice had a champion to score"
     assert all(r["ndcg_static"] is not None for r in rows if r["ndcg_champion"] is not None)

@@ -130,7 +130,7 @@ def test_real_round_loses_the_race_and_is_not_registered(tmp_path: Path, ray_loc
     buffer.append(table, [OffsetRange("events", 0, 0, table.num_rows)])
     reg = Registry(tmp_path / "registry")
     # Enough epochs that the round is still training when the other process has registered.
-    loop = ContinualLoop(buffer, reg, round_config(tmp_path / "ray", epochs=60, max_failures=0),
+    loop = ContinualLoop(buffer, reg, round_config(tmp_path / "ray", epochs=25, max_failures=0),
                          LoopConfig(min_round_events=100, long_lived_trainer=False),
                          tmp_path / "loop.json")  # fmt: skip
     out: dict[str, Any] = {}
