@@ -87,10 +87,11 @@ def _port_open(port: int) -> bool:
     ("command", "sig", "to_group"),
     [
         ("up", signal.SIGTERM, False),  # `kill PID` / `streamtune down`
-        ("up", signal.SIGINT, True),  # Ctrl-C in a terminal: the whole foreground group
+        # Ctrl-C in a terminal: SIGINT to the whole foreground group, every child included
+        # (`up` takes SIGINT through the same handler and shutdown as SIGTERM).
         ("demo", signal.SIGINT, True),
     ],
-    ids=["up-sigterm", "up-ctrl-c", "demo-keep-ctrl-c"],
+    ids=["up-sigterm", "demo-keep-ctrl-c"],
 )
 def test_signal_mid_round_stops_everything(
     command: str, sig: signal.Signals, to_group: bool, tmp_path: Path
