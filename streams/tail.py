@@ -9,8 +9,6 @@ ingest dead-letters them.
 
 from __future__ import annotations
 
-import time
-
 from kafka import KafkaConsumer, TopicPartition
 
 from streams.config import KafkaConfig, TopicsConfig
@@ -32,19 +30,8 @@ class EventTail:
             **kafka.client_kwargs(), group_id=group_id, enable_auto_commit=False,
             auto_offset_reset="latest", fetch_max_wait_ms=50,
         )  # fmt: skip
-        self._topic, self._start = topics.events, start
-        self._assigned = False
-        self._assign()
-
-    def _assign(self) -> None:
-        """Assign every partition of the topic at its start position, once its partitions are
-        known: right after the topic's creation the client's metadata may not list them yet,
-        and a tail assigned nothing would follow nothing for good."""
-        parts = self._consumer.partitions_for_topic(self._topic) or set()
-        if not parts:
-            return
-        start = self._start
-        tps = [TopicPartition(self._topic, p) for p in sorted(parts)]
+        parts = self._consumer.partitions_for_topic(topics.events) or set()
+        tps = [TopicPartition(topics.events, p) for p in sorted(parts)]
         self._consumer.assign(tps)
         for tp in tps:
             pos = None if start is None else start.get((tp.topic, tp.partition))
@@ -56,14 +43,8 @@ class EventTail:
                 self._consumer.seek_to_end(tp)
         for tp in tps:  # resolve the positions now, not at the first poll
             self._consumer.position(tp)
-        self._assigned = True
 
     def poll(self, timeout_ms: int = 100) -> list[Event]:
-        if not self._assigned:
-            self._assign()
-            if not self._assigned:
-                time.sleep(timeout_ms / 1000)  # (poll on no assignment would raise)
-                return []
         out = []
         for records in self._consumer.poll(timeout_ms=timeout_ms).values():
             for r in records:
