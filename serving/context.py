@@ -19,6 +19,7 @@ served); see ``serving.rollout``. Buckets older than ``BUCKET_KEEP_S`` are dropp
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict, deque
@@ -29,7 +30,10 @@ import ray
 from serving.config import ServingConfig
 from streams.buffer import EventBuffer
 from streams.config import BufferConfig, KafkaConfig, TopicsConfig
+from streams.errors import StreamtuneError
 from streams.tail import EventTail
+
+log = logging.getLogger(__name__)
 
 ENGAGED = {"click", "cart", "purchase"}
 CLICK_WINDOW_S = 600.0
@@ -113,6 +117,7 @@ class ServingContext:
         self.announcements = 0
         self.events_seen = 0
         self.last_event_at: float | None = None
+        self.tail_error: str | None = None
         start = self._rebuild(BufferConfig(**buffer)) if buffer else None
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -141,7 +146,17 @@ class ServingContext:
         h.append(item)
 
     def _consume(self, start: dict[tuple[str, int], int] | None) -> None:
-        tail = EventTail(self.kafka, self.topics, self.cfg.history_group, start)
+        while True:
+            try:
+                tail = EventTail(self.kafka, self.topics, self.cfg.history_group, start)
+                break
+            except StreamtuneError as err:
+                # Answers fall back to popularity meanwhile; the error is on the status page.
+                self.tail_error = str(err)
+                log.warning("history tail not started (retrying in 5 s): %s", err)
+                if self._stop.wait(5):
+                    return
+        self.tail_error = None
         self._ready.set()
         while not self._stop.is_set():
             for e in tail.poll(timeout_ms=100):
@@ -240,6 +255,7 @@ class ServingContext:
                 "history_users": len(self.history),
                 "events_seen": self.events_seen,
                 "last_event_at": self.last_event_at,
+                "tail_error": self.tail_error,
             }
 
     def stop(self) -> None:

@@ -60,6 +60,26 @@ def _await_metadata(admin: KafkaAdminClient, names: set[str], timeout_s: float =
         time.sleep(0.1)
 
 
+def await_partitions(consumer: KafkaConsumer, topic: str, timeout_s: float = 30.0) -> set[int]:
+    """The partitions of ``topic`` as ``consumer`` sees them, waiting while its metadata lists
+    none (a topic just created spreads to the brokers' metadata caches with a delay).
+
+    Raises MissingTopicError if none show up within ``timeout_s``: a consumer that went on
+    would silently follow nothing.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        parts = consumer.partitions_for_topic(topic)
+        if parts:
+            return set(parts)
+        if time.monotonic() > deadline:
+            raise MissingTopicError(
+                f"topic {topic!r} lists no partitions after {timeout_s:.0f} s: check that it "
+                "exists and that this principal may describe it (topics.create makes it)"
+            )
+        time.sleep(0.2)
+
+
 def end_offsets(kafka: KafkaConfig, topic: str) -> dict[int, int]:
     """Log-end offset per partition of ``topic``."""
     consumer = KafkaConsumer(**kafka.client_kwargs())

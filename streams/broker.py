@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -35,11 +36,29 @@ rootLogger.appenderRef.stdout.ref = STDOUT
 """
 
 
+# Below Linux's ephemeral range (32768+), where every outgoing connection takes its local port,
+# and above Ray's worker ports (10002-19999): a port handed out here stays free until its server
+# binds it, whereas one the kernel picked (bind to 0) can be taken by a Kafka or Ray client's
+# connection in between.
+_PORT_RANGE = (20000, 32000)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1, for brokers and Serve apps started by tests and benchmarks."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        port = rng.randrange(*_PORT_RANGE)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise OSError(f"no free port in {_PORT_RANGE[0]}-{_PORT_RANGE[1]} on 127.0.0.1")
 
 
 @dataclass(frozen=True)

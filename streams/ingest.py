@@ -40,6 +40,7 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 
+from streams.admin import await_partitions
 from streams.buffer import EventBuffer
 from streams.codec import Decoded, decode_batch
 from streams.config import IngestConfig, KafkaConfig, TopicsConfig
@@ -169,7 +170,14 @@ class Ingestor:
             reconnect_backoff_max_ms=int(self.cfg.reconnect_backoff_max_s * 1000),
         )
         self._dlq = self._dead_letter_producer()
+        # Know the topic's partitions before joining: kafka-python may otherwise join with
+        # metadata that lists none, so the group leader assigns nothing, and the metadata that
+        # arrives next forces a second rebalance, which now and then never completed (seen:
+        # a whole batch run that consumed nothing). The fresh fetch after subscribing gives the
+        # coordinator the partitions it compares its assignment with, so one join suffices.
+        await_partitions(self._consumer, self.topics.events)
         self._consumer.subscribe([self.topics.events], listener=_Rebalance(self))
+        self._consumer.topics()
         started = idle_since = time.monotonic()
         # Batch mode exits once caught up, and "caught up" needs partitions: while the group still
         # waits out a dead member's session, no time counts as idle (bounded by two sessions).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from kafka import KafkaConsumer, TopicPartition
 
+from streams.admin import await_partitions
 from streams.config import KafkaConfig, TopicsConfig
 from streams.events import DecodeError, Event, decode
 from streams.security import check_connection
@@ -30,7 +31,7 @@ class EventTail:
             **kafka.client_kwargs(), group_id=group_id, enable_auto_commit=False,
             auto_offset_reset="latest", fetch_max_wait_ms=50,
         )  # fmt: skip
-        parts = self._consumer.partitions_for_topic(topics.events) or set()
+        parts = await_partitions(self._consumer, topics.events)
         tps = [TopicPartition(topics.events, p) for p in sorted(parts)]
         self._consumer.assign(tps)
         for tp in tps:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaConsumer
 
-from streams.admin import ensure_topics
+from streams.admin import await_partitions, ensure_topics
 from streams.config import KafkaConfig, TopicsConfig
 from streams.errors import MissingTopicError, StreamsError
 
@@ -68,3 +69,20 @@ def test_ingest_refuses_to_start_on_a_missing_topic_with_create_false(
     assert "MissingTopicError" in done.stderr and topics.events in done.stderr, done.stderr[-3000:]
     assert "topics.create" in done.stderr
     assert not {topics.events, topics.dead_letter} & _existing(kafka)
+
+
+def test_a_consumer_waits_for_the_partitions_and_never_follows_nothing(
+    kafka: KafkaConfig, topics: TopicsConfig
+) -> None:
+    # Right after a topic's creation kafka-python's metadata may list no partitions; a group
+    # joined then was assigned none and a whole batch ingest read nothing.
+    consumer = KafkaConsumer(**kafka.client_kwargs())
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(MissingTopicError, match=topics.events):
+            await_partitions(consumer, topics.events, timeout_s=1.0)
+        assert time.monotonic() - t0 >= 1.0  # it waited before giving up
+        ensure_topics(kafka, topics)
+        assert await_partitions(consumer, topics.events) == set(range(topics.partitions))
+    finally:
+        consumer.close()
