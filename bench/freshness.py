@@ -223,7 +223,8 @@ def _breakdown(running: Any, queries: Queries) -> list[dict[str, Any]]:
     out = []
     for rec in running.loop.state()["rounds"]:
         v = rec["version"]
-        row = {"version": v, "promoted": rec["promoted"], **rec.get("phases", {})}
+        row = {"version": v, "kind": rec.get("kind", "incremental"), "promoted": rec["promoted"],
+               **rec.get("phases", {})}  # fmt: skip
         seen = queries.first_seen.get(v)
         if seen is not None and "registered_at" in rec:  # versions may be pruned: the record
             row["rollout"] = seen - rec["registered_at"]
@@ -251,10 +252,10 @@ def report(res: dict[str, Any], rate: float) -> dict[str, Any]:
     phases = ["trigger_wait", "read", "prepare", "train", "gate", "register", "rollout", "total"]
     rounds = [r for r in res["breakdown"] if r["version"] > 1]  # the first version: setup
     per = Table(title="Rounds after the first version (s)")
-    for col in ("version", "promoted", *phases):
+    for col in ("version", "kind", "promoted", *phases):
         per.add_column(col, justify="right")
     for r in rounds:
-        per.add_row(str(r["version"]), str(r["promoted"]),
+        per.add_row(str(r["version"]), r["kind"], str(r["promoted"]),
                     *(f"{r[p]:.2f}" if p in r else "-" for p in phases))  # fmt: skip
     OUT.print(per)
     breakdown = {
@@ -275,6 +276,7 @@ def report(res: dict[str, Any], rate: float) -> dict[str, Any]:
         "model_never_trained": res["model"]["never_trained"],
         "model_carried": res["model"]["carried"],
         "rounds": res["rounds"],
+        "consolidation_rounds": sum(r["kind"] == "consolidation" for r in rounds),
         "round_breakdown_s": breakdown,
         "settings_changed": res["settings_changed"],
         "goals": {

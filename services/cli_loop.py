@@ -128,13 +128,16 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
             console.print("broker: not running")
         reg = s.open_registry()
         console.print(f"registry: versions {reg.versions()}, champion {reg.champion()}")
-        table = Table("version", "decision", "new events", "NDCG@10 new", "reason", title="rounds")
+        table = Table(
+            "version", "kind", "decision", "new events", "NDCG@10 new", "reason", title="rounds"
+        )
         for d in [d for d in reg.decisions()][-10:]:
             meta = reg.meta(d["version"]) if d["version"] in reg.versions() else {}
             m = meta.get("metrics", {})
             ndcg = f"{m.get('cand_new_ndcg10', float('nan')):.4f}"
             new = str(meta.get("new_events", ""))
-            table.add_row(str(d["version"]), d["decision"], new, ndcg, d["reason"][:60])
+            kind = str(meta.get("kind", ""))
+            table.add_row(str(d["version"]), kind, d["decision"], new, ndcg, d["reason"][:60])
         console.print(table)
         try:
             models = httpx.get(f"http://{s.serving.host}:{s.serving.port}/models", timeout=3).json()

@@ -289,8 +289,9 @@ class StreamWatch:
         for rec in records[self.said :]:
             decision = "promote" if rec.get("promoted") else "reject"
             console.print(
-                f"v{rec.get('version')}: {decision} after {rec.get('new_events', 0):,} new events"
-                f" ({rec.get('seconds', 0.0):.1f} s) - {rec.get('reason', '')}"
+                f"v{rec.get('version')} ({rec.get('kind', 'incremental')} round): {decision} "
+                f"after {rec.get('new_events', 0):,} new events ({rec.get('seconds', 0.0):.1f} s)"
+                f" - {rec.get('reason', '')}"
             )
         self.said = len(records)
 

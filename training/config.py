@@ -75,6 +75,25 @@ class ReplayConfig(_Strict):
             "oldest rejected rounds are let go and counted as never trained."
         ),
     )
+    # Small warm rounds see each event once, with as many replayed sequences: they keep up with
+    # the stream but learn less from it than a model trained for several epochs over it. Every
+    # so often a round also replays a large sample of the reservoir for more epochs, gated like
+    # any round, so the slow, broad learning happens too (README: consolidation rounds).
+    consolidate_every: int = Field(
+        default=20,
+        ge=0,
+        description="Every this many rounds (rejected ones included), a consolidation round: "
+        "the new events plus consolidate_examples replayed ones, consolidate_epochs passes. "
+        "0 = never.",
+    )
+    consolidate_examples: int = Field(
+        default=8_000,
+        ge=0,
+        description="Replayed sequences a consolidation round trains on (capped by the reservoir).",
+    )
+    consolidate_epochs: int = Field(
+        default=2, ge=1, description="Passes over a consolidation round's data."
+    )
     kd_weight: float = Field(
         default=0.0, ge=0.0, le=10.0, description="Distillation loss weight from the champion."
     )

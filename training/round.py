@@ -83,6 +83,9 @@ class RoundResult:
     trained: list[dict[str, Any]] = field(default_factory=list)
     dropped: list[dict[str, Any]] = field(default_factory=list)
     carried_events: int = 0
+    # "first" (no champion to start from), "incremental", or "consolidation" (a large replay
+    # sample for more epochs, every replay.consolidate_every rounds).
+    kind: str = "incremental"
     # Seconds of each part of the round here: prepare (item map, context, examples), train,
     # gate, register. (The loop adds what happens around it: trigger wait, data read.)
     phases: dict[str, float] = field(default_factory=dict)
@@ -271,6 +274,22 @@ def train(
     return model, metrics
 
 
+def _round_kind(
+    registry: Registry, base: int | None, warm: bool, replayable: int, rcfg: ReplayConfig
+) -> tuple[str, int]:
+    """This round's kind, and the rounds since the last consolidation once it is registered.
+
+    The count lives in each version's meta, so it survives restarts and follows the lineage
+    (rejected versions included: a rejected consolidation round is not retried at once).
+    """
+    if not warm:
+        return "first", 0
+    since = 1 if base is None else 1 + int(registry.meta(base).get("rounds_since_consolidation", 0))
+    if rcfg.consolidate_every and since >= rcfg.consolidate_every and replayable:
+        return "consolidation", 0
+    return "incremental", since
+
+
 class TrainFn(Protocol):
     """``train`` or a ``TrainingSession``'s: trains one round, returns model and metrics."""
 
@@ -405,13 +424,23 @@ def run_round(
     else:
         probes = Reservoir(cfg.gate.replay_eval_size, mcfg.max_len, cfg.replay.seed + 1)
     replay_hold = holdout_from_examples(Examples(probes.inputs, probes.targets))
-    replay_ex = reservoir.sample(int(cfg.replay.ratio * (len(new_ex) + len(carry))))
+    kind, since = _round_kind(registry, base_v, champ is not None, len(reservoir), cfg.replay)
+    n_replay = int(cfg.replay.ratio * (len(new_ex) + len(carry)))
+    train_cfg = cfg
+    if kind == "consolidation":
+        n_replay = max(n_replay, cfg.replay.consolidate_examples)
+        train_cfg = cfg.model_copy(
+            update={"trainer": cfg.trainer.model_copy(
+                update={"epochs": cfg.replay.consolidate_epochs})}
+        )  # fmt: skip
+    replay_ex = reservoir.sample(n_replay)
     train_ex = new_ex.concat(carry.examples).concat(replay_ex)
 
     t_train = time.monotonic()
     candidate, train_metrics = (trainer or train)(
-        init, champ.model if champ else None, train_ex, cfg, cold=champ is None, run_id=run_id
-    )
+        init, champ.model if champ else None, train_ex, train_cfg, cold=champ is None,
+        run_id=run_id,
+    )  # fmt: skip
     t_gate = time.monotonic()
     train_s = t_gate - t_train
 
@@ -458,7 +487,9 @@ def run_round(
         "watermark": watermark,
         "data_max_ts": int(pa.compute.max(ts).as_py()) if new.num_rows else None,
         "model_config": mcfg.model_dump(),
-        "trainer_config": cfg.trainer.model_dump(mode="json"),
+        "trainer_config": train_cfg.trainer.model_dump(mode="json"),
+        "kind": kind,
+        "rounds_since_consolidation": since,
         "replay_config": cfg.replay.model_dump(),
         "gate_config": cfg.gate.model_dump(),  # which questions it was judged on (gate_review)
         "metrics": {**decision.metrics, **{f"train_{k}": v for k, v in train_metrics.items()}},
@@ -501,6 +532,7 @@ def run_round(
         trained=trained,
         dropped=dropped,
         carried_events=carried_events,
+        kind=kind,
         phases={
             "prepare": t_train - t_start,
             "train": train_s,
