@@ -93,6 +93,9 @@ class QualityConfig(BaseModel):
         default=3, ge=1, description="Offline runs with seeds seed..seed+N-1 (mean and std)."
     )
     offline_only: bool = Field(default=False, description="Skip the streaming comparison.")
+    streaming_only: bool = Field(
+        default=False, description="Skip the offline table (its columns are null)."
+    )
     quick: bool = Field(default=False, description="The ~2 minute smoke-test version.")
     offline_epochs: int = Field(
         default=40, ge=1, description="Max epochs of the offline model (early stopping ends most)."
@@ -411,9 +414,6 @@ def run(cfg: QualityConfig, console: Console) -> dict[str, Any]:
     cfg.out.mkdir(parents=True, exist_ok=True)
     inter = encode(load_table(cfg.data))
     _log(f"{len(inter.items)} events, {len(inter.user_ids)} users, {inter.n_items} items", t0)
-    off = run_offline(inter, cfg, t0)
-    console.print(_offline_table(off))
-    console.print(_diversity_table(off["diversity"]))
     record: dict[str, Any] = {
         "bench": "quality",
         "dataset": str(cfg.data) if cfg.data else "movielens-100k",
@@ -421,6 +421,43 @@ def run(cfg: QualityConfig, console: Console) -> dict[str, Any]:
         "quick": cfg.quick,
         "seed": cfg.seed,
         "seeds": cfg.seeds,
+        **_offline_record(inter, cfg, t0, console),
+        "model": cfg.stream.model.model_dump(),
+        "strategies": {},
+        "cold_items": {},
+        "replay_over_full_ndcg": None,
+        "replay_over_full_train_s": None,
+        "product_over_full_ndcg": None,
+    }
+    if not cfg.offline_only:
+        _streaming(inter, cfg, t0, console, record)
+    record["offline_beats_popularity"] = (
+        None
+        if record["popularity"] is None
+        else record["offline_ndcg10_full"] > record["popularity"]["ndcg10_full"]
+    )
+    record["total_s"] = round(time.perf_counter() - t0, 1)
+    (cfg.out / "quality.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+_OFFLINE_KEYS = (
+    "offline_ndcg10_full", "offline_hr10_full", "offline_ndcg10_sampled", "offline_hr10_sampled",
+    "offline_train_s", "offline_best_epoch", "offline_std", "offline_runs", "popularity",
+    "recent_popularity", "diversity_tradeoff", "negatives",
+)  # fmt: skip
+
+
+def _offline_record(
+    inter: Interactions, cfg: QualityConfig, t0: float, console: Console
+) -> dict[str, Any]:
+    """The offline table's fields; all null when it is skipped (not measured is not 0)."""
+    if cfg.streaming_only:
+        return dict.fromkeys(_OFFLINE_KEYS)
+    off = run_offline(inter, cfg, t0)
+    console.print(_offline_table(off))
+    console.print(_diversity_table(off["diversity"]))
+    return {
         "offline_ndcg10_full": off["model"]["ndcg10_full"]["mean"],
         "offline_hr10_full": off["model"]["hr10_full"]["mean"],
         "offline_ndcg10_sampled": off["model"]["ndcg10_sampled"]["mean"],
@@ -433,54 +470,47 @@ def run(cfg: QualityConfig, console: Console) -> dict[str, Any]:
         "recent_popularity": off["recent_popularity"],
         "diversity_tradeoff": off["diversity"],
         "negatives": NEGATIVES_NOTE,
-        "model": cfg.stream.model.model_dump(),
-        "strategies": {},
-        "cold_items": {},
-        "replay_over_full_ndcg": None,
-        "replay_over_full_train_s": None,
-        "product_over_full_ndcg": None,
     }
-    if not cfg.offline_only:
-        results, pretrain_s, product = run_streaming(inter, cfg, t0)
-        by_name = {r.name: r for r in results}
-        note = TRAINING_NOTE + (f"; product: {PRODUCT_NOTE}" if "product" in by_name else "")
-        console.print(stream_table(results, f"Streaming, test-then-train over {cfg.chunks} "
-                                   f"chunks ({note})"))  # fmt: skip
-        summaries = {r.name: r.summary() for r in results}
-        if product is not None:
-            summaries["product"].update(product)
-        record.update(
-            strategies=summaries,
-            goals={},
-            chunks=cfg.chunks,
-            strategies_run=list(cfg.strategies),
-            pretrain_s=round(pretrain_s, 1),
-            stream_config=cfg.stream.model_dump(exclude={"model"}),
-            product_stream=cfg.product.model_dump(),
-            full_retrain="from scratch every round (fresh model, same seed), epochs chosen on "
-            "validation (each user's last event so far), early stopping",
-            training=TRAINING_NOTE,
-            product_training=PRODUCT_NOTE if "product" in cfg.strategies else None,
-            plot=str(plot_stream(results, cfg.out / "quality_stream.png")),
-        )
-        stream_goals(by_name, record, console)
-        if set(cfg.strategies) == set(ALL_STRATEGIES):  # the full run's table
-            cold = run_cold_items(inter, cfg, t0)
-            console.print(_cold_table(cold, cfg.seeds))
-            goal = cold_items_goal(cold)
-            record["cold_items"] = cold
-            record["goals"]["id_text_beats_id_on_cold_by_more_than_spread"] = goal["beats"]
-            record["cold_items_margin"] = goal
-            console.print(
-                f"cold items: id+text - id = {goal['margin']:+.4f} NDCG@10 "
-                f"(seed-to-seed spread {goal['spread']:.4f})"
-            )
-    record["offline_beats_popularity"] = (
-        record["offline_ndcg10_full"] > record["popularity"]["ndcg10_full"]
+
+
+def _streaming(
+    inter: Interactions, cfg: QualityConfig, t0: float, console: Console, record: dict[str, Any]
+) -> None:
+    """The streaming comparison (and the cold-item table on a full run), into ``record``."""
+    results, pretrain_s, product = run_streaming(inter, cfg, t0)
+    by_name = {r.name: r for r in results}
+    note = TRAINING_NOTE + (f"; product: {PRODUCT_NOTE}" if "product" in by_name else "")
+    console.print(stream_table(results, f"Streaming, test-then-train over {cfg.chunks} "
+                               f"chunks ({note})"))  # fmt: skip
+    summaries = {r.name: r.summary() for r in results}
+    if product is not None:
+        summaries["product"].update(product)
+    record.update(
+        strategies=summaries,
+        goals={},
+        chunks=cfg.chunks,
+        strategies_run=list(cfg.strategies),
+        pretrain_s=round(pretrain_s, 1),
+        stream_config=cfg.stream.model_dump(exclude={"model"}),
+        product_stream=cfg.product.model_dump(),
+        full_retrain="from scratch every round (fresh model, same seed), epochs chosen on "
+        "validation (each user's last event so far), early stopping",
+        training=TRAINING_NOTE,
+        product_training=PRODUCT_NOTE if "product" in cfg.strategies else None,
+        plot=str(plot_stream(results, cfg.out / "quality_stream.png")),
     )
-    record["total_s"] = round(time.perf_counter() - t0, 1)
-    (cfg.out / "quality.json").write_text(json.dumps(record, indent=2))
-    return record
+    stream_goals(by_name, record, console)
+    if set(cfg.strategies) == set(ALL_STRATEGIES):  # the full run's table
+        cold = run_cold_items(inter, cfg, t0)
+        console.print(_cold_table(cold, cfg.seeds))
+        goal = cold_items_goal(cold)
+        record["cold_items"] = cold
+        record["goals"]["id_text_beats_id_on_cold_by_more_than_spread"] = goal["beats"]
+        record["cold_items_margin"] = goal
+        console.print(
+            f"cold items: id+text - id = {goal['margin']:+.4f} NDCG@10 "
+            f"(seed-to-seed spread {goal['spread']:.4f})"
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> QualityConfig:
@@ -491,6 +521,7 @@ def parse_args(argv: list[str] | None = None) -> QualityConfig:
     p.add_argument("--seeds", type=int, default=3, help="offline seeds, mean ± std (default 3)")
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out)")
     p.add_argument("--offline-only", action="store_true", help="skip the streaming comparison")
+    p.add_argument("--streaming-only", action="store_true", help="skip the offline table")
     p.add_argument("--quick", action="store_true", help="~2 minute version (smoke test)")
     p.add_argument(
         "--strategies",
@@ -502,7 +533,9 @@ def parse_args(argv: list[str] | None = None) -> QualityConfig:
     if a.data is not None and not a.data.exists():
         p.error(f"--data {a.data} does not exist; pass a CSV with user,item,ts[,rating] rows")
     over: dict[str, Any] = {"data": a.data, "seed": a.seed, "seeds": a.seeds, "out": a.out}
-    over["offline_only"] = a.offline_only
+    if a.offline_only and a.streaming_only:
+        p.error("--offline-only and --streaming-only leave nothing to run; pass one of them")
+    over["offline_only"], over["streaming_only"] = a.offline_only, a.streaming_only
     if a.chunks is not None:
         over["chunks"] = a.chunks
     if a.strategies is not None:
