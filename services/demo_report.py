@@ -45,6 +45,7 @@ class Row:
     rounds: int = 0  # versions registered while the slice was being published
     promoted: int = 0
     rejected: int = 0
+    consolidation: int = 0  # of those rounds, consolidation rounds (training/round.py)
     ndcg_champion: float | None = None  # that champion, test-then-train on the slice's events
     ndcg_static: float | None = None  # the never-updated first promoted version, same events
     freshness_median_s: float | None = None
@@ -162,12 +163,16 @@ def ledger_of(records: list[dict[str, Any]]) -> Ledger:
     return Ledger(spans(r) for r in records)
 
 
-def registered_at(records: list[dict[str, Any]]) -> list[tuple[float, bool]]:
-    """Each round's registration (wall time, promoted): the loop, in this process, stamps its
-    rounds on the monotonic clock."""
+def registered_at(records: list[dict[str, Any]]) -> list[tuple[float, bool, bool]]:
+    """Each round's registration (wall time, promoted, a consolidation round): the loop, in
+    this process, stamps its rounds on the monotonic clock."""
     to_wall = time.time() - time.monotonic()
     return [
-        (float(r["started"]) + float(r["seconds"]) + to_wall, bool(r.get("promoted")))
+        (
+            float(r["started"]) + float(r["seconds"]) + to_wall,
+            bool(r.get("promoted")),
+            r.get("kind") == "consolidation",
+        )
         for r in records
         if "started" in r and "seconds" in r
     ]
@@ -215,11 +220,11 @@ def account(
 def fill_rows(
     rows: list[Row],
     fates: Fates,
-    registered: Sequence[tuple[float, bool]],
+    registered: Sequence[tuple[float, bool, bool]],
     windows: Sequence[tuple[float, float]],
 ) -> None:
-    """Per row: its events' fates, and the rounds registered (wall time, promoted) while it was
-    being published: within ``windows[k]`` (wall times, end excluded)."""
+    """Per row: its events' fates, and the rounds registered (wall time, promoted, consolidation)
+    while it was being published: within ``windows[k]`` (wall times, end excluded)."""
     for k, r in enumerate(rows):
         fresh = [f for f in fates.fresh_s[r.start : r.end] if f is not None]
         r.freshness_events = len(fresh)
@@ -227,9 +232,10 @@ def fill_rows(
         r.never_trained = sum(fates.never_trained[r.start : r.end])
         r.pending = sum(fates.pending[r.start : r.end])
         t0, t1 = windows[k]
-        during = [promoted for at, promoted in registered if t0 <= at < t1]
-        r.rounds, r.promoted = len(during), sum(during)
+        during = [(promoted, c) for at, promoted, c in registered if t0 <= at < t1]
+        r.rounds, r.promoted = len(during), sum(p for p, _ in during)
         r.rejected = r.rounds - r.promoted
+        r.consolidation = sum(c for _, c in during)
 
 
 def _f(x: float | None, fmt: str) -> str:
@@ -238,20 +244,22 @@ def _f(x: float | None, fmt: str) -> str:
 
 def table(rows: list[Row]) -> Table:
     t = Table(title="streamtune demo: one row per slice of the replay")
-    for col in ("slice (events)", "rounds", "promoted", "rejected", "champion",
+    for col in ("slice (events)", "rounds", "promoted", "rejected", "consolidating", "champion",
                 "NDCG@10 champion", "NDCG@10 static v1", "freshness p50 s", "never trained",
                 "pending"):  # fmt: skip
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(
             f"{r.start:,}-{r.end:,}", str(r.rounds), str(r.promoted), str(r.rejected),
+            str(r.consolidation),
             "-" if r.champion is None else f"v{r.champion}", _f(r.ndcg_champion, ".4f"),
             _f(r.ndcg_static, ".4f"), _f(r.freshness_median_s, ".1f"), f"{r.never_trained:,}",
             f"{r.pending:,}",
         )  # fmt: skip
     t.caption = (
-        "rounds: versions registered while the slice was published. NDCG@10: the champion at the "
-        "moment the slice's first event was published, test-then-train on the slice's events "
+        "rounds: versions registered while the slice was published (consolidating: of those, "
+        "consolidation rounds, a large replay sample for more epochs). NDCG@10: the champion at "
+        "the moment the slice's first event was published, test-then-train on the slice's events "
         "(it cannot have trained on them), beside the first promoted version, never updated. "
         "freshness: event published -> first live /recommend answer by the version that first "
         "trained on it or a later promoted one. never trained: let go from the carry; pending: "
@@ -293,6 +301,7 @@ def summary(
         "rounds": len(ledger.rounds),
         "promoted": promoted,
         "rejected": len(ledger.rounds) - promoted,
+        "consolidation_rounds": sum(r.consolidation for r in rows),  # registered during rows
         "never_trained": sum(fates.never_trained[first:]),
         "pending": sum(fates.pending[first:]),
         **queries,

@@ -94,11 +94,13 @@ def test_fill_rows_counts_rounds_registered_while_each_slice_was_published() -> 
         never_trained=[False, False, False, False, True, False],
         pending=[False, False, True, False, False, True],
     )
-    registered = [(5.0, True), (9.0, False), (10.0, True), (12.0, True), (30.0, True)]
+    registered = [(5.0, True, False), (9.0, False, False), (10.0, True, True),
+                  (12.0, True, False), (30.0, True, True)]  # fmt: skip
     fill_rows(rows, fates, registered, [(0.0, 10.0), (10.0, 20.0)])
     a, b = rows
     assert (a.rounds, a.promoted, a.rejected) == (2, 1, 1)
     assert (b.rounds, b.promoted, b.rejected) == (2, 2, 0)
+    assert (a.consolidation, b.consolidation) == (0, 1)
     assert a.freshness_median_s == 2.0 and a.freshness_events == 2
     assert b.freshness_median_s == 10.0
     assert (a.never_trained, a.pending, b.never_trained, b.pending) == (0, 1, 1, 1)
@@ -111,9 +113,11 @@ def test_registered_at_turns_the_loops_monotonic_stamps_into_wall_time() -> None
     now = time.monotonic()
     at = registered_at(
         [{"version": 1, "promoted": True, "started": now - 3.0, "seconds": 1.0},
-         {"version": 2, "promoted": False}]
+         {"version": 2, "promoted": False},
+         {"version": 3, "promoted": False, "kind": "consolidation", "started": now, "seconds": 1}]
     )  # fmt: skip
-    assert len(at) == 1 and at[0][1] is True
+    assert len(at) == 2 and at[0][1] is True and at[0][2] is False
+    assert at[1][1:] == (False, True)
     assert abs(at[0][0] - (time.time() - 2.0)) < 0.5
 
 
