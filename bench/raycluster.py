@@ -81,7 +81,7 @@ class LocalCluster:
         return {"RAY_AUTH_MODE": "disabled"}
 
     def _ports(self, p: list[int]) -> list[str]:
-        # Worker ports below the kernel's ephemeral range (where free_port's come from), one
+        # Worker ports below the kernel's ephemeral range (free_port's are above it), one
         # block per node and per process.
         slots = max(1, (_ephemeral_low() - 10_000) // 2_000)  # blocks of 5 nodes x 400 ports
         lo = 10_000 + (os.getpid() % slots) * 2_000 + (len(self.nodes) % 5) * 400

@@ -36,19 +36,29 @@ rootLogger.appenderRef.stdout.ref = STDOUT
 """
 
 
-# Below Linux's ephemeral range (32768+), where every outgoing connection takes its local port,
-# and above Ray's worker ports (10002-19999): a port handed out here stays free until its server
-# binds it, whereas one the kernel picked (bind to 0) can be taken by a Kafka or Ray client's
-# connection in between.
-_PORT_RANGE = (20000, 32000)
+# Outside the kernel's ephemeral range, where every outgoing connection takes its local port: a
+# port handed out here stays free until its server binds it, whereas one the kernel picked (bind
+# to 0) can be taken by a Kafka or Ray client's connection in between. Above the range (Linux:
+# 61000-65535) by default, clear of the worker-port blocks a local Ray cluster takes below it.
 _handed_out: set[int] = set()
+
+
+def _port_range() -> tuple[int, int]:
+    try:
+        low, high = (int(x) for x in Path(_EPHEMERAL).read_text().split()[:2])
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return (high + 1, 65536) if high < 64_000 else (20_000, low)
+
+
+_EPHEMERAL = "/proc/sys/net/ipv4/ip_local_port_range"
 
 
 def free_port() -> int:
     """A free TCP port on 127.0.0.1, for brokers and Serve apps started by tests and benchmarks."""
-    rng = random.SystemRandom()
+    rng, lo_hi = random.SystemRandom(), _port_range()
     for _ in range(1000):
-        port = rng.randrange(*_PORT_RANGE)
+        port = rng.randrange(*lo_hi)
         if port in _handed_out:
             continue
         with socket.socket() as sock:
@@ -58,7 +68,7 @@ def free_port() -> int:
                 continue
         _handed_out.add(port)
         return port
-    raise OSError(f"no free port in {_PORT_RANGE[0]}-{_PORT_RANGE[1]} on 127.0.0.1")
+    raise OSError(f"no free port in {lo_hi[0]}-{lo_hi[1] - 1} on 127.0.0.1")
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,18 @@ def _actor_nodes(class_name: str) -> set[str]:
     return {a.node_id for a in alive if a.node_id and class_name in (a.class_name or "")}
 
 
+def _history_state(user: str) -> dict[str, Any]:
+    """What the history actor holds, for a failure's message."""
+    from serving.context import find_context
+
+    ctx = find_context()
+    if ctx is None:
+        return {"context": None}
+    snap = ray.get(ctx.snapshot.remote(), timeout=30)
+    return {**{k: v for k, v in snap.items() if k != "versions"},
+            "user_history": ray.get(ctx.get_history.remote(user), timeout=30)}  # fmt: skip
+
+
 def _settings(tmp: Path, kafka: KafkaConfig, topics: TopicsConfig, prefix: str,
               opts: StorageConfig) -> Settings:  # fmt: skip
     return Settings(
@@ -180,7 +192,9 @@ def test_cluster_rounds_on_workers_state_on_s3_a_separate_serve_app_and_a_lost_n
                     if answer["source"] == "history" or time.monotonic() > deadline:
                         break
                     time.sleep(1)
-                assert answer["source"] == "history" and answer["history_len"] > 0, answer
+                assert answer["source"] == "history" and answer["history_len"] > 0, (
+                    answer, _history_state(known["user_id"])
+                )  # fmt: skip
 
                 # A second round; a worker node hosting a training worker is lost mid-round.
                 replay(events[6000:], kafka, topics.events)
