@@ -31,6 +31,7 @@ from serving.config import ServingConfig
 from streams.buffer import EventBuffer
 from streams.config import BufferConfig, KafkaConfig, TopicsConfig
 from streams.errors import StreamtuneError
+from streams.offsets import tp_key
 from streams.tail import EventTail
 
 log = logging.getLogger(__name__)
@@ -127,13 +128,18 @@ class ServingContext:
 
     # -- history ------------------------------------------------------------------------
     def _rebuild(self, bcfg: BufferConfig) -> dict[tuple[str, int], int]:
+        """Histories from the buffer up to a snapshot of its offsets, which the tail then
+        resumes from. (Read first and snapshot after, and whatever ingest flushed in between,
+        seconds on object storage, was in neither: seen as a cluster's history with no users.)"""
         buf = EventBuffer(bcfg)
-        table = buf.read(columns=["user_id", "item_id"])
+        upto = buf.next_offsets()
+        table = buf.read(upto={tp_key(t, p): o for (t, p), o in upto.items()},
+                         columns=["user_id", "item_id"])  # fmt: skip
         for u, i in zip(
             table.column("user_id").to_pylist(), table.column("item_id").to_pylist(), strict=True
         ):
             self._push(u, i)
-        return buf.next_offsets()
+        return upto
 
     def _push(self, user: str, item: str) -> None:
         h = self.history.get(user)
