@@ -25,7 +25,7 @@ import yaml
 
 from serving.config import ServingConfig
 from serving.ingress import node_env
-from streams.broker import free_port
+from streams.broker import ephemeral_range, free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -83,7 +83,7 @@ class LocalCluster:
     def _ports(self, p: list[int]) -> list[str]:
         # Worker ports below the kernel's ephemeral range (free_port's are above it), one
         # block per node and per process.
-        slots = max(1, (_ephemeral_low() - 10_000) // 2_000)  # blocks of 5 nodes x 400 ports
+        slots = max(1, (ephemeral_range()[0] - 10_000) // 2_000)  # blocks of 5 nodes x 400 ports
         lo = 10_000 + (os.getpid() % slots) * 2_000 + (len(self.nodes) % 5) * 400
         return [
             f"--node-manager-port={p[0]}", f"--object-manager-port={p[1]}",
@@ -202,14 +202,6 @@ class LocalCluster:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-
-def _ephemeral_low() -> int:
-    """The lowest port the kernel hands out on its own (free_port's come from above it)."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32_768
 
 
 # Counted in a child process: this process may not be connected to the cluster (yet).

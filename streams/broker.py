@@ -43,15 +43,21 @@ rootLogger.appenderRef.stdout.ref = STDOUT
 _handed_out: set[int] = set()
 
 
-def _port_range() -> tuple[int, int]:
+def ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out on its own, first and last (Linux's default if unknown)."""
     try:
         low, high = (int(x) for x in Path(_EPHEMERAL).read_text().split()[:2])
     except (OSError, ValueError):
-        low, high = 32768, 60999
-    return (high + 1, 65536) if high < 64_000 else (20_000, low)
+        return 32768, 60999
+    return low, high
 
 
 _EPHEMERAL = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+def _port_range() -> tuple[int, int]:
+    low, high = ephemeral_range()
+    return (high + 1, 65536) if high < 64_000 else (20_000, low)
 
 
 def free_port() -> int:

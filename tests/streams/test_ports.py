@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 
-from streams.broker import _EPHEMERAL, free_port
+from streams.broker import ephemeral_range, free_port
 
 
 def test_free_ports_are_distinct_bindable_and_not_ephemeral() -> None:
     # A port from the ephemeral range could be taken by any client's outgoing connection
     # between the pick and the server's bind (seen: a Serve proxy failing to bind its port).
-    low, high = (int(x) for x in Path(_EPHEMERAL).read_text().split()[:2])
+    low, high = ephemeral_range()
     ports = [free_port() for _ in range(50)]
     assert len(set(ports)) == 50
     assert not any(low <= p <= high for p in ports)
