@@ -33,11 +33,19 @@ class LoopConfig(BaseModel):
         ge=1,
         description=(
             "The first version (no champion yet) waits for this many buffered events, or for "
-            "max_pending_s of quiet: with fewer it can neither learn much nor be gated."
+            "first_round_wait_s of quiet: with fewer it can neither learn much nor be gated."
         ),
     )
+    first_round_wait_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="The first version trains on fewer than first_round_events once they have "
+        "waited this long (its round is long and needs enough users to gate).",
+    )
+    # 5 s here left a slow stream's events (and a fast one's last ones) waiting 5 s for a round
+    # that takes ~2: the freshness goal is 2 s at the median.
     max_pending_s: float = Field(
-        default=5.0,
+        default=1.0,
         gt=0,
         description=(
             "Train on whatever is pending, fewer than min_round_events included, once it has "

@@ -37,7 +37,7 @@ from streams.buffer import EventBuffer
 from streams.storage import atomic_write_bytes
 from training.errors import ConcurrentRoundError, EmptyRoundError, RoundTooSmallError
 from training.registry import Registry
-from training.round import RoundConfig, RoundResult
+from training.round import RoundConfig, RoundResult, warm_up
 from training.session import TrainingSession
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ class ContinualLoop:
         for d in registry.repair():
             log.warning("repaired interrupted registration: v%d %s (%s)", d.version, d.decision,
                         d.reason)  # fmt: skip
+        if not cfg.round_on_cluster:  # rounds run in this process: their title cache is here
+            warm_up(registry, round_cfg)
 
     # -- where we are -------------------------------------------------------------------
     def trained_watermark(self) -> dict[str, int]:
@@ -101,7 +103,7 @@ class ContinualLoop:
             self.cfg.first_round_events if self.registry.champion() is None
             else self.cfg.min_round_events
         )  # fmt: skip
-        return n >= enough or self._quiet()
+        return n >= enough or self._quiet(first=self.registry.champion() is None)
 
     def _carry_due(self) -> bool:
         """Nothing new, but the latest round was rejected and its events wait in the carry: once
@@ -121,10 +123,12 @@ class ContinualLoop:
             self._carry_of = (latest, int(self.registry.meta(latest).get("carry_events", 0)))
         return self._carry_of[1]
 
-    def _quiet(self) -> bool:
-        """Pending events have waited ``max_pending_s``: train them however few they are."""
+    def _quiet(self, first: bool = False) -> bool:
+        """Pending events have waited ``max_pending_s`` (``first_round_wait_s`` for the first
+        version): train them however few they are."""
         since = self.pending_since
-        return since is not None and time.monotonic() - since >= self.cfg.max_pending_s
+        wait = self.cfg.first_round_wait_s if first else self.cfg.max_pending_s
+        return since is not None and time.monotonic() - since >= wait
 
     # -- one round ----------------------------------------------------------------------
     def run_once(self, upto: dict[str, int] | None = None) -> RoundResult | None:
@@ -229,16 +233,18 @@ class ContinualLoop:
         if self.cfg.nice:
             _yield_cpu(self.cfg.nice)
         while not stop.is_set():
+            registered = False
             if self.should_train():
                 try:
-                    self.run_once()
+                    registered = self.run_once() is not None
                 except Exception:  # a failed round must not kill the service; retry later
                     log.exception("training round failed; will retry at the next trigger")
             if time.monotonic() - self.last_compact > self.cfg.compact_every_s:
                 self.buffer.compact()
                 self.buffer.apply_retention()
                 self.last_compact = time.monotonic()
-            stop.wait(self.cfg.poll_s)
+            if not registered:  # after a round, what arrived meanwhile is due at once
+                stop.wait(self.cfg.poll_s)
 
 
 def cap_round(after: dict[str, int], upto: dict[str, int], cap: int) -> dict[str, int]:

@@ -57,6 +57,20 @@ def clustered_se(x: np.ndarray, groups: np.ndarray | None) -> float:
     return float(np.sqrt(n_groups / (n_groups - 1) * (sums**2).sum()) / n)
 
 
+def question_sets(new_hold: Holdout, replay_hold: Holdout) -> list[tuple[str, Holdout]]:
+    """The gate's question sets, by name: the newest events and (if any) the replay probes."""
+    return [("new", new_hold)] + ([("replay", replay_hold)] if len(replay_hold) else [])
+
+
+def champion_ranks(
+    champion: RowScorer, new_hold: Holdout, replay_hold: Holdout
+) -> dict[str, np.ndarray]:
+    """The champion's ranks on each question set: known before the candidate is, so a round
+    computes them while its candidate trains (``gate(..., champ_ranks=)``)."""
+    sets = question_sets(new_hold, replay_hold)
+    return {name: holdout_ranks(champion, hold) for name, hold in sets}
+
+
 def gate(
     candidate: RowScorer,
     champion: RowScorer | None,
@@ -64,7 +78,9 @@ def gate(
     replay_hold: Holdout,
     popularity: np.ndarray,
     cfg: GateConfig,
+    champ_ranks: dict[str, np.ndarray] | None = None,
 ) -> GateResult:
+    """``champ_ranks``: ``champion_ranks(champion, new_hold, replay_hold)`` if already computed."""
     m: dict[str, float] = {}
     if new_hold.n_users < cfg.min_eval_users:
         return GateResult(
@@ -74,7 +90,7 @@ def gate(
             m,
         )
     # Each model ranks each question set once; every figure below comes from those ranks.
-    sets = [("new", new_hold)] + ([("replay", replay_hold)] if len(replay_hold) else [])
+    sets = question_sets(new_hold, replay_hold)
     cand_ranks = {name: holdout_ranks(candidate, hold) for name, hold in sets}
     for name, ranks in cand_ranks.items():
         m[f"cand_{name}_ndcg10"] = ndcg_hr(ranks)[0]
@@ -87,8 +103,10 @@ def gate(
             f"{m['pop_new_ndcg10']:.4f}"
         )
         return GateResult(ok, why, m)
+    if champ_ranks is None:
+        champ_ranks = champion_ranks(champion, new_hold, replay_hold)
     for name, hold in sets:
-        drop, se = paired_drop(holdout_ranks(champion, hold), cand_ranks[name], hold)
+        drop, se = paired_drop(champ_ranks[name], cand_ranks[name], hold)
         cand = m[f"cand_{name}_ndcg10"]
         m[f"champ_{name}_ndcg10"] = cand + drop
         m[f"{name}_drop_se"] = se

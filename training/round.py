@@ -15,8 +15,10 @@ registered since this one read its lineage, ``ConcurrentRoundError`` is raised a
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,7 +45,7 @@ from training.errors import (
     RoundFailedError,
     RoundTooSmallError,
 )
-from training.gate import gate
+from training.gate import champion_ranks, gate
 from training.histories import UserHistories
 from training.model import Recommender, save_weights
 from training.questions import RecentQuestions, user_keys
@@ -274,6 +276,34 @@ def train(
     return model, metrics
 
 
+def warm_up(registry: Registry, cfg: RoundConfig) -> None:
+    """Start embedding the titles the next round will place new items by, in the background
+    (a loop starting on an existing registry: its first round would otherwise load the encoder
+    and embed the catalog's titles on the path from an event to a model trained on it)."""
+    latest = registry.latest()
+    if latest is None or not (cfg.model.item_repr == "id" and cfg.model.text_init):
+        return
+    path = registry.path(latest) / "titles.json"
+    if path.exists():
+        titles: dict[str, str] = json.loads(path.read_text())
+        vocab = ItemVocab.load(registry.path(latest) / "vocab.json")
+        warm_titles([titles[i] for i in vocab.items() if i in titles])
+
+
+def _background(fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    """``fn(*args)`` in a thread of its own (torch releases the GIL while it computes)."""
+    future: Future[Any] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as err:  # handed to whoever waits on the result
+            future.set_exception(err)
+
+    threading.Thread(target=run, name="champion-ranks", daemon=True).start()
+    return future
+
+
 def _round_kind(
     registry: Registry, base: int | None, warm: bool, replayable: int, rcfg: ReplayConfig
 ) -> tuple[str, int]:
@@ -379,6 +409,8 @@ def run_round(
     # Rows the champion lacks: items new this round, and those of rounds rejected since it.
     added = vocab.items()[champ.model.n_rows - 1 :] if champ else []
     mcfg = champ.model.cfg if champ else cfg.model
+    if mcfg.item_repr == "id" and mcfg.text_init:  # embedded while this round trains, for the next
+        warm_titles([titles[i] for i in vocab.items() if i in titles])
     init = prepare_model(champ.model if champ else None, vocab, mcfg, titles, added)
 
     history = indexed or UserHistories.from_sequences(user_sequences(context, vocab), mcfg.max_len)
@@ -437,6 +469,10 @@ def run_round(
     train_ex = new_ex.concat(carry.examples).concat(replay_ex)
 
     t_train = time.monotonic()
+    # The champion answers the gate's questions while the candidate trains (in other processes).
+    champ_ranks = (
+        _background(champion_ranks, champ.model, gate_hold, replay_hold) if champ else None
+    )  # fmt: skip
     candidate, train_metrics = (trainer or train)(
         init, champ.model if champ else None, train_ex, train_cfg, cold=champ is None,
         run_id=run_id,
@@ -449,7 +485,7 @@ def run_round(
         minlength=len(vocab),
     )
     decision = gate(candidate, champ.model if champ else None, gate_hold, replay_hold, counts,
-                    cfg.gate)  # fmt: skip
+                    cfg.gate, champ_ranks.result() if champ_ranks else None)  # fmt: skip
     decision.metrics.update(gate_users_own=new_hold.n_users, gate_users_borrowed=borrowed)
     t_register = time.monotonic()
     after = (extra_meta or {}).get("after_watermark", {})
@@ -518,8 +554,6 @@ def run_round(
             f"round over {new.num_rows} new events trained a candidate with non-finite weights "
             f"(gate: {decision.reason}); nothing was registered or recorded: {err}"
         ) from err
-    if mcfg.item_repr == "id" and mcfg.text_init:  # the next round places its new items by title
-        warm_titles([titles[i] for i in vocab.items() if i in titles])
     return RoundResult(
         version=version,
         promoted=decision.promote,

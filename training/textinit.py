@@ -53,19 +53,23 @@ MAX_FIT = 1024  # known items the ridge is fitted on: plenty for a 384 -> d_mode
 _CACHE_SIZE = 200_000  # titles kept embedded in this process (~1.5 KB each)
 _vectors: OrderedDict[str, np.ndarray] = OrderedDict()
 _lock = threading.Lock()
+# One encode at a time: a round asking for titles that ``warm`` is embedding waits for them
+# instead of embedding them a second time beside it.
+_encode_lock = threading.Lock()
 
 
 def embed(texts: list[str]) -> np.ndarray:
     """[N, 384] unit-norm sentence embeddings (each text embedded once per process)."""
-    with _lock:
-        missing = list(dict.fromkeys(t for t in texts if t not in _vectors))
-    if missing:
-        out = _encoder().encode(missing, batch_size=256, normalize_embeddings=True)
+    with _encode_lock:
         with _lock:
-            for text, vec in zip(missing, np.asarray(out, dtype=np.float32), strict=True):
-                _vectors[text] = vec
-            while len(_vectors) > _CACHE_SIZE:
-                _vectors.popitem(last=False)
+            missing = list(dict.fromkeys(t for t in texts if t not in _vectors))
+        if missing:
+            out = _encoder().encode(missing, batch_size=256, normalize_embeddings=True)
+            with _lock:
+                for text, vec in zip(missing, np.asarray(out, dtype=np.float32), strict=True):
+                    _vectors[text] = vec
+                while len(_vectors) > _CACHE_SIZE:
+                    _vectors.popitem(last=False)
     with _lock:
         for t in texts:
             _vectors.move_to_end(t)
@@ -96,10 +100,11 @@ def fit_sample(known_texts: list[str]) -> np.ndarray:
 
 
 def warm(known_texts: list[str]) -> threading.Thread:
-    """Embed the titles the next round's ``init_rows`` will fit on, in a background thread:
-    the first warm round otherwise loads the encoder and embeds ~1,000 titles on the path from
-    an event to a model trained on it (7 s of its prepare step in bench.freshness on
-    2026-11-29)."""
+    """Embed the titles the next round's ``init_rows`` will fit on, in a background thread
+    (called as a round starts, so it embeds while the round trains, and as a loop starts): the
+    first warm round otherwise loads the encoder and embeds ~1,000 titles on the path from an
+    event to a model trained on it (7 s of its prepare step in bench.freshness on 2026-11-29;
+    29.5 s on 2026-12-03, when the warm-up only started once the first version registered)."""
     texts = [known_texts[i] for i in fit_sample(known_texts)]
     thread = threading.Thread(target=embed, args=(texts,), name="title-warmup", daemon=True)
     thread.start()

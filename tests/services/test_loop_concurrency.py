@@ -229,7 +229,8 @@ def test_a_quiet_streams_small_tail_is_trained_once_it_waited_max_pending_s(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No Ray: fewer than min_round_events pending is no round, until they have waited
-    max_pending_s; then the round takes them, below min_round_events included."""
+    max_pending_s (first_round_wait_s: no champion yet); then the round takes them, below
+    min_round_events included."""
     import time
 
     from bench.faults_training import round_config
@@ -247,7 +248,7 @@ def test_a_quiet_streams_small_tail_is_trained_once_it_waited_max_pending_s(
     cfg = round_config(tmp_path / "ray", epochs=1, max_failures=0)
     loop = ContinualLoop(buffer, Registry(tmp_path / "registry"), cfg,
                          LoopConfig(min_round_events=100, first_round_events=100,
-                                    max_pending_s=0.5),
+                                    max_pending_s=0.5, first_round_wait_s=0.5),
                          tmp_path / "loop.json")  # fmt: skip
     planned: list[int] = []
 
