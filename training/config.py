@@ -79,15 +79,18 @@ class ReplayConfig(_Strict):
     # the stream but learn less from it than a model trained for several epochs over it. Every
     # so often a round also replays a large sample of the reservoir for more epochs, gated like
     # any round, so the slow, broad learning happens too (README: consolidation rounds).
+    # Small and frequent: 2,000 every 5 rounds learned what 8,000 every 20 did on bench.quality's
+    # stream (stream NDCG@10 0.0957 vs 0.0959, 2026-12-03), and a 4x shorter consolidation round
+    # holds the events arriving meanwhile back 4x less.
     consolidate_every: int = Field(
-        default=20,
+        default=5,
         ge=0,
         description="Every this many rounds (rejected ones included), a consolidation round: "
         "the new events plus consolidate_examples replayed ones, consolidate_epochs passes. "
         "0 = never.",
     )
     consolidate_examples: int = Field(
-        default=8_000,
+        default=2_000,
         ge=0,
         description="Replayed sequences a consolidation round trains on (capped by the reservoir).",
     )
