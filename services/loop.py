@@ -99,11 +99,9 @@ class ContinualLoop:
             self.retry_at_pending = None
         if self.pending_since is None:  # a round's trigger wait runs from here
             self.pending_since = time.monotonic()
-        enough = (
-            self.cfg.first_round_events if self.registry.champion() is None
-            else self.cfg.min_round_events
-        )  # fmt: skip
-        return n >= enough or self._quiet(first=self.registry.champion() is None)
+        first = self.registry.champion() is None
+        enough = self.cfg.first_round_events if first else self.cfg.min_round_events
+        return n >= enough or self._quiet(first)
 
     def _carry_due(self) -> bool:
         """Nothing new, but the latest round was rejected and its events wait in the carry: once

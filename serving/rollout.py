@@ -127,11 +127,9 @@ class RolloutController:
         The registry's serving version must already say ``version`` (replicas follow it).
         """
         t0 = time.monotonic()
-        if not self.owns_app:
-            self._await_replicas(version)
-        elif self.context is None:  # nobody to hear the replicas: Serve's own wait
+        if self.owns_app and self.context is None:  # nobody to hear the replicas: Serve's wait
             self._run_app(version)
-        elif not self.deployed:
+        elif self.owns_app and not self.deployed:
             # serve.run waits for the whole app (replicas and ingress: ~20 s on 2 cores), while
             # the version is live as soon as the replicas answer with it: wait for that, and let
             # Serve finish beside the controller, so the next version is not held up behind it.
@@ -142,8 +140,9 @@ class RolloutController:
             self._deploying.start()
             self._await_replicas(version)
         else:
-            # Our app already runs this code and these settings, and its replicas follow the
-            # registry's record (announced above): a redeploy would only wait on Serve (~1 s).
+            # An app deployed on its own, or ours already running this code and these settings:
+            # the replicas follow the registry's record (announced above); a redeploy would
+            # only wait on Serve (~1 s).
             self._await_replicas(version)
         self.deployed = True
         return time.monotonic() - t0

@@ -62,13 +62,13 @@ def question_sets(new_hold: Holdout, replay_hold: Holdout) -> list[tuple[str, Ho
     return [("new", new_hold)] + ([("replay", replay_hold)] if len(replay_hold) else [])
 
 
-def champion_ranks(
-    champion: RowScorer, new_hold: Holdout, replay_hold: Holdout
+def question_ranks(
+    model: RowScorer, new_hold: Holdout, replay_hold: Holdout
 ) -> dict[str, np.ndarray]:
-    """The champion's ranks on each question set: known before the candidate is, so a round
-    computes them while its candidate trains (``gate(..., champ_ranks=)``)."""
+    """A model's ranks on each question set. The champion's are known before the candidate
+    is, so a round computes them while its candidate trains (``gate(..., champ_ranks=)``)."""
     sets = question_sets(new_hold, replay_hold)
-    return {name: holdout_ranks(champion, hold) for name, hold in sets}
+    return {name: holdout_ranks(model, hold) for name, hold in sets}
 
 
 def gate(
@@ -80,7 +80,7 @@ def gate(
     cfg: GateConfig,
     champ_ranks: dict[str, np.ndarray] | None = None,
 ) -> GateResult:
-    """``champ_ranks``: ``champion_ranks(champion, new_hold, replay_hold)`` if already computed."""
+    """``champ_ranks``: ``question_ranks(champion, new_hold, replay_hold)`` if already computed."""
     m: dict[str, float] = {}
     if new_hold.n_users < cfg.min_eval_users:
         return GateResult(
@@ -91,7 +91,7 @@ def gate(
         )
     # Each model ranks each question set once; every figure below comes from those ranks.
     sets = question_sets(new_hold, replay_hold)
-    cand_ranks = {name: holdout_ranks(candidate, hold) for name, hold in sets}
+    cand_ranks = question_ranks(candidate, new_hold, replay_hold)
     for name, ranks in cand_ranks.items():
         m[f"cand_{name}_ndcg10"] = ndcg_hr(ranks)[0]
     m["pop_new_ndcg10"] = popularity_ndcg(popularity, new_hold)
@@ -104,7 +104,7 @@ def gate(
         )
         return GateResult(ok, why, m)
     if champ_ranks is None:
-        champ_ranks = champion_ranks(champion, new_hold, replay_hold)
+        champ_ranks = question_ranks(champion, new_hold, replay_hold)
     for name, hold in sets:
         drop, se = paired_drop(champ_ranks[name], cand_ranks[name], hold)
         cand = m[f"cand_{name}_ndcg10"]

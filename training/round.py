@@ -15,10 +15,9 @@ registered since this one read its lineage, ``ConcurrentRoundError`` is raised a
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,7 +44,7 @@ from training.errors import (
     RoundFailedError,
     RoundTooSmallError,
 )
-from training.gate import champion_ranks, gate
+from training.gate import gate, question_ranks
 from training.histories import UserHistories
 from training.model import Recommender, save_weights
 from training.questions import RecentQuestions, user_keys
@@ -290,18 +289,9 @@ def warm_up(registry: Registry, cfg: RoundConfig) -> None:
         warm_titles([titles[i] for i in vocab.items() if i in titles])
 
 
-def _background(fn: Callable[..., Any], *args: Any) -> Future[Any]:
-    """``fn(*args)`` in a thread of its own (torch releases the GIL while it computes)."""
-    future: Future[Any] = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn(*args))
-        except BaseException as err:  # handed to whoever waits on the result
-            future.set_exception(err)
-
-    threading.Thread(target=run, name="champion-ranks", daemon=True).start()
-    return future
+# The champion ranks the gate's questions here while the candidate trains in other processes
+# (torch releases the GIL while it computes); one round at a time, so one thread.
+_beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="champion-ranks")
 
 
 def _round_kind(
@@ -469,9 +459,8 @@ def run_round(
     train_ex = new_ex.concat(carry.examples).concat(replay_ex)
 
     t_train = time.monotonic()
-    # The champion answers the gate's questions while the candidate trains (in other processes).
     champ_ranks = (
-        _background(champion_ranks, champ.model, gate_hold, replay_hold) if champ else None
+        _beside.submit(question_ranks, champ.model, gate_hold, replay_hold) if champ else None
     )  # fmt: skip
     candidate, train_metrics = (trainer or train)(
         init, champ.model if champ else None, train_ex, train_cfg, cold=champ is None,
