@@ -151,6 +151,19 @@ class TrainerConfig(_Strict):
     max_failures: int = Field(
         default=2, ge=0, description="Retries of a round when a worker dies (Ray FailureConfig)."
     )
+    # Ray Train's controller takes one report per worker every 2 s, and a report waits while
+    # the one before it is still queued: a checkpoint per small round held each round ~2 s.
+    checkpoint_every_s: float = Field(
+        default=2.0,
+        ge=0.0,
+        description=(
+            "A long-lived run checkpoints at the end of a round's epoch (not its last: the round's "
+            "result follows at once) once it has trained this many seconds since its last "
+            "checkpoint; a round shorter than that is trained again from its start if a worker "
+            "dies. 0 = after every epoch but a round's last. (A run per round checkpoints every "
+            "epoch: its result is its last checkpoint.)"
+        ),
+    )
     storage_path: Location = Field(
         default=Path("state/ray_results"),
         description=(

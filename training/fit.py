@@ -108,7 +108,8 @@ def fit(
             total += float(loss.detach())
             steps += 1
         dt = time.perf_counter() - t0
-        last = {"loss": total / steps, "samples_per_s": n / dt, "epochs": float(epoch + 1)}
+        last = {"loss": total / steps, "samples_per_s": n / dt, "epochs": float(epoch + 1),
+                "seconds": dt}  # fmt: skip
         if on_epoch is not None and on_epoch(epoch, last):
             break
     return last

@@ -60,7 +60,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     _setup(config)
     resume = _resume_point()
-    _train_round(config, ray.get(config["data_ref"]), resume)
+    _train_round(config, ray.get(config["data_ref"]), resume, _Cadence(every_epoch=True))
 
 
 def rounds_loop_per_worker(config: dict[str, Any]) -> None:
@@ -84,6 +84,7 @@ def rounds_loop_per_worker(config: dict[str, Any]) -> None:
         dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT) if dist.is_initialized() else None
     )
     resume = _resume_point()
+    cadence = _Cadence(every_epoch=False)
     while True:
         pick = _share(_next_round(feeder) if rank == 0 else None, control)
         if pick is None:
@@ -99,7 +100,7 @@ def rounds_loop_per_worker(config: dict[str, Any]) -> None:
         job, data = taken
         round_config = {**config, **job["config"], "round_id": round_id}
         at = resume if resume is not None and resume[0] == round_id else None
-        state, metrics = _train_round(round_config, data, at)
+        state, metrics = _train_round(round_config, data, at, cadence)
         if rank == 0:
             ray.get(feeder.round_done.remote(round_id, state, metrics))
         resume = None
@@ -165,6 +166,45 @@ def _setup(config: dict[str, Any]) -> None:
 Resume = tuple[str | None, int, dict[str, torch.Tensor]]  # (round id, next epoch, weights)
 
 
+class _Cadence:
+    """Which epochs end with a checkpoint.
+
+    A run per round checkpoints every epoch: its last checkpoint is its result. A long-lived run
+    hands its result to the feeder, so a round's last epoch needs none, and an earlier one only
+    once ``trainer.checkpoint_every_s`` of training has passed since the last checkpoint: Ray
+    Train's controller takes one report per worker every 2 s and a report waits while the one
+    before it is queued, so a checkpoint per small round cost every round up to 2 s, more than
+    training it again after a worker died. Every rank must agree (``ray.train.report`` is a
+    barrier), so the ranks take the longest of their clocks.
+    """
+
+    def __init__(self, every_epoch: bool) -> None:
+        self.every_epoch = every_epoch
+        self.trained_s = 0.0  # training seconds since this worker's last checkpoint
+
+    def due(self, epoch: int, epochs: int, epoch_s: float, every_s: float) -> bool:
+        self.trained_s += epoch_s
+        if self.every_epoch:
+            return True
+        if epoch + 1 >= epochs:
+            return False
+        return _longest(self.trained_s) >= every_s
+
+    def done(self) -> None:
+        self.trained_s = 0.0
+
+
+def _longest(seconds: float) -> float:
+    """The largest of every rank's ``seconds`` (this rank's alone outside a process group)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return seconds
+    t = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def _resume_point() -> Resume | None:
     """Where the run's last checkpoint left off (a restarted worker group), if anywhere."""
     import ray.train
@@ -180,10 +220,11 @@ def _resume_point() -> Resume | None:
 
 
 def _train_round(
-    config: dict[str, Any], data: dict[str, Any], resume: Resume | None
+    config: dict[str, Any], data: dict[str, Any], resume: Resume | None, cadence: _Cadence
 ) -> tuple[dict[str, Any] | None, dict[str, float]]:
     """Train one round; returns (rank 0: the trained weights as numpy, else None) and the last
-    epoch's metrics. Every epoch ends with a checkpointed ``ray.train.report``."""
+    epoch's metrics. An epoch ends with a checkpointed ``ray.train.report`` when ``cadence``
+    says so."""
     import deepspeed
     import ray
     import ray.train
@@ -232,6 +273,9 @@ def _train_round(
         metrics = {"epoch": epoch, "loss": m["loss"], "samples_per_s": m["samples_per_s"] * world,
                    "start_epoch": start_epoch, "nice": os.nice(0), "pid": os.getpid()}  # fmt: skip
         last.update(metrics)
+        if not cadence.due(epoch, tcfg.epochs, m["seconds"], tcfg.checkpoint_every_s):
+            return
+        cadence.done()
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
