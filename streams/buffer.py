@@ -259,11 +259,11 @@ class EventBuffer:
         return {tp_key(t, p): o for (t, p), o in sorted(self.next_offsets().items())}
 
     def stats(self) -> BufferStats:
-        segs = self.segments()
+        records = list(self.log.refresh().segments.values())  # (no Segment built per record)
         return BufferStats(
-            segments=len(segs),
-            rows=sum(s.rows for s in segs),
-            bytes=sum(s.bytes for s in segs),
+            segments=len(records),
+            rows=sum(r.footer.rows for r in records),
+            bytes=sum(r.bytes for r in records),
             partitions=self.watermark(),
             quarantined=self.quarantine_count(),
         )
