@@ -73,6 +73,9 @@ def _training(prefix: str, opts: StorageConfig, epochs: int, first: int) -> dict
             storage=opts,
             max_failures=3,
             node_resource=TRAIN,
+            # As in the cluster test: a checkpoint at every epoch but a round's last, so the node
+            # killed after a round's first checkpoint is killed mid-round.
+            checkpoint_every_s=0.0,
         ),
         "replay": ReplayConfig(capacity=2000, ratio=1.0),
         "gate": GateConfig(min_eval_users=10, tolerance=0.05),

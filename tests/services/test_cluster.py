@@ -111,6 +111,10 @@ def _settings(tmp: Path, kafka: KafkaConfig, topics: TopicsConfig, prefix: str,
             storage=opts,
             max_failures=3,
             node_resource=TRAIN,
+            # A checkpoint at every epoch but a round's last: the node is killed once the round
+            # has its first one, and with the default cadence (2 s of training) that came so
+            # late in these short epochs that the round could finish before the kill took hold.
+            checkpoint_every_s=0.0,
         ),
         replay=ReplayConfig(capacity=2000, ratio=1.0),
         gate=GateConfig(min_eval_users=10, tolerance=1.0),

@@ -154,7 +154,13 @@ def test_every_metric_is_emitted_with_a_value(
     while True:
         samples = scrape()
         missing = wanted - set(samples)
-        if not missing and value(samples, "ray_streamtune_component_restarts_total") >= 1:
+        # buffer_rows is measured with the gauges (every supervisor.gauges_every_s), not at
+        # every flush: an export may still carry a value measured while ingest was running.
+        if (
+            not missing
+            and value(samples, "ray_streamtune_component_restarts_total") >= 1
+            and value(samples, "ray_streamtune_buffer_rows") == len(EVENTS)
+        ):
             break
         assert time.time() < deadline, f"never emitted: {sorted(missing)}"
         time.sleep(2)
