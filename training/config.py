@@ -79,10 +79,11 @@ class ReplayConfig(_Strict):
     # the stream but learn less from it than a model trained for several epochs over it. Every
     # so often a round also replays a large sample of the reservoir for more epochs, gated like
     # any round, so the slow, broad learning happens too (README: consolidation rounds).
-    # Small and frequent, one pass: 4,000 replayed sequences once every 5 rounds learned what
-    # 8,000 twice every 20 rounds did on bench.quality's stream (stream NDCG@10 0.0951 vs 0.0959,
-    # 2026-12-03) in a bounded round: its new events are not trained twice, so a large round
-    # does not double, and the events arriving meanwhile are held back less.
+    # 2,000 sequences every 5 rounds (from 4,000): bench.quality's stream NDCG@10 0.0988 against
+    # 0.0951 (one seed each, 2026-12-03; 1,000 every 5 gave 0.0927, 800 every 2 0.0961), and a
+    # consolidation round short enough that an event arriving as it starts is live within ~5 s.
+    # (800 every 2 rounds cost bench.freshness more than it saved: a consolidation round's
+    # training took 2-3 s whatever its sample, so more of them held more events back.)
     consolidate_every: int = Field(
         default=5,
         ge=0,
@@ -91,7 +92,7 @@ class ReplayConfig(_Strict):
         "0 = never.",
     )
     consolidate_examples: int = Field(
-        default=4_000,
+        default=2_000,
         ge=0,
         description="Replayed sequences a consolidation round trains on (capped by the reservoir).",
     )

@@ -167,22 +167,22 @@ def holdout_as_examples(hold: Holdout) -> Examples:
 
 def holdout_from_examples(ex: Examples) -> Holdout:
     """A replay example as an evaluation question: its last target given everything before."""
-    hist, tgt, seen = [], [], []
-    for x, y in zip(ex.inputs, ex.targets, strict=True):
-        nz = np.nonzero(y)[0]
-        if len(nz) == 0:
-            continue
-        last = int(nz[-1])
-        h = x[: last + 1]
-        hist.append(left_pad([int(v) for v in h if v], len(x)))
-        tgt.append(int(y[last]))
-        seen.append({int(v) for v in h if v})
-    L = ex.inputs.shape[1]
-    return Holdout(
-        np.stack(hist) if hist else np.zeros((0, L), dtype=np.int64),
-        np.asarray(tgt, dtype=np.int64),
-        seen,
+    x, y = ex.inputs, ex.targets
+    L = x.shape[1]
+    has = (y != 0).any(axis=1)
+    x, y = x[has], y[has]
+    last = L - 1 - np.argmax(y[:, ::-1] != 0, axis=1)  # each row's last target position
+    tgt = y[np.arange(len(y)), last]
+    # The items up to that position, zeros dropped, left-padded: a stable sort moves the kept
+    # items to the right end in their order (done per row in Python, this was ~25 ms a round
+    # over the gate's 500 replay probes).
+    keep = (np.arange(L)[None, :] <= last[:, None]) & (x != 0)
+    order = np.argsort(keep, axis=1, kind="stable")
+    hist = np.where(
+        np.take_along_axis(keep, order, axis=1), np.take_along_axis(x, order, axis=1), 0
     )
+    seen = [set(row[row != 0].tolist()) for row in hist]
+    return Holdout(hist.astype(np.int64), tgt.astype(np.int64), seen)
 
 
 def next_slice_holdout(

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -73,6 +73,10 @@ class Recommender(nn.Module):
             bos_token_id=0,
             eos_token_id=0,
             pad_token_id=0,
+            # GPT-2's own "gelu_new" is the same tanh approximation written as five tensor ops;
+            # torch's fused kernel made a forward ~22% and a training step ~30% faster (1 CPU
+            # thread, width 32), with the same weights and the same function.
+            activation_function="gelu_pytorch_tanh",
         )
         self.backbone = GPT2Model(gpt)
         rows = text_for(cfg.item_repr, text, n_rows, "Recommender")
@@ -152,10 +156,36 @@ class Recommender(nn.Module):
     def score(self, inputs: torch.Tensor) -> torch.Tensor:
         """[B, L] histories (left-padded, newest last) -> [B, V] next-item scores."""
         table = self.item_embeddings()
-        h = self._hidden(inputs, table)[:, -1]  # [B, D]
+        h = self._last_hidden(inputs, table)  # [B, D]
         s = h @ table.T  # [B, V]
         s[:, 0] = float("-inf")
         return s
+
+    def _last_hidden(self, inputs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """[B, L] -> [B, D]: the newest position's state, what scoring needs.
+
+        The same function as ``_hidden(...)[:, -1]`` in eval mode, computed for that position
+        only in the last block: its attention reads every position's keys and values, but its
+        query, output projection and MLP (most of a block's work) run once instead of L times.
+        A one-block model scores ~4x faster this way (the gate, serving). Training mode (dropout)
+        takes the full forward.
+        """
+        if self.training:
+            return self._hidden(inputs, table)[:, -1]
+        bb = self.backbone
+        n = inputs.shape[1]
+        keys = inputs != 0  # [B, L] which positions hold an item
+        pos = torch.arange(n, device=inputs.device)
+        h = bb.drop(F.embedding(inputs, table) + bb.wpe(pos))  # GPT-2's absolute positions
+        # Causal and not padding; a padded query sees itself (never read by an item's query),
+        # so no row of the softmax is empty.
+        causal = pos[None, :] <= pos[:, None]  # [L, L] query i sees key j <= i
+        see = (causal[None] & keys[:, None, :]) | torch.eye(n, dtype=torch.bool)[None]
+        blocks = list(bb.h)
+        for block in blocks[:-1]:
+            h = _block(block, h, see[:, None])
+        h = _block(blocks[-1], h, see[:, None, -1:], last=True)  # [B, 1, D]
+        return bb.ln_f(h)[:, 0]
 
     def loss(
         self,
@@ -232,6 +262,26 @@ class Recommender(nn.Module):
         self.backbone.config.vocab_size = n_rows
 
 
+def _block(block: Any, h: torch.Tensor, see: torch.Tensor, last: bool = False) -> torch.Tensor:
+    """One GPT-2 block in eval mode (``GPT2Block.forward``'s arithmetic, through its own
+    modules) over [B, L, D] states; ``see`` [B, 1, Q, L] which keys each query attends to;
+    ``last``: the newest position's query only (-> [B, 1, D]). ``block`` is a ``GPT2Block``
+    (Any: its submodules are untyped attributes)."""
+    attn = block.attn
+    q, k, v = attn.c_attn(block.ln_1(h)).split(attn.split_size, dim=2)
+    if last:
+        q, h = q[:, -1:], h[:, -1:]
+
+    def heads(x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, H, T, D/H]
+        return x.view(*x.shape[:2], attn.num_heads, attn.head_dim).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(
+        heads(q), heads(k), heads(v), attn_mask=see, scale=attn.scaling
+    )  # [B, H, Q, D/H]
+    h = h + attn.c_proj(out.transpose(1, 2).reshape(*h.shape))
+    return h + block.mlp(block.ln_2(h))
+
+
 def _sampled_softmax(
     h: torch.Tensor, targets: torch.Tensor, table: torch.Tensor, k: int
 ) -> torch.Tensor:
@@ -268,5 +318,10 @@ class Teacher(Recommender):
         return super().train(False)
 
     def _hidden(self, inputs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        known = torch.where(inputs < self.n_rows, inputs, torch.zeros_like(inputs))
-        return super()._hidden(known, table)
+        return super()._hidden(self._known(inputs), table)
+
+    def _last_hidden(self, inputs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return super()._last_hidden(self._known(inputs), table)
+
+    def _known(self, inputs: torch.Tensor) -> torch.Tensor:
+        return torch.where(inputs < self.n_rows, inputs, torch.zeros_like(inputs))

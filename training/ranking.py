@@ -22,7 +22,8 @@ NDCG@k = 1 / log2(rank + 2) if rank < k else 0; HR@k = 1 if rank < k (one releva
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
+from itertools import chain
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ def as_numpy(scores: ArrayLike) -> np.ndarray:
 
 
 def candidate_mask(
-    n_cols: int, targets: np.ndarray, exclude: Sequence[Iterable[int]] | None
+    n_cols: int, targets: np.ndarray, exclude: Sequence[Collection[int]] | None
 ) -> np.ndarray:
     """``[B, n_cols]`` bool: which columns compete with each row's target.
 
@@ -54,10 +55,13 @@ def candidate_mask(
     if exclude is not None:
         if len(exclude) != b:
             raise ValueError(f"{len(exclude)} exclusion lists for {b} targets; need one per row")
-        for r, items in enumerate(exclude):
-            idx = np.fromiter((int(i) for i in items), dtype=np.int64)
-            idx = idx[(idx >= 0) & (idx < n_cols)]
-            valid[r, idx] = False
+        # One flat pass over every row's items (a Python loop per row cost the gate ~10 ms a
+        # model on a few hundred questions).
+        counts = [len(items) for items in exclude]
+        flat = np.fromiter(chain.from_iterable(exclude), dtype=np.int64, count=sum(counts))
+        at = np.repeat(np.arange(b), counts)
+        keep = (flat >= 0) & (flat < n_cols)
+        valid[at[keep], flat[keep]] = False
     rows = np.arange(b)
     inside = (targets > 0) & (targets < n_cols)
     valid[rows[inside], targets[inside]] = False
@@ -85,7 +89,7 @@ def rank_against(
 
 
 def rank_full(
-    scores: ArrayLike, targets: ArrayLike, exclude: Sequence[Iterable[int]] | None = None
+    scores: ArrayLike, targets: ArrayLike, exclude: Sequence[Collection[int]] | None = None
 ) -> np.ndarray:
     """Ranks of ``targets`` [B] among every column of ``scores`` [B, V] but padding and each row's
     ``exclude`` (seen) items; a target outside ``1..V-1`` is a miss."""

@@ -28,6 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from streams.storage import arrow_filesystem
+from training import lineage
 from training.carry import Carry
 from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
 from training.data import (
@@ -47,9 +48,8 @@ from training.errors import (
 from training.gate import gate, question_ranks
 from training.histories import UserHistories
 from training.model import Recommender, save_weights
-from training.questions import RecentQuestions, user_keys
-from training.registry import Registry
-from training.replay import Reservoir
+from training.questions import user_keys
+from training.registry import LoadedVersion, Registry
 from training.textinit import init_rows, text_rows
 from training.textinit import warm as warm_titles
 from training.vocab import ItemVocab
@@ -110,15 +110,17 @@ def _ts_quantiles(table: pa.Table) -> list[int]:
     return [int(x) for x in np.quantile(ts, np.linspace(0, 1, 21), method="nearest")]
 
 
-def _popularity(registry: Registry, base: int | None, vocab: ItemVocab, new: pa.Table) -> list[int]:
+def _popularity(before: list[int], vocab: ItemVocab, new: pa.Table) -> list[int]:
     """Cumulative interaction counts per row (serving's fallback for users with no history)."""
-    counts = [0] * len(vocab)
-    if base is not None and (registry.path(base) / "popularity.json").exists():
-        for row, c in enumerate(json.loads((registry.path(base) / "popularity.json").read_text())):
-            counts[row] = c
+    counts = before + [0] * (len(vocab) - len(before))
     for row in vocab.encode(new.column("item_id").to_pylist()):
         counts[row] += 1
     return counts
+
+
+def _lineage_settings(cfg: RoundConfig) -> str:
+    """The settings that shape the state a round reads (its reservoirs' and questions' sizes)."""
+    return json.dumps([cfg.model.max_len, cfg.replay.model_dump(), cfg.gate.model_dump()])
 
 
 def prepare_model(
@@ -359,15 +361,16 @@ def run_round(
     """
     t_start = time.monotonic()
     champ_v = registry.champion()
-    champ = registry.load(champ_v) if champ_v is not None else None
     base_v = registry.latest()  # the replay lineage continues from the latest version
     # The item map is one append-only lineage across every registered version, rejected ones
     # included: the replay reservoir (which continues from the latest version) stores rows of
     # that map, so restarting it from an older champion would point old examples at wrong rows.
-    vocab = ItemVocab()
-    if base_v is not None:
-        registry.verify(base_v)
-        vocab = ItemVocab.load(registry.path(base_v) / "vocab.json")
+    settings = _lineage_settings(cfg)
+    state = lineage.take(registry, base_v, champ_v, settings) or lineage.read(
+        registry, base_v, champ_v, cfg.model, cfg.replay.capacity, cfg.gate.replay_eval_size,
+        cfg.gate.recent_questions, cfg.replay.seed,
+    )  # fmt: skip
+    champ, vocab, titles = state.champion, state.vocab, state.titles
     base_dir = registry.path(base_v) if base_v is not None else None
     users = sorted(set(new.column("user_id").to_pylist()))
     indexed: UserHistories | None = None
@@ -378,9 +381,6 @@ def run_round(
     elif context is None:
         context = read_history(users) if read_history is not None and base_v is not None else None
     context = context if context is not None else new.slice(0, 0)
-    titles: dict[str, str] = {}
-    if base_dir is not None and (base_dir / "titles.json").exists():
-        titles = json.loads((base_dir / "titles.json").read_text())
     titles.update(_titles(context))
     titles.update(_titles(new))
     rows_before = len(vocab)
@@ -410,9 +410,7 @@ def run_round(
     )
     # Rejected rounds since the champion: trained on again here (none for a fresh start, which
     # reads everything buffered anyway). A round with no new events of its own trains them alone.
-    carry = Carry.empty(mcfg.max_len)
-    if base_dir is not None and Carry.exists(base_dir) and champ is not None:
-        carry = Carry.load(base_dir)
+    carry = state.carry if champ is not None else Carry.empty(mcfg.max_len)
     if len(new_ex) == 0 and len(carry) == 0:
         raise EmptyRoundError(
             f"{new.num_rows} new events from {len(set(new.column('user_id').to_pylist()))} users "
@@ -420,11 +418,7 @@ def run_round(
         )
     # The gate's questions: the round's own, keyed by user, topped up from earlier rounds'.
     own_hold = replace(new_hold, users=user_keys(list(new_seqs))[new_hold.users])
-    if RecentQuestions.exists(base_dir):
-        assert base_dir is not None
-        recent = RecentQuestions.load(base_dir, cfg.gate.recent_questions)
-    else:
-        recent = RecentQuestions(cfg.gate.recent_questions, mcfg.max_len)
+    recent = state.recent
     gate_hold, borrowed = recent.top_up(own_hold, cfg.gate.min_eval_users)
     if gate_hold.n_users < cfg.gate.min_eval_users:
         # The gate could only reject it, and a rejected round's events are never trained on
@@ -434,17 +428,11 @@ def run_round(
             f"(+{borrowed} from earlier rounds' questions; < gate.min_eval_users="
             f"{cfg.gate.min_eval_users}): too few to gate; wait for more"
         )
-    if base_dir is not None and (base_dir / "replay.json").exists():
-        reservoir = Reservoir.load(base_dir, cfg.replay.capacity)
-    else:
-        reservoir = Reservoir(cfg.replay.capacity, mcfg.max_len, cfg.replay.seed)
+    reservoir = state.reservoir
     # Forgetting is measured on earlier rounds' held-out questions, which no version trained on.
     # (Replayed training examples would not do: the champion memorised them, so any update
     # "forgets" them, and the gate would reject nearly every small round.)
-    if base_dir is not None and (base_dir / "replay_eval.json").exists():
-        probes = Reservoir.load(base_dir, cfg.gate.replay_eval_size, name="replay_eval")
-    else:
-        probes = Reservoir(cfg.gate.replay_eval_size, mcfg.max_len, cfg.replay.seed + 1)
+    probes = state.probes
     replay_hold = holdout_from_examples(Examples(probes.inputs, probes.targets))
     kind, since = _round_kind(registry, base_v, champ is not None, len(reservoir), cfg.replay)
     n_replay = int(cfg.replay.ratio * (len(new_ex) + len(carry)))
@@ -492,7 +480,7 @@ def run_round(
     probes.add(holdout_as_examples(new_hold))
     recent.add(own_hold)
 
-    popularity = _popularity(registry, base_v, vocab, new)
+    popularity = _popularity(state.popularity, vocab, new)
 
     def write(d: Path) -> None:
         save_weights(candidate, d / "model.safetensors")
@@ -543,6 +531,16 @@ def run_round(
             f"round over {new.num_rows} new events trained a candidate with non-finite weights "
             f"(gate: {decision.reason}); nothing was registered or recorded: {err}"
         ) from err
+    champion = state.champion
+    if decision.promote:  # the candidate is the next round's champion: no need to read it back
+        champion = LoadedVersion(
+            version, candidate, ItemVocab(vocab.items()), registry.meta(version),
+            registry.path(version),
+        )  # fmt: skip
+    lineage.keep(registry, lineage.Lineage(
+        base=version, champion=champion, vocab=vocab, titles=titles, popularity=popularity,
+        carry=carry, recent=recent, reservoir=reservoir, probes=probes,
+    ), settings)  # fmt: skip
     return RoundResult(
         version=version,
         promoted=decision.promote,

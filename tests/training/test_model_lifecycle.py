@@ -102,3 +102,27 @@ def test_distillation_term_leaves_new_rows_out() -> None:
     assert grad is not None
     assert torch.all(grad[12:] == 0)  # rows new this round get nothing from the teacher
     assert torch.any(grad[1:12] != 0)
+
+
+@pytest.mark.parametrize("layers,item_repr", [(1, "id"), (2, "id"), (2, "id+text"), (1, "text")])
+def test_score_computes_the_full_forwards_last_position(layers: int, item_repr: str) -> None:
+    """``score`` runs the last block for the newest position only: the same scores as the
+    transformers forward over every position (float32 rounding aside), padding and short
+    histories included; a teacher still reads rows it never knew as padding."""
+    torch.manual_seed(layers)
+    cfg = CFG.model_copy(update={"n_layers": layers, "item_repr": item_repr})
+    text = torch.randn(30, 384) if item_repr != "id" else None
+    model = Recommender(cfg, 30, text).eval()
+    x = torch.randint(1, 30, (64, CFG.max_len))
+    lengths = torch.randint(1, CFG.max_len + 1, (64,))
+    x[torch.arange(CFG.max_len)[None, :] < (CFG.max_len - lengths)[:, None]] = 0  # left padding
+    with torch.no_grad():
+        table = model.item_embeddings()
+        full = model._hidden(x, table)[:, -1] @ table.T
+        got = model.score(x)
+    assert torch.allclose(got[:, 1:], full[:, 1:], atol=1e-5, rtol=1e-4)
+    assert torch.isinf(got[:, 0]).all()
+    teacher = Recommender(cfg, 20, text[:20] if text is not None else None).frozen_teacher()
+    with torch.no_grad():
+        known = torch.where(x < 20, x, torch.zeros_like(x))
+        assert torch.allclose(teacher.score(x), teacher.score(known))
