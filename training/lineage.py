@@ -102,7 +102,8 @@ def read(
     if d is not None and (d / "popularity.json").exists():
         for row, c in enumerate(json.loads((d / "popularity.json").read_text())):
             popularity[row] = c
-    carry = Carry.load(d) if d is not None and Carry.exists(d) and champ else Carry.empty(max_len)
+    # Whether a carry applies (only with a champion to train it from) is the round's to say.
+    carry = Carry.load(d) if d is not None and Carry.exists(d) else Carry.empty(max_len)
     return Lineage(
         base=base,
         champion=champ,

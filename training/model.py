@@ -180,7 +180,8 @@ class Recommender(nn.Module):
         # Causal and not padding; a padded query sees itself (never read by an item's query),
         # so no row of the softmax is empty.
         causal = pos[None, :] <= pos[:, None]  # [L, L] query i sees key j <= i
-        see = (causal[None] & keys[:, None, :]) | torch.eye(n, dtype=torch.bool)[None]
+        itself = torch.eye(n, dtype=torch.bool, device=inputs.device)
+        see = (causal[None] & keys[:, None, :]) | itself[None]
         blocks = list(bb.h)
         for block in blocks[:-1]:
             h = _block(block, h, see[:, None])
