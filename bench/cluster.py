@@ -1,6 +1,6 @@
 """Cluster mode end to end: S3, a 3-node Ray cluster, a steady stream, a worker node killed.
 
-    python -m bench.cluster [--quick]
+    python -m bench.cluster [--quick] [--freshness-only] [--rate R]
 
 Starts the project's SeaweedFS S3 server, the embedded Kafka broker and a Ray cluster of a head
 and two worker nodes (`ray start`, see ``bench/raycluster.py``). A producer publishes a steady
@@ -20,22 +20,26 @@ head. Once a champion exists the Serve app is deployed on its own (`serve deploy
 deploy/serve.yaml) onto the worker nodes, and a client keeps querying it: each promoted version's
 rollout is timed and its failed requests counted. At the end a version that fails every live
 request is promoted; the controller must roll the app back (its failures are reported apart).
+
+The parts above use trainer settings of their own (2 blocks, 4-epoch rounds, a checkpoint every
+epoch) so that a node can be killed mid-round. Last, on a fresh cluster of the same shape, model
+freshness is measured with the defaults of every setting but placement (``bench.cluster_freshness``,
+60 s of steady stream with ``--quick``, 120 s without).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.cluster_freshness import freshness_on_cluster, print_freshness
 from bench.liveclient import LiveClient, register_broken_copy
-from bench.raycluster import LocalCluster, Node
+from bench.raycluster import SERVE, TRAIN, LocalCluster, Node, cluster_with_s3
 from bench.round_cost import measure
 from services.config import LoopConfig
 from services.loop import ContinualLoop
@@ -52,8 +56,6 @@ from streams.storage import StorageConfig, arrow_filesystem
 from training.config import GateConfig, ModelConfig, RegistryConfig, ReplayConfig, TrainerConfig
 from training.registry import Registry
 from training.round import RoundConfig
-
-TRAIN, SERVE = "streamtune_train", "streamtune_serve"
 
 
 def round_config(prefix: str, opts: StorageConfig, epochs: int) -> RoundConfig:
@@ -321,45 +323,25 @@ def stream_loop(cluster: LocalCluster, workers: list[Node], s3: S3Server, tmp: P
         broker.down()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a shorter stream; 100k/400k/1M")
-    args = ap.parse_args()
-    sizes = [100_000, 400_000, 1_000_000] if args.quick else [100_000, 1_000_000, 5_000_000]
+def _round_cost(s3: S3Server, root: Path, sizes: list[int]) -> list[dict[str, Any]]:
+    opts = StorageConfig(options=s3.options())
+    cost = []
+    for i, size in enumerate([sizes[0], *sizes]):  # the first one warms the workers up
+        tmp = root / f"cost-{i}"
+        tmp.mkdir()
+        cfg = round_config(f"s3://bench/cost-{i}", opts, 1)
+        row = measure(size, 20_000, (f"s3://bench/cost-{i}/buffer", opts), tmp, 1, cfg)
+        if i:
+            cost.append(row)
+            print(f"{size:>10,} buffered: round {row['round_s']:.1f}s "
+                  f"(train {row['train_s']:.1f}s)", flush=True)  # fmt: skip
+    return cost
 
-    import ray
 
-    root = Path(tempfile.mkdtemp(prefix="st-bc-", dir="/tmp"))  # short: Ray's socket paths
-    s3 = S3Server(root / "s3").start()
-    s3.create_bucket("bench")
-    cluster = LocalCluster(root / "ray")
-    try:
-        cluster.start_head()
-        workers = [cluster.add_worker(f"w{i}", 3, {TRAIN: 1.0, SERVE: 1.0}) for i in (1, 2)]
-        ray.init(address=cluster.address, log_to_driver=False)
-        loop_result = stream_loop(cluster, workers, s3, root, args.quick)
-        opts = StorageConfig(options=s3.options())
-        cost = []
-        for i, size in enumerate([sizes[0], *sizes]):  # the first one warms the workers up
-            tmp = root / f"cost-{i}"
-            tmp.mkdir()
-            cfg = round_config(f"s3://bench/cost-{i}", opts, 1)
-            row = measure(size, 20_000, (f"s3://bench/cost-{i}/buffer", opts), tmp, 1, cfg)
-            if i:
-                cost.append(row)
-                print(f"{size:>10,} buffered: round {row['round_s']:.1f}s "
-                      f"(train {row['train_s']:.1f}s)", flush=True)  # fmt: skip
-    finally:
-        ray.shutdown()
-        cluster.stop()
-        s3.stop()
-        shutil.rmtree(root, ignore_errors=True)
+def _summary(loop_result: dict[str, Any], cost: list[dict[str, Any]]) -> dict[str, Any]:
     kill = loop_result["node_kill"]
     recovered = bool(kill.get("confirmed_dead") and kill.get("round_registered"))
-    summary = {
-        "bench": "cluster",
-        "nodes": 3,
-        "storage": "s3",
+    return {
         "promoted": loop_result["promoted"],
         "rollbacks": loop_result["rollbacks"],
         # Requests that failed while the app rolled forward to a promoted version (the broken
@@ -383,6 +365,26 @@ def main() -> None:
             str(r["buffered"]): round(r["round_s"] - r["train_s"], 2) for r in cost
         },
     }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a shorter stream; 100k/400k/1M")
+    ap.add_argument("--freshness-only", action="store_true",
+                    help="only the freshness part (its own cluster, up's defaults)")  # fmt: skip
+    ap.add_argument("--rate", type=float, default=100.0, help="events/s of the freshness part")
+    args = ap.parse_args()
+    sizes = [100_000, 400_000, 1_000_000] if args.quick else [100_000, 1_000_000, 5_000_000]
+    summary: dict[str, Any] = {"bench": "cluster", "nodes": 3, "storage": "s3"}
+    if not args.freshness_only:
+        with cluster_with_s3() as (cluster, workers, s3, root):
+            loop_result = stream_loop(cluster, workers, s3, root, args.quick)
+            cost = _round_cost(s3, root, sizes)
+        summary.update(_summary(loop_result, cost))
+    with cluster_with_s3() as (cluster, _, s3, root):  # a cluster of its own: its control plane too
+        fresh = freshness_on_cluster(cluster, s3, root, 60.0 if args.quick else 120.0, args.rate)
+    print_freshness(fresh)
+    summary["freshness"] = fresh
     print(json.dumps(summary))
 
 

@@ -72,8 +72,8 @@ PLACES = {"state_dir", "broker.port", "broker.controller_port", "topics.events",
           "trainer.storage_path", "broker.state_dir", "kafka.bootstrap_servers"}  # fmt: skip
 
 
-def differences(s: Settings) -> dict[str, Any]:
-    """Every setting of ``s`` that is not ``up``'s default, apart from places and ports."""
+def differences(s: Settings, places: set[str] = PLACES) -> dict[str, Any]:
+    """Every setting of ``s`` that is not ``up``'s default, apart from ``places``."""
 
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -83,7 +83,8 @@ def differences(s: Settings) -> dict[str, Any]:
         return out
 
     mine, default = flat(s.model_dump(mode="json")), flat(load_settings().model_dump(mode="json"))
-    return {k: v for k, v in mine.items() if default.get(k) != v and k not in PLACES}
+    placed = lambda k: any(k == p or k.startswith(f"{p}.") for p in places)  # noqa: E731
+    return {k: v for k, v in mine.items() if default.get(k) != v and not placed(k)}
 
 
 def probe_history(s: Settings, n: int, item: str) -> list[float]:
@@ -157,14 +158,14 @@ def run(seconds: float, rate: float, probes: int) -> dict[str, Any]:
         producer.join()
         # Let the loop train on the tail once more, so events late in the run get a chance too.
         try:
-            _wait(lambda: _model_freshness(running, queries, steady_clock, steady)["pending"] == 0,
+            _wait(lambda: model_freshness(running, queries, steady_clock, steady)["pending"] == 0,
                   120, "tail")  # fmt: skip
         except TimeoutError:  # e.g. the last round was too small to gate: reported as pending
             console.print("the tail of the stream was not served by a covering version in 120s")
         stop.set()
         queries.stop.set()
-        model = _model_freshness(running, queries, steady_clock, steady)
-        rounds_detail = _breakdown(running, queries)
+        model = model_freshness(running, queries, steady_clock, steady)
+        rounds_detail = breakdown(running, queries)
         rounds = [r["version"] for r in running.loop.state()["rounds"] if r["version"] > 1]
         changed = differences(s)
         running.stop()
@@ -186,7 +187,7 @@ def _wait(cond: Any, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
-def _model_freshness(
+def model_freshness(
     running: Any, queries: Queries, clock: Clock, steady: list[Event]
 ) -> dict[str, Any]:
     """Per steady event: first live answer by the version that first trained on it (its own
@@ -218,7 +219,7 @@ def _model_freshness(
             "versions": len(first_seen)}  # fmt: skip
 
 
-def _breakdown(running: Any, queries: Queries) -> list[dict[str, Any]]:
+def breakdown(running: Any, queries: Queries) -> list[dict[str, Any]]:
     """Each round's parts in seconds (the loop's record), with its version's rollout."""
     out = []
     for rec in running.loop.state()["rounds"]:

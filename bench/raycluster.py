@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -26,8 +30,11 @@ import yaml
 from serving.config import ServingConfig
 from serving.ingress import node_env
 from streams.broker import ephemeral_range, free_port
+from streams.s3server import S3Server
 
 RAY = str(Path(sys.executable).with_name("ray"))
+# The custom resources of the topology above: training nodes, serving nodes.
+TRAIN, SERVE = "streamtune_train", "streamtune_serve"
 
 
 @dataclass
@@ -210,3 +217,24 @@ import sys, ray
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 print(sum(1 for n in ray.nodes() if n["Alive"]))
 """
+
+
+@contextmanager
+def cluster_with_s3() -> Iterator[tuple[LocalCluster, list[Node], S3Server, Path]]:
+    """S3 and a head with two worker nodes (training and serving), the driver connected."""
+    import ray
+
+    root = Path(tempfile.mkdtemp(prefix="st-bc-", dir="/tmp"))  # short: Ray's socket paths
+    s3 = S3Server(root / "s3").start()
+    s3.create_bucket("bench")
+    cluster = LocalCluster(root / "ray")
+    try:
+        cluster.start_head()
+        workers = [cluster.add_worker(f"w{i}", 3, {TRAIN: 1.0, SERVE: 1.0}) for i in (1, 2)]
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster, workers, s3, root
+    finally:
+        ray.shutdown()
+        cluster.stop()
+        s3.stop()
+        shutil.rmtree(root, ignore_errors=True)
