@@ -22,9 +22,11 @@ rollout is timed and its failed requests counted. At the end a version that fail
 request is promoted; the controller must roll the app back (its failures are reported apart).
 
 The parts above use trainer settings of their own (2 blocks, 4-epoch rounds, a checkpoint every
-epoch) so that a node can be killed mid-round. Last, on a fresh cluster of the same shape, model
-freshness is measured with the defaults of every setting but placement (``bench.cluster_freshness``,
-60 s of steady stream with ``--quick``, 120 s without).
+epoch) so that a node can be killed mid-round. Last, on a fresh cluster of the same shape,
+`streamtune up --address ... --no-serve` runs as a process of its own with the defaults of every
+setting but placement (``bench.cluster_freshness``): model freshness over 60 s of steady stream
+(``--quick``; 120 s without), then `up` is SIGKILLed mid-stream and started again, and must go on
+from the registry while the app keeps answering.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ been trained on its first 20,000 events. Two clocks:
 
 (a) history path: a probe publishes a click by a brand-new user, then polls that user's
     /recommend until the answer is built from that click (``source`` turns from "popularity"
-    to "history"); published -> visible, in ms.
+    to "history"); published -> visible, in ms. The probe runs in a process of its own.
 (b) model path: each replayed event's publish time is stamped, and its (partition, offset) is
     read back from the buffer. The loop's round records say which promoted version first
     trained on it (its own round's, or, if that round was rejected, the round that carried it
@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ from services.runtime import init_ray, start
 from services.settings import Settings, load_settings
 from streams.admin import ensure_topics
 from streams.broker import LocalBroker, free_port
+from streams.config import KafkaConfig
 from streams.datasets import DEFAULT_ML100K, movielens_100k
 from streams.events import Event, EventType
 from streams.producer import make_producer, replay
@@ -87,10 +90,9 @@ def differences(s: Settings, places: set[str] = PLACES) -> dict[str, Any]:
     return {k: v for k, v in mine.items() if default.get(k) != v and not placed(k)}
 
 
-def probe_history(s: Settings, n: int, item: str) -> list[float]:
+def probe_history(kafka: KafkaConfig, topic: str, url: str, n: int, item: str) -> list[float]:
     """ms from publishing a new user's first click to a /recommend answer built from it."""
-    url = f"http://{s.serving.host}:{s.serving.port}/recommend"
-    prod = make_producer(s.kafka)
+    prod = make_producer(kafka)
     out: list[float] = []
     with httpx.Client(timeout=5) as client:
         for i in range(n):
@@ -104,7 +106,7 @@ def probe_history(s: Settings, n: int, item: str) -> list[float]:
                 ts=int(time.time() * 1000),
             )
             t0 = time.perf_counter()
-            prod.send(s.topics.events, key=event.key(), value=event.encode())
+            prod.send(topic, key=event.key(), value=event.encode())
             prod.flush()
             while time.perf_counter() - t0 < 10:
                 r = client.post(url, json={"user_id": user, "k": 10})
@@ -115,6 +117,14 @@ def probe_history(s: Settings, n: int, item: str) -> list[float]:
             time.sleep(0.3)
     prod.close()
     return out
+
+
+def probe_history_apart(s: Settings, n: int, item: str) -> list[float]:
+    """``probe_history`` from a process of its own, as a user's client runs: in this one it
+    would share the interpreter lock with ingest and the loop's thread, and time them too."""
+    url = f"http://{s.serving.host}:{s.serving.port}/recommend"
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(probe_history, s.kafka, s.topics.events, url, n, item).result()
 
 
 def run(seconds: float, rate: float, probes: int) -> dict[str, Any]:
@@ -154,7 +164,7 @@ def run(seconds: float, rate: float, probes: int) -> dict[str, Any]:
         )
         t_steady = time.time()
         producer.start()
-        hist = probe_history(s, probes, item=events[0].item_id)
+        hist = probe_history_apart(s, probes, item=events[0].item_id)
         producer.join()
         # Let the loop train on the tail once more, so events late in the run get a chance too.
         try:
