@@ -180,7 +180,9 @@ def kill_and_restart(up: UpProcess, queries: Queries, events: list[Event],
     served = _served_all(up, queries, clock, events, 180)
     m = model_freshness(up, queries, clock, events)
     arr = np.asarray(m["s"])
-    recorded = {int(r["version"]) for r in up.state()["rounds"] if "version" in r}
+    records = {int(r["version"]): r for r in up.state()["rounds"] if "version" in r}
+    recorded = set(records)
+    phases = records.get(first, {}).get("phases", {})
     return {
         "events": len(events),
         "latest_at_kill": latest,
@@ -188,6 +190,7 @@ def kill_and_restart(up: UpProcess, queries: Queries, events: list[Event],
         "first_after_restart_parent": registry.meta(first).get("parent"),
         "champion_at_kill": champion,
         "restart_to_ready_s": round(ready_s, 1),
+        "first_after_restart_s": {k: round(v, 2) for k, v in phases.items()},
         "restart_to_version_s": round(back_s, 1),
         "down_s": round(restarted_at - killed_at, 1),
         "all_served": served,
