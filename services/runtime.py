@@ -234,7 +234,7 @@ class HistoryWatch:
         while not stop.wait(0 if self.fresh else cfg.liveness_s):
             timeout = _FIRST_PING_S if self.fresh else cfg.liveness_timeout_s
             try:
-                ray.get(r.context.snapshot.remote(), timeout=timeout)
+                ray.get(r.context.snapshot.remote([]), timeout=timeout)
             except (RayActorError, GetTimeoutError) as err:
                 self.dead = True
                 raise ServiceError(f"history actor dead or unresponsive: {err}") from err

@@ -326,7 +326,7 @@ class RecommenderDeployment:
     @api.get("/models", response_model=ModelsResponse, responses=error_responses(413))
     async def models(self) -> ModelsResponse:
         ctx = self._context()
-        snap: dict[str, Any] = await ctx.snapshot.remote() if ctx is not None else {}
+        snap: dict[str, Any] = await ctx.snapshot.remote([]) if ctx is not None else {}
         serving = {
             r: (int(d["version"]) if d.get("version") not in (None, "None") else None)
             for r, d in snap.get("replicas", {}).items()

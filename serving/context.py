@@ -43,6 +43,9 @@ CONTEXT_ACTOR = "streamtune-serving-context"
 CONTROL_NAMESPACE = "streamtune"
 BUCKET_S = 1.0
 BUCKET_KEEP_S = 3 * 3600.0
+# A snapshot asked for no versions in particular carries the live replicas' versions and this many
+# of the most recently active others.
+SNAPSHOT_RECENT = 10
 # Replicas waiting for a rollout announcement hold a thread each, for up to serving.follow_s:
 # they get threads of their own, so however many replicas wait, history lookups never queue
 # behind them. Past this many replicas, a wait queues for at most follow_s before it starts.
@@ -56,15 +59,17 @@ class VersionStats:
         self.latencies: deque[float] = deque(maxlen=5000)
         self.served = 0
         self.clicked = 0
-        self.first_seen = time.time()
+        self.first_seen = self.last_active = time.time()
         # bucket index (impression time // BUCKET_S) -> [served, clicked]
         self.buckets: dict[int, list[int]] = {}
 
     def add_served(self, n: int, at: float) -> None:
+        self.last_active = max(self.last_active, at)
         self.served += n
         self.buckets.setdefault(int(at // BUCKET_S), [0, 0])[0] += n
 
     def add_click(self, served_at: float) -> None:
+        self.last_active = time.time()
         self.clicked += 1
         self.buckets.setdefault(int(served_at // BUCKET_S), [0, 0])[1] += 1
 
@@ -94,6 +99,29 @@ class VersionStats:
             "clicked": self.clicked,
             "ctr": self.clicked / self.served if self.served else 0.0,
         }
+
+
+def chosen_versions(stats: dict[str, VersionStats], live: set[str],
+                    asked: list[str] | None) -> list[str]:  # fmt: skip
+    """Whose stats a snapshot carries: those ``asked`` for, or (None) the ``live`` replicas'
+    versions and the ``SNAPSHOT_RECENT`` most recently active others. Never every version ever
+    served: with a round every few seconds that list grows by thousands an hour, and each
+    snapshot (the rollout controller takes several a second) held the lock that history look-ups
+    wait on for longer and longer."""
+    if asked is not None:
+        return [v for v in asked if v in stats]
+    recent = set(sorted(stats, key=lambda v: stats[v].last_active)[-SNAPSHOT_RECENT:])
+    return [v for v in stats if v in live or v in recent]
+
+
+def forget_versions(stats: dict[str, VersionStats], live: set[str], now: float) -> None:
+    """Drop the stats of versions no live replica serves and nothing touched for
+    ``BUCKET_KEEP_S`` (their click windows are empty by then): they would pile up forever."""
+    for v in [v for v, st in stats.items()
+              if v not in live and st.last_active < now - BUCKET_KEEP_S]:  # fmt: skip
+        del stats[v]
+    for st in stats.values():
+        st.forget_before(now - BUCKET_KEEP_S)
 
 
 class ServingContext:
@@ -206,20 +234,20 @@ class ServingContext:
         per user the items it was just served."""
         with self.lock:
             self.replicas[replica] = {"version": version, "at": time.time()}
+            now = time.time()
             for v, samples in requests.items():
                 st = self._stats(v)
+                st.last_active = now
                 for latency, ok in samples:
                     st.requests += 1
                     st.errors += 0 if ok else 1
                     st.latencies.append(latency)
-            now = time.time()
             for user, (v, items) in served.items():
                 self.served[user] = (v, set(items), now)
                 self._stats(v).add_served(len(items), at=now)
             if now - self._forgot_at > 60:
                 self._forgot_at = now
-                for st in self.stats.values():
-                    st.forget_before(now - BUCKET_KEEP_S)
+                forget_versions(self.stats, self._live_versions(now), now)
 
     # -- rollout hints --------------------------------------------------------------------
     def announce(self) -> None:
@@ -251,12 +279,19 @@ class ServingContext:
                 return {"served": 0, "clicked": 0, "ctr": 0.0}
             return st.window(since, until)
 
-    def snapshot(self) -> dict[str, Any]:
+    def _live_versions(self, now: float) -> set[str]:
+        return {str(d["version"]) for d in self.replicas.values() if now - d["at"] < 30}
+
+    def snapshot(self, versions: list[str] | None = None) -> dict[str, Any]:
+        """Replicas, load failures, the history's size and the stats of ``versions`` (None: the
+        live ones and the most recently active others; ``[]``: none, the cheapest call)."""
         with self.lock:
-            live = {r: d for r, d in self.replicas.items() if time.time() - d["at"] < 30}
+            now = time.time()
+            live = {r: d for r, d in self.replicas.items() if now - d["at"] < 30}
+            chosen = chosen_versions(self.stats, self._live_versions(now), versions)
             return {
                 "replicas": live,
-                "versions": {v: s.summary() for v, s in self.stats.items()},
+                "versions": {v: self.stats[v].summary() for v in chosen},
                 "load_failures": dict(self.load_failures),
                 "history_users": len(self.history),
                 "events_seen": self.events_seen,

@@ -173,7 +173,7 @@ class RolloutController:
         while time.monotonic() < deadline:
             if self._deploy_error is not None:
                 raise RolloutError(f"deploying the Serve app failed: {self._deploy_error}")
-            snap = ray.get(self.context.snapshot.remote())
+            snap = ray.get(self.context.snapshot.remote([]))
             recent = [d for d in snap["replicas"].values() if time.time() - d["at"] < 5.0]
             if recent and all(d["version"] == str(version) for d in recent):
                 return
@@ -236,7 +236,7 @@ class RolloutController:
     def _judge(self, version: int) -> str | None:
         import ray
 
-        snap = ray.get(self.context.snapshot.remote())
+        snap = ray.get(self.context.snapshot.remote([str(version)]))
         failure = snap["load_failures"].get(str(version))
         if failure:
             return f"version {version} failed to load: {failure}"

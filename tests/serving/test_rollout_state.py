@@ -9,7 +9,13 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from serving.config import RolloutConfig, ServingConfig
-from serving.context import VersionStats
+from serving.context import (
+    BUCKET_KEEP_S,
+    SNAPSHOT_RECENT,
+    VersionStats,
+    chosen_versions,
+    forget_versions,
+)
 from serving.rollout import RolloutController
 from training.registry import Registry, RolloutState
 
@@ -71,3 +77,32 @@ def test_click_windows_compare_the_same_stretch_of_time() -> None:
     assert new.window(t0, now)["ctr"] == 0.5 * recent_old["ctr"]
     old.forget_before(t0 - 30)
     assert old.window(t0 - 3600, now)["served"] == 300
+
+
+def _stats_of(n: int, now: float) -> dict[str, VersionStats]:
+    """``n`` versions, one a second, each last active when it was served."""
+    stats = {}
+    for v in range(1, n + 1):
+        st = stats[str(v)] = VersionStats()
+        st.last_active = 0.0
+        st.add_served(10, at=now - (n - v))
+    return stats
+
+
+def test_a_snapshot_carries_a_bounded_set_of_versions_however_many_were_served() -> None:
+    now = 2_000_000.0
+    stats = _stats_of(5_000, now)  # a round every second for well over an hour
+    live = {"4990", "12"}  # one replica still on an old version
+    default = chosen_versions(stats, live, None)
+    newest = {str(v) for v in range(5_000 - SNAPSHOT_RECENT + 1, 5_001)}
+    assert set(default) == live | newest
+    assert chosen_versions(stats, live, ["7", "nope"]) == ["7"]
+    assert chosen_versions(stats, live, []) == []
+
+
+def test_stats_of_versions_long_gone_are_forgotten_but_not_the_live_ones() -> None:
+    now = 2_000_000.0
+    stats = _stats_of(3, now)
+    stats["1"].last_active = stats["2"].last_active = now - BUCKET_KEEP_S - 1
+    forget_versions(stats, {"2"}, now)
+    assert set(stats) == {"2", "3"}  # 1: idle past the bucket horizon and not served by anyone
