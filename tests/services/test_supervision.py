@@ -103,7 +103,10 @@ def system(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iter
         **small_env(kafka, state, free_port()),
         "STREAMTUNE_TOPICS__EVENTS": f"sup-{state.name}.events",
         "STREAMTUNE_TOPICS__DEAD_LETTER": f"sup-{state.name}.dlq",
-        "STREAMTUNE_LOOP__FIRST_ROUND_EVENTS": "1000000",  # no round: this is about the threads
+        # No round: this is about the threads. (A round still training at the teardown's
+        # ray.shutdown ends this process from the round's thread.)
+        "STREAMTUNE_LOOP__FIRST_ROUND_EVENTS": "1000000",
+        "STREAMTUNE_LOOP__FIRST_ROUND_WAIT_S": "100000",
         "STREAMTUNE_LOOP__MAX_PENDING_S": "100000",
         "STREAMTUNE_LOOP__POLL_S": "0.2",
         "STREAMTUNE_ROLLOUT__POLL_S": "0.2",
