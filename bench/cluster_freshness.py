@@ -22,7 +22,6 @@ throughout (failed requests counted).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -37,9 +36,19 @@ from typing import Any
 import numpy as np
 import yaml
 
-from bench.freshness import PLACES, breakdown, differences, model_freshness
+from bench.freshness import (
+    PLACES,
+    breakdown,
+    differences,
+    mean_phases,
+    model_freshness,
+    pct,
+    served_all,
+    wait_for,
+)
 from bench.raycluster import SERVE, TRAIN, LocalCluster
 from services.demo import Clock, Queries
+from services.loop_state import STATE_FILE, read_state
 from services.settings import Settings, load_settings
 from streams.admin import ensure_topics
 from streams.broker import LocalBroker, free_port
@@ -113,11 +122,7 @@ class UpProcess:
             return b"streamtune up: ingest" in f.read()
 
     def state(self) -> dict[str, Any]:
-        try:
-            data: dict[str, Any] = json.loads((self.s.state_dir / "loop.json").read_text())
-            return data
-        except FileNotFoundError:
-            return {"rounds": [], "totals": {}}
+        return read_state(self.s.state_dir / STATE_FILE)
 
     def kill(self) -> None:
         """SIGKILL, as a lost driver machine: no flush, no clean stop of anything."""
@@ -133,23 +138,6 @@ class UpProcess:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:
             self.kill()
-
-
-def _wait(cond: Any, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not cond():
-        if time.time() > deadline:
-            raise TimeoutError(f"gave up waiting {timeout:.0f}s for {what}")
-        time.sleep(0.5)
-
-
-def _served_all(up: UpProcess, queries: Queries, clock: Clock, events: list[Event],
-                timeout: float) -> bool:  # fmt: skip
-    try:
-        _wait(lambda: model_freshness(up, queries, clock, events)["pending"] == 0, timeout, "")
-        return True
-    except TimeoutError:
-        return False
 
 
 def kill_and_restart(up: UpProcess, queries: Queries, events: list[Event],
@@ -171,13 +159,13 @@ def kill_and_restart(up: UpProcess, queries: Queries, events: list[Event],
     mark = up.log.stat().st_size
     up.start()
     restarted_at = time.time()
-    _wait(lambda: up.ready(since=mark), 300, "the restarted up to start")
+    wait_for(lambda: up.ready(since=mark), 300, "the restarted up to start")
     ready_s = time.time() - restarted_at
-    _wait(lambda: (registry.latest() or 0) > latest, 300, "a version by the restarted up")
+    wait_for(lambda: (registry.latest() or 0) > latest, 300, "a version by the restarted up")
     first = latest + 1
     back_s = time.time() - restarted_at
     producer.join()
-    served = _served_all(up, queries, clock, events, 180)
+    served = served_all(up, queries, clock, events, 180)
     m = model_freshness(up, queries, clock, events)
     arr = np.asarray(m["s"])
     records = {int(r["version"]): r for r in up.state()["rounds"] if "version" in r}
@@ -196,8 +184,8 @@ def kill_and_restart(up: UpProcess, queries: Queries, events: list[Event],
         "all_served": served,
         "pending": m["pending"],
         "never_trained": m["never_trained"],
-        "model_p50_s": round(float(np.percentile(arr, 50)), 2) if len(arr) else None,
-        "model_max_s": round(float(arr.max()), 2) if len(arr) else None,
+        "model_p50_s": pct(arr, 50),
+        "model_max_s": pct(arr, 100),
         "failed_requests": queries.failed - failed_before,
         # Kept versions with no round record in the state file: a kill between a round's
         # registration and its record would leave its events counted as pending forever.
@@ -233,17 +221,17 @@ def freshness_on_cluster(cluster: LocalCluster, s3: S3Server, tmp: Path, seconds
         replay(Clock().stamp(events[:FIRST]), s.kafka, s.topics.events)
         print(f"freshness: first version on {FIRST:,} events", flush=True)
         registry = s.open_registry()
-        _wait(lambda: registry.champion() is not None, 900, "the first version")
+        wait_for(lambda: registry.champion() is not None, 900, "the first version")
         port = free_port()
         cluster.serve_deploy(port, serve_env(s, tmp))
         users = sorted({e.user_id for e in events[:FIRST]})
         queries = Queries(f"http://127.0.0.1:{port}", users, rps=20.0)
         queries.thread.start()
-        _wait(lambda: bool(queries.first_seen), 300, "the first version to be served")
+        wait_for(lambda: bool(queries.first_seen), 300, "the first version to be served")
         print(f"freshness: {len(steady):,} events at {rate:.0f}/s", flush=True)
         clock = Clock()
         replay(clock.stamp(steady), s.kafka, s.topics.events, rate=rate)
-        if not _served_all(up, queries, clock, steady, 120):
+        if not served_all(up, queries, clock, steady, 120):
             print("freshness: the tail was not served by a covering version in 120 s")
         model = model_freshness(up, queries, clock, steady)
         rounds = [r for r in breakdown(up, queries) if r["version"] > 1]
@@ -258,29 +246,25 @@ def freshness_on_cluster(cluster: LocalCluster, s3: S3Server, tmp: Path, seconds
             up.stop()
         broker.down()
     m = np.asarray(model["s"])
-    pct = lambda q: round(float(np.percentile(m, q)), 2) if len(m) else None  # noqa: E731
+    p50, p99 = pct(m, 50), pct(m, 99)
     phases = ["read", "prepare", "train", "gate", "register", "rollout", "total"]
     return {
         "rate": rate,
-        "model_p50_s": pct(50),
-        "model_p99_s": pct(99),
+        "model_p50_s": p50,
+        "model_p99_s": p99,
         "model_samples": len(m),
         "model_pending": model["pending"],
         "model_never_trained": model["never_trained"],
         "rounds": len(rounds),
         "consolidation_rounds": sum(r["kind"] == "consolidation" for r in rounds),
-        "round_breakdown_s": {
-            p: round(float(np.mean([r[p] for r in rounds if p in r])), 3)
-            for p in phases
-            if any(p in r for r in rounds)
-        },
+        "round_breakdown_s": mean_phases(rounds, phases),
         "round_total_s": [round(r["total"], 2) for r in rounds],
         "failed_requests": failed,
         "restart": restart,
         "settings_changed": changed,
         "goals": {
-            "model_p50_under_5s": pct(50) is not None and pct(50) <= 5,  # type: ignore[operator]
-            "model_p99_under_15s": pct(99) is not None and pct(99) <= 15,  # type: ignore[operator]
+            "model_p50_under_5s": p50 is not None and p50 <= 5,
+            "model_p99_under_15s": p99 is not None and p99 <= 15,
             "none_pending": model["pending"] == 0,
             "none_never_trained": model["never_trained"] == 0,
             "restart_resumed": restart["first_after_restart_parent"] == restart["champion_at_kill"]

@@ -153,7 +153,7 @@ def run(seconds: float, rate: float, probes: int) -> dict[str, Any]:
         console.print(f"first version: training on {FIRST:,} events")
         loop = threading.Thread(target=running.loop.run, args=(stop,), daemon=True)
         loop.start()
-        _wait(lambda: bool(queries.first_seen), 600, "the first version to be served")
+        wait_for(lambda: bool(queries.first_seen), 600, "the first version to be served")
         console.print(f"steady: {len(steady):,} events at {rate:.0f}/s, history probes alongside")
         steady_clock = Clock()
         producer = threading.Thread(
@@ -167,10 +167,8 @@ def run(seconds: float, rate: float, probes: int) -> dict[str, Any]:
         hist = probe_history_apart(s, probes, item=events[0].item_id)
         producer.join()
         # Let the loop train on the tail once more, so events late in the run get a chance too.
-        try:
-            _wait(lambda: model_freshness(running, queries, steady_clock, steady)["pending"] == 0,
-                  120, "tail")  # fmt: skip
-        except TimeoutError:  # e.g. the last round was too small to gate: reported as pending
+        # (Not in time, e.g. the last round was too small to gate: reported as pending.)
+        if not served_all(running, queries, steady_clock, steady, 120):
             console.print("the tail of the stream was not served by a covering version in 120s")
         stop.set()
         queries.stop.set()
@@ -189,12 +187,38 @@ def run(seconds: float, rate: float, probes: int) -> dict[str, Any]:
             "breakdown": rounds_detail, "settings_changed": changed}  # fmt: skip
 
 
-def _wait(cond: Any, timeout: float, what: str) -> None:
+def wait_for(cond: Any, timeout: float, what: str) -> None:
     deadline = time.time() + timeout
     while not cond():
         if time.time() > deadline:
             raise TimeoutError(f"gave up waiting {timeout:.0f}s for {what}")
         time.sleep(0.5)
+
+
+def served_all(running: Any, queries: Queries, clock: Clock, events: list[Event],
+               timeout: float) -> bool:  # fmt: skip
+    """Waits until every one of ``events`` is served by a version trained on it; False if that
+    took longer than ``timeout``."""
+    try:
+        wait_for(lambda: model_freshness(running, queries, clock, events)["pending"] == 0,
+                 timeout, "every event served")  # fmt: skip
+        return True
+    except TimeoutError:
+        return False
+
+
+def pct(a: Any, q: float) -> float | None:
+    """The ``q``th percentile of ``a``, rounded; None (not measured) when ``a`` is empty."""
+    return round(float(np.percentile(a, q)), 2) if len(a) else None
+
+
+def mean_phases(rounds: list[dict[str, Any]], phases: list[str]) -> dict[str, float]:
+    """Each phase's mean over the rounds that recorded it."""
+    return {
+        p: round(float(np.mean([r[p] for r in rounds if p in r])), 3)
+        for p in phases
+        if any(p in r for r in rounds)
+    }
 
 
 def model_freshness(
@@ -247,7 +271,6 @@ def breakdown(running: Any, queries: Queries) -> list[dict[str, Any]]:
 def report(res: dict[str, Any], rate: float) -> dict[str, Any]:
     h = np.asarray(res["history_ms"])
     m = np.asarray(res["model"]["s"])
-    pct = lambda a, q: round(float(np.percentile(a, q)), 2) if len(a) else None  # noqa: E731
     table = Table(title=f"Freshness at {rate:.0f} events/s (published -> answered by /recommend)")
     for col in ("path", "samples", "p50", "p99", "max"):
         table.add_column(col, justify="right")
@@ -269,11 +292,7 @@ def report(res: dict[str, Any], rate: float) -> dict[str, Any]:
         per.add_row(str(r["version"]), r["kind"], str(r["promoted"]),
                     *(f"{r[p]:.2f}" if p in r else "-" for p in phases))  # fmt: skip
     OUT.print(per)
-    breakdown = {
-        p: round(float(np.mean([r[p] for r in rounds if p in r])), 3)
-        for p in phases
-        if any(p in r for r in rounds)
-    }
+    breakdown = mean_phases(rounds, phases)
     return {
         "bench": "freshness",
         "rate": rate,
