@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.loop_state import STATE_FILE
 from services.settings import Settings
 from streams.buffer import EventBuffer
 from training.registry import Registry
@@ -169,7 +170,7 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         # One round: a long-lived training run would be started only to be closed again.
         once_cfg = s.loop.model_copy(update={"long_lived_trainer": False})
         loop = ContinualLoop(
-            EventBuffer(s.buffer), reg, round_config(s), once_cfg, s.state_dir / "loop.json"
+            EventBuffer(s.buffer), reg, round_config(s), once_cfg, s.state_dir / STATE_FILE
         )
         result = loop.run_once()
         if result is None:
@@ -229,7 +230,7 @@ def _learning(s: Settings, reg: Registry) -> None:
     from services.freshness import live_freshness
 
     try:
-        state = json.loads((s.state_dir / "loop.json").read_text())
+        state = json.loads((s.state_dir / STATE_FILE).read_text())
     except FileNotFoundError:
         console.print("rounds: none recorded yet")
         return

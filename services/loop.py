@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from services.config import LoopConfig
+from services.loop_state import read_state
 from services.round_job import plan_round, run_on_cluster, run_planned
 from streams.buffer import EventBuffer
 from streams.storage import atomic_write_bytes
@@ -210,11 +211,7 @@ class ContinualLoop:
     def state(self) -> dict[str, Any]:
         """The loop's record: ``rounds`` (newest ``keep_rounds``) and running ``totals``."""
         # Read each time: another process (`train --once` beside `up`) may have appended.
-        try:
-            data: dict[str, Any] = json.loads(self.state_file.read_text())
-            return data
-        except FileNotFoundError:
-            return {"rounds": [], "totals": {}}
+        return read_state(self.state_file)
 
     def never_trained(self) -> int:
         """Events let go from the carry so far (never trained on, by rule; dead letters apart)."""

@@ -24,6 +24,7 @@ from typing import Any
 
 from services.errors import ServiceError
 from services.loop import ContinualLoop
+from services.loop_state import STATE_FILE
 from services.metrics import StreamMetrics
 from services.settings import Settings
 from services.supervisor import Supervisor
@@ -188,7 +189,7 @@ def start(
         if on_round is not None:
             on_round(result, rec)
 
-    loop = ContinualLoop(buffer, registry, round_config(s), s.loop, s.state_dir / "loop.json",
+    loop = ContinualLoop(buffer, registry, round_config(s), s.loop, s.state_dir / STATE_FILE,
                          on_round=record)  # fmt: skip
     running = Running(s, buffer, registry, new_ingestor(), loop, controller, context, sup, metrics,
                       serving=serve_http, control=control)  # fmt: skip

@@ -114,6 +114,10 @@ def chosen_versions(stats: dict[str, VersionStats], live: set[str],
     return [v for v in stats if v in live or v in recent]
 
 
+def _versions_of(replicas: dict[str, dict[str, Any]]) -> set[str]:
+    return {str(d["version"]) for d in replicas.values()}
+
+
 def forget_versions(stats: dict[str, VersionStats], live: set[str], now: float) -> None:
     """Drop the stats of versions no live replica serves and nothing touched for
     ``BUCKET_KEEP_S`` (their click windows are empty by then): they would pile up forever."""
@@ -233,8 +237,8 @@ class ServingContext:
         """A replica's batch since its last report: per version (latency_ms, ok) samples, and
         per user the items it was just served."""
         with self.lock:
-            self.replicas[replica] = {"version": version, "at": time.time()}
             now = time.time()
+            self.replicas[replica] = {"version": version, "at": now}
             for v, samples in requests.items():
                 st = self._stats(v)
                 st.last_active = now
@@ -247,7 +251,7 @@ class ServingContext:
                 self._stats(v).add_served(len(items), at=now)
             if now - self._forgot_at > 60:
                 self._forgot_at = now
-                forget_versions(self.stats, self._live_versions(now), now)
+                forget_versions(self.stats, _versions_of(self._live_replicas(now)), now)
 
     # -- rollout hints --------------------------------------------------------------------
     def announce(self) -> None:
@@ -279,16 +283,17 @@ class ServingContext:
                 return {"served": 0, "clicked": 0, "ctr": 0.0}
             return st.window(since, until)
 
-    def _live_versions(self, now: float) -> set[str]:
-        return {str(d["version"]) for d in self.replicas.values() if now - d["at"] < 30}
+    def _live_replicas(self, now: float) -> dict[str, dict[str, Any]]:
+        """Replicas that reported in the last 30 s."""
+        return {r: d for r, d in self.replicas.items() if now - d["at"] < 30}
 
     def snapshot(self, versions: list[str] | None = None) -> dict[str, Any]:
         """Replicas, load failures, the history's size and the stats of ``versions`` (None: the
         live ones and the most recently active others; ``[]``: none, the cheapest call)."""
         with self.lock:
             now = time.time()
-            live = {r: d for r, d in self.replicas.items() if now - d["at"] < 30}
-            chosen = chosen_versions(self.stats, self._live_versions(now), versions)
+            live = self._live_replicas(now)
+            chosen = chosen_versions(self.stats, _versions_of(live), versions)
             return {
                 "replicas": live,
                 "versions": {v: self.stats[v].summary() for v in chosen},
