@@ -12,7 +12,9 @@ once and the replica keeps serving what it had.
 
 Concurrent ``/recommend`` and ``/score`` requests are scored in batches (``serve.batch``, sized by
 ``batch_max_size`` and ``batch_wait_s``): one look-up of the live histories and one model forward
-per batch, all of it by one version snapshot; ranking and the answer stay per request.
+per batch, all of it by one version snapshot; ranking and the answer stay per request. Live
+histories come from the replica's own cache of them, which follows the history component's
+change feed (``serving.replica_histories``); only users it does not hold yet cost a call to it.
 """
 
 import asyncio
@@ -49,8 +51,8 @@ from serving.config import ServingConfig
 from serving.context import find_context
 from serving.http_guard import HTTPGuard
 from serving.mmr import mmr
-from serving.scoring import Ask, Loaded, Scored, fetch_histories, load_version, score_asks
-from training.ranking import top_k
+from serving.replica_histories import HistoryFollower
+from serving.scoring import Ask, Loaded, Scored, load_version, score_asks
 from training.registry import Registry
 
 api = FastAPI(
@@ -119,6 +121,8 @@ class RecommenderDeployment:
         self.pinned = 0  # set by reconfigure before any traffic
         self.failed: set[int] = set()
         self._ctx: Any = None
+        self.histories = HistoryFollower(self.cfg, self._context, self._forget_context)
+        self._feed: asyncio.Task[None] | None = None
         # The batcher is the class's (one per replica process); its limits come from the settings.
         self._score_batch.set_max_batch_size(self.cfg.batch_max_size)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_s)  # type: ignore[attr-defined]
@@ -146,6 +150,8 @@ class RecommenderDeployment:
         await self._use(self._target())
         if self._follower is None:
             self._follower = asyncio.get_running_loop().create_task(self._follow_forever())
+        if self._feed is None:
+            self._feed = asyncio.get_running_loop().create_task(self.histories.follow_forever())
 
     def _target(self) -> int:
         """The serving version the rollout controller recorded, else the one deployed with.
@@ -211,6 +217,9 @@ class RecommenderDeployment:
             self._ctx = find_context()
         return self._ctx
 
+    def _forget_context(self) -> None:
+        self._ctx = None
+
     def _model(self) -> Loaded:
         if self.current is None:
             raise HTTPException(503, "no model version loaded yet", {"Retry-After": "1"})
@@ -233,7 +242,9 @@ class RecommenderDeployment:
                 continue
             version = self.current.version if self.current else None
             try:
-                await ctx.report.remote(self.replica, str(version), samples, served)
+                await ctx.report.remote(
+                    self.replica, str(version), samples, served, self.histories.counters()
+                )
             except RayActorError:  # the watchdog recreates the actor by name: look it up again
                 self._ctx = None
 
@@ -244,10 +255,13 @@ class RecommenderDeployment:
                 f"history has {len(req.history)} items; at most {self.cfg.max_history}",
                 "too_long",
             )
+        if isinstance(req, RecommendRequest):
+            return Ask(req.history, req.user_id, max(req.k * 5, 50), req.exclude_seen)
         return Ask(req.history, req.user_id)
 
     async def _histories(self, users: list[str]) -> list[list[str]]:
-        """The live histories of ``users``, in order, from one call to the context actor."""
+        """The live histories of ``users``, in order: from this replica's cache of them
+        (``serving.replica_histories``), the others from one call to the context actor."""
         if not users:
             return []
         for _ in range(2):
@@ -255,7 +269,7 @@ class RecommenderDeployment:
             if ctx is None:
                 break
             try:
-                return await fetch_histories(ctx, users)
+                return await self.histories.histories(ctx, users)
             except RayActorError:
                 # The history actor died (its watchdog recreates it under the same name): drop
                 # the cached handle and ask once more; if it is still down, answer from
@@ -285,10 +299,15 @@ class RecommenderDeployment:
             got = await self._score_batch(self._ask(req))
             m, rows, version = got.m, got.rows, got.m.version
             scores = got.scores()
-            # the shared ranking rule: padding, excluded and non-finite rows are never picked
-            cand = top_k(scores, max(req.k * 5, 50), exclude=rows if req.exclude_seen else None)
-            picked = mmr(scores, m.unit_emb, cand, req.k, req.diversity)
-            items = [ScoredItem(item_id=m.vocab.item(r), score=float(scores[r])) for r in picked]
+            # the shared ranking rule (padding, excluded and non-finite rows are never picked),
+            # applied to the whole batch at once
+            assert got.candidates is not None
+            picked = mmr(scores, m.unit_emb, got.candidates, req.k, req.diversity)
+            values = scores[picked].tolist()
+            items = [
+                ScoredItem(item_id=m.vocab.item(r), score=v)
+                for r, v in zip(picked, values, strict=True)
+            ]
             if req.user_id is not None:
                 self.served[req.user_id] = (str(m.version), [i.item_id for i in items])
             ok = True
@@ -363,6 +382,7 @@ def build_app(registry: Registry, cfg: ServingConfig, version: int) -> Applicati
         user_config={"version": version},
         ray_actor_options={"num_cpus": 0.25, "resources": resources},
         graceful_shutdown_timeout_s=5,
+        logging_config={"enable_access_log": cfg.access_log},
         health_check_period_s=2,
         **scaling,
     )

@@ -2,7 +2,9 @@
 
 * Fresh user history: rebuilt from the buffer at start, then fed from Kafka (``streams.tail``)
   from the buffer's next offsets, so nothing is counted twice or missed, bounded per user and in
-  users (least recently active evicted).
+  users (least recently active evicted). Every event applied is also numbered in a change feed
+  that the replicas' own caches follow (``serving.history_feed``): a replica calls here only for
+  users it does not hold yet.
 * Online quality: which items each user was just served, by which version, and whether the user
   then clicked one of them (click, cart or purchase events on a served item within ten minutes).
 * Per-version serving stats reported by replicas (requests, errors, latencies) and which version
@@ -28,6 +30,7 @@ from typing import Any
 import ray
 
 from serving.config import ServingConfig
+from serving.history_feed import ChangeLog, Changes, Read
 from streams.buffer import EventBuffer
 from streams.config import BufferConfig, KafkaConfig, TopicsConfig
 from streams.errors import StreamtuneError
@@ -50,6 +53,9 @@ SNAPSHOT_RECENT = 10
 # they get threads of their own, so however many replicas wait, history lookups never queue
 # behind them. Past this many replicas, a wait queues for at most follow_s before it starts.
 HINT_THREADS = 128
+# Replicas following the history feed (``changes_since``) hold a thread each while they wait for
+# a change, for up to serving.follow_s: threads of their own too, for the same reason.
+FEED_THREADS = 128
 
 
 class VersionStats:
@@ -139,6 +145,9 @@ class ServingContext:
         self.topics = TopicsConfig(**topics)
         self.cfg = ServingConfig(**cfg)
         self.lock = threading.Lock()
+        # Every event applied after the rebuild, numbered, for the replicas' caches to follow.
+        self.feed = ChangeLog(self.cfg.history_feed_len)
+        self._changed = threading.Condition(self.lock)
         self.history: OrderedDict[str, deque[str]] = OrderedDict()
         self.served: dict[str, tuple[str, set[str], float]] = {}  # user -> (version, items, t)
         self.stats: dict[str, VersionStats] = {}
@@ -204,6 +213,8 @@ class ServingContext:
     def _on_event(self, user: str, item: str, kind: str) -> None:
         with self.lock:
             self._push(user, item)
+            self.feed.append(user, item)
+            self._changed.notify_all()
             self.events_seen += 1
             self.last_event_at = time.time()
             served = self.served.get(user)
@@ -223,6 +234,21 @@ class ServingContext:
         with self.lock:
             return [list(h) if (h := self.history.get(u)) else [] for u in users]
 
+    def histories_at(self, users: list[str]) -> Read:
+        """``get_histories`` with the feed position they were read at (``serving.history_feed``)."""
+        with self.lock:
+            hist = [list(h) if (h := self.history.get(u)) else [] for u in users]
+            return Read(self.feed.epoch, self.feed.seq, hist)
+
+    @ray.method(concurrency_group="history_feed")
+    def changes_since(self, epoch: str | None, seq: int, wait_s: float) -> Changes:
+        """The changes after a replica's cursor; waits up to ``wait_s`` for one when there are
+        none yet (a long poll: a change reaches the replicas as soon as it is applied)."""
+        with self._changed:
+            if epoch == self.feed.epoch and seq == self.feed.seq:
+                self._changed.wait(wait_s)
+            return self.feed.since(epoch, seq)
+
     # -- serving stats ------------------------------------------------------------------
     def _stats(self, version: str) -> VersionStats:
         s = self.stats.get(version)
@@ -232,13 +258,13 @@ class ServingContext:
 
     def report(
         self, replica: str, version: str | None, requests: dict[str, list[tuple[float, bool]]],
-        served: dict[str, tuple[str, list[str]]],
+        served: dict[str, tuple[str, list[str]]], cache: dict[str, int] | None = None,
     ) -> None:  # fmt: skip
-        """A replica's batch since its last report: per version (latency_ms, ok) samples, and
-        per user the items it was just served."""
+        """A replica's batch since its last report: per version (latency_ms, ok) samples, per
+        user the items it was just served, and its history cache's counters."""
         with self.lock:
             now = time.time()
-            self.replicas[replica] = {"version": version, "at": now}
+            self.replicas[replica] = {"version": version, "at": now, "history_cache": cache}
             for v, samples in requests.items():
                 st = self._stats(v)
                 st.last_active = now
@@ -318,7 +344,9 @@ def start_context(
     process dies, and it rebuilds users' histories from the buffer then.
     """
     actor_cls = ray.remote(  # type: ignore[call-overload]
-        num_cpus=0, max_concurrency=64, concurrency_groups={"rollout_hints": HINT_THREADS}
+        num_cpus=0,
+        max_concurrency=64,
+        concurrency_groups={"rollout_hints": HINT_THREADS, "history_feed": FEED_THREADS},
     )(ServingContext)
     return actor_cls.options(
         name=CONTEXT_ACTOR,

@@ -6,10 +6,8 @@ every request with a usable history (``score_rows``), each request's own error k
 Ranking and the answer stay per request, in ``serving.app``.
 """
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +15,7 @@ from fastapi import HTTPException
 
 from training.data import left_pad
 from training.model import Recommender
+from training.ranking import top_k_rows
 from training.registry import Registry
 from training.vocab import ItemVocab
 
@@ -58,6 +57,8 @@ class Ask:
 
     history: list[str] | None
     user_id: str | None
+    want: int = 0  # candidates to rank for it (a /recommend), 0: scores only (a /score)
+    exclude_seen: bool = True  # its history's items are never candidates
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Scored:
     rows: list[int]  # the history's known items
     result: torch.Tensor | HTTPException  # [V] scores, or this request's error
     source: str  # "history" or "popularity"
+    candidates: torch.Tensor | None = None  # the ``want`` best rows, best first (``top_k``)
 
     def scores(self) -> torch.Tensor:
         if isinstance(self.result, HTTPException):
@@ -88,7 +90,7 @@ def score_rows(m: Loaded, rows: list[list[int]]) -> list[torch.Tensor | HTTPExce
     if not use:
         return out
     x = torch.from_numpy(np.stack([left_pad(rows[i], m.model.cfg.max_len) for i in use]))
-    with torch.no_grad():
+    with torch.inference_mode():
         s = m.model.score(x)  # [B, V]
     finite = torch.isfinite(s[:, 1:]).all(dim=1).tolist()
     for j, i in enumerate(use):
@@ -113,18 +115,28 @@ async def score_asks(
         for a in asks
     ]
     rows = [m.vocab.encode(h) for h in chosen]
+    scored = score_rows(m, rows)
+    cands = rank_candidates(asks, rows, scored)
     return [
-        Scored(m, h, r, s, "history" if r else "popularity")
-        for h, r, s in zip(chosen, rows, score_rows(m, rows), strict=True)
+        Scored(m, h, r, s, "history" if r else "popularity", c)
+        for h, r, s, c in zip(chosen, rows, scored, cands, strict=True)
     ]
 
 
-async def fetch_histories(ctx: Any, users: list[str]) -> list[list[str]]:
-    """Every user's live history in one call to the context actor. One started by an older
-    release (detached, it can outlive an upgrade) lacks the batch method: one call per user."""
-    try:
-        method = ctx.get_histories
-    except AttributeError:
-        return list(await asyncio.gather(*(ctx.get_history.remote(u) for u in users)))
-    out: list[list[str]] = await method.remote(users)
+def rank_candidates(
+    asks: list[Ask], rows: list[list[int]], scored: list[torch.Tensor | HTTPException]
+) -> list[torch.Tensor | None]:
+    """Each ranking request's best ``want`` rows (the shared rule, ``top_k_rows``), for the
+    whole batch in one pass; None for a /score or a request that failed."""
+    rank = [i for i, a in enumerate(asks) if a.want > 0 and isinstance(scored[i], torch.Tensor)]
+    out: list[torch.Tensor | None] = [None] * len(asks)
+    if not rank:
+        return out
+    got = top_k_rows(
+        torch.stack([scored[i] for i in rank]),  # type: ignore[misc]
+        max(asks[i].want for i in rank),
+        [rows[i] if asks[i].exclude_seen else None for i in rank],
+    )
+    for i, c in zip(rank, got, strict=True):
+        out[i] = c[: asks[i].want]
     return out

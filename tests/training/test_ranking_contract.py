@@ -230,3 +230,19 @@ def test_gate_and_bench_quality_give_the_same_ndcg(world: World, kind: str) -> N
     assert popularity_ndcg(world.counts, world.hold) == pytest.approx(
         pop_bench.ndcg10_full, abs=1e-12
     )
+
+
+def test_top_k_rows_is_top_k_of_each_row() -> None:
+    """The batch form serving uses picks what ``top_k`` picks, row by row."""
+    from training.ranking import top_k_rows
+
+    rng = np.random.default_rng(3)
+    s = torch.from_numpy(rng.permutation(8 * 30).reshape(8, 30).astype(np.float32))
+    s[1, 4], s[2, 7], s[3, :] = float("nan"), float("inf"), float("nan")
+    exclude = [None, [1, 2, 99], [], [5], None, list(range(25)), [-1, 3], [29]]
+    got = top_k_rows(s, 7, exclude)
+    for row, ex, picked in zip(s, exclude, got, strict=True):
+        assert picked.tolist() == top_k(row, 7, exclude=ex).tolist()
+        ok = [c for c in range(1, 30) if c not in (ex or []) and bool(torch.isfinite(row[c]))]
+        assert picked.tolist() == sorted(ok, key=lambda c: -float(row[c]))[:7]
+    assert got[3].tolist() == [] and len(got[5]) == 5
