@@ -9,9 +9,11 @@ ingest into the buffer, the continual loop (training rounds on Ray Train + DeepS
 controller and Ray Serve. MovieLens-100K is produced at a steady rate after a first version has
 been trained on its first 20,000 events. Two clocks:
 
-(a) history path: a probe publishes a click by a brand-new user, then polls that user's
-    /recommend until the answer is built from that click (``source`` turns from "popularity"
-    to "history"); published -> visible, in ms. The probe runs in a process of its own.
+(a) history path: a probe publishes a click, then polls that user's /recommend until every
+    replica has answered with a history that holds it (answers name their replica); published
+    -> visible everywhere, in ms. Half the probes are a new user's first click, half a second
+    click by a user whose first one every replica already shows. The probe runs in a process
+    of its own.
 (b) model path: each replayed event's publish time is stamped, and its (partition, offset) is
     read back from the buffer. The loop's round records say which promoted version first
     trained on it (its own round's, or, if that round was rejected, the round that carried it
@@ -46,6 +48,7 @@ from services.demo import Clock, Queries
 from services.freshness import Ledger
 from services.runtime import init_ray, start
 from services.settings import Settings, load_settings
+from serving.http_guard import REPLICA_HEADER
 from streams.admin import ensure_topics
 from streams.broker import LocalBroker, free_port
 from streams.config import KafkaConfig
@@ -90,41 +93,65 @@ def differences(s: Settings, places: set[str] = PLACES) -> dict[str, Any]:
     return {k: v for k, v in mine.items() if default.get(k) != v and not placed(k)}
 
 
-def probe_history(kafka: KafkaConfig, topic: str, url: str, n: int, item: str) -> list[float]:
-    """ms from publishing a new user's first click to a /recommend answer built from it."""
+def probe_history(
+    kafka: KafkaConfig, topic: str, url: str, n: int, items: tuple[str, str], replicas: int
+) -> dict[str, list[float]]:
+    """ms from publishing a click to the moment every replica has answered /recommend with it:
+    half the probes a new user's first click, half a second click by a user whose first one
+    every replica already shows. Answers name their replica (``REPLICA_HEADER``)."""
     prod = make_producer(kafka)
-    out: list[float] = []
+    out: dict[str, list[float]] = {"new": [], "earlier": []}
     with httpx.Client(timeout=5) as client:
         for i in range(n):
             user = f"probe-{time.time_ns()}-{i}"
-            event = Event(
-                event_id=f"{user}-click",
-                user_id=user,
-                item_id=item,
-                event_type=EventType.CLICK,
-                value=1.0,
-                ts=int(time.time() * 1000),
-            )
+            kind = "earlier" if i % 2 else "new"
+            if kind == "earlier":  # its first click, untimed, everywhere before the timed one
+                _click(prod, topic, user, items[0], "first")
+                if _everywhere(client, url, user, 1, replicas) is None:
+                    continue
             t0 = time.perf_counter()
-            prod.send(topic, key=event.key(), value=event.encode())
-            prod.flush()
-            while time.perf_counter() - t0 < 10:
-                r = client.post(url, json={"user_id": user, "k": 10})
-                if r.status_code == 200 and r.json()["source"] == "history":
-                    out.append((time.perf_counter() - t0) * 1000)
-                    break
-                time.sleep(0.01)
+            _click(prod, topic, user, items[1], "timed")
+            done = _everywhere(client, url, user, 2 if kind == "earlier" else 1, replicas)
+            if done is not None:
+                out[kind].append((done - t0) * 1000)
             time.sleep(0.3)
     prod.close()
     return out
 
 
-def probe_history_apart(s: Settings, n: int, item: str) -> list[float]:
+def _click(prod: Any, topic: str, user: str, item: str, tag: str) -> None:
+    event = Event(event_id=f"{user}-{tag}", user_id=user, item_id=item,
+                  event_type=EventType.CLICK, value=1.0, ts=int(time.time() * 1000))  # fmt: skip
+    prod.send(topic, key=event.key(), value=event.encode())
+    prod.flush()
+
+
+def _everywhere(
+    client: httpx.Client, url: str, user: str, length: int, replicas: int
+) -> float | None:
+    """perf_counter time at which ``replicas`` distinct replicas have answered for ``user`` with
+    a history of ``length`` items; None after 10 s."""
+    seen: set[str] = set()
+    deadline = time.perf_counter() + 10
+    while time.perf_counter() < deadline:
+        r = client.post(url, json={"user_id": user, "k": 10})
+        if r.status_code == 200 and r.json()["history_len"] >= length:
+            seen.add(r.headers.get(REPLICA_HEADER, ""))
+            if len(seen) >= replicas:
+                return time.perf_counter()
+        time.sleep(0.01)
+    return None
+
+
+def probe_history_apart(s: Settings, n: int, items: tuple[str, str]) -> dict[str, list[float]]:
     """``probe_history`` from a process of its own, as a user's client runs: in this one it
     would share the interpreter lock with ingest and the loop's thread, and time them too."""
     url = f"http://{s.serving.host}:{s.serving.port}/recommend"
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(probe_history, s.kafka, s.topics.events, url, n, item).result()
+        job = pool.submit(
+            probe_history, s.kafka, s.topics.events, url, n, items, s.serving.replicas
+        )
+        return job.result()
 
 
 def run(seconds: float, rate: float, probes: int) -> dict[str, Any]:
@@ -164,7 +191,7 @@ def run(seconds: float, rate: float, probes: int) -> dict[str, Any]:
         )
         t_steady = time.time()
         producer.start()
-        hist = probe_history_apart(s, probes, item=events[0].item_id)
+        hist = probe_history_apart(s, probes, (events[0].item_id, events[1].item_id))
         producer.join()
         # Let the loop train on the tail once more, so events late in the run get a chance too.
         # (Not in time, e.g. the last round was too small to gate: reported as pending.)
@@ -269,12 +296,14 @@ def breakdown(running: Any, queries: Queries) -> list[dict[str, Any]]:
 
 
 def report(res: dict[str, Any], rate: float) -> dict[str, Any]:
-    h = np.asarray(res["history_ms"])
+    h = np.asarray(res["history_ms"]["new"] + res["history_ms"]["earlier"])
+    hn, he = np.asarray(res["history_ms"]["new"]), np.asarray(res["history_ms"]["earlier"])
     m = np.asarray(res["model"]["s"])
     table = Table(title=f"Freshness at {rate:.0f} events/s (published -> answered by /recommend)")
     for col in ("path", "samples", "p50", "p99", "max"):
         table.add_column(col, justify="right")
-    table.add_row("history (ms)", str(len(h)), str(pct(h, 50)), str(pct(h, 99)), str(pct(h, 100)))
+    for name, x in (("history (ms)", h), ("  new users", hn), ("  users with history", he)):
+        table.add_row(name, str(len(x)), str(pct(x, 50)), str(pct(x, 99)), str(pct(x, 100)))
     table.add_row("model (s)", str(len(m)), str(pct(m, 50)), str(pct(m, 99)), str(pct(m, 100)))
     OUT.print(table)
     OUT.print(
@@ -299,6 +328,8 @@ def report(res: dict[str, Any], rate: float) -> dict[str, Any]:
         "history_p50_ms": pct(h, 50),
         "history_p99_ms": pct(h, 99),
         "history_samples": len(h),
+        "history_p99_ms_new_users": pct(hn, 99),
+        "history_p99_ms_users_with_history": pct(he, 99),
         "model_p50_s": pct(m, 50),
         "model_p99_s": pct(m, 99),
         "model_samples": len(m),

@@ -49,7 +49,7 @@ from serving.api import (
 )
 from serving.config import ServingConfig
 from serving.context import find_context
-from serving.http_guard import HTTPGuard
+from serving.http_guard import HTTPGuard, ReplicaTag
 from serving.mmr import mmr
 from serving.replica_histories import HistoryFollower
 from serving.scoring import Ask, Loaded, Scored, load_version, score_asks
@@ -141,6 +141,7 @@ class RecommenderDeployment:
             api_key=self.cfg.api_key,
             public=PUBLIC_PATHS,
         )
+        app.add_middleware(ReplicaTag, replica=self.replica)  # outermost: every answer is tagged
         return app
 
     # -- versions -----------------------------------------------------------------------

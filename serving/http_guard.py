@@ -88,3 +88,26 @@ async def _answer(send: Send, status: int, msg: str, kind: str, loc: list[str | 
         headers.append((b"www-authenticate", b"ApiKey"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+
+class ReplicaTag:
+    """Names the replica that answered in a response header (``REPLICA_HEADER``), so a client can
+    tell replicas apart behind the balancer (e.g. to see when every replica has an event)."""
+
+    def __init__(self, app: ASGIApp, replica: str) -> None:
+        self.app, self._tag = app, (REPLICA_HEADER.encode(), replica.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def tagged(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                msg["headers"] = [*msg.get("headers", []), self._tag]
+            await send(msg)
+
+        await self.app(scope, receive, tagged)
+
+
+REPLICA_HEADER = "x-streamtune-replica"

@@ -28,6 +28,11 @@ DRAIN_S = 5.0
 
 HAPROXY_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # Serve's own throughput mode: user code runs on the replica's main event loop instead of a
+    # thread of its own (no cross-thread hop per request), request-path logs are buffered, and
+    # the collector is frozen after start. Measured by bench.serving: about twice the requests
+    # per second on 2 cores, for a bare deployment and for ours alike.
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{DRAIN_S:g}",
 }
 # Ports Serve's HAProxy mode binds on every node besides the app's: HAProxy's stats page and

@@ -16,6 +16,7 @@ from ray import serve
 
 from serving.config import RolloutConfig, ServingConfig
 from serving.context import start_context
+from serving.http_guard import REPLICA_HEADER
 from serving.rollout import RolloutController
 from streams.admin import ensure_topics
 from streams.broker import free_port
@@ -187,14 +188,16 @@ def test_click_in_kafka_changes_next_recommendation(stack: Stack) -> None:
     event = Event(event_id=f"c-{user}", user_id=user, item_id=clicked,
                   event_type=EventType.CLICK, ts=int(time.time() * 1000))  # fmt: skip
     replay([event], stack.kafka, stack.topics.events)  # type: ignore[attr-defined]
-    after = before
-    while time.monotonic() - t0 < 5.0:
-        after = httpx.post(f"{stack.url}/recommend", json=body).json()
+    after, shown = before, set()  # the replicas (each with its own cache) that show the click
+    while time.monotonic() - t0 < 5.0 and len(shown) < 2:
+        r = httpx.post(f"{stack.url}/recommend", json=body)
+        after = r.json()
         if after["history_len"] == 1:
-            break
-        time.sleep(0.05)
+            shown.add(r.headers[REPLICA_HEADER])
+        time.sleep(0.02)
     elapsed = time.monotonic() - t0
     assert after["history_len"] == 1 and after["source"] == "history", after
+    assert len(shown) == 2, f"only replicas {shown} show the click after {elapsed:.2f}s"
     assert elapsed < 2.0, f"history took {elapsed:.2f}s"
     ids = [i["item_id"] for i in after["items"]]
     assert clicked not in ids  # exclude_seen
