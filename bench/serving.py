@@ -130,7 +130,7 @@ def run(seconds: float, levels: list[int], score_levels: list[int], replicas: in
                         console.print(f"/{path} at concurrency {c}: ours and the floor, "
                                       f"alternating, {seconds:.0f}s each")  # fmt: skip
                         res[path][c] = _alternate(loader, base, path, bodies[path], c, seconds)
-                res["history_cache"] = _cache_counters(ctl.context)
+                res["counters"] = _counters(ctl.context)
                 console.print("concurrency 8 while rolling through 10 versions ...")
                 res["during"], res["rollout_s"] = _under_rollouts(
                     ctl, reg, f"{base}/recommend", bodies["recommend"]
@@ -184,13 +184,15 @@ def _session(
         ray.shutdown()  # takes Serve down with it (a local Ray)
 
 
-def _cache_counters(ctx: Any) -> dict[str, int]:
-    """The replicas' history caches, summed: look-ups answered there (hits), and not."""
+def _counters(ctx: Any) -> dict[str, int]:
+    """The replicas' counters, summed: history look-ups answered from their caches (hits) and
+    not, users held, forwards (batches) and the requests they scored."""
     import ray
 
     reps = ray.get(ctx.snapshot.remote([]))["replicas"].values()
-    caches = [r["history_cache"] for r in reps if r.get("history_cache")]
-    return {k: sum(int(c[k]) for c in caches) for k in ("hits", "misses", "users")}
+    got = [r["counters"] for r in reps if r.get("counters")]
+    keys = ("hits", "misses", "users", "batches", "batched")
+    return {k: sum(int(c[k]) for c in got) for k in keys}
 
 
 def _wait_history(ctx: Any, users: list[str]) -> None:
@@ -272,7 +274,7 @@ def report(res: dict[str, Any]) -> dict[str, Any]:
             t.add_row(role, str(rec[8]["ours"]["cpu_ms_per_req"].get(role)),
                       str(rec[8]["floor"]["cpu_ms_per_req"].get(role)))  # fmt: skip
         OUT.print(t)
-    hc = res["history_cache"]
+    hc = res["counters"]
     asked = hc["hits"] + hc["misses"]
     hit_rate = hc["hits"] / asked if asked else None
     OUT.print(
@@ -303,6 +305,7 @@ def report(res: dict[str, Any]) -> dict[str, Any]:
         "ingress": res["ingress"],
         "levels": levels,
         "history_cache_hit_rate": _r(hit_rate, 4),
+        "requests_per_forward": _r(hc["batched"] / hc["batches"], 2) if hc["batches"] else None,
         "errors_during_rollouts": d["errors"],
         "requests_during_rollouts": d["requests"],
         "versions_during_rollouts": d["versions"],

@@ -123,6 +123,8 @@ class RecommenderDeployment:
         self._ctx: Any = None
         self.histories = HistoryFollower(self.cfg, self._context, self._forget_context)
         self._feed: asyncio.Task[None] | None = None
+        self._in_flight = 0  # requests between arrival and their scores (see ``_scored``)
+        self.batches = self.batched = 0  # forwards, and requests scored by them
         # The batcher is the class's (one per replica process); its limits come from the settings.
         self._score_batch.set_max_batch_size(self.cfg.batch_max_size)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_s)  # type: ignore[attr-defined]
@@ -243,9 +245,9 @@ class RecommenderDeployment:
                 continue
             version = self.current.version if self.current else None
             try:
-                await ctx.report.remote(
-                    self.replica, str(version), samples, served, self.histories.counters()
-                )
+                counters = {**self.histories.counters(), "batches": self.batches,
+                            "batched": self.batched}  # fmt: skip
+                await ctx.report.remote(self.replica, str(version), samples, served, counters)
             except RayActorError:  # the watchdog recreates the actor by name: look it up again
                 self._ctx = None
 
@@ -278,11 +280,28 @@ class RecommenderDeployment:
                 self._ctx = None
         return [[] for _ in users]
 
+    async def _scored(self, ask: Ask) -> Scored:
+        """This request's share of a batch. Requests that arrive together are scored together
+        (``_score_batch``); one alone in the replica is scored at once, a batch of one that skips
+        the batcher's queue and task hops (~0.4 ms of a lone request's latency)."""
+        self._in_flight += 1
+        try:
+            await asyncio.sleep(0)  # requests that arrived with this one get counted first
+            if self._in_flight == 1:
+                m = self.current
+                assert m is not None, "the endpoints answer 503 before a model is loaded"
+                self.batches, self.batched = self.batches + 1, self.batched + 1
+                return (await score_asks(m, [ask], self._histories))[0]
+            return await self._score_batch(ask)
+        finally:
+            self._in_flight -= 1
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # set per replica in __init__
     async def _score_batch(self, asks: list[Ask]) -> list[Scored]:
         """Concurrent requests, scored together: one history look-up, one model forward."""
         m = self.current  # one snapshot for the whole batch, even if a swap lands meanwhile
         assert m is not None, "the endpoints answer 503 before a model is loaded"
+        self.batches, self.batched = self.batches + 1, self.batched + len(asks)
         return await score_asks(m, asks, self._histories)
 
     # -- endpoints ----------------------------------------------------------------------
@@ -297,7 +316,7 @@ class RecommenderDeployment:
                     ["body", "k"], f"k={req.k} is above the limit of {self.cfg.max_k}",
                     "less_than_equal",
                 )  # fmt: skip
-            got = await self._score_batch(self._ask(req))
+            got = await self._scored(self._ask(req))
             m, rows, version = got.m, got.rows, got.m.version
             scores = got.scores()
             # the shared ranking rule (padding, excluded and non-finite rows are never picked),
@@ -329,7 +348,7 @@ class RecommenderDeployment:
             raise limit_error(
                 ["body", "items"], f"at most {self.cfg.max_history} items per request", "too_long"
             )
-        got = await self._score_batch(self._ask(req))
+        got = await self._scored(self._ask(req))
         m, scores = got.m, got.scores()
         out: dict[str, float | None] = {}
         for item in req.items:

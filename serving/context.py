@@ -258,13 +258,13 @@ class ServingContext:
 
     def report(
         self, replica: str, version: str | None, requests: dict[str, list[tuple[float, bool]]],
-        served: dict[str, tuple[str, list[str]]], cache: dict[str, int] | None = None,
+        served: dict[str, tuple[str, list[str]]], counters: dict[str, int] | None = None,
     ) -> None:  # fmt: skip
         """A replica's batch since its last report: per version (latency_ms, ok) samples, per
-        user the items it was just served, and its history cache's counters."""
+        user the items it was just served, and its counters (history cache, batches)."""
         with self.lock:
             now = time.time()
-            self.replicas[replica] = {"version": version, "at": now, "history_cache": cache}
+            self.replicas[replica] = {"version": version, "at": now, "counters": counters}
             for v, samples in requests.items():
                 st = self._stats(v)
                 st.last_active = now
