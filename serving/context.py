@@ -231,8 +231,7 @@ class ServingContext:
 
     def get_histories(self, users: list[str]) -> list[list[str]]:
         """``get_history`` of each user, in order: one call for a replica's whole batch."""
-        with self.lock:
-            return [list(h) if (h := self.history.get(u)) else [] for u in users]
+        return self.histories_at(users).histories
 
     def histories_at(self, users: list[str]) -> Read:
         """``get_histories`` with the feed position they were read at (``serving.history_feed``)."""

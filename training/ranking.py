@@ -144,7 +144,7 @@ def top_k(scores: ArrayLike, k: int, exclude: Iterable[int] | None = None) -> to
     column whose score is not finite (NaN, +/-inf): a broken score is no recommendation. Fewer
     than ``k`` indices come back when fewer columns qualify.
     """
-    s = _as_tensor(scores)
+    s = as_numpy(scores)
     if s.ndim != 1:
         raise ValueError(f"top_k takes one score vector [V], got shape {tuple(s.shape)}")
     return top_k_rows(s[None], k, [exclude])[0]
@@ -155,7 +155,7 @@ def top_k_rows(
 ) -> list[torch.Tensor]:
     """``top_k`` of each row of [B, V] scores (``exclude``: one per row, or None), in one pass:
     what a batch of requests costs once instead of once per request."""
-    s = _as_tensor(scores)
+    s = torch.from_numpy(np.asarray(as_numpy(scores), dtype=np.float32))
     if s.ndim != 2:
         raise ValueError(f"top_k_rows takes [B, V] scores, got shape {tuple(s.shape)}")
     b, v = s.shape
@@ -177,9 +177,3 @@ def top_k_rows(
     vals, idx = torch.topk(s, n, dim=1)
     keep = vals > float("-inf")
     return [idx[i][keep[i]] for i in range(b)]
-
-
-def _as_tensor(scores: ArrayLike) -> torch.Tensor:
-    if isinstance(scores, torch.Tensor):
-        return scores.detach().float().cpu()
-    return torch.from_numpy(np.asarray(scores, dtype=np.float32))

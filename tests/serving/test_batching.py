@@ -17,6 +17,7 @@ from fastapi import HTTPException
 
 from serving.config import ServingConfig
 from serving.context import ServingContext
+from serving.history_feed import ChangeLog
 from serving.scoring import Ask, Loaded, as_loaded, score_asks, score_rows
 from training.config import ModelConfig
 from training.model import Recommender
@@ -155,6 +156,7 @@ def test_context_get_histories_matches_get_history() -> None:
     ctx.cfg = ServingConfig(history_len=3)
     ctx.lock = threading.Lock()
     ctx.history = OrderedDict()
+    ctx.feed = ChangeLog(1000)
     for user, item in [("a", "1"), ("b", "2"), ("a", "3"), ("a", "4"), ("a", "5")]:
         ctx._push(user, item)
     users = ["a", "missing", "b", "a"]
