@@ -40,15 +40,10 @@ demo: install kafka-jars
 
 # The whole suite: unit tests, then integration tests against a real Kafka
 # broker, a local Ray instance and Ray Serve. Nothing is skipped.
-# Four modules each get a fresh Python process: the two that run in-process
-# ingest beside an in-process Ray (after an earlier module's ray.init/ray.shutdown
-# in the same process their ingest consumed nothing; cause not found yet), the
-# multi-node cluster test, whose driver joins a `ray start` cluster, and the live
-# serving test (after the serving modules before it in the same process, its
-# ray.init left the driver, in some runs, attached to a session whose GCS went
-# away; Ray ended the process 60 s later; cause not found yet).
-ISOLATED    := tests/services/test_loop_e2e.py tests/services/test_metrics.py \
-               tests/services/test_cluster.py tests/serving/test_serving_live.py
+# The multi-node cluster test gets a fresh Python process: its driver joins a
+# `ray start` cluster, which a Ray session started earlier in the same process
+# would stand in the way of.
+ISOLATED    := tests/services/test_cluster.py
 test: install kafka-jars s3-server schema-registry lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS) $(addprefix --ignore=,$(ISOLATED))
 	@for t in $(ISOLATED); do $(BIN)/python -m pytest $(PYTEST_ARGS) $$t || exit 1; done

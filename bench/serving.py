@@ -177,6 +177,7 @@ def _session(
         replay(events[:HISTORY], kafka, topics.events)
         ctl = RolloutController(reg, cfg, RolloutConfig(watch_s=0), ctx)
         ctl.step()
+        ctl.close(timeout_s=120.0)  # the whole app deployed before anything is measured
         serve.run(floor_app(cfg.replicas, 0.25), name=FLOOR, route_prefix=f"/{FLOOR}")
         _wait_history(ctx, users)
         yield f"http://127.0.0.1:{cfg.port}", ctl, topics.events

@@ -391,6 +391,11 @@ def shutdown(
     if running is not None and running.loop.session is not None:
         # Its run's controller waits on Ray from a thread of this process, as a round does.
         step("training session", lambda: running.loop.close(max(1.0, min(10.0, remaining(8.0)))))
+    if running is not None and running.controller is not None:
+        # Its thread and a first deploy still in flight call Ray: both end before Ray does.
+        rollout = running.supervisor.threads.get("rollout")
+        ctl = running.controller
+        step("rollout", lambda: _end_rollout(ctl, rollout, min(20.0, remaining(8.0))))
     if broker is not None:
         # Before Ray: nothing left needs it once ingest has flushed, and a driver that Ray
         # brings down mid-shutdown must not leave a broker behind in its own session.
@@ -418,6 +423,20 @@ def shutdown(
         step("ray", ray.shutdown, limit_s=remaining(3.0))
     step("leftover processes", lambda: _reap(started, deadline))
     return left
+
+
+def _end_rollout(
+    controller: RolloutController, thread: threading.Thread | None, timeout: float
+) -> None:
+    """Let the rollout thread see the stop, and a background ``serve.run`` finish."""
+    deadline = time.monotonic() + timeout
+    controller.nudge()
+    if thread is not None:
+        thread.join(max(0.1, deadline - time.monotonic()))
+    if not controller.close(max(0.1, deadline - time.monotonic())) or (
+        thread is not None and thread.is_alive()
+    ):
+        raise TimeoutError(f"the rollout controller was still busy after {timeout:.0f}s")
 
 
 def _end_round(procs: list[Any], loop: threading.Thread, timeout: float) -> None:

@@ -3,11 +3,18 @@ object storage, one real S3 server (SeaweedFS) serve the whole test run."""
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# A Ray call after ``ray.shutdown`` (a thread left running) would otherwise start a new local Ray
+# session in the test process, which Ray later ends whole; with this it raises where it happens.
+os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
 
 from streams.broker import LocalBroker, free_port
 from streams.config import BrokerConfig, KafkaConfig, TopicsConfig
@@ -61,3 +68,16 @@ def s3_location(s3_server: S3Server) -> tuple[str, StorageConfig]:
     """A fresh prefix in the test bucket, and the options that reach it."""
     uri = f"s3://streamtune-test/{uuid.uuid4().hex[:12]}"
     return uri, StorageConfig(options=s3_server.options())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_ray_left_behind() -> Iterator[None]:
+    """Every module shuts down the Ray it started, with no thread of it still calling Ray."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail("the module left Ray initialised")
+    busy = [t.name for t in threading.enumerate() if t.name == "serve-deploy" and t.is_alive()]
+    if busy:
+        pytest.fail(f"threads still deploying after the module: {busy}")

@@ -40,11 +40,14 @@ class Live:
     def __init__(self, reg: Registry, cfg: ServingConfig, ctx: Any, url: str) -> None:
         self.reg, self.cfg, self.ctx, self.url = reg, cfg, ctx, url
         self.events: list[RolloutEvent] = []
+        self.controllers: list[RolloutController] = []
 
     def controller(self, **rollout: Any) -> RolloutController:
-        return RolloutController(
+        ctl = RolloutController(
             self.reg, self.cfg, RolloutConfig(**rollout), self.ctx, on_event=self.events.append
         )
+        self.controllers.append(ctl)
+        return ctl
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +68,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, kafka: KafkaConfig) -> Iterat
     ev = st.controller(**LOOSE).step()
     assert ev is not None and ev.kind == "rollout" and ev.version == v1
     yield st
+    assert all(ctl.close() for ctl in st.controllers), "a serve.run outlived the tests"
     serve.shutdown()
     ray.shutdown()
 

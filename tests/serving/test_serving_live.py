@@ -79,6 +79,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, kafka: KafkaConfig) -> Itera
     st = Stack(reg, ctl, f"http://127.0.0.1:{port}")
     st.kafka, st.topics = kafka, topics  # type: ignore[attr-defined]
     yield st
+    assert ctl.close(), "a serve.run outlived the tests"
     serve.shutdown()
     ray.shutdown()
 
