@@ -106,3 +106,18 @@ def test_stats_of_versions_long_gone_are_forgotten_but_not_the_live_ones() -> No
     stats["1"].last_active = stats["2"].last_active = now - BUCKET_KEEP_S - 1
     forget_versions(stats, {"2"}, now)
     assert set(stats) == {"2", "3"}  # 1: idle past the bucket horizon and not served by anyone
+
+
+def test_close_waits_for_a_background_deploy(tmp_path: Path) -> None:
+    """Shutting down waits for a first deploy still running beside the controller (a Ray call
+    from it after ``ray.shutdown`` would start a stray Ray session in the process)."""
+    import threading
+
+    ctl = _controller(Registry(tmp_path / "reg"))
+    assert ctl.close(0.0)  # nothing deploying
+    release = threading.Event()
+    ctl._deploying = threading.Thread(target=release.wait, args=(10.0,), name="serve-deploy")
+    ctl._deploying.start()
+    assert not ctl.close(0.05)  # still deploying: not closed
+    release.set()
+    assert ctl.close(5.0) and not ctl._deploying.is_alive()
