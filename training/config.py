@@ -28,11 +28,23 @@ class ModelConfig(_Strict):
     n_layers: int = Field(default=1, ge=1, le=48, description="Transformer blocks.")
     n_heads: int = Field(default=2, ge=1, le=64, description="Attention heads per block.")
     dropout: float = Field(default=0.2, ge=0.0, lt=1.0, description="Dropout everywhere.")
-    loss: Literal["full", "sampled"] = Field(
-        default="full", description="Full softmax over the catalog, or sampled softmax."
+    loss: Literal["auto", "full", "sampled"] = Field(
+        default="auto",
+        description="Training loss: full softmax over the catalog, sampled softmax (shared "
+        "negatives, log-Q corrected), or 'auto': sampled once the catalog has more than "
+        "sampled_above rows, full below.",
+    )
+    sampled_above: int = Field(
+        default=20_000,
+        ge=2,
+        description="With loss='auto', the catalog size (rows) above which the loss is sampled: "
+        "a full softmax costs (targets per step) x (catalog) in time and memory.",
     )
     num_negatives: int = Field(
-        default=256, ge=1, description="Negatives per batch for the sampled softmax."
+        default=256,
+        ge=2,
+        description="Negatives per target for the sampled softmax: half drawn from the "
+        "step's own targets, half uniformly over the catalog.",
     )
     text_init: bool = Field(
         default=True,
