@@ -85,8 +85,11 @@ def score_rows(m: Loaded, rows: list[list[int]]) -> list[torch.Tensor | HTTPExce
     A request whose scores are not finite gets its own 500 (a broken version: an error the
     rollout sees); the other requests of the batch are answered.
     """
-    out: list[torch.Tensor | HTTPException] = [m.popularity.clone() for _ in rows]
     use = [i for i, r in enumerate(rows) if r]
+    # Popularity for those with no usable history (a copy each: callers may write into it).
+    out: list[torch.Tensor | HTTPException] = [
+        m.popularity if r else m.popularity.clone() for r in rows
+    ]
     if not use:
         return out
     x = torch.from_numpy(np.stack([left_pad(rows[i], m.model.cfg.max_len) for i in use]))
