@@ -9,7 +9,8 @@ STAMP       := $(VENV)/.installed-$(shell cat requirements.lock Makefile pyproje
 DEEPSPEED   := deepspeed==0.19.8
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint typecheck kafka-jars s3-server schema-registry clean
+.PHONY: install demo test test-fast lint typecheck kafka-jars s3-server schema-registry clean \
+        gpu-deps gpu-check
 
 install: $(STAMP)
 
@@ -34,6 +35,15 @@ s3-server: install
 # Maven Central, unpacked once into ~/.cache/streamtune/schema-registry).
 schema-registry: install
 	$(BIN)/python -m streams.schema_registry fetch
+
+# The GPU check runs where Ray is not installed and nothing can be downloaded: `make gpu-deps`
+# (here) puts what it needs beyond PyTorch, transformers and pyarrow under build/gpu-deps, which
+# travels with the working tree; `make gpu-check` (there) runs it with whatever python3 has torch.
+gpu-deps: install
+	$(BIN)/python -m bench.gpu_deps
+
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,python3) -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 demo: install kafka-jars
 	$(BIN)/streamtune demo $(DEMO_ARGS)
