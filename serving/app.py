@@ -19,6 +19,7 @@ change feed (``serving.replica_histories``); only users it does not hold yet cos
 
 import asyncio
 import functools
+import logging
 import math
 import time
 import uuid
@@ -53,6 +54,7 @@ from serving.http_guard import HTTPGuard, ReplicaTag
 from serving.mmr import mmr
 from serving.replica_histories import HistoryFollower
 from serving.scoring import Ask, Loaded, Scored, load_version, score_asks
+from serving.streak import Streak
 from training.registry import Registry
 
 api = FastAPI(
@@ -99,6 +101,7 @@ def limit_error(field: list[str | int], msg: str, kind: str) -> HTTPException:
 # below is decorated: whatever the handlers call must be defined above this line.
 install_error_handlers(api)
 _POST_ERRORS = error_responses(400, 413, 422, 500, 503)
+log = logging.getLogger(__name__)
 
 
 @serve.deployment
@@ -125,6 +128,11 @@ class RecommenderDeployment:
         self._feed: asyncio.Task[None] | None = None
         self._in_flight = 0  # requests between arrival and their scores (see ``_scored``)
         self.batches = self.batched = 0  # forwards, and requests scored by them
+        self._registry_reads = Streak(log, "reading the serving version from the registry")
+        self._follows = Streak(log, "following the serving version")
+        self._announcements = Streak(log, "waiting for rollout announcements")
+        self._reports = Streak(log, "reporting to the history component")
+        self._lookups = Streak(log, "looking up live histories")
         # The batcher is the class's (one per replica process); its limits come from the settings.
         self._score_batch.set_max_batch_size(self.cfg.batch_max_size)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_s)  # type: ignore[attr-defined]
@@ -164,8 +172,11 @@ class RecommenderDeployment:
         """
         try:
             chosen = self.registry.rollout_state().serving
-        except Exception:  # the registry unreachable for a moment: keep what we serve
-            return self.current.version if self.current is not None else self.pinned
+        except Exception as err:  # the registry unreachable for a moment: keep what we serve
+            keep = self.current.version if self.current is not None else self.pinned
+            self._registry_reads.failed(err, f"serving v{keep} meanwhile")
+            return keep
+        self._registry_reads.ok()
         return chosen if chosen is not None else self.pinned
 
     async def _follow_forever(self) -> None:
@@ -176,8 +187,10 @@ class RecommenderDeployment:
                 target = await asyncio.to_thread(self._target)
                 if target not in self.failed:  # a failed load is reported once, not every poll
                     await self._use(target)
-            except Exception:  # the follower must outlive any one bad poll
+            except Exception as err:  # the follower must outlive any one bad poll
+                self._follows.failed(err, "trying again at the next look")
                 continue
+            self._follows.ok()
             if self._flusher is None:  # report even before the first request: the controller
                 self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
 
@@ -191,10 +204,12 @@ class RecommenderDeployment:
             return seen
         try:
             counter: int = await ctx.await_announcement.remote(seen, self.cfg.follow_s)
-        except Exception:  # the context restarting: poll on the clock meanwhile
+        except Exception as err:  # the context restarting: poll on the clock meanwhile
+            self._announcements.failed(err, f"reading the registry every {self.cfg.follow_s}s")
             self._ctx = None
             await asyncio.sleep(self.cfg.follow_s)
             return seen
+        self._announcements.ok()
         return counter
 
     async def _use(self, version: int) -> None:
@@ -248,8 +263,11 @@ class RecommenderDeployment:
                 counters = {**self.histories.counters(), "batches": self.batches,
                             "batched": self.batched}  # fmt: skip
                 await ctx.report.remote(self.replica, str(version), samples, served, counters)
-            except RayActorError:  # the watchdog recreates the actor by name: look it up again
+            except RayActorError as err:  # the watchdog recreates the actor by name: look it up
+                self._reports.failed(err, "these samples are dropped; looking the component up")
                 self._ctx = None
+            else:
+                self._reports.ok()
 
     def _ask(self, req: RecommendRequest | ScoreRequest) -> Ask:
         if req.history is not None and len(req.history) > self.cfg.max_history:
@@ -272,12 +290,16 @@ class RecommenderDeployment:
             if ctx is None:
                 break
             try:
-                return await self.histories.histories(ctx, users)
-            except RayActorError:
+                got = await self.histories.histories(ctx, users)
+            except RayActorError as err:
                 # The history actor died (its watchdog recreates it under the same name): drop
                 # the cached handle and ask once more; if it is still down, answer from
                 # popularity (the response's ``source`` says so) rather than failing requests.
+                self._lookups.failed(err, "answering from popularity until it is back")
                 self._ctx = None
+                continue
+            self._lookups.ok()
+            return got
         return [[] for _ in users]
 
     async def _scored(self, ask: Ask) -> Scored:

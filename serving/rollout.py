@@ -36,6 +36,7 @@ from typing import Any
 
 from serving.config import RolloutConfig, ServingConfig
 from serving.errors import RolloutError
+from serving.streak import Streak
 from training.registry import Registry, RolloutState
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class RolloutController:
         self._deploy_error: Exception | None = None  # how that serve.run failed, if it did
         self.events: list[RolloutEvent] = []
         self._wake = threading.Event()
+        self._announcements = Streak(log, "announcing a rollout to the replicas")
 
     # -- state ----------------------------------------------------------------------------
     def _save(self) -> None:
@@ -108,8 +110,10 @@ class RolloutController:
             return
         try:
             self.context.announce.remote()
-        except Exception:  # the replicas' own poll still finds the new version
-            log.debug("rollout announcement failed", exc_info=True)
+        except Exception as err:  # the replicas' own poll still finds the new version
+            self._announcements.failed(err, "replicas find the version on their own poll")
+        else:
+            self._announcements.ok()
 
     def nudge(self) -> None:
         """A round just promoted a version: step now instead of at the next ``poll_s``."""
