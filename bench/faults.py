@@ -99,7 +99,8 @@ def main() -> None:
     for r in rows:
         table.add_row(
             r["fault"], "yes" if r.get("survived") else "NO",
-            *(str(r.get(k)) for k in ROW_KEYS[1:]), str(r.get("detail", ""))[:90],
+            *("-" if r.get(k) is None else str(r[k]) for k in ROW_KEYS[1:]),
+            str(r.get("detail", ""))[:90],
         )  # fmt: skip
     Console(width=200).print(table)
     summary = {

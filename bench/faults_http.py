@@ -224,10 +224,10 @@ def fault_http_fuzz(url: str | None, tmp: Path, quick: bool) -> dict[str, Any]:
     return {
         "fault": "HTTP fuzzing",
         "survived": survived,
-        "lost": 0,
-        "duplicated": 0,
+        "lost": None,  # no events in play: not measured
+        "duplicated": None,
         "failed_requests": res["server_errors"],
-        "recover_s": 0,
+        "recover_s": None,  # nothing to recover from
         "cases": res["cases"],
         "statuses": res["statuses"],
         "checks": res["checks"],
@@ -349,8 +349,8 @@ def fault_replica_kill(tmp: Path, quick: bool) -> dict[str, Any]:
     return {
         "fault": "Serve replica killed",
         "survived": survived,
-        "lost": 0,
-        "duplicated": 0,
+        "lost": None,  # requests only: events are not in play
+        "duplicated": None,
         "failed_requests": failed,
         "recover_s": round(recover_s, 2) if recover_s is not None else None,
         "requests": len(load.results),

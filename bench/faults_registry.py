@@ -164,7 +164,7 @@ def fault_register_decision_kill(tmp: Path, quick: bool) -> dict[str, Any]:
         "survived": survived,
         "lost": sum(r["lost"] for r in results),
         "duplicated": sum(r["duplicated"] for r in results),
-        "failed_requests": 0,
+        "failed_requests": None,  # no serving in this fault: not measured
         "recover_s": max(r["recover_s"] for r in results),
         "detail": detail,
         "scenarios": results,

@@ -134,7 +134,7 @@ def row(fault: str, ok: bool, audit_: dict[str, Any], recover_s: float, detail: 
     survived = ok and audit_["lost"] == 0 and audit_["duplicated"] == 0
     return {
         "fault": fault, "survived": survived, "lost": audit_["lost"],
-        "duplicated": audit_["duplicated"], "failed_requests": 0,
+        "duplicated": audit_["duplicated"], "failed_requests": None,  # no serving here
         "recover_s": round(recover_s, 2), "detail": f"{detail}; {audit_['by']}", **evidence,
     }  # fmt: skip
 

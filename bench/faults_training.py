@@ -237,9 +237,9 @@ def _worker_kill_row(tmp: Path, quick: bool) -> dict[str, Any]:
     return {
         "fault": FAULT,
         "survived": survived,
-        "lost": 0,
+        "lost": 0 if versions else 1,  # the round's version, registered or not
         "duplicated": max(len(versions) - 1, 0),
-        "failed_requests": 0,
+        "failed_requests": None,  # no serving in this fault: not measured
         "recover_s": recover_s,
         "detail": detail,
         "killed_pid": killer.killed_pid,

@@ -22,7 +22,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def assert_survived(row: dict[str, object]) -> None:
     assert row["survived"], row
-    assert row["lost"] == 0 and row["duplicated"] == 0 and row["failed_requests"] == 0, row
+    assert row["lost"] == 0 and row["duplicated"] == 0, row
+    assert row["failed_requests"] is None, row  # no serving in these faults: not measured
     assert isinstance(row["recover_s"], float) and row["recover_s"] >= 0, row
 
 
