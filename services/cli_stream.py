@@ -22,6 +22,7 @@ from streams.datasets import DEFAULT_ML100K, DriftSpec, generic_csv, movielens_1
 from streams.events import Event
 from streams.ingest import Ingestor
 from streams.producer import replay
+from streams.progress import working
 
 console = Console()
 SettingsOf = Callable[[typer.Context], Settings]
@@ -166,7 +167,10 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         """Merge small segments and apply retention."""
         buf = EventBuffer(settings_of(ctx).buffer)
         t0 = time.monotonic()
-        merged, dropped = buf.compact(), buf.apply_retention()
+        with working("merging small segments"):
+            merged = buf.compact()
+        with working("applying retention"):
+            dropped = buf.apply_retention()
         console.print(
             f"merged {merged} segments, retired {dropped}, in {time.monotonic() - t0:.1f}s"
         )

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streams.config import BrokerConfig, SaslSslListener
+from streams.progress import working
 
 POM = Path(__file__).resolve().parent.parent / "deploy" / "kafka" / "pom.xml"
 
@@ -110,7 +111,8 @@ def fetch(cfg: BrokerConfig) -> Path:
         "mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
         f"-DoutputDirectory={tmp}",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    with working("fetching the Kafka broker jars from Maven (once)"):
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"Maven could not fetch the Kafka jars:\n{proc.stdout}\n{proc.stderr}")

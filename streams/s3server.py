@@ -21,6 +21,7 @@ import httpx
 from streams.broker import free_port
 from streams.errors import StorageError
 from streams.procs import log_tail, stop_group
+from streams.progress import working
 
 MODULE = "github.com/seaweedfs/seaweedfs"
 # SeaweedFS 4.53: the proxy refuses its release tags to `go install`, this pseudo-version it serves.
@@ -43,20 +44,22 @@ def fetch(cache: Path = CACHE) -> Path:
         raise StorageError("building the local S3 server needs `go` (1.22+) on PATH")
     cache.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, GOFLAGS="-mod=mod")
-    dl = subprocess.run(
-        ["go", "mod", "download", "-json", f"{MODULE}@{VERSION}"],
-        capture_output=True, text=True, env=env, cwd=cache, check=False,
-    )  # fmt: skip
+    with working(f"downloading {MODULE}@{VERSION} from the Go module proxy (once)"):
+        dl = subprocess.run(
+            ["go", "mod", "download", "-json", f"{MODULE}@{VERSION}"],
+            capture_output=True, text=True, env=env, cwd=cache, check=False,
+        )  # fmt: skip
     if dl.returncode != 0:
         raise StorageError(f"go mod download {MODULE}@{VERSION} failed:\n{dl.stdout}{dl.stderr}")
     import json
 
     src = Path(json.loads(dl.stdout)["Dir"])
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    build = subprocess.run(
-        ["go", "build", "-o", str(tmp), "./weed"],
-        capture_output=True, text=True, env=env, cwd=src, check=False,
-    )  # fmt: skip
+    with working("building SeaweedFS with go build (once; ~7 CPU-minutes)", every_s=10.0):
+        build = subprocess.run(
+            ["go", "build", "-o", str(tmp), "./weed"],
+            capture_output=True, text=True, env=env, cwd=src, check=False,
+        )  # fmt: skip
     if build.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise StorageError(f"go build of SeaweedFS failed:\n{build.stderr[-4000:]}")

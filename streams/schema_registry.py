@@ -30,6 +30,7 @@ import httpx
 from streams.broker import free_port
 from streams.errors import SchemaRegistryError
 from streams.procs import log_tail, stop_group
+from streams.progress import working
 
 ARTIFACT = "io.apicurio:apicurio-registry-app"
 VERSION = "3.0.9"
@@ -62,14 +63,15 @@ def fetch(cache: Path = CACHE) -> Path:
         "mvn", "-q", "-B", "dependency:copy",
         f"-Dartifact={ARTIFACT}:{VERSION}:tar.gz:all", f"-DoutputDirectory={tmp}",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    with working(f"fetching Apicurio Registry {VERSION} from Maven (once, ~110 MB)"):
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     archive = tmp / f"apicurio-registry-app-{VERSION}-all.tar.gz"
     if proc.returncode != 0 or not archive.exists():
         shutil.rmtree(tmp, ignore_errors=True)
         raise SchemaRegistryError(
             f"Maven could not fetch {ARTIFACT}:{VERSION}:\n{proc.stdout}\n{proc.stderr}"
         )
-    with tarfile.open(archive) as tar:
+    with working("unpacking Apicurio Registry"), tarfile.open(archive) as tar:
         tar.extractall(tmp, filter="data")
     archive.unlink()
     if not (tmp / jar.name).exists():
