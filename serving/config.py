@@ -60,8 +60,12 @@ class ServingConfig(_Strict):
     history_len: int = Field(
         default=100, ge=1, description="Recent items kept per user by the history component."
     )
-    history_users: int = Field(
-        default=200_000, ge=1, description="Users kept in memory (least recently active dropped)."
+    history_users: int | None = Field(
+        default=None,
+        ge=1,
+        description="Users whose live history the history component keeps (past it, the least "
+        "recently active are dropped); None: every user, as memory allows (~0.6 KB per user at "
+        "history_len 100).",
     )
     replica_history_users: int = Field(
         default=20_000,

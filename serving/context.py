@@ -1,8 +1,9 @@
 """ServingContext: the live state the replicas share, as one Ray actor.
 
 * Fresh user history: rebuilt from the buffer at start, then fed from Kafka (``streams.tail``)
-  from the buffer's next offsets, so nothing is counted twice or missed, bounded per user and in
-  users (least recently active evicted). Every event applied is also numbered in a change feed
+  from the buffer's next offsets, so nothing is counted twice or missed, bounded per user, in a
+  compact store (``serving.history_store``: no cap on users unless ``serving.history_users`` is
+  set, then the least recently active go). Every event applied is also numbered in a change feed
   that the replicas' own caches follow (``serving.history_feed``): a replica calls here only for
   users it does not hold yet.
 * Online quality: which items each user was just served, by which version, and whether the user
@@ -24,13 +25,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Any
 
 import ray
 
 from serving.config import ServingConfig
 from serving.history_feed import ChangeLog, Changes, Read
+from serving.history_store import HistoryStore
 from streams.buffer import EventBuffer
 from streams.config import BufferConfig, KafkaConfig, TopicsConfig
 from streams.errors import StreamtuneError
@@ -148,7 +150,7 @@ class ServingContext:
         # Every event applied after the rebuild, numbered, for the replicas' caches to follow.
         self.feed = ChangeLog(self.cfg.history_feed_len)
         self._changed = threading.Condition(self.lock)
-        self.history: OrderedDict[str, deque[str]] = OrderedDict()
+        self.history = HistoryStore(self.cfg.history_len, self.cfg.history_users)
         self.served: dict[str, tuple[str, set[str], float]] = {}  # user -> (version, items, t)
         self.stats: dict[str, VersionStats] = {}
         self.replicas: dict[str, dict[str, Any]] = {}
@@ -176,21 +178,14 @@ class ServingContext:
         upto = buf.next_offsets()
         table = buf.read(upto={tp_key(t, p): o for (t, p), o in upto.items()},
                          columns=["user_id", "item_id"])  # fmt: skip
-        for u, i in zip(
-            table.column("user_id").to_pylist(), table.column("item_id").to_pylist(), strict=True
-        ):
-            self._push(u, i)
+        # One vectorised load (each user's last items straight into its ring), not a push per
+        # event: the buffer holds every event ever ingested.
+        self.history.load(table.column("user_id").combine_chunks(),
+                          table.column("item_id").combine_chunks())  # fmt: skip
         return upto
 
     def _push(self, user: str, item: str) -> None:
-        h = self.history.get(user)
-        if h is None:
-            h = self.history[user] = deque(maxlen=self.cfg.history_len)
-            if len(self.history) > self.cfg.history_users:
-                self.history.popitem(last=False)
-        else:
-            self.history.move_to_end(user)
-        h.append(item)
+        self.history.push(user, item)
 
     def _consume(self, start: dict[tuple[str, int], int] | None) -> None:
         while True:
@@ -226,8 +221,7 @@ class ServingContext:
 
     def get_history(self, user: str) -> list[str]:
         with self.lock:
-            h = self.history.get(user)
-            return list(h) if h else []
+            return self.history.get(user)
 
     def get_histories(self, users: list[str]) -> list[list[str]]:
         """``get_history`` of each user, in order: one call for a replica's whole batch."""
@@ -236,7 +230,7 @@ class ServingContext:
     def histories_at(self, users: list[str]) -> Read:
         """``get_histories`` with the feed position they were read at (``serving.history_feed``)."""
         with self.lock:
-            hist = [list(h) if (h := self.history.get(u)) else [] for u in users]
+            hist = [self.history.get(u) for u in users]
             return Read(self.feed.epoch, self.feed.seq, hist)
 
     @ray.method(concurrency_group="history_feed")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections import OrderedDict
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from fastapi import HTTPException
 from serving.config import ServingConfig
 from serving.context import ServingContext
 from serving.history_feed import ChangeLog
+from serving.history_store import HistoryStore
 from serving.scoring import Ask, Loaded, as_loaded, score_asks, score_rows
 from training.config import ModelConfig
 from training.model import Recommender
@@ -155,7 +155,7 @@ def test_context_get_histories_matches_get_history() -> None:
     ctx = ServingContext.__new__(ServingContext)
     ctx.cfg = ServingConfig(history_len=3)
     ctx.lock = threading.Lock()
-    ctx.history = OrderedDict()
+    ctx.history = HistoryStore(3)
     ctx.feed = ChangeLog(1000)
     for user, item in [("a", "1"), ("b", "2"), ("a", "3"), ("a", "4"), ("a", "5")]:
         ctx._push(user, item)
