@@ -110,46 +110,35 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
             console.print("stopped the embedded Kafka broker")
 
     @app.command()
-    def status(ctx: typer.Context) -> None:
+    def status(
+        ctx: typer.Context,
+        watch: Annotated[
+            float | None,
+            typer.Option("--watch", min=0.5, help="Refresh in place every this many seconds."),
+        ] = None,
+    ) -> None:
         """Broker and lag, buffer, champion, recent rounds, serving versions, freshness."""
-        import httpx
-
-        from streams.admin import topic_lag
-        from streams.broker import LocalBroker
-
         s = settings_of(ctx)
-        buf = EventBuffer(s.buffer)
-        st = buf.stats()
-        console.print(f"buffer: {st.rows:,} rows in {st.segments} segments")
-        b = LocalBroker(s.broker).status()
-        if not s.embedded_broker or b.answering:
-            lag = topic_lag(s.kafka, s.topics.events, buf.watermark())
-            console.print(f"broker {s.kafka.bootstrap_servers}: ingest lag {sum(lag.values()):,}")
-        else:
-            console.print("broker: not running")
-        reg = s.open_registry()
-        console.print(f"registry: versions {reg.versions()}, champion {reg.champion()}")
-        table = Table(
-            "version", "kind", "decision", "new events", "NDCG@10 new", "reason", title="rounds"
-        )
-        for d in [d for d in reg.decisions()][-10:]:
-            meta = reg.meta(d["version"]) if d["version"] in reg.versions() else {}
-            m = meta.get("metrics", {})
-            ndcg = f"{m.get('cand_new_ndcg10', float('nan')):.4f}"
-            new = str(meta.get("new_events", ""))
-            kind = str(meta.get("kind", ""))
-            table.add_row(str(d["version"]), kind, d["decision"], new, ndcg, d["reason"][:60])
-        console.print(table)
-        try:
-            models = httpx.get(f"http://{s.serving.host}:{s.serving.port}/models", timeout=3).json()
-            console.print(f"serving: champion {models['champion']}, replicas {models['serving']}")
-        except httpx.HTTPError:
-            console.print("serving: not reachable")
-        champ = reg.champion()
-        if champ is not None:
-            age = time.time() - reg.meta(champ)["created_at"]
-            console.print(f"freshness: champion v{champ} was trained {age:,.0f}s ago")
-        _learning(s, reg)
+        if watch is None:
+            show_status(s, console)
+            return
+        import io
+
+        from rich.live import Live
+        from rich.text import Text
+
+        with Live(console=console, auto_refresh=False) as live:
+            try:
+                while True:
+                    text = io.StringIO()
+                    frame = Console(file=text, width=console.width,
+                                    force_terminal=console.is_terminal)  # fmt: skip
+                    show_status(s, frame)
+                    frame.print(f"[dim]every {watch:g}s; Ctrl-C to stop[/]")
+                    live.update(Text.from_ansi(text.getvalue()), refresh=True)
+                    time.sleep(watch)
+            except KeyboardInterrupt:
+                pass
 
     @app.command()
     def train(
@@ -225,7 +214,48 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _learning(s: Settings, reg: Registry) -> None:
+def show_status(s: Settings, console: Console) -> None:
+    """What ``streamtune status`` prints, onto ``console``."""
+    import httpx
+
+    from streams.admin import topic_lag
+    from streams.broker import LocalBroker
+
+    buf = EventBuffer(s.buffer)
+    st = buf.stats()
+    console.print(f"buffer: {st.rows:,} rows in {st.segments} segments")
+    b = LocalBroker(s.broker).status()
+    if not s.embedded_broker or b.answering:
+        lag = topic_lag(s.kafka, s.topics.events, buf.watermark())
+        console.print(f"broker {s.kafka.bootstrap_servers}: ingest lag {sum(lag.values()):,}")
+    else:
+        console.print("broker: not running")
+    reg = s.open_registry()
+    console.print(f"registry: versions {reg.versions()}, champion {reg.champion()}")
+    table = Table(
+        "version", "kind", "decision", "new events", "NDCG@10 new", "reason", title="rounds"
+    )
+    for d in [d for d in reg.decisions()][-10:]:
+        meta = reg.meta(d["version"]) if d["version"] in reg.versions() else {}
+        m = meta.get("metrics", {})
+        ndcg = f"{m.get('cand_new_ndcg10', float('nan')):.4f}"
+        new = str(meta.get("new_events", ""))
+        kind = str(meta.get("kind", ""))
+        table.add_row(str(d["version"]), kind, d["decision"], new, ndcg, d["reason"][:60])
+    console.print(table)
+    try:
+        models = httpx.get(f"http://{s.serving.host}:{s.serving.port}/models", timeout=3).json()
+        console.print(f"serving: champion {models['champion']}, replicas {models['serving']}")
+    except httpx.HTTPError:
+        console.print("serving: not reachable")
+    champ = reg.champion()
+    if champ is not None:
+        age = time.time() - reg.meta(champ)["created_at"]
+        console.print(f"freshness: champion v{champ} was trained {age:,.0f}s ago")
+    _learning(s, reg, console)
+
+
+def _learning(s: Settings, reg: Registry, console: Console) -> None:
     """Live model freshness over the last minutes, and the events not (yet) trained on."""
     from services.freshness import live_freshness
 

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -108,6 +109,23 @@ def test_loop_promotes_versions_and_serve_follows(system: tuple[Running, dict[st
     result = CliRunner().invoke(app, ["status"], env=env)
     assert result.exit_code == 0, result.output
     assert f"champion {r2.version}" in result.output and "promote" in result.output
+    # --watch draws the same page, then again after each pause (here: Ctrl-C on the second).
+    import services.cli_loop as cli_loop
+
+    frames: list[int] = []
+    real = cli_loop.show_status
+
+    def once_then_interrupt(settings: Any, console: Any) -> None:
+        frames.append(1)
+        if len(frames) > 1:
+            raise KeyboardInterrupt
+        real(settings, console)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli_loop, "show_status", once_then_interrupt)
+        watched = CliRunner().invoke(app, ["status", "--watch", "0.5"], env=env)
+    assert watched.exit_code == 0 and len(frames) == 2, watched.output
+    assert f"champion {r2.version}" in watched.output and "every 0.5s" in watched.output
     evaluated = CliRunner().invoke(app, ["eval", "--last", "1000"], env=env)
     assert evaluated.exit_code == 0, evaluated.output
     assert f"v{r2.version} on the newest" in evaluated.output and "NDCG@10" in evaluated.output
