@@ -11,9 +11,8 @@ class LoopConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    # 100 here held a round back until that many had arrived (up to max_pending_s) after a
-    # round of ~1 s at 100 events/s: 0.15 s of each event's freshness on average in
-    # bench.freshness. A round's cost barely depends on its size below ~1,000 events.
+    # A round's cost barely depends on its size below ~1,000 events, so waiting for more events
+    # only adds to their freshness.
     min_round_events: int = Field(
         default=1,
         ge=1,
@@ -56,8 +55,7 @@ class LoopConfig(BaseModel):
             "waited this long: a slow or quiet stream's events are not left untrained."
         ),
     )
-    # 0.5 s here left a round that found a few events short of min_round_events waiting half a
-    # second; a check reads two small files (~0.4 ms).
+    # A check reads two small files: cheap enough to look often, so no round waits on the clock.
     poll_s: float = Field(
         default=0.1, gt=0, description="How often the buffer is checked while no round runs."
     )
@@ -90,8 +88,8 @@ class LoopConfig(BaseModel):
             "training node trains through it too. false: a new Ray Train run per round."
         ),
     )
-    # At niceness 0 and two torch threads, each gate (0.4-0.7 s) held the /recommend requests
-    # that overlapped it for up to 0.4 s: every slow history probe overlapped a gate.
+    # Without it, each gate (a burst of CPU in the loop's thread) held the /recommend requests
+    # that overlapped it: every slow history probe overlapped a gate.
     nice: int = Field(
         default=15,
         ge=0,

@@ -18,12 +18,8 @@ class ModelConfig(_Strict):
     """A SASRec-style causal transformer over item-id sequences (GPT-2 blocks from transformers)."""
 
     max_len: int = Field(default=50, ge=2, le=4096, description="History items seen.")
-    # One block of width 32 (from two of 64), trained up to 40 epochs instead of 20: offline on
-    # MovieLens-100K (bench/recipe_sweep.py, seeds 0-2, two runs side by side) full-ranking
-    # NDCG@10 0.1069 +- 0.0010 (best epochs 37-41) against 0.0908 +- 0.0032 at 20 epochs, HR@10
-    # 0.200 vs 0.174; an epoch costs ~0.6x, so 40 cost ~1.1x the 20 (86 vs 80 s for 50 epochs
-    # without early stopping). The wide model was still improving at its last epoch: on this
-    # data a smaller model that sees the data twice as often learns more per CPU-second.
+    # A small model that sees the data more often learns more per CPU-second than a wider one
+    # (docs/design.md, "Why the defaults").
     d_model: int = Field(default=32, ge=8, le=4096, description="Hidden size = item row size.")
     n_layers: int = Field(default=1, ge=1, le=48, description="Transformer blocks.")
     n_heads: int = Field(default=2, ge=1, le=64, description="Attention heads per block.")
@@ -90,12 +86,9 @@ class ReplayConfig(_Strict):
     # Small warm rounds see each event once, with as many replayed sequences: they keep up with
     # the stream but learn less from it than a model trained for several epochs over it. Every
     # so often a round also replays a large sample of the reservoir for more epochs, gated like
-    # any round, so the slow, broad learning happens too (README: consolidation rounds).
-    # 2,000 sequences every 5 rounds (from 4,000): bench.quality's stream NDCG@10 0.0988 against
-    # 0.0951 (one seed each, 2026-12-03; 1,000 every 5 gave 0.0927, 800 every 2 0.0961), and a
-    # consolidation round short enough that an event arriving as it starts is live within ~5 s.
-    # (800 every 2 rounds cost bench.freshness more than it saved: a consolidation round's
-    # training took 2-3 s whatever its sample, so more of them held more events back.)
+    # any round, so the slow, broad learning happens too (README: consolidation rounds). Its
+    # size and cadence trade stream NDCG@10 against the events a long round holds back
+    # (docs/design.md, "Why the defaults").
     consolidate_every: int = Field(
         default=5,
         ge=0,
@@ -144,9 +137,8 @@ class TrainerConfig(_Strict):
         ge=1,
         description="Passes with no champion to warm-start from (a cold model needs more).",
     )
-    # 2 workers x 16 at 5e-3 is bench.quality's recipe (32 at 5e-3): offline on MovieLens-100K
-    # it scored full-ranking NDCG@10 0.0945 over 3 seeds against 0.084 for 128 at 2e-3, and its
-    # warm-started streaming rounds scored 0.08-0.09 against 0.06-0.076.
+    # 2 workers x 16 at 5e-3 is bench.quality's offline recipe (32 at 5e-3), for warm-started
+    # rounds as for a first version (docs/design.md, "Why the defaults").
     batch_size: int = Field(
         default=16, ge=1, description="Sequences per worker per step (global: x num_workers)."
     )
@@ -224,10 +216,8 @@ class GateConfig(_Strict):
     min_eval_users: int = Field(
         default=20, ge=1, description="Fewer held-out users than this: reject as unmeasurable."
     )
-    # One question per user made NDCG@10 on a round's own events a ~10-hit statistic: in the
-    # demo of 2026-11-29 its standard error (0.010-0.016) was as large as a round's effect, and
-    # it rejected v4 (0.0278 vs 0.0603) although v4 beat that champion on the next slice
-    # (0.0564 vs 0.0309, z = 2.0) and on its own events' full ranking (HR@50 z = 2.2).
+    # With one question per user, NDCG@10 on a round's own events rests on a handful of hits:
+    # its standard error was as large as a round's effect, and good rounds were rejected.
     holdout_events: int = Field(
         default=3,
         ge=1,
@@ -240,9 +230,8 @@ class GateConfig(_Strict):
     replay_eval_size: int = Field(
         default=500, ge=0, description="Replay sequences held out to measure forgetting."
     )
-    # A micro-round (a few hundred events) brings ~8 users with a held-out event; without the
-    # top-up, bench.freshness --micro of 2026-11-29 waited ~950 events per round (9.5 s of
-    # stream) for 20 users although a round took ~2.4 s.
+    # A small round brings few users with a held-out event; without this top-up a round would
+    # wait for enough of them, far longer than it takes to train.
     recent_questions: int = Field(
         default=300,
         ge=0,
