@@ -10,7 +10,7 @@ DEEPSPEED   := deepspeed==0.19.8
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-fast lint typecheck kafka-jars s3-server schema-registry clean \
-        gpu-deps gpu-check
+        gpu-deps gpu-check prometheus
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ s3-server: install
 schema-registry: install
 	$(BIN)/python -m streams.schema_registry fetch
 
+# Prometheus and promtool (Debian's package, unpacked into ~/.cache/streamtune/prometheus, not
+# installed), for the alert rules' tests.
+prometheus: install
+	$(BIN)/python -m services.prometheus fetch
+
 # The GPU check runs where Ray is not installed and nothing can be downloaded: `make gpu-deps`
 # (here) puts what it needs beyond PyTorch, transformers and pyarrow under build/gpu-deps, which
 # travels with the working tree; `make gpu-check` (there) runs it with whatever python3 has torch.
@@ -54,7 +59,7 @@ demo: install kafka-jars
 # `ray start` cluster, which a Ray session started earlier in the same process
 # would stand in the way of.
 ISOLATED    := tests/services/test_cluster.py
-test: install kafka-jars s3-server schema-registry lint typecheck
+test: install kafka-jars s3-server schema-registry prometheus lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS) $(addprefix --ignore=,$(ISOLATED))
 	@for t in $(ISOLATED); do $(BIN)/python -m pytest $(PYTEST_ARGS) $$t || exit 1; done
 
