@@ -67,7 +67,7 @@ def batches(n_items: int, max_len: int, batch: int, steps: int, seed: int) -> li
     return out
 
 
-def _model_cfg(args: argparse.Namespace) -> Any:
+def _model_cfg() -> Any:
     from training.config import ModelConfig
 
     return ModelConfig(dropout=0.0)  # no dropout: the two runs see the same function
@@ -80,7 +80,7 @@ def reference(args: argparse.Namespace, init: dict[str, Any], data: list[Any]) -
 
     tcfg = TrainerConfig()
     torch.manual_seed(args.seed)
-    model = Recommender.from_state(_model_cfg(args), init)
+    model = Recommender.from_state(_model_cfg(), init)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     losses, t0, timed_from = [], 0.0, min(args.warmup, len(data) - 1)
@@ -127,7 +127,7 @@ def _worker(rank: int, world: int, port: int, on_gpu: bool, args: argparse.Names
     per_rank = data[0][0].shape[0] // world
     tcfg = TrainerConfig(batch_size=per_rank)
     torch.manual_seed(args.seed)
-    model = Recommender.from_state(_model_cfg(args), init)
+    model = Recommender.from_state(_model_cfg(), init)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, config=deepspeed_config(tcfg, on_gpu)
@@ -179,7 +179,7 @@ def forward_latency(args: argparse.Namespace, init: dict[str, Any], device: torc
 
     if threads is not None:
         torch.set_num_threads(threads)
-    model = Recommender.from_state(_model_cfg(args), init).to(device).eval()
+    model = Recommender.from_state(_model_cfg(), init).to(device).eval()
     out: dict[str, float] = {}
     for b in (1, 32):
         x = batches(args.items, model.cfg.max_len, b, 1, args.seed + b)[0][0].to(device)
@@ -241,9 +241,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--batch {a.batch} must split evenly over {world} ranks")
     t_start = time.perf_counter()
     torch.manual_seed(a.seed)
-    init = Recommender(_model_cfg(a), a.items + 1).state_dict()
+    init = Recommender(_model_cfg(), a.items + 1).state_dict()
     init = {k: v.detach().clone() for k, v in init.items()}
-    data = batches(a.items + 1, _model_cfg(a).max_len, a.batch, a.steps, a.seed)
+    data = batches(a.items + 1, _model_cfg().max_len, a.batch, a.steps, a.seed)
     gpus = [torch.cuda.get_device_name(i) for i in range(world)] if on_gpu else []
     print(f"devices: {gpus or f'{world} CPU ranks (dry run)'}; {a.items} items, {a.steps} steps "
           f"of {a.batch} sequences")  # fmt: skip

@@ -159,7 +159,8 @@ def top_k_rows(
     if s.ndim != 2:
         raise ValueError(f"top_k_rows takes [B, V] scores, got shape {tuple(s.shape)}")
     b, v = s.shape
-    # One pass (torch.where over isfinite makes three; at 32 x 1M scores, 63 vs 214 ms here).
+    # One pass over the scores (torch.where over isfinite makes three, which dominated the
+    # top-k at large catalogs; docs/benchmarks.md, "large catalogs").
     s = torch.nan_to_num(s, nan=float("-inf"), posinf=float("-inf"), neginf=float("-inf"))
     if v:
         s[:, 0] = float("-inf")
