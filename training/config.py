@@ -26,9 +26,9 @@ class ModelConfig(_Strict):
     dropout: float = Field(default=0.2, ge=0.0, lt=1.0, description="Dropout everywhere.")
     loss: Literal["auto", "full", "sampled"] = Field(
         default="auto",
-        description="Training loss: full softmax over the catalog, sampled softmax (shared "
-        "negatives, log-Q corrected), or 'auto': sampled once the catalog has more than "
-        "sampled_above rows, full below.",
+        description="Training loss: full softmax over the catalog, sampled softmax "
+        "(num_negatives per target, log-Q corrected), or 'auto': sampled once the catalog has "
+        "more than sampled_above rows, full below.",
     )
     sampled_above: int = Field(
         default=20_000,
