@@ -40,7 +40,7 @@ def role_of(proc: psutil.Process, app: str, client_pid: int | None) -> str | Non
         return "replicas" if f"ServeReplica:{app}:" in cmd else "other apps"
     if "ServeController" in cmd:
         return "controller"
-    if "ServingContext" in cmd:
+    if "ServingContext" in cmd or "HistoryShard" in cmd:
         return "history"
     if "ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd:
         return "ray other"

@@ -13,8 +13,8 @@ once and the replica keeps serving what it had.
 Concurrent ``/recommend`` and ``/score`` requests are scored in batches (``serve.batch``, sized by
 ``batch_max_size`` and ``batch_wait_s``): one look-up of the live histories and one model forward
 per batch, all of it by one version snapshot; ranking and the answer stay per request. Live
-histories come from the replica's own cache of them, which follows the history component's
-change feed (``serving.replica_histories``); only users it does not hold yet cost a call to it.
+histories come from the replica's own cache of them, which follows each history shard's change
+feed (``serving.replica_histories``); only users it does not hold yet cost a call to their shard.
 """
 
 import asyncio
@@ -49,10 +49,10 @@ from serving.api import (
     error_responses,
 )
 from serving.config import ServingConfig
-from serving.context import find_context
+from serving.context import CONTROL_NAMESPACE, find_context
 from serving.http_guard import HTTPGuard, ReplicaTag
 from serving.mmr import mmr
-from serving.replica_histories import HistoryFollower
+from serving.replica_histories import ShardedHistories
 from serving.scoring import Ask, Loaded, Scored, load_version, score_asks
 from serving.streak import Streak
 from training.registry import Registry
@@ -124,15 +124,15 @@ class RecommenderDeployment:
         self.pinned = 0  # set by reconfigure before any traffic
         self.failed: set[int] = set()
         self._ctx: Any = None
-        self.histories = HistoryFollower(self.cfg, self._context, self._forget_context)
+        self.histories = ShardedHistories(self.cfg, CONTROL_NAMESPACE, log)
         self._feed: asyncio.Task[None] | None = None
         self._in_flight = 0  # requests between arrival and their scores (see ``_scored``)
         self.batches = self.batched = 0  # forwards, and requests scored by them
         self._registry_reads = Streak(log, "reading the serving version from the registry")
         self._follows = Streak(log, "following the serving version")
         self._announcements = Streak(log, "waiting for rollout announcements")
-        self._reports = Streak(log, "reporting to the history component")
-        self._lookups = Streak(log, "looking up live histories")
+        self._reports = Streak(log, "reporting to the serving context")
+        self._served_reports = Streak(log, "reporting served items to the history shards")
         # The batcher is the class's (one per replica process); its limits come from the settings.
         self._score_batch.set_max_batch_size(self.cfg.batch_max_size)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_s)  # type: ignore[attr-defined]
@@ -235,9 +235,6 @@ class RecommenderDeployment:
             self._ctx = find_context()
         return self._ctx
 
-    def _forget_context(self) -> None:
-        self._ctx = None
-
     def _model(self) -> Loaded:
         if self.current is None:
             raise HTTPException(503, "no model version loaded yet", {"Retry-After": "1"})
@@ -253,21 +250,31 @@ class RecommenderDeployment:
     async def _flush_forever(self) -> None:
         while True:
             await asyncio.sleep(0.5)
-            ctx = self._context()
             samples, served = self.samples, self.served
             self.samples, self.served = {}, {}
-            if ctx is None:  # nobody to report to (no context actor): drop, do not accumulate
-                continue
-            version = self.current.version if self.current else None
-            try:
-                counters = {**self.histories.counters(), "batches": self.batches,
-                            "batched": self.batched}  # fmt: skip
-                await ctx.report.remote(self.replica, str(version), samples, served, counters)
-            except RayActorError as err:  # the watchdog recreates the actor by name: look it up
-                self._reports.failed(err, "these samples are dropped; looking the component up")
-                self._ctx = None
-            else:
-                self._reports.ok()
+            await self._report(samples)
+            if served:
+                try:
+                    await self.histories.report_served(served)
+                except RayActorError as err:
+                    self._served_reports.failed(err, "those items' clicks are not counted")
+                else:
+                    self._served_reports.ok()
+
+    async def _report(self, samples: dict[str, list[tuple[float, bool]]]) -> None:
+        ctx = self._context()
+        if ctx is None:  # nobody to report to (no context actor): drop, do not accumulate
+            return
+        version = self.current.version if self.current else None
+        try:
+            counters = {**self.histories.counters(), "batches": self.batches,
+                        "batched": self.batched}  # fmt: skip
+            await ctx.report.remote(self.replica, str(version), samples, counters)
+        except RayActorError as err:  # Ray restarts the actor by name: look it up again
+            self._reports.failed(err, "these samples are dropped; looking the context up")
+            self._ctx = None
+        else:
+            self._reports.ok()
 
     def _ask(self, req: RecommendRequest | ScoreRequest) -> Ask:
         if req.history is not None and len(req.history) > self.cfg.max_history:
@@ -281,26 +288,8 @@ class RecommenderDeployment:
         return Ask(req.history, req.user_id)
 
     async def _histories(self, users: list[str]) -> list[list[str]]:
-        """The live histories of ``users``, in order: from this replica's cache of them
-        (``serving.replica_histories``), the others from one call to the context actor."""
-        if not users:
-            return []
-        for _ in range(2):
-            ctx = self._context()
-            if ctx is None:
-                break
-            try:
-                got = await self.histories.histories(ctx, users)
-            except RayActorError as err:
-                # The history actor died (its watchdog recreates it under the same name): drop
-                # the cached handle and ask once more; if it is still down, answer from
-                # popularity (the response's ``source`` says so) rather than failing requests.
-                self._lookups.failed(err, "answering from popularity until it is back")
-                self._ctx = None
-                continue
-            self._lookups.ok()
-            return got
-        return [[] for _ in users]
+        """The live histories of ``users``, in order, from their shards (``ShardedHistories``)."""
+        return await self.histories.histories(users) if users else []
 
     async def _scored(self, ask: Ask) -> Scored:
         """This request's share of a batch. Requests that arrive together are scored together

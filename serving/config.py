@@ -60,6 +60,16 @@ class ServingConfig(_Strict):
     history_len: int = Field(
         default=100, ge=1, description="Recent items kept per user by the history component."
     )
+    history_shards: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Actors the live histories (and click bookkeeping) are split across, by a "
+        "hash of the user id, spread over the replicas' nodes; each reads the whole event "
+        "stream and keeps its users. Add shards when one process cannot hold every user "
+        "(~0.6 KB each at history_len 100) or a restart's rebuild takes too long: a shard "
+        "rebuilds only its users. Changing it starts a new set of shards.",
+    )
     history_users: int | None = Field(
         default=None,
         ge=1,

@@ -14,9 +14,9 @@ import pytest
 import torch
 from fastapi import HTTPException
 
-from serving.config import ServingConfig
-from serving.context import ServingContext
+from serving.clicks import ClickBook
 from serving.history_feed import ChangeLog
+from serving.history_shard import HistoryShard
 from serving.history_store import HistoryStore
 from serving.scoring import Ask, Loaded, as_loaded, score_asks, score_rows
 from training.config import ModelConfig
@@ -150,16 +150,19 @@ def test_score_asks_raises_only_for_the_broken_request(
     assert torch.isfinite(out[1].scores()[1:]).all()
 
 
-def test_context_get_histories_matches_get_history() -> None:
+def test_shard_get_histories_matches_get_history() -> None:
     # The actor's state only (its constructor starts a Kafka consumer): the lookup is pure.
-    ctx = ServingContext.__new__(ServingContext)
-    ctx.cfg = ServingConfig(history_len=3)
-    ctx.lock = threading.Lock()
-    ctx.history = HistoryStore(3)
-    ctx.feed = ChangeLog(1000)
+    shard = HistoryShard.__new__(HistoryShard)
+    shard.lock = threading.Lock()
+    shard._changed = threading.Condition(shard.lock)
+    shard.history = HistoryStore(3)
+    shard.feed = ChangeLog(1000)
+    shard.clicks = ClickBook()
+    shard.events_seen = 0
     for user, item in [("a", "1"), ("b", "2"), ("a", "3"), ("a", "4"), ("a", "5")]:
-        ctx._push(user, item)
+        shard._on_event(user, item, "view")
     users = ["a", "missing", "b", "a"]
-    assert ctx.get_histories(users) == [ctx.get_history(u) for u in users]
-    assert ctx.get_histories(users) == [["3", "4", "5"], [], ["2"], ["3", "4", "5"]]
-    assert ctx.get_histories([]) == []
+    assert shard.get_histories(users) == [shard.get_history(u) for u in users]
+    assert shard.get_histories(users) == [["3", "4", "5"], [], ["2"], ["3", "4", "5"]]
+    assert shard.get_histories([]) == []
+    assert shard.feed.seq == 5 and shard.events_seen == 5

@@ -68,7 +68,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, kafka: KafkaConfig) -> Itera
     port = free_port()
     # Replicas read the registry on the clock only every 600 s: a rollout that reaches them
     # sooner came through the controller's announcement (the app deployed on its own, below).
-    cfg = ServingConfig(port=port, replicas=2, follow_s=600.0)
+    cfg = ServingConfig(port=port, replicas=2, follow_s=600.0, history_shards=2)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     ctx = start_context(kafka, topics, None, cfg)
