@@ -39,7 +39,9 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         ends `up` with exit status 1, naming it. Ctrl-C or SIGTERM stops everything `up` started.
         """
         from services.cli_stream import ensure_broker
-        from services.runtime import Running, init_ray, reinstall, shutdown, start, stop_on_signals
+        from services.runtime import Running, init_ray, start
+        from services.signals import reinstall, stop_on_signals
+        from services.stopping import shutdown
         from streams.broker import LocalBroker
 
         s = settings_of(ctx)

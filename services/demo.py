@@ -153,7 +153,8 @@ def run_demo(settings: Settings, cfg: DemoConfig) -> dict[str, Any]:
     demo started within seconds: ingest (flushed), Serve, Ray, and the broker if the demo started
     it.
     """
-    from services.runtime import shutdown, stop_on_signals
+    from services.signals import stop_on_signals
+    from services.stopping import shutdown
 
     stop = threading.Event()
     started = _Started()

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from services.demo import Clock, DemoConfig, Queries, StreamWatch
-    from services.runtime import Running
+    from services.running import Running
     from streams.events import Event
     from training.registry import LoadedVersion
 

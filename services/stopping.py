@@ -1,0 +1,179 @@
+"""A clean stop of what ``services.runtime.start`` (and `up`, `demo`) started, in order and within
+one time budget: ingest (flushed), what still calls Ray from a thread of this process, the broker,
+Serve, Ray, and the processes that outlive them."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from services import runtime
+from services.descendants import descendants, reap
+from services.running import Running
+from serving.rollout import RolloutController
+
+log = logging.getLogger(__name__)
+
+
+def shutdown(
+    running: Running | None,
+    broker: Any = None,
+    budget_s: float = 25.0,
+    serve: bool = True,
+    say: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Stop everything in order: ingest (flushed), ``broker`` if given, Serve, Ray, leftovers.
+
+    Ray's shutdown ends Train workers mid-round; registration is atomic, so the registry never
+    holds a partial version. Returns what did not stop cleanly (for the log).
+    """
+    steps = _Steps(budget_s, say)
+    # Taken now: once the raylet is gone, its agents are re-parented and no longer look like ours.
+    started = descendants()
+    if running is not None:
+        _stop_ingest(steps, running)
+        _end_round(steps, running, started)
+        _close_training_session(steps, running)
+        _stop_rollout(steps, running)
+    if broker is not None:
+        _stop_broker(steps, broker)
+    _stop_serve_and_ray(steps, running, serve)
+    steps.run("leftover processes", lambda: reap(started, steps.deadline))
+    return steps.left
+
+
+class _Steps:
+    """Runs the stop's steps one after another against one deadline, noting what did not stop."""
+
+    def __init__(self, budget_s: float, say: Callable[[str], None] | None) -> None:
+        self.deadline = time.monotonic() + budget_s
+        self.say = say
+        self.left: list[str] = []
+
+    def until_deadline(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def remaining(self, reserve: float) -> float:
+        return self.deadline - time.monotonic() - reserve
+
+    def run(self, name: str, fn: Callable[[], Any], limit_s: float | None = None) -> None:
+        """Run ``fn``; past ``limit_s`` leave it be (the final reap kills what it would have)."""
+        t0 = time.monotonic()
+        if self.say is not None:
+            self.say(f"stopping {name} ...")
+        errors: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                fn()
+            except BaseException as err:  # keep going: every later step still has to run
+                errors.append(err)
+
+        worker = threading.Thread(target=call, name=f"stop-{name}", daemon=True)
+        worker.start()
+        worker.join(None if limit_s is None else max(0.5, limit_s))
+        if worker.is_alive():
+            log.warning("stopping %s took over %.0fs; going on", name, time.monotonic() - t0)
+            self.left.append(f"{name} (timed out)")
+        elif errors:
+            log.warning("stopping %s failed: %s", name, errors[0])
+            self.left.append(name)
+        if self.say is not None:
+            self.say(f"stopped {name} in {time.monotonic() - t0:.1f}s")
+
+
+def _stop_ingest(steps: _Steps, running: Running) -> None:
+    if not running.stopped:
+        steps.run(
+            "ingest",
+            lambda: running.stop(timeout=max(1.0, min(10.0, steps.until_deadline()))),
+        )
+    ingest = running.supervisor.threads.get("ingest")
+    if ingest is not None and ingest.is_alive():
+        steps.left.append("ingest (flush still running)")
+
+
+def _end_round(steps: _Steps, running: Running, started: list[Any]) -> None:
+    loop = running.supervisor.threads.get("loop")
+    if loop is not None and loop.is_alive():
+        # A round mid-training holds the loop thread in a blocking call to Ray Train's controller:
+        # if Ray shut down under it, Ray would end this whole process from that thread. End the
+        # round first (its checkpoints stay; registration never happened), then let the thread go.
+        steps.run("round", lambda: _kill_round(started, loop, min(15.0, steps.remaining(8.0))))
+
+
+def _close_training_session(steps: _Steps, running: Running) -> None:
+    if running.loop.session is not None:
+        # Its run's controller waits on Ray from a thread of this process, as a round does.
+        steps.run(
+            "training session",
+            lambda: running.loop.close(max(1.0, min(10.0, steps.remaining(8.0)))),
+        )
+
+
+def _stop_rollout(steps: _Steps, running: Running) -> None:
+    if running.controller is not None:
+        # Its thread and a first deploy still in flight call Ray: both end before Ray does.
+        rollout = running.supervisor.threads.get("rollout")
+        ctl = running.controller
+        steps.run("rollout", lambda: _end_rollout(ctl, rollout, min(20.0, steps.remaining(8.0))))
+
+
+def _stop_broker(steps: _Steps, broker: Any) -> None:
+    # Before Ray: nothing left needs it once ingest has flushed, and a driver that Ray
+    # brings down mid-shutdown must not leave a broker behind in its own session.
+    steps.run(
+        "broker",
+        lambda: broker.down(timeout_s=max(2.0, min(15.0, steps.until_deadline()))),
+    )
+
+
+def _stop_serve_and_ray(steps: _Steps, running: Running | None, serve: bool) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        return
+    in_cluster = running is not None and running.control is not None
+    # A local Ray this process started takes Serve down with it. Serve's own graceful stop
+    # waits on replicas and the GCS, and at the end of every `make demo` it ran into its
+    # 10 s limit, which then cut Ray's shutdown short and left its processes to the reap.
+    if (
+        serve
+        and not in_cluster
+        and not runtime.started_local_ray()
+        and (running is None or running.serving)
+    ):
+        # (In cluster mode the app and its control plane stay up without `up`.)
+        from ray import serve as ray_serve
+
+        steps.run("serve", ray_serve.shutdown, limit_s=min(10.0, steps.remaining(6.0)))
+    steps.run("ray", ray.shutdown, limit_s=steps.remaining(3.0))
+
+
+def _end_rollout(
+    controller: RolloutController, thread: threading.Thread | None, timeout: float
+) -> None:
+    """Let the rollout thread see the stop, and a background ``serve.run`` finish."""
+    deadline = time.monotonic() + timeout
+    controller.nudge()
+    if thread is not None:
+        thread.join(max(0.1, deadline - time.monotonic()))
+    if not controller.close(max(0.1, deadline - time.monotonic())) or (
+        thread is not None and thread.is_alive()
+    ):
+        raise TimeoutError(f"the rollout controller was still busy after {timeout:.0f}s")
+
+
+def _kill_round(procs: list[Any], loop: threading.Thread, timeout: float) -> None:
+    """SIGKILL this Ray's Train controller (local Ray only), then wait for the loop thread."""
+    import psutil
+
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            if "TrainController" in " ".join(p.cmdline()[:1]):
+                p.kill()
+    loop.join(max(0.5, timeout))
