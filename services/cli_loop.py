@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -20,12 +20,31 @@ from services.settings import Settings
 from streams.buffer import EventBuffer
 from training.registry import Registry
 
+if TYPE_CHECKING:
+    from services.supervisor import ComponentFailed
+
 console = Console()
 SettingsOf = Callable[[typer.Context], Settings]
+Command = Callable[..., None]
 
 
 def register(app: typer.Typer, settings_of: SettingsOf) -> None:
-    @app.command()
+    app.command()(_up(settings_of))
+    app.command()(_down(settings_of))
+    app.command()(_status(settings_of))
+    app.command()(_train(settings_of))
+    rollout = typer.Typer(help="Inspect and steer what Serve serves.")
+    app.add_typer(rollout, name="rollout")
+    rollout.command("status")(_rollout_status(settings_of))
+    rollout.command("promote")(_rollout_promote(settings_of))
+    rollout.command("rollback")(_rollout_rollback(settings_of))
+
+
+# Each command is built by a function taking ``settings_of``: typer reads the options from the
+# command's own signature, which must hold nothing else.
+
+
+def _up(settings_of: SettingsOf) -> Command:
     def up(
         ctx: typer.Context,
         address: Annotated[
@@ -38,59 +57,69 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         Components run supervised (restarted with backoff when they die); one that keeps dying
         ends `up` with exit status 1, naming it. Ctrl-C or SIGTERM stops everything `up` started.
         """
-        from services.cli_stream import ensure_broker
-        from services.runtime import Running, init_ray, start
-        from services.signals import reinstall, stop_on_signals
-        from services.stopping import shutdown
-        from streams.broker import LocalBroker
-
-        s = settings_of(ctx)
-        if address and "in_cluster" not in s.rollout.model_fields_set:
-            # On a cluster the control plane lives in it, not in this process (unless the
-            # settings say it runs elsewhere, e.g. with a RayService on a cluster of its own).
-            s = s.model_copy(update={"rollout": s.rollout.model_copy(update={"in_cluster": True})})
-        stop = threading.Event()
-        running: Running | None = None
-        broker = None
-        pid_file = s.state_dir / "up.pid"
-        with stop_on_signals(stop) as seen:
-            try:
-                # A broker `up` starts, `up` stops; one that already runs stays up.
-                if s.embedded_broker and not LocalBroker(s.broker).status().answering:
-                    broker = LocalBroker(s.broker)
-                ensure_broker(s)
-                if not stop.is_set():
-                    init_ray(address, s)
-                    reinstall(stop, seen)
-                if not stop.is_set():
-                    running = start(s, serve_http=not no_serve, stop=stop)
-                    running.serve_forever()
-                    pid_file.parent.mkdir(parents=True, exist_ok=True)
-                    pid_file.write_text(str(os.getpid()))
-                    where = (
-                        f"http://{s.serving.host}:{s.serving.port}"
-                        if not no_serve
-                        else "(no serve)"
-                    )
-                    console.print(f"streamtune up: ingest -> rounds -> {where}. Ctrl-C to stop.")
-                while not stop.wait(0.5):  # the main thread only waits: signals reach it at once
-                    pass
-            finally:
-                failure = running.supervisor.failure if running is not None else None
-                t0 = time.monotonic()
-                left = shutdown(running, broker, s.supervisor.stop_timeout_s, say=_say)
-                pid_file.unlink(missing_ok=True)
-                how = f"signal {seen[0]}" if seen else "failure" if failure else "stop"
-                unclean = f"; not clean: {', '.join(left)}" if left else ""
-                console.print(
-                    f"stopped ({how}) in {time.monotonic() - t0:.1f}s: "
-                    f"buffered data flushed{unclean}"
-                )
+        failure = _run_up(_up_settings(settings_of(ctx), address), address, no_serve)
         if failure is not None:
             console.print(f"streamtune up failed: {failure}")
             raise typer.Exit(1)
 
-    @app.command()
+    return up
+
+
+def _up_settings(s: Settings, address: str | None) -> Settings:
+    if address and "in_cluster" not in s.rollout.model_fields_set:
+        # On a cluster the control plane lives in it, not in this process (unless the
+        # settings say it runs elsewhere, e.g. with a RayService on a cluster of its own).
+        s = s.model_copy(update={"rollout": s.rollout.model_copy(update={"in_cluster": True})})
+    return s
+
+
+def _run_up(s: Settings, address: str | None, no_serve: bool) -> ComponentFailed | None:
+    """`up` until a signal or a stop; then everything it started is stopped. Returns the
+    component failure that ended it, if one did."""
+    from services.cli_stream import ensure_broker
+    from services.runtime import Running, init_ray, start
+    from services.signals import reinstall, stop_on_signals
+    from services.stopping import shutdown
+    from streams.broker import LocalBroker
+
+    stop = threading.Event()
+    running: Running | None = None
+    broker = None
+    pid_file = s.state_dir / "up.pid"
+    with stop_on_signals(stop) as seen:
+        try:
+            # A broker `up` starts, `up` stops; one that already runs stays up.
+            if s.embedded_broker and not LocalBroker(s.broker).status().answering:
+                broker = LocalBroker(s.broker)
+            ensure_broker(s)
+            if not stop.is_set():
+                init_ray(address, s)
+                reinstall(stop, seen)
+            if not stop.is_set():
+                running = start(s, serve_http=not no_serve, stop=stop)
+                running.serve_forever()
+                pid_file.parent.mkdir(parents=True, exist_ok=True)
+                pid_file.write_text(str(os.getpid()))
+                where = (
+                    f"http://{s.serving.host}:{s.serving.port}" if not no_serve else "(no serve)"
+                )
+                console.print(f"streamtune up: ingest -> rounds -> {where}. Ctrl-C to stop.")
+            while not stop.wait(0.5):  # the main thread only waits: signals reach it at once
+                pass
+        finally:
+            failure = running.supervisor.failure if running is not None else None
+            t0 = time.monotonic()
+            left = shutdown(running, broker, s.supervisor.stop_timeout_s, say=_say)
+            pid_file.unlink(missing_ok=True)
+            how = f"signal {seen[0]}" if seen else "failure" if failure else "stop"
+            unclean = f"; not clean: {', '.join(left)}" if left else ""
+            console.print(
+                f"stopped ({how}) in {time.monotonic() - t0:.1f}s: buffered data flushed{unclean}"
+            )
+    return failure
+
+
+def _down(settings_of: SettingsOf) -> Command:
     def down(ctx: typer.Context) -> None:
         """Stop what `up` started: the loop process (gracefully) and the embedded broker."""
         from streams.broker import LocalBroker
@@ -111,7 +140,10 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         if s.embedded_broker and LocalBroker(s.broker).down():
             console.print("stopped the embedded Kafka broker")
 
-    @app.command()
+    return down
+
+
+def _status(settings_of: SettingsOf) -> Command:
     def status(
         ctx: typer.Context,
         watch: Annotated[
@@ -124,25 +156,33 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         if watch is None:
             show_status(s, console)
             return
-        import io
+        _watch_status(s, watch)
 
-        from rich.live import Live
-        from rich.text import Text
+    return status
 
-        with Live(console=console, auto_refresh=False) as live:
-            try:
-                while True:
-                    text = io.StringIO()
-                    frame = Console(file=text, width=console.width,
-                                    force_terminal=console.is_terminal)  # fmt: skip
-                    show_status(s, frame)
-                    frame.print(f"[dim]every {watch:g}s; Ctrl-C to stop[/]")
-                    live.update(Text.from_ansi(text.getvalue()), refresh=True)
-                    time.sleep(watch)
-            except KeyboardInterrupt:
-                pass
 
-    @app.command()
+def _watch_status(s: Settings, every_s: float) -> None:
+    """``status --watch``: the status, redrawn in place every ``every_s`` until Ctrl-C."""
+    import io
+
+    from rich.live import Live
+    from rich.text import Text
+
+    with Live(console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                text = io.StringIO()
+                frame = Console(file=text, width=console.width,
+                                force_terminal=console.is_terminal)  # fmt: skip
+                show_status(s, frame)
+                frame.print(f"[dim]every {every_s:g}s; Ctrl-C to stop[/]")
+                live.update(Text.from_ansi(text.getvalue()), refresh=True)
+                time.sleep(every_s)
+        except KeyboardInterrupt:
+            pass
+
+
+def _train(settings_of: SettingsOf) -> Command:
     def train(
         ctx: typer.Context,
         once: Annotated[
@@ -170,10 +210,10 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         out = {"version": result.version, "promoted": result.promoted, "reason": result.reason}
         console.print(json.dumps({**out, "new_events": result.new_events}))
 
-    rollout = typer.Typer(help="Inspect and steer what Serve serves.")
-    app.add_typer(rollout, name="rollout")
+    return train
 
-    @rollout.command("status")
+
+def _rollout_status(settings_of: SettingsOf) -> Command:
     def rollout_status(ctx: typer.Context) -> None:
         """Champion, rollbacks and the version each replica serves."""
         import httpx
@@ -189,7 +229,10 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         except httpx.HTTPError:
             console.print("serving: not reachable")
 
-    @rollout.command("promote")
+    return rollout_status
+
+
+def _rollout_promote(settings_of: SettingsOf) -> Command:
     def rollout_promote(ctx: typer.Context, version: int) -> None:
         """Make VERSION the champion; a running `up` rolls Serve to it within a second."""
 
@@ -197,7 +240,10 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         reg.set_champion(version, "manual promote", decision="manual-promote")
         console.print(f"v{version} is champion")
 
-    @rollout.command("rollback")
+    return rollout_promote
+
+
+def _rollout_rollback(settings_of: SettingsOf) -> Command:
     def rollout_rollback(ctx: typer.Context) -> None:
         """Point the champion back at its parent; a running `up` rolls Serve back."""
 
@@ -210,6 +256,8 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
             raise typer.BadParameter(f"v{champ} has no parent to roll back to")
         reg.mark_rolled_back(champ, "manual rollback", to=int(parent))
         console.print(f"rolled back v{champ} -> v{parent}")
+
+    return rollout_rollback
 
 
 def _say(line: str) -> None:
