@@ -27,7 +27,8 @@ from services.freshness import Ledger
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from services.demo import Clock, DemoConfig, Queries, StreamWatch
+    from services.demo import DemoConfig
+    from services.demo_replay import Clock, Queries, StreamWatch
     from services.running import Running
     from streams.events import Event
     from training.registry import LoadedVersion
