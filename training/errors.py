@@ -49,3 +49,7 @@ class UnknownVersionError(RegistryIntegrityError, LookupError):
 class RoundTooSmallError(TrainingError):
     """A round's new events hold too few held-out users for the gate to measure quality
     (``gate.min_eval_users``): nothing is trained or registered; wait for more events."""
+
+
+class HistoriesError(RegistryError):
+    """A version has no per-user history index, or its index's parts are missing."""

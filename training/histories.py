@@ -4,23 +4,38 @@ A round trains on its new events only, but each new event needs its user's earli
 context (the last ``max_len`` of them) and evaluation needs the set of items the user already saw
 (excluded from ranking). Reading that from the buffer means scanning all history every round,
 so the round's cost would grow with everything ever ingested. Instead every version carries this
-index (one Parquet file: user, last ``max_len`` item rows in time order, every row ever seen), the
-next round reads only its users' entries (a pushed-down filter) and writes the merged index with
-its version. Rows are positions in the lineage's append-only item map, so they stay valid across
-versions.
+index (per user: last ``max_len`` item rows in time order, every row ever seen), the next round
+reads only its users' entries (a pushed-down filter) and its version adds the entries it changed.
+Rows are positions in the lineage's append-only item map, so they stay valid across versions.
+
+The index is a chain of Parquet parts, oldest first (``histories.json`` lists them): a snapshot
+of every user, then deltas holding whole entries of the users later rounds touched; a user's
+newest entry wins. A version writes one delta of its own round's users (merged with the newest
+deltas while they are small, see ``_plan``), or, once the deltas have grown too large against the
+snapshot, one fresh snapshot. Parts are shared files (``training.registry_shared``): immutable,
+named by content, carried from version to version without writing them again. A version written
+before the chain existed has one full ``histories.parquet``; it is still read, and the next
+version compacts it into a snapshot.
 """
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-FILE = "histories.parquet"
+from training.errors import HistoriesError
+from training.registry_shared import link, share
+from training.vocab import ItemVocab
+
+MANIFEST = "histories.json"
+FILE = "histories.parquet"  # a single full index, as versions written before the chain hold it
 _SCHEMA = pa.schema(
     [
         ("user_id", pa.string()),
@@ -28,11 +43,126 @@ _SCHEMA = pa.schema(
         ("seen", pa.list_(pa.int32())),  # every item row the user interacted with, sorted
     ]
 )
+# Bounds. A snapshot of S rows is rewritten once the deltas hold over SNAPSHOT_SHARE * S rows, so
+# a rewrite follows at least S/2 delta rows (each round's rows are written ~2 more times,
+# amortised) and a full read scans at most 1.5 * S rows. A delta absorbs the ones before it while
+# they are under MERGE_FACTOR times its size (a binary counter), so each part is over twice the
+# next: a chain has at most log2(S) + 2 parts to open, and a row is merged at most log2(S / round
+# users) times before the next snapshot, i.e. bytes per round ~ round users * log, never S.
+SNAPSHOT_SHARE = 0.5
+MERGE_FACTOR = 2
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str  # a shared file of the version's directory
+    rows: int
+    snapshot: bool
+
+
+def _chain(directory: Path) -> list[Part] | None:
+    """The version's parts, oldest first; None if it has no chain (older or no index)."""
+    path = directory / MANIFEST
+    if not path.exists():
+        return None
+    return [Part(**p) for p in json.loads(path.read_text())["parts"]]
+
+
+def exists(directory: Path | None) -> bool:
+    """Whether a version's directory holds a history index (a chain or an older full file)."""
+    return directory is not None and (
+        (directory / MANIFEST).exists() or (directory / FILE).exists()
+    )
+
+
+def _newest(tables: list[pa.Table]) -> pa.Table:
+    """One entry per user from tables ordered newest first: the first table's wins."""
+    out: list[pa.Table] = []
+    have = pa.array([], pa.string())
+    for t in tables:
+        t = t.select(_SCHEMA.names).cast(_SCHEMA)
+        if len(have) and t.num_rows:
+            t = t.filter(pc.invert(pc.is_in(t["user_id"], value_set=have)))
+        out.append(t)
+        have = pa.concat_arrays([have, t["user_id"].combine_chunks()])
+    return pa.concat_tables(out) if out else _SCHEMA.empty_table()
+
+
+def _read(path: Path, users: Iterable[str] | None) -> pa.Table:
+    filters = None
+    if users is not None:
+        filters = pc.field("user_id").isin(pa.array(sorted(set(users)), pa.string()))
+    return pq.read_table(path, filters=filters)
+
+
+def read_table(directory: Path, users: Iterable[str] | None = None) -> pa.Table:
+    """Columns user_id, recent, seen: the newest entry of each of ``users`` (all when None)."""
+    users = None if users is None else sorted(set(users))
+    chain = _chain(directory)
+    if chain is None:
+        if not (directory / FILE).exists():
+            raise HistoriesError(f"{directory} holds no history index")
+        return _newest([_read(directory / FILE, users)])
+    return _newest([_read(directory / p.name, users) for p in reversed(chain)])
+
+
+def item_histories(directory: Path, vocab: ItemVocab) -> pa.Table:
+    """Every user's recent items as item ids: columns user_id (string) and recent
+    (list<string>, oldest first), as of the version in ``directory``."""
+    table = read_table(directory)
+    recent = table["recent"].combine_chunks()
+    ids = pa.array(["", *vocab.items()], pa.string()).take(recent.flatten())
+    items = pa.ListArray.from_arrays(pc.subtract(recent.offsets, recent.offsets[0]), ids)
+    return pa.table({"user_id": table["user_id"].combine_chunks(), "recent": items})
+
+
+def _write_part(table: pa.Table, directory: Path, snapshot: bool) -> Part:
+    tmp = directory / f".histories-{uuid.uuid4().hex}.parquet"
+    # Sorted by user so a reader's filter touches few row groups.
+    pq.write_table(table.sort_by("user_id"), tmp, row_group_size=16_384)
+    return Part(share(tmp, directory), table.num_rows, snapshot)
+
+
+def _plan(chain: list[Part], rows: int) -> tuple[int, bool]:
+    """How many of the newest deltas a new delta of ``rows`` rows absorbs, and whether the
+    version writes a fresh snapshot instead (see the bounds above)."""
+    deltas = chain[1:]
+    absorb, size = 0, rows
+    while absorb < len(deltas) and deltas[-1 - absorb].rows < MERGE_FACTOR * size:
+        size += deltas[-1 - absorb].rows
+        absorb += 1
+    total = rows + sum(p.rows for p in deltas)
+    return absorb, total > SNAPSHOT_SHARE * chain[0].rows
+
+
+def save_chain(mine: pa.Table, directory: Path, base: Path | None) -> list[Part]:
+    """Write ``mine`` (whole entries of the round's users) as ``directory``'s index continuing
+    ``base``'s; returns the chain written. Bytes written scale with ``mine``, except when the
+    chain is compacted into a snapshot (see the bounds above)."""
+    chain = _chain(base) if base is not None else None
+    if chain is None:  # no chain to continue: mine, over an older full index if there is one
+        older = [pq.read_table(base / FILE)] if base is not None and exists(base) else []
+        parts = [_write_part(_newest([mine, *older]), directory, snapshot=True)]
+    else:
+        assert base is not None
+        absorb, compact = _plan(chain, mine.num_rows)
+        if compact:
+            every = [pq.read_table(base / p.name) for p in reversed(chain)]
+            parts = [_write_part(_newest([mine, *every]), directory, snapshot=True)]
+        else:
+            keep, merged = chain[: len(chain) - absorb], chain[len(chain) - absorb :]
+            older = [pq.read_table(base / p.name) for p in reversed(merged)]
+            for p in keep:
+                link(base, p.name, directory)
+            parts = [*keep, _write_part(_newest([mine, *older]), directory, snapshot=False)]
+    doc = {"v": 1, "parts": [asdict(p) for p in parts]}
+    (directory / MANIFEST).write_text(json.dumps(doc))
+    return parts
 
 
 @dataclass
 class UserHistories:
-    """user -> (recent rows, seen rows), for the users a round touches (or all, when saved)."""
+    """user -> (recent rows, seen rows), for the users a round touches."""
 
     max_len: int
     recent: dict[str, list[int]] = field(default_factory=dict)
@@ -53,10 +183,7 @@ class UserHistories:
     @classmethod
     def load(cls, directory: Path, users: Iterable[str] | None, max_len: int) -> UserHistories:
         """The entries of ``users`` (all when None) from a version's index."""
-        filters = None
-        if users is not None:
-            filters = pc.field("user_id").isin(pa.array(sorted(set(users)), pa.string()))
-        table = pq.read_table(directory / FILE, filters=filters)
+        table = read_table(directory, users)
         out = cls(max_len)
         for u, recent, seen in zip(
             table["user_id"].to_pylist(),
@@ -70,7 +197,7 @@ class UserHistories:
 
     @staticmethod
     def exists(directory: Path | None) -> bool:
-        return directory is not None and (directory / FILE).exists()
+        return exists(directory)
 
     def extended(self, new: dict[str, list[int]]) -> UserHistories:
         """These histories with the new sequences appended (only the users in ``new``)."""
@@ -80,9 +207,8 @@ class UserHistories:
             out.seen[u] = self.seen.get(u, set()) | set(rows)
         return out
 
-    def save(self, directory: Path, base: Path | None) -> None:
-        """Write the merged index: ``base``'s entries, replaced by ours where we have them."""
-        mine = pa.table(
+    def table(self) -> pa.Table:
+        return pa.table(
             {
                 "user_id": pa.array(list(self.recent), pa.string()),
                 "recent": pa.array(list(self.recent.values()), pa.list_(pa.int32())),
@@ -92,9 +218,8 @@ class UserHistories:
             },
             schema=_SCHEMA,
         )
-        if base is not None and (base / FILE).exists():
-            old = pq.read_table(base / FILE)
-            keep = pc.invert(pc.is_in(old["user_id"], value_set=mine["user_id"]))
-            mine = pa.concat_tables([old.filter(keep).cast(_SCHEMA), mine])
-        # Sorted by user so a reader's filter touches few row groups.
-        pq.write_table(mine.sort_by("user_id"), directory / FILE, row_group_size=16_384)
+
+    def save(self, directory: Path, base: Path | None) -> None:
+        """Write the index as of ``directory``'s version: ``base``'s, where ours replace its
+        entries. Writes our entries (see ``save_chain``), never ``base``'s whole index."""
+        save_chain(self.table(), directory, base)

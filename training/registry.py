@@ -6,7 +6,10 @@ version's files are in ``registry_files``, the log's typed entries in ``registry
 
     versions/<ms>-<id>/  model.safetensors  vocab.json  popularity.json  titles.json
                          replay.{safetensors,json}  replay_eval.{safetensors,json}
-                         recent_questions.{safetensors,json}  histories.parquet  meta.json
+                         recent_questions.{safetensors,json}  histories.json  meta.json
+                         shared/<sha256>.parquet   files shared with other versions, by content
+                                                   (locally hard links; ``registry_shared``)
+    blobs/<sha256>.parquet   object store only: the shared files' bytes, stored once
     uploads/<ms>-<id>    marker written before the files: "these files exist" (ms = upload time)
     _log/<n:020d>.json   the commit log (``streams.commitlog``): the only source of truth
     _log/<n>.checkpoint.json, _log/_latest     the folded state every 100 entries
@@ -69,6 +72,7 @@ from typing import TYPE_CHECKING, Any
 
 from streams.commitlog import CommitLog
 from streams.storage import Storage, StorageConfig, fsync_dir, open_storage
+from training import registry_shared as shared
 from training.config import ModelConfig
 from training.errors import (
     ConcurrentRoundError,
@@ -87,7 +91,6 @@ from training.registry_files import (
     install,
     mismatch,
     pid_alive,
-    sha256_file,
     verify_dir,
 )
 from training.registry_legacy import LEGACY_FILES, legacy_dirs, legacy_entry
@@ -104,6 +107,8 @@ from training.registry_log import (
 from training.vocab import ItemVocab
 
 if TYPE_CHECKING:  # imported lazily at run time: reading the registry needs no torch
+    import pyarrow as pa
+
     from training.model import Recommender
 
 __all__ = [
@@ -243,10 +248,11 @@ class Registry:
             if not (staging / WEIGHTS).exists():
                 raise RegistryError(f"a version needs {WEIGHTS}; write() did not create it")
             check_finite(staging / WEIGHTS)
-            files = sorted(p.name for p in staging.iterdir() if p.is_file() and p.name != META)
-            digests = {name: sha256_file(staging / name) for name in files}
+            files = [name for name in shared.files(staging) if name != META]
+            inherited = self._inherited(expect_latest)
+            digests = shared.digests(staging, files, inherited)
             uploaded = True
-            self._upload(staging, key, files)
+            self._upload(staging, key, files, inherited)
 
             def decide(state: RegistryState) -> RegistryEntry:
                 # Re-run on the fresh state whenever another writer took the entry number.
@@ -290,6 +296,7 @@ class Registry:
             version = entry.add[0].version
             if self._cache is not None:
                 (staging / META).write_bytes(meta_bytes[0])
+                shared.keep_cached(self._cache, staging, files)
                 install(staging, self._cache / prefix)  # the writer's copy is the verified cache
         except BaseException:
             if uploaded and not self._committed(prefix):
@@ -318,16 +325,29 @@ class Registry:
         staging.mkdir(parents=True)
         return staging
 
-    def _upload(self, staging: Path, key: str, files: list[str]) -> None:
-        """Put the files under ``versions/<key>/``, invisible until an entry names them."""
-        self.storage.write(f"{UPLOADS}/{key}", _writer().encode())  # first: repair finds them
+    def _inherited(self, expect_latest: int | EllipsisType | None) -> dict[str, str]:
+        """The files of the version a writer built on (its shared files need no re-hashing)."""
+        if not isinstance(expect_latest, int):
+            return {}
+        rec = self._state().versions.get(expect_latest)
+        return dict(rec.files) if rec is not None else {}
+
+    def _upload(self, staging: Path, key: str, files: list[str], inherited: dict[str, str]) -> None:
+        """Put the files under ``versions/<key>/`` (shared ones: see ``registry_shared``),
+        invisible until an entry names them."""
+        # First: repair finds the upload, and blob collection the shared files it uses.
+        self.storage.write(f"{UPLOADS}/{key}", shared.marker(_writer(), files))
         local = self.storage.local_root
         if local is None:
+            shared.upload(self.storage, staging, files, inherited)
             for name in files:
-                self.storage.write(f"{VERSIONS}/{key}/{name}", (staging / name).read_bytes())
+                if not shared.is_shared(name):
+                    self.storage.write(f"{VERSIONS}/{key}/{name}", (staging / name).read_bytes())
             return
         for name in files:
             fsync_file(staging / name)
+        if (staging / shared.SHARED).is_dir():
+            fsync_dir(staging / shared.SHARED)
         fsync_dir(staging)
         (local / VERSIONS).mkdir(exist_ok=True)
         os.rename(staging, local / VERSIONS / key)
@@ -446,7 +466,12 @@ class Registry:
         for rec in doomed:  # after the entry: a crash here leaves garbage repair() removes
             self._delete_prefix(rec.prefix)
             self._meta_bytes.pop(rec.version, None)
+        self._collect_blobs()
         return [r.version for r in doomed]
+
+    def _collect_blobs(self) -> None:
+        if self.storage.local_root is None:  # locally a shared file goes with its last link
+            shared.collect(self.storage, self._state(), UPLOADS, self._cache)
 
     def expecting(self, latest: int | None) -> Registry:
         """A view of this registry whose ``register`` only succeeds while ``latest`` is still
@@ -482,6 +507,7 @@ class Registry:
                 pid = p.name[len(_TMP_PREFIX) :].split("-", 1)[0]
                 if pid.isdigit() and not pid_alive(int(pid)):
                     shutil.rmtree(p, ignore_errors=True)
+        self._collect_blobs()
         return []
 
     # -- adopting the older directory layout ---------------------------------------------
@@ -539,6 +565,9 @@ class Registry:
         staging = self._staging_dir()
         try:
             fetch_verified(self.storage, rec, staging)
+            for name, digest in rec.files.items():
+                if shared.is_shared(name):
+                    shared.fetch(self.storage, rec.version, name, digest, self._cache, staging)
             install(staging, dest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -562,6 +591,16 @@ class Registry:
 
     def version_meta(self, version: int) -> VersionMeta:
         return VersionMeta.model_validate(self.meta(version))
+
+    def read_histories(self, version: int) -> pa.Table:
+        """Every user's recent items as of ``version`` (what its rounds trained on, up to
+        ``meta(version)["watermark"]``): columns user_id (string) and recent (list<string> of
+        item ids, oldest first, at most the model's max_len). HistoriesError if the version has
+        no index (registered before there was one, or outside a round)."""
+        from training import histories
+
+        d = self.path(version)
+        return histories.item_histories(d, ItemVocab.load(d / "vocab.json"))
 
     def decision_log(self) -> list[Decision]:
         return [d.model_copy() for d in self._state().decisions]

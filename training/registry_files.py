@@ -75,8 +75,11 @@ def pid_alive(pid: int) -> bool:
 
 
 def fetch_verified(storage: Storage, rec: VersionRecord, staging: Path) -> None:
-    """Download every file of ``rec`` into ``staging``, each checked against its recorded hash."""
+    """Download the version's own files of ``rec`` into ``staging``, each checked against its
+    recorded hash (the files it shares with other versions are ``registry_shared``'s)."""
     for name, digest in sorted(rec.files.items()):
+        if "/" in name:
+            continue
         try:
             data = storage.read(f"{rec.prefix}/{name}")
         except FileNotFoundError:

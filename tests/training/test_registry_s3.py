@@ -205,3 +205,40 @@ def test_a_tampered_object_on_s3_is_refused(
     with pytest.raises(RegistryIntegrityError, match="tampered"):
         fresh.load(v1)
     assert not list((tmp_path / "fresh").rglob(name))  # nothing unverified reached the cache
+
+
+def test_history_parts_are_stored_once_and_outlive_pruned_versions_on_s3(
+    s3_location: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.training.test_histories_registry import (
+        as_dict,
+        expected,
+        run_rounds,
+        sample_rounds,
+    )
+
+    uri, cfg = s3_location
+    reg = Registry(uri, keep=2, storage=cfg)
+    store = open_storage(uri, cfg)
+    rounds = [{f"u{i}": [1 + i % 50] for i in range(5_000)}]
+    run_rounds(reg, rounds)
+    snapshot = sum(o.size for o in store.list("blobs/"))
+    uploaded = []
+    for new in sample_rounds(5, 5_000, 20):
+        before = {o.key for o in store.list("blobs/")}
+        run_rounds(reg, [new])
+        rounds.append(new)
+        uploaded.append(sum(o.size for o in store.list("blobs/") if o.key not in before))
+    assert max(uploaded) < snapshot / 10, (snapshot, uploaded)
+    assert reg.versions() == [5, 6]  # the versions that wrote the snapshot are pruned
+    # Only the parts of live versions are left in the bucket.
+    used = {n for v in reg.versions() for n in reg.log.refresh().versions[v].files if "/" in n}
+    assert {o.key.removeprefix("blobs/") for o in store.list("blobs/")} == {
+        n.removeprefix("shared/") for n in used
+    }
+    # Another machine: a fresh cache, every part downloaded and verified once.
+    monkeypatch.setenv("STREAMTUNE_CACHE", str(tmp_path / "other-machine"))
+    other = Registry(uri, storage=cfg)
+    assert as_dict(other.read_histories(6)) == expected(rounds)
+    assert other.verify(5)["version"] == 5
+    assert reg.repair(older_than_s=0) == [] and as_dict(reg.read_histories(6)) == expected(rounds)
