@@ -18,36 +18,35 @@ nothing: the pending records are dropped from memory, every assigned partition i
 buffer's ``next_offsets()`` and the member retries after a growing wait, so the records are re-read
 from Kafka rather than lost. A batch the buffer refuses as already held (a stale member, fenced)
 is dropped the same way without waiting.
+
+The records held between flushes are ``streams.pending``'s; the dead-letter path is
+``streams.deadletter``'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import pyarrow as pa
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaError
-from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 
 from streams.admin import await_partitions
 from streams.buffer import EventBuffer
-from streams.codec import Decoded, decode_batch
+from streams.codec import decode_batch
 from streams.config import IngestConfig, KafkaConfig, TopicsConfig
+from streams.deadletter import DeadLetters
 from streams.errors import DeadLetterError, DiskFullError, FencedError, StreamsError
-from streams.events import ARROW_SCHEMA
 from streams.formats import Decoder
-from streams.offsets import OffsetRange
+from streams.pending import Pending
 from streams.security import check_connection
 from streams.segments import Segment
 
@@ -77,48 +76,6 @@ class IngestStats:
         return sum(self.dead_lettered.values())
 
 
-@dataclass
-class _Decoding:
-    """One partition's records of a poll, handed to the decode thread."""
-
-    msgs: list[ConsumerRecord]
-    decoded: Future[Decoded]
-    kept: list[int] | None  # positions in msgs of the decoded values, when not all were
-    refused: list[tuple[int, str, str]]  # (position, reason, detail) found before decoding
-
-
-class _Pending:
-    """Records consumed since the last flush: valid rows plus the offset span of every record."""
-
-    def __init__(self) -> None:
-        self.chunks: list[pa.Table] = []  # decoded rows, buffer columns, in consumption order
-        # Polls being decoded on the decode thread, in consumption order (see Ingestor._collect).
-        self.decoding: deque[_Decoding] = deque()
-        self.spans: dict[tuple[str, int], list[int]] = {}  # tp -> [first, last + 1]
-        self.records = 0
-        self.since = time.monotonic()
-        # Dead letters sent for these records: each must be acknowledged before the flush.
-        self.dead: list[tuple[FutureRecordMetadata, str, int, int]] = []
-        self.dead_by_reason: dict[str, int] = {}
-
-    def cover(self, topic: str, partition: int, first: int, last: int) -> None:
-        """Records ``first..last`` (inclusive) of one partition were consumed."""
-        if self.records == 0:  # the flush interval runs from the first record held, not idle time
-            self.since = time.monotonic()
-        span = self.spans.get((topic, partition))
-        if span is None:
-            self.spans[(topic, partition)] = [first, last + 1]
-        else:
-            span[1] = last + 1
-        self.records += last - first + 1
-
-    def ranges(self) -> list[OffsetRange]:
-        return [OffsetRange(t, p, s, e) for (t, p), (s, e) in sorted(self.spans.items())]
-
-    def table(self) -> pa.Table:
-        return pa.concat_tables(self.chunks) if self.chunks else ARROW_SCHEMA.empty_table()
-
-
 class Ingestor:
     """One member of the ingest consumer group. ``run()`` blocks until stopped or idle."""
 
@@ -134,13 +91,13 @@ class Ingestor:
         self.on_flush = on_flush
         self.stats = IngestStats()
         self.stop_event = threading.Event()
-        self._pending = _Pending()
+        self._pending = Pending()
         # pyarrow's first list->array conversion pays a one-time lazy import (~2 s, pandas);
         # pay it now rather than while partitions are assigned and records wait.
         decode_batch([])
         self.member = f"{socket.gethostname()}:{os.getpid()}"
         self._consumer: KafkaConsumer | None = None
-        self._dlq: KafkaProducer | None = None
+        self._dlq = DeadLetters(kafka, topics, cfg)
         self._failures = 0  # consecutive failed flushes: the retry wait doubles with each
         self._fences = 0  # consecutive refused (stale) batches
         self._quarantined = 0
@@ -169,7 +126,7 @@ class Ingestor:
             isolation_level="read_uncommitted",
             reconnect_backoff_max_ms=int(self.cfg.reconnect_backoff_max_s * 1000),
         )
-        self._dlq = self._dead_letter_producer()
+        self._dlq.open()
         # Know the topic's partitions before joining: kafka-python may otherwise join with
         # metadata that lists none, so the group leader assigns nothing, and the metadata that
         # arrives next forces a second rebalance, which now and then never completed (seen:
@@ -216,21 +173,6 @@ class Ingestor:
     def stop(self) -> None:
         self.stop_event.set()
 
-    def _dead_letter_producer(self) -> KafkaProducer:
-        return KafkaProducer(
-            **self.kafka.client_kwargs(),
-            acks="all",
-            linger_ms=5,
-            max_request_size=8 << 20,
-            # A send that cannot even get the topic's metadata fails the flush, not the process.
-            max_block_ms=int(self.cfg.dead_letter_timeout_s * 1000),
-            # kafka-python's idempotent producer turns fatal after one refused batch and never
-            # sends again; a plain one fails that batch and retries later. A retried dead letter
-            # may land twice, which the DLQ tolerates (at least once), never zero times.
-            enable_idempotence=False,
-            reconnect_backoff_max_ms=int(self.cfg.reconnect_backoff_max_s * 1000),
-        )
-
     def close(self) -> None:
         try:
             self.flush()
@@ -243,112 +185,25 @@ class Ingestor:
                 self._consumer = None
             self._decoder.shutdown(wait=True, cancel_futures=True)
             self._decode.close()
-            if self._dlq is not None:
-                with contextlib.suppress(KafkaError):  # unacknowledged ones were not counted
-                    self._dlq.close(timeout=10)
-                self._dlq = None
+            self._dlq.close()
 
     # -- the work -----------------------------------------------------------------------
     def _consume(self, msgs: list[ConsumerRecord]) -> None:
-        """One partition's records of a poll (Kafka returns them in offset order).
-
-        Decoding runs on the decode thread (pyarrow parses without the GIL) while this thread
-        goes back to Kafka, whose client parses records in Python; ``_collect`` takes the results.
-        """
+        """One partition's records of a poll (Kafka returns them in offset order), handed to the
+        decode thread while this one goes back to Kafka; ``_collect`` takes the results."""
         if not msgs:
             return
-        first, last = msgs[0], msgs[-1]
         if self.stats.first_record_at is None:
             self.stats.first_record_at = time.monotonic()
-        self._pending.cover(first.topic, first.partition, first.offset, last.offset)
         self.stats.consumed += len(msgs)
-        limit = self.cfg.max_event_bytes
-        values = [m.value for m in msgs]
-        refused = [
-            (i, "oversized", f"{len(v)} bytes > max_event_bytes={limit}")
-            for i, v in enumerate(values)
-            if v is not None and len(v) > limit
-        ]
-        kept: list[int] | None = None
-        if refused:
-            oversized = {i for i, _, _ in refused}
-            kept = [i for i in range(len(msgs)) if i not in oversized]
-            values = [values[i] for i in kept]
-        sent = msgs if kept is None else [msgs[i] for i in kept]  # where each value came from
-        job = self._decoder.submit(self._decode, values, sent)
-        self._pending.decoding.append(_Decoding(msgs, job, kept, refused))
+        self._pending.submit(msgs, self._decoder, self._decode, self.cfg.max_event_bytes)
 
     def _collect(self, wait: bool) -> None:
-        """Take decoded polls in order: dead-letter the refused records, hold the rows.
-        ``wait``: all of them (before a flush); else only those already done."""
-        pending = self._pending
-        while pending.decoding and (wait or pending.decoding[0].decoded.done()):
-            d = pending.decoding.popleft()
-            decoded = d.decoded.result()
-            kept = d.kept
-            refused = d.refused + [
-                (kept[i] if kept is not None else i, err.reason, err.detail)
-                for i, err in decoded.errors
-            ]
-            for i, reason, detail in sorted(refused):  # dead letters in offset order
-                self._dead_letter(d.msgs[i], reason, detail)
-            if decoded.table.num_rows == 0:
-                continue
-            index = decoded.table["index"]
-            if kept is not None:
-                index = pa.array(kept, pa.int64()).take(index)
-            first = d.msgs[0]
-            offsets = pa.array([m.offset for m in d.msgs], pa.int64()).take(index)
-            n = decoded.table.num_rows
-            rows = decoded.table.drop_columns("index")
-            rows = rows.append_column("topic", pa.array([first.topic] * n, pa.string()))
-            rows = rows.append_column("partition", pa.array([first.partition] * n, pa.int32()))
-            rows = rows.append_column("offset", offsets)
-            pending.chunks.append(rows)
+        self._pending.collect(wait, self._dead_letter)
 
     def _dead_letter(self, m: ConsumerRecord, reason: str, detail: str) -> None:
-        if self._dlq is None:
-            raise DeadLetterError("the dead-letter producer is closed")
-        headers = [
-            ("reason", reason.encode()),
-            ("detail", detail[:1000].encode()),
-            ("source_topic", m.topic.encode()),
-            ("source_partition", str(m.partition).encode()),
-            ("source_offset", str(m.offset).encode()),
-        ]
-        topic = self.topics.dead_letter
-        try:
-            future = self._dlq.send(topic, key=m.key, value=m.value, headers=headers)
-        except KafkaError as err:  # e.g. no metadata for the topic within max_block_ms
-            raise DeadLetterError(
-                f"dead letter for {m.topic}:{m.partition}@{m.offset} not accepted by {topic}: "
-                f"{err!r}"
-            ) from err
-        p = self._pending
-        p.dead.append((future, m.topic, m.partition, m.offset))
-        p.dead_by_reason[reason] = p.dead_by_reason.get(reason, 0) + 1
-
-    def _confirm_dead_letters(self, p: _Pending) -> None:
-        """Raise DeadLetterError unless the DLQ acknowledged every dead letter of ``p``."""
-        if not p.dead:
-            return
-        topic = self.topics.dead_letter
-        if self._dlq is None:
-            raise DeadLetterError("the dead-letter producer is closed")
-        try:
-            self._dlq.flush(timeout=self.cfg.dead_letter_timeout_s)
-        except KafkaError as err:
-            raise DeadLetterError(
-                f"{topic} did not acknowledge {len(p.dead)} dead letters within "
-                f"{self.cfg.dead_letter_timeout_s:.0f}s: {err!r}"
-            ) from err
-        bad = [(f, t, part, off) for f, t, part, off in p.dead if not f.succeeded()]
-        if bad:
-            f, t, part, off = bad[0]
-            raise DeadLetterError(
-                f"{topic} refused {len(bad)} of {len(p.dead)} dead letters (first: source "
-                f"{t}:{part}@{off}: {f.exception!r})"
-            )
+        # Booked on the batch being collected: its flush waits for the acknowledgement.
+        self._pending.dead_lettered(self._dlq.send(m, reason, detail), m, reason)
 
     def _should_flush(self) -> bool:
         p = self._pending
@@ -370,9 +225,9 @@ class Ingestor:
             return None
         self._collect(wait=True)
         # Dead letters must be durable before their offsets count as consumed.
-        self._confirm_dead_letters(p)
+        self._dlq.confirm(p.dead)
         seg = self.buffer.append(p.table(), p.ranges(), writer=self.member)
-        self._pending = _Pending()
+        self._pending = Pending()
         self._failures = self._fences = 0
         self.stats.ingested += seg.rows
         self.stats.segments += 1
@@ -421,9 +276,8 @@ class Ingestor:
     def _discard(self, err: StreamsError) -> int:
         """Forget the pending records after a failed flush; returns how many there were."""
         records = self._pending.records
-        for d in self._pending.decoding:  # results nobody will take
-            d.decoded.cancel()
-        self._pending = _Pending()
+        self._pending.cancel()
+        self._pending = Pending()
         self.stats.last_error = str(err)
         if isinstance(err, FencedError):
             self.stats.fenced += records
