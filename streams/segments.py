@@ -1,7 +1,8 @@
 """A buffer segment's typed contracts: the footer each Parquet segment carries, the commit log's
 entries and state, and the encoding of a segment file.
 
-Only ``streams.buffer`` reads and writes segments; these are the shapes it reads and writes.
+Only the buffer (``streams.buffer`` and the modules it delegates to) reads and writes segments;
+these are the shapes it reads and writes.
 """
 
 from __future__ import annotations

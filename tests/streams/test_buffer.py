@@ -105,7 +105,7 @@ def test_crash_mid_compaction_never_duplicates(tmp_path: Path) -> None:
     names = [s.name for s in buf.segments()]
     merged = buf.read()
     # Crash 1: the merged segment was uploaded but its log entry never written: invisible.
-    rec = buf._stage(encode(merged, (OffsetRange("t", 0, 0, 10),), tuple(names), "compactor"))
+    rec = buf.store.stage(encode(merged, (OffsetRange("t", 0, 0, 10),), tuple(names), "compactor"))
     fresh = EventBuffer(buf.cfg)
     assert [s.name for s in fresh.segments()] == names and fresh.read().num_rows == 10
     # Crash 2: the entry "add merged, remove inputs" was committed, the inputs not yet deleted.

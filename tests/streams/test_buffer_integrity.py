@@ -102,7 +102,7 @@ def test_corrupt_read_raises_typed_error(tmp_path: Path) -> None:
     seg = buf.segments()[0]
     _flip(buf.root / seg.name, 0.3)
     with pytest.raises(CorruptSegmentError, match="CRC") as info:
-        buf._load(seg)
+        buf.store.load(seg)
     assert isinstance(info.value, StreamsError)
 
 
