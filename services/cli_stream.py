@@ -52,26 +52,22 @@ def ensure_broker(settings: Settings) -> None:
 
 
 def register(app: typer.Typer, settings_of: SettingsOf) -> None:
+    """Attach the Kafka side's commands to ``app``, in the order ``--help`` lists them."""
+    app.add_typer(_kafka_app(settings_of), name="kafka")
+    app.add_typer(_s3_app(), name="s3")
+    _produce_command(app, settings_of)
+    _ingest_command(app, settings_of)
+    app.add_typer(_buffer_app(settings_of), name="buffer")
+
+
+def _kafka_app(settings_of: SettingsOf) -> typer.Typer:
     kafka = typer.Typer(help="Manage the embedded Apache Kafka broker (KRaft, 127.0.0.1).")
-    app.add_typer(kafka, name="kafka")
 
     @kafka.command("fetch")
     def kafka_fetch(ctx: typer.Context) -> None:
         """Download the broker jars from Maven Central into the cache (once)."""
         libs = broker_mod.fetch(settings_of(ctx).broker)
         console.print(f"Kafka jars in [bold]{libs}[/]")
-
-    s3 = typer.Typer(help="The local S3-compatible server (SeaweedFS) for tests and benchmarks.")
-    app.add_typer(s3, name="s3")
-
-    @s3.command("fetch")
-    def s3_fetch() -> None:
-        """Build SeaweedFS from the Go module proxy into the cache (once; ~7 CPU-minutes)."""
-        from streams.s3server import fetch as fetch_s3
-
-        t0 = time.monotonic()
-        binary = fetch_s3()
-        console.print(f"SeaweedFS in [bold]{binary}[/] ({time.monotonic() - t0:.0f}s)")
 
     @kafka.command("up")
     def kafka_up(ctx: typer.Context) -> None:
@@ -101,6 +97,25 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
             lag = topic_lag(s.kafka, s.topics.events, EventBuffer(s.buffer).watermark())
             console.print(f"ingest lag per partition of {s.topics.events}: {lag}")
 
+    return kafka
+
+
+def _s3_app() -> typer.Typer:
+    s3 = typer.Typer(help="The local S3-compatible server (SeaweedFS) for tests and benchmarks.")
+
+    @s3.command("fetch")
+    def s3_fetch() -> None:
+        """Build SeaweedFS from the Go module proxy into the cache (once; ~7 CPU-minutes)."""
+        from streams.s3server import fetch as fetch_s3
+
+        t0 = time.monotonic()
+        binary = fetch_s3()
+        console.print(f"SeaweedFS in [bold]{binary}[/] ({time.monotonic() - t0:.0f}s)")
+
+    return s3
+
+
+def _produce_command(app: typer.Typer, settings_of: SettingsOf) -> None:
     @app.command()
     def produce(
         ctx: typer.Context,
@@ -122,6 +137,8 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         n = replay(evs, s.kafka, s.topics.events, rate=rate, total=len(evs), progress=True)
         console.print(f"sent {n} events to {s.topics.events}")
 
+
+def _ingest_command(app: typer.Typer, settings_of: SettingsOf) -> None:
     @app.command()
     def ingest(
         ctx: typer.Context,
@@ -151,8 +168,9 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
             f"dead-lettered {stats.dead_letter_total} {stats.dead_lettered}"
         )
 
+
+def _buffer_app(settings_of: SettingsOf) -> typer.Typer:
     buffer = typer.Typer(help="Inspect and maintain the event buffer.")
-    app.add_typer(buffer, name="buffer")
 
     @buffer.command("stats")
     def buffer_stats(ctx: typer.Context) -> None:
@@ -174,3 +192,5 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         console.print(
             f"merged {merged} segments, retired {dropped}, in {time.monotonic() - t0:.1f}s"
         )
+
+    return buffer
