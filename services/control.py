@@ -111,9 +111,11 @@ def start_rollout_service(
 
 
 def ensure_control_plane(s: Settings, owns_app: bool) -> tuple[Any, Any]:
-    """The history actor and the rollout actor of this cluster (started if missing)."""
-    context = start_context(s.kafka, s.topics, s.buffer, s.serving)
-    control = start_rollout_service(s.open_registry(), s.serving, s.rollout, owns_app)
+    """The history shards, the context actor and the rollout actor of this cluster (started if
+    missing)."""
+    registry = s.open_registry()
+    context = start_context(s.kafka, s.topics, s.buffer, s.serving, registry)
+    control = start_rollout_service(registry, s.serving, s.rollout, owns_app)
     return context, control
 
 

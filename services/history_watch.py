@@ -1,4 +1,7 @@
-"""Supervision of the history actor, which is a Ray actor rather than a thread of this process."""
+"""Supervision of the serving context actor, a Ray actor rather than a thread of this process.
+
+The history shards it starts are restarted by Ray itself (``max_restarts=-1``) and rebuild only
+their users; the context's snapshot shows a shard that is not answering."""
 
 from __future__ import annotations
 
@@ -16,12 +19,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A freshly created history actor first rebuilds users' histories from the whole buffer.
+# A freshly created context's first answer waits for the shards' figures (bounded per shard), and
+# the actor may first have to be scheduled on a busy head node.
 _FIRST_PING_S = 180.0
 
 
 class HistoryWatch:
-    """The history actor (a Ray actor, not a thread) is alive iff it answers a ping in time."""
+    """The context actor (a Ray actor, not a thread) is alive iff it answers a ping in time."""
 
     def __init__(self, running: Running) -> None:
         self.running = running
@@ -41,7 +45,7 @@ class HistoryWatch:
                 ray.get(r.context.snapshot.remote([]), timeout=timeout)
             except (RayActorError, GetTimeoutError) as err:
                 self.dead = True
-                raise ServiceError(f"history actor dead or unresponsive: {err}") from err
+                raise ServiceError(f"serving context dead or unresponsive: {err}") from err
             self.fresh = False
 
     def _recreate(self) -> None:
@@ -55,8 +59,8 @@ class HistoryWatch:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and find_context() is not None:
             time.sleep(0.2)  # the name is free once the old actor is gone
-        r.context = start_context(s.kafka, s.topics, s.buffer, s.serving)
+        r.context = start_context(s.kafka, s.topics, s.buffer, s.serving, r.registry)
         if r.controller is not None:
             r.controller.context = r.context
         self.dead, self.fresh = False, True
-        log.warning("history actor recreated")
+        log.warning("serving context recreated")

@@ -142,7 +142,7 @@ def _start_serving(
 
         context, control = ensure_control_plane(s, owns_app=serve_http)
     elif serve_http:
-        context = start_context(s.kafka, s.topics, s.buffer, s.serving)
+        context = start_context(s.kafka, s.topics, s.buffer, s.serving, registry)
         controller = _controller(registry, s, context, metrics)
     return context, controller, control
 

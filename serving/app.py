@@ -18,23 +18,17 @@ feed (``serving.replica_histories``); only users it does not hold yet cost a cal
 """
 
 import asyncio
-import functools
 import logging
 import math
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, HTTPException
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import Application
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
 
 from serving.api import (
     PUBLIC_PATHS,
@@ -50,6 +44,8 @@ from serving.api import (
 )
 from serving.config import ServingConfig
 from serving.context import CONTROL_NAMESPACE, find_context
+from serving.deploy_version import code_version, settings_digest
+from serving.http_errors import install_error_handlers, limit_error
 from serving.http_guard import HTTPGuard, ReplicaTag
 from serving.mmr import mmr
 from serving.replica_histories import ShardedHistories
@@ -62,39 +58,6 @@ api = FastAPI(
     version="1",
     description="Fresh recommendations from a continually fine-tuned sequential model.",
 )
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Every non-2xx answer gets the one body shape, ErrorBody, whatever raised it."""
-
-    async def http_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
-        detail: Any = exc.detail  # limit_error passes the list form
-        if not (isinstance(detail, list) and all(isinstance(d, dict) for d in detail)):
-            kind = "bad_request" if exc.status_code == 400 else f"http_{exc.status_code}"
-            detail = [{"loc": [], "msg": str(detail), "type": kind}]
-        return JSONResponse({"detail": detail}, exc.status_code, headers=exc.headers)
-
-    async def invalid(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        detail = [
-            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e["type"])}
-            for e in exc.errors()
-        ]
-        return JSONResponse({"detail": detail}, 422)
-
-    async def crashed(_: Request, exc: Exception) -> Response:
-        msg = f"internal error: {type(exc).__name__}"
-        return JSONResponse({"detail": [{"loc": [], "msg": msg, "type": "internal"}]}, 500)
-
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, invalid)
-    app.add_exception_handler(Exception, crashed)
-
-
-def limit_error(field: list[str | int], msg: str, kind: str) -> HTTPException:
-    """A limit from the settings, broken: a 422 shaped like the schema's own validation errors."""
-    return HTTPException(422, [{"loc": field, "msg": msg, "type": kind}])
 
 
 # serve.ingress pickles `api` (its routes, and the globals they use, by value) when the class
@@ -427,36 +390,3 @@ def build_app(registry: Registry, cfg: ServingConfig, version: int) -> Applicati
     # keeps its value on the way and stays masked in any repr or log line.
     # The registry travels pickled (an absolute path or its URI and options).
     return deployment.bind(registry, cfg.model_copy())
-
-
-def code_version() -> str:
-    import hashlib
-
-    import serving.api
-    import serving.http_guard
-    import training.model
-
-    h = hashlib.sha256()
-    for mod in (__file__, serving.api, serving.http_guard, training.model):
-        h.update(Path(mod if isinstance(mod, str) else str(mod.__file__)).read_bytes())
-    return h.hexdigest()[:16]
-
-
-def settings_digest(cfg: ServingConfig) -> str:
-    """A short digest of the settings a replica uses; the key only through a slow, salted hash
-    (the version is visible in `serve status`, so a fast hash would invite guessing). Replica
-    counts and the like are deployment options Serve compares itself: left out."""
-    import hashlib
-
-    plain = cfg.model_dump_json(
-        include={"max_k", "max_history", "max_body_bytes", "batch_max_size", "batch_wait_s"}
-    ).encode()
-    key = cfg.api_key.get_secret_value().encode() if cfg.api_key is not None else b""
-    return hashlib.sha256(plain + _slow_hash(key)).hexdigest()[:12]
-
-
-@functools.lru_cache(maxsize=4)  # each rollout rebuilds the app; scrypt once per key
-def _slow_hash(key: bytes) -> bytes:
-    import hashlib
-
-    return hashlib.scrypt(key, salt=b"streamtune-serve-version", n=2**14, r=8, p=1)
