@@ -37,6 +37,7 @@ from streams.config import BufferConfig, KafkaConfig, TopicsConfig
 from streams.errors import StreamtuneError
 from streams.offsets import parse_tp, tp_key
 from streams.tail import EventTail
+from training.errors import HistoriesError
 
 log = logging.getLogger(__name__)
 
@@ -204,11 +205,13 @@ def newest_index(registry: Any) -> HistoryIndex | None:
     version = registry.latest()
     if version is None:
         return None
-    table = registry.read_histories(version)
-    if table is None:
-        return None
     watermark = registry.meta(version).get("watermark")
     if not watermark:
+        return None
+    try:
+        table = registry.read_histories(version)
+    except HistoriesError as err:  # a version from before the index: the whole buffer then
+        log.info("v%d has no history index (%s): rebuilding from the whole buffer", version, err)
         return None
     return HistoryIndex(version, table, {str(k): int(v) for k, v in watermark.items()})
 

@@ -1,0 +1,129 @@
+"""``bench.scale``'s catalog part: one real round over a catalog of N items."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from bench.round_cost import PARTITIONS
+from streams.buffer import EventBuffer
+from streams.config import BufferConfig
+from streams.events import ARROW_SCHEMA
+from streams.offsets import OffsetRange
+from training.config import TrainerConfig
+from training.round import RoundConfig
+
+USERS = 2_000
+
+
+def _events(n: int, items: int, seed: int) -> pa.Table:
+    """Users walk item chains over the whole catalog (something to learn, every item reachable)."""
+    rng = np.random.default_rng(seed)
+    idx = np.arange(n, dtype=np.int64)
+    users = rng.integers(0, USERS, n)
+    chain = (users * 7919 + idx // USERS + rng.integers(0, 3, n)) % items
+    return pa.table(
+        {
+            "event_id": pa.array([f"e{i}" for i in idx], pa.string()),
+            "user_id": pa.array([f"u{u}" for u in users], pa.string()),
+            "item_id": pa.array([f"i{i}" for i in chain], pa.string()),
+            "event_type": pa.array(["click"] * n, pa.string()),
+            "value": pa.array(np.ones(n)),
+            "ts": pa.array(1_700_000_000_000 + idx * 10),
+            "item_text": pa.nulls(n, pa.string()),
+            "context": pa.nulls(n, pa.string()),
+            "topic": pa.array(["events"] * n, pa.string()),
+            "partition": pa.array((users % PARTITIONS).astype(np.int32)),
+            "offset": pa.array(idx),
+        },
+        schema=ARROW_SCHEMA,
+    )
+
+
+def _append(buffer: EventBuffer, table: pa.Table) -> None:
+    """As ingest writes them: each partition's offsets contiguous from 0."""
+    parts, ranges = [], []
+    for p in range(PARTITIONS):
+        rows = table.filter(pa.compute.equal(table["partition"], p))
+        offs = pa.array(np.arange(rows.num_rows, dtype=np.int64))
+        parts.append(rows.set_column(rows.schema.get_field_index("offset"), "offset", offs))
+        if rows.num_rows:
+            ranges.append(OffsetRange("events", p, 0, rows.num_rows))
+    buffer.append(pa.concat_tables(parts), ranges, writer="bench")
+
+
+def _champion(registry: Any, cfg: RoundConfig, items: int) -> None:
+    """What rounds over a catalog of ``items`` leave: its item map and table, no users yet."""
+    from training.histories import UserHistories, save_chain
+    from training.model import Recommender, save_weights
+    from training.replay import Reservoir
+    from training.vocab import ItemVocab
+
+    vocab = ItemVocab([f"i{i}" for i in range(items)])
+    model = Recommender(cfg.model, len(vocab))
+
+    def write(d: Path) -> None:
+        save_weights(model, d / "model.safetensors")
+        (d / "popularity.json").write_text(json.dumps([0] * len(vocab)))
+        vocab.save(d / "vocab.json")
+        (d / "titles.json").write_text("{}")
+        Reservoir(cfg.replay.capacity, cfg.model.max_len).save(d)
+        Reservoir(cfg.gate.replay_eval_size, cfg.model.max_len).save(d, name="replay_eval")
+        save_chain(UserHistories(cfg.model.max_len).table(), d, None)
+
+    meta = {"watermark": {}, "model_config": cfg.model.model_dump()}
+    registry.register(write, meta, promote=True, reason=f"bench: a {items:,}-item catalog")
+
+
+def catalog_row(items: int, events: int, seed: int) -> dict[str, Any]:
+    """One round of ``events`` new events after a champion over ``items`` items."""
+    import ray
+
+    from services.config import LoopConfig
+    from services.loop import ContinualLoop
+    from training.registry import Registry
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-scale-catalog-{items}-"))
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        cfg = RoundConfig(trainer=TrainerConfig(storage_path=tmp / "ray"))
+        buffer = EventBuffer(BufferConfig(path=tmp / "buffer"))
+        registry = Registry(tmp / "registry")
+        _champion(registry, cfg, items)
+        _append(buffer, _events(events, items, seed))
+        loop = ContinualLoop(buffer, registry, cfg,
+                             LoopConfig(min_round_events=100, round_on_cluster=True),
+                             tmp / "loop.json")  # fmt: skip
+        t0 = time.monotonic()
+        try:
+            result = loop.run_once()
+        finally:
+            loop.close()
+        wall = time.monotonic() - t0
+        if result is None:
+            raise RuntimeError(f"the round over {items:,} items did not run: {loop.last_skip}")
+        return {
+            "items": items,
+            "events": result.new_events,
+            "loss": _loss(cfg, items),
+            "samples_per_s": result.metrics.get("train_samples_per_s"),
+            "train_s": result.train_s,
+            "round_s": wall,
+        }
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _loss(cfg: RoundConfig, items: int) -> str:
+    """The loss a round picks for this catalog (``Recommender.samples_loss``'s rule)."""
+    m = cfg.model
+    sampled = m.loss == "sampled" or (m.loss == "auto" and items + 1 > m.sampled_above)
+    return "sampled" if sampled and m.num_negatives < items else "full"
