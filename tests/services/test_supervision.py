@@ -192,7 +192,7 @@ def test_rollout_controller_crash_is_restarted(
     assert calls["n"] >= 3 and system.supervisor.threads["rollout"].is_alive()
 
 
-def test_killed_history_actor_is_recreated(system: Running) -> None:
+def test_killed_serving_context_is_recreated(system: Running) -> None:
     running = system
     old = running.context
     ray.get(old.snapshot.remote(), timeout=60)
@@ -205,7 +205,9 @@ def test_killed_history_actor_is_recreated(system: Running) -> None:
     assert running.controller is not None and running.controller.context is running.context
     snap = ray.get(running.context.snapshot.remote(), timeout=60)
     users = set(running.buffer.read(columns=["user_id"]).column("user_id").to_pylist())
-    assert users and snap["history_users"] == len(users)  # rebuilt from the buffer
+    # The history shards outlive the context (Ray restarts a shard on its own): the new context
+    # finds them with every user's history.
+    assert users and snap["history_users"] == len(users)
 
 
 def test_restarts_are_in_the_metrics(system: Running) -> None:
