@@ -1,7 +1,7 @@
 """A registry version's files: their hashes, the finite-weights check, and the verified local copy
 of a version kept on an object store.
 
-Part of the registry (``training/registry.py`` decides where files live; this module only checks
+Part of the registry (``training.registry`` documents where files live; this module only checks
 and copies what it is handed). Weights are safetensors: nothing here unpickles.
 """
 

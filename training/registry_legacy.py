@@ -2,7 +2,7 @@
 
 That layout kept ``v000001/`` directories (complete once ``_SUCCESS`` was written), and beside them
 ``champion.json``, ``decisions.jsonl`` and ``rollout.json``. Part of the registry: only
-``training/registry.py`` calls this, once, when it opens a local directory whose log is empty.
+``training.registry_core`` calls this, once, when it opens a local directory whose log is empty.
 A complete version that had no decision line (a registration a crash interrupted) is adopted as
 rejected; version numbers of incomplete directories are never reused.
 """

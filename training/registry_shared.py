@@ -1,6 +1,6 @@
 """Files a registry version shares with other versions: immutable, named by their content.
 
-Part of the registry (``training/registry.py`` decides where files live). A version's files may
+Part of the registry (``training.registry`` documents where files live). A version's files may
 include ``shared/<sha256><suffix>`` files: written once by one version, then carried by later
 versions without writing their bytes again (the per-user history index's parts,
 ``training.histories``). A version never depends on another version's directory, so pruning one

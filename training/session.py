@@ -1,15 +1,15 @@
 """A long-lived training run: one Ray Train run whose workers stay up from round to round.
 
-``training.round.train`` builds a ``TorchTrainer`` per round and pays Ray Train's start-up (the
-worker group, the process group, imports: ~10-16 s on this machine) before every round's first
-step. A ``TrainingSession`` pays it once. Its workers (``worker.rounds_loop_per_worker``) wait on
-the session's feeder actor for the next round, train it with a fresh DeepSpeed engine (the item
-table grows between rounds) and hand rank 0's weights back through the feeder.
+``training.round_train.train`` builds a ``TorchTrainer`` per round and pays Ray Train's start-up
+(the worker group, the process group, imports: ~10-16 s on this machine) before every round's
+first step. A ``TrainingSession`` pays it once. Its workers (``worker.rounds_loop_per_worker``)
+wait on the session's feeder actor for the next round, train it with a fresh DeepSpeed engine (the
+item table grows between rounds) and hand rank 0's weights back through the feeder.
 
 Rounds reach the run through a ``SessionClient`` (``TrainingSession.client``): a small picklable
 ``TrainFn`` holding the feeder's handle, so the round can be prepared anywhere, in the driver
 (``TrainingSession.train``) or in a round task on a training node (``services.round_job``). It
-returns what ``training.round.train`` returns, so gating and registration are unchanged, one
+returns what ``training.round_train.train`` returns, so gating and registration are unchanged, one
 version per round.
 
 Faults: the run has ``FailureConfig(max_failures=-1)``. A worker that dies restarts the group from
@@ -35,7 +35,8 @@ from typing import Any, Literal
 from training.data import Examples
 from training.errors import RoundFailedError
 from training.model import Recommender
-from training.round import RoundConfig, round_job, run_config, scaling_config
+from training.round_config import RoundConfig
+from training.round_train import round_job, run_config, scaling_config
 from training.worker import IDLE, rounds_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ class RoundFeeder:
 
 @dataclass(frozen=True)
 class SessionClient:
-    """Trains rounds on a session's run from any process: a ``training.round.TrainFn``."""
+    """Trains rounds on a session's run from any process: a ``training.round_config.TrainFn``."""
 
     feeder: Any  # the RoundFeeder's actor handle
     run_name: str
@@ -220,7 +221,7 @@ class SessionClient:
 
 
 class TrainingSession:
-    """The driver's handle on a long-lived run; ``train`` is ``training.round.train``'s twin.
+    """The driver's handle on a long-lived run; ``train`` is ``training.round_train.train``'s twin.
 
     Started by the first ``client`` (or ``train``); the run's shape (workers, GPUs, storage)
     comes from that first config. ``close`` ends the run. The run's controller is an actor of

@@ -1,12 +1,12 @@
 """What each Ray Train worker runs in a round: DeepSpeed data parallelism over its shard.
 
-The driver (training/round.py) puts the round's examples and starting weights in Ray's object store
-and passes their refs in ``config``; nothing here knows about Kafka or the registry. Each epoch ends
-with a checkpoint (rank 0 writes consolidated safetensors; ZeRO-2 shards only optimizer state and
-gradients, so rank 0's module holds the full weights), so a retried round resumes from the last
-finished epoch instead of starting over. Every report carries ``start_epoch`` (the epoch this
-attempt began at; > 0 only when it resumed from a checkpoint) and ``progress.json`` records it
-too, so a resumed attempt is visible from outside.
+The driver (``training.round_train``) puts the round's examples and starting weights in Ray's
+object store and passes their refs in ``config``; nothing here knows about Kafka or the registry.
+Each epoch ends with a checkpoint (rank 0 writes consolidated safetensors; ZeRO-2 shards only
+optimizer state and gradients, so rank 0's module holds the full weights), so a retried round
+resumes from the last finished epoch instead of starting over. Every report carries
+``start_epoch`` (the epoch this attempt began at; > 0 only when it resumed from a checkpoint) and
+``progress.json`` records it too, so a resumed attempt is visible from outside.
 
 The teacher for distillation (the champion, which may have fewer rows than the grown student) is
 ``Recommender.frozen_teacher()``: rows new this round are left out of the distillation term.
@@ -54,7 +54,7 @@ def deepspeed_config(tcfg: TrainerConfig, on_gpu: bool) -> dict[str, Any]:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One round per Ray Train run (``training.round.train``): the round's data in ``config``."""
+    """One round per Ray Train run (``training.round_train.train``); its data in ``config``."""
     import ray
     import ray.train
 
@@ -219,6 +219,35 @@ def _resume_point() -> Resume | None:
     return progress.get("round"), int(progress["epoch"]) + 1, weights
 
 
+def _models(
+    mcfg: ModelConfig, data: dict[str, Any], resume: Resume | None
+) -> tuple[Recommender, Recommender | None, int]:
+    """The round's starting model, its frozen teacher (if any) and its first epoch: a retried
+    round continues after its last finished epoch."""
+    model = Recommender.from_state(mcfg, data["init_state"])
+    teacher = None
+    if data.get("teacher_state") is not None:
+        teacher = Recommender.from_state(mcfg, data["teacher_state"]).frozen_teacher()
+    if resume is not None:
+        return Recommender.from_state(mcfg, resume[2]), teacher, resume[1]
+    return model, teacher, 0
+
+
+def _report(
+    metrics: dict[str, Any], weights: dict[str, torch.Tensor] | None, progress: dict[str, Any]
+) -> None:
+    """An epoch's checkpointed report (every rank reports; rank 0, with ``weights``, writes)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if weights is not None:
+            save_file(weights, str(Path(tmp) / "model.safetensors"))
+            (Path(tmp) / "progress.json").write_text(json.dumps(progress))
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
 def _train_round(
     config: dict[str, Any], data: dict[str, Any], resume: Resume | None, cadence: _Cadence
 ) -> tuple[dict[str, Any] | None, dict[str, float]]:
@@ -237,16 +266,7 @@ def _train_round(
     rcfg = ReplayConfig(**config["replay_config"])
     round_id = config.get("round_id")
     torch.manual_seed(tcfg.seed)
-    model = Recommender.from_state(mcfg, data["init_state"])
-    teacher = None
-    if data.get("teacher_state") is not None:
-        teacher = Recommender.from_state(mcfg, data["teacher_state"]).frozen_teacher()
-
-    start_epoch = 0
-    if resume is not None:  # a retried round: continue after the last finished epoch
-        model = Recommender.from_state(mcfg, resume[2])
-        start_epoch = resume[1]
-
+    model, teacher, start_epoch = _models(mcfg, data, resume)
     on_gpu = bool(config["use_gpu"]) and torch.cuda.is_available()
     device = ray.train.torch.get_device() if on_gpu else torch.device("cpu")
     if teacher is not None:
@@ -276,14 +296,8 @@ def _train_round(
         if not cadence.due(epoch, tcfg.epochs, m["seconds"], tcfg.checkpoint_every_s):
             return
         cadence.done()
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_file(weights(), str(Path(tmp) / "model.safetensors"))
-                progress = {"epoch": epoch, "start_epoch": start_epoch, "round": round_id}
-                (Path(tmp) / "progress.json").write_text(json.dumps(progress))
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+        progress = {"epoch": epoch, "start_epoch": start_epoch, "round": round_id}
+        _report(metrics, weights() if rank == 0 else None, progress)
 
     # The schedule sets the base optimizer's groups: ZeRO's wrapper steps those same groups.
     schedule = LrSchedule.for_run(tcfg.lr, len(shard), tcfg.batch_size, tcfg.epochs,

@@ -16,7 +16,7 @@ import pytest
 
 from services.freshness import Ledger
 from tests.training.data_gen import synthetic_table
-from training import round as round_mod
+from training import round_finish as round_mod
 from training.carry import Carry
 from training.config import GateConfig, ModelConfig, ReplayConfig
 from training.data import Examples

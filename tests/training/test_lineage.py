@@ -14,7 +14,8 @@ from tests.training.test_carry import CFG, Rounds
 from training import lineage
 from training.config import ReplayConfig
 from training.lineage import Lineage
-from training.round import RoundConfig, _lineage_settings
+from training.round_config import RoundConfig
+from training.round_steps import lineage_settings
 
 # Replay on, so the reservoir (and its random state) moves with every round.
 REPLAY = CFG.model_copy(update={"replay": ReplayConfig(ratio=1.0, capacity=300)})
@@ -48,7 +49,7 @@ def test_kept_state_equals_what_storage_holds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     r = Rounds(tmp_path, monkeypatch, REPLAY)
-    settings = _lineage_settings(REPLAY)
+    settings = lineage_settings(REPLAY)
     reads: list[int | None] = []
     read = lineage.read
     monkeypatch.setattr(
@@ -69,9 +70,9 @@ def test_kept_state_is_used_only_where_it_belongs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     r = Rounds(tmp_path, monkeypatch, REPLAY)
-    settings = _lineage_settings(REPLAY)
+    settings = lineage_settings(REPLAY)
     v = r.run(1200, promote=True).version
-    assert lineage.take(r.reg, v, v, _lineage_settings(CFG)) is None  # other settings
+    assert lineage.take(r.reg, v, v, lineage_settings(CFG)) is None  # other settings
     r.run(300, promote=True)
     assert lineage.take(r.reg, v, v, settings) is None  # an older version than the latest
     # A round that finds nothing kept (another process registered, a restart) reads storage.

@@ -9,7 +9,7 @@ from safetensors.numpy import save_file
 
 from training.config import ReplayConfig
 from training.registry import Registry
-from training.round import _round_kind
+from training.round_finish import round_kind
 
 
 def _write(d: Path) -> None:
@@ -20,7 +20,7 @@ def _rounds(reg: Registry, rcfg: ReplayConfig, n: int, promote: bool = True) -> 
     kinds = []
     for _ in range(n):
         base = reg.latest()
-        kind, since = _round_kind(reg, base, reg.champion() is not None, 100, rcfg)
+        kind, since = round_kind(reg, base, reg.champion() is not None, 100, rcfg)
         meta = {"kind": kind, "rounds_since_consolidation": since}
         reg.register(_write, meta, promote=promote or base is None, reason=kind, expect_latest=base)
         kinds.append(kind)
@@ -42,5 +42,5 @@ def test_never_without_a_reservoir_or_when_off(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "reg", keep=50)
     assert _rounds(reg, ReplayConfig(consolidate_every=0), 4)[1:] == ["incremental"] * 3
     base = reg.latest()
-    assert _round_kind(reg, base, True, 0, ReplayConfig(consolidate_every=1))[0] == "incremental"
-    assert _round_kind(reg, base, True, 10, ReplayConfig(consolidate_every=1))[0] == "consolidation"
+    assert round_kind(reg, base, True, 0, ReplayConfig(consolidate_every=1))[0] == "incremental"
+    assert round_kind(reg, base, True, 10, ReplayConfig(consolidate_every=1))[0] == "consolidation"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.training.data_gen import synthetic_table, watermark_of
-from training import round as round_mod
+from training import round_finish as round_mod
 from training.config import GateConfig, ModelConfig
 from training.data import Examples
 from training.errors import (

@@ -13,7 +13,7 @@ import ray
 
 from bench.faults_training import WorkerKiller, fault_worker_kill, round_config
 from tests.training.data_gen import synthetic_table, watermark_of
-from training import round as round_module
+from training import round_finish as round_module
 from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
 from training.errors import RoundFailedError
 from training.gate import GateResult
