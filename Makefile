@@ -29,12 +29,12 @@ kafka-jars: install
 # SeaweedFS, the S3 server the object-storage tests start (built once from the Go module
 # proxy into ~/.cache/streamtune/seaweedfs; about 7 CPU-minutes the first time).
 s3-server: install
-	$(BIN)/streamtune s3 fetch
+	$(BIN)/python -m harness.s3server fetch
 
 # Apicurio Registry, the schema registry the Avro tests start (a ready-to-run distribution from
 # Maven Central, unpacked once into ~/.cache/streamtune/schema-registry).
 schema-registry: install
-	$(BIN)/python -m streams.schema_registry fetch
+	$(BIN)/python -m harness.schema_registry fetch
 
 # Prometheus and promtool (Debian's package, unpacked into ~/.cache/streamtune/prometheus, not
 # installed), for the alert rules' tests.
@@ -45,10 +45,10 @@ prometheus: install
 # (here) puts what it needs beyond PyTorch, transformers and pyarrow under build/gpu-deps, which
 # travels with the working tree; `make gpu-check` (there) runs it with whatever python3 has torch.
 gpu-deps: install
-	$(BIN)/python -m bench.gpu_deps
+	$(BIN)/python -m harness.gpu_deps
 
 gpu-check:
-	$(if $(wildcard $(BIN)/python),$(BIN)/python,python3) -m bench.gpu_check $(GPU_CHECK_ARGS)
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,python3) -m harness.gpu_check $(GPU_CHECK_ARGS)
 
 demo: install kafka-jars
 	$(BIN)/streamtune demo $(DEMO_ARGS)

@@ -3,7 +3,7 @@
     python -m bench.cluster [--quick] [--freshness-only] [--rate R]
 
 Starts the project's SeaweedFS S3 server, the embedded Kafka broker and a Ray cluster of a head
-and two worker nodes (`ray start`, see ``bench/raycluster.py``). A producer publishes a steady
+and two worker nodes (`ray start`, see ``harness/raycluster.py``). A producer publishes a steady
 synthetic stream; ingest writes it to a buffer on S3; the continual loop runs rounds as tasks on
 the worker nodes (``trainer.node_resource``), which train through the driver's long-lived Ray
 Train run (its workers on the worker nodes too), with the registry and Ray Train's checkpoints on
@@ -40,143 +40,29 @@ from pathlib import Path
 from typing import Any
 
 from bench.cluster_freshness import freshness_on_cluster, print_freshness
-from bench.liveclient import LiveClient, register_broken_copy
-from bench.raycluster import SERVE, TRAIN, LocalCluster, Node, cluster_with_s3
 from bench.round_cost import measure
-from services.config import LoopConfig
+from harness.cluster_probes import checkpointed, train_worker_nodes
+from harness.cluster_settings import cluster_settings, serve_env, training
+from harness.liveclient import LiveClient, register_broken_copy
+from harness.raycluster import SERVE, TRAIN, LocalCluster, Node, cluster_with_s3
+from harness.s3server import S3Server
 from services.loop import ContinualLoop
 from services.runtime import start
-from services.settings import Settings
-from serving.config import RolloutConfig, ServingConfig
 from streams.admin import ensure_topics
 from streams.broker import LocalBroker, free_port
-from streams.config import BrokerConfig, BufferConfig, IngestConfig, KafkaConfig, TopicsConfig
+from streams.config import BrokerConfig, KafkaConfig, TopicsConfig
 from streams.datasets import DriftSpec, synthetic_drift
 from streams.producer import replay
-from streams.s3server import S3Server
-from streams.storage import StorageConfig, arrow_filesystem
-from training.config import GateConfig, ModelConfig, RegistryConfig, ReplayConfig, TrainerConfig
+from streams.storage import StorageConfig
 from training.registry import Registry
 from training.round import RoundConfig
 
+# The benchmark gates as the product does (the test promotes every round), in larger batches.
+GATED: dict[str, Any] = {"batch_size": 64, "tolerance": 0.05}
+
 
 def round_config(prefix: str, opts: StorageConfig, epochs: int) -> RoundConfig:
-    return RoundConfig(**_training(prefix, opts, epochs, epochs))
-
-
-def _training(prefix: str, opts: StorageConfig, epochs: int, first: int) -> dict[str, Any]:
-    return {
-        "model": ModelConfig(max_len=20, d_model=32, n_layers=2, text_init=False),
-        "trainer": TrainerConfig(
-            num_workers=2,
-            epochs=epochs,
-            first_round_epochs=first,
-            batch_size=64,
-            lr=5e-3,
-            storage_path=f"{prefix}/ray",
-            storage=opts,
-            max_failures=3,
-            node_resource=TRAIN,
-            # As in the cluster test: a checkpoint at every epoch but a round's last, so the node
-            # killed after a round's first checkpoint is killed mid-round.
-            checkpoint_every_s=0.0,
-        ),
-        "replay": ReplayConfig(capacity=2000, ratio=1.0),
-        "gate": GateConfig(min_eval_users=10, tolerance=0.05),
-    }
-
-
-def settings(tmp: Path, kafka: KafkaConfig, topics: TopicsConfig, prefix: str,
-             opts: StorageConfig) -> Settings:  # fmt: skip
-    """What `up --address ... --no-serve` runs with on this cluster."""
-    return Settings(
-        state_dir=tmp / "state",
-        embedded_broker=False,
-        kafka=kafka,
-        topics=topics,
-        buffer=BufferConfig(path=f"{prefix}/buffer", storage=opts),
-        registry=RegistryConfig(path=f"{prefix}/registry", storage=opts),
-        ingest=IngestConfig(group_id="bench-ingest"),
-        # Rounds run as tasks on the worker nodes and train through the driver's long-lived run.
-        loop=LoopConfig(min_round_events=300, round_on_cluster=True, long_lived_trainer=True),
-        serving=ServingConfig(replicas=2, node_resource=SERVE, follow_s=0.5),
-        rollout=RolloutConfig(
-            in_cluster=True,
-            poll_s=0.5,
-            watch_s=60,
-            min_requests=10,
-            max_p99_ms=10_000,
-            converge_timeout_s=90,
-        ),
-        # Warm rounds of 4 epochs, as in the cluster test: the node is killed after the round's
-        # first checkpoint, and with 2 epochs the round's last one was often registered by then,
-        # so the retried group had nothing left to train (and the result kept the first
-        # attempt's start epoch, 0: a resume that looked like a restart).
-        **_training(prefix, opts, 4, 2),
-    )
-
-
-def serve_env(s: Settings, tmp: Path) -> dict[str, str]:
-    """The app's settings for `serve deploy` (what a RayService's env carries)."""
-    return {
-        "STREAMTUNE_STATE_DIR": str(tmp / "serve-state"),
-        "STREAMTUNE_EMBEDDED_BROKER": "false",
-        "STREAMTUNE_KAFKA__BOOTSTRAP_SERVERS": s.kafka.bootstrap_servers,
-        "STREAMTUNE_TOPICS__EVENTS": s.topics.events,
-        "STREAMTUNE_BUFFER__PATH": str(s.buffer.path),
-        "STREAMTUNE_BUFFER__STORAGE__OPTIONS": json.dumps(s.buffer.storage.options),
-        "STREAMTUNE_REGISTRY__PATH": str(s.registry.path),
-        "STREAMTUNE_REGISTRY__STORAGE__OPTIONS": json.dumps(s.registry.storage.options),
-        "STREAMTUNE_SERVING__REPLICAS": str(s.serving.replicas),
-        "STREAMTUNE_SERVING__NODE_RESOURCE": SERVE,
-        "STREAMTUNE_SERVING__FOLLOW_S": str(s.serving.follow_s),
-    }
-
-
-def state_address() -> str:
-    """The connected cluster's address for Ray's state API, which without one guesses among the
-    Ray instances on the machine (and fails when others run there too)."""
-    import ray
-
-    return str(ray.get_runtime_context().gcs_address)
-
-
-def _train_worker_nodes() -> set[str]:
-    from ray.util.state import list_actors
-
-    alive = list_actors(state_address(), filters=[("state", "=", "ALIVE")], limit=1000)
-    return {a.node_id for a in alive if a.node_id and "RayTrainWorker" in (a.class_name or "")}
-
-
-def checkpointed(location: str, cfg: StorageConfig) -> set[str]:
-    """``run/round`` of the checkpoint each run under Ray Train's storage URI has registered.
-
-    Registered, not just uploaded: a worker killed between its upload and the controller's
-    bookkeeping leaves a checkpoint that no retry resumes from. A new entry appears when a new
-    run (a round's own) registers its first checkpoint or a long-lived run's checkpoint moves on
-    to another round (its progress names the round).
-    """
-    import pyarrow.fs as pafs
-
-    fs, path = arrow_filesystem(location, cfg)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    out: set[str] = set()
-    for info in infos:
-        if info.base_name != "checkpoint_manager_snapshot.json":
-            continue
-        run_dir = info.path.rsplit("/", 1)[0]
-        run = run_dir.rsplit("/", 1)[-1]
-        try:
-            with fs.open_input_stream(info.path) as f:
-                latest = json.loads(f.read()).get("latest_checkpoint_result")
-            if latest is None:
-                continue
-            progress = f"{run_dir}/{latest['checkpoint_dir_name']}/progress.json"
-            with fs.open_input_stream(progress) as f:
-                out.add(f"{run}/{json.loads(f.read()).get('round')}")
-        except (OSError, ValueError, KeyError):
-            continue  # being rewritten (not atomic on every store), or pruned meanwhile
-    return out
+    return RoundConfig(**training(prefix, opts, epochs, epochs, **GATED))
 
 
 def _kill_mid_round(cluster: LocalCluster, workers: list[Node], running: threading.Thread,
@@ -189,7 +75,7 @@ def _kill_mid_round(cluster: LocalCluster, workers: list[Node], running: threadi
         if checkpointed(*store) <= before:
             time.sleep(0.3)
             continue
-        hosting = _train_worker_nodes()
+        hosting = train_worker_nodes()
         victim = next((w for w in workers if w.alive and w.node_id() in hosting), None)
         if victim is not None:
             node_id = victim.node_id() or ""
@@ -224,7 +110,9 @@ def stream_loop(cluster: LocalCluster, workers: list[Node], s3: S3Server, tmp: P
         topics = TopicsConfig(events="bench.events", dead_letter="bench.dlq", partitions=4)
         ensure_topics(kafka, topics)
         prefix = f"s3://bench/cluster-{uuid.uuid4().hex[:8]}"
-        s = settings(tmp, kafka, topics, prefix, StorageConfig(options=s3.options()))
+        opts = StorageConfig(options=s3.options())
+        s = cluster_settings(tmp, kafka, topics, prefix, opts, min_round_events=300, watch_s=60,
+                             **GATED)  # fmt: skip
         running = start(s, serve_http=False)  # ingest, the loop; the control plane in the cluster
         loop, registry = running.loop, running.registry
         rate = len(events) / (40.0 if quick else 90.0)

@@ -46,7 +46,8 @@ from bench.freshness import (
     served_all,
     wait_for,
 )
-from bench.raycluster import SERVE, TRAIN, LocalCluster
+from harness.raycluster import SERVE, TRAIN, LocalCluster
+from harness.s3server import S3Server
 from services.demo import Clock, Queries
 from services.loop_state import STATE_FILE, read_state
 from services.settings import Settings, load_settings
@@ -57,7 +58,6 @@ from streams.config import BrokerConfig, KafkaConfig, TopicsConfig
 from streams.datasets import DEFAULT_ML100K, movielens_100k
 from streams.events import Event
 from streams.producer import replay
-from streams.s3server import S3Server
 from streams.storage import StorageConfig
 
 FIRST = 20_000
@@ -195,7 +195,7 @@ def kill_and_restart(up: UpProcess, queries: Queries, events: list[Event],
 
 def freshness_on_cluster(cluster: LocalCluster, s3: S3Server, tmp: Path, seconds: float,
                          rate: float) -> dict[str, Any]:  # fmt: skip
-    from bench.cluster import serve_env
+    from harness.cluster_settings import serve_env
 
     broker_cfg = BrokerConfig(port=free_port(), controller_port=free_port(),
                               state_dir=tmp / "kafka-fresh", heap="512m")  # fmt: skip

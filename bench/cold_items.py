@@ -1,6 +1,6 @@
 """The cold-item table: does an item representation place items no round has trained on yet?
 
-``cold_items_run``: the replay strategy (``bench.prequential``) with one item representation
+``cold_items_run``: the replay strategy (``harness.prequential``) with one item representation
 (``ModelConfig.item_repr``); the ranks of each round's held-out events right after that round are
 pooled over rounds 1..F, and scored on all of them and on those whose target is a cold item,
 first seen in that chunk (``cold_targets``): no model saw it before the round, which trained on its
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.prequential import Chunk, StreamConfig, run_stream
-from bench.strategies import ModelStrategy, train_from_scratch
+from harness.prequential import Chunk, StreamConfig, run_stream
+from harness.strategies import ModelStrategy, train_from_scratch
 from training.evaluation import Interactions, ndcg_hr
 
 # The cold-item table's options: name -> (ModelConfig.item_repr, ModelConfig.text_init).

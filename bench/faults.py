@@ -8,9 +8,9 @@ signal, a full tmpfs, flipped bytes, a fuzzer), and reports whether the system s
 lost and duplicated, failed requests, and seconds until it recovered. Each fault runs in its own
 Python process, so one fault's Ray or Serve instance can never leak into the next.
 
-The faults live beside the code they exercise (``bench/faults_streams.py``,
-``bench/faults_training.py``, ``bench/faults_registry.py``, ``bench/faults_http.py``); their
-tests call the same functions (quick forms) so CI runs every row.
+The faults themselves are harness fixtures (``harness/faults_streams.py``,
+``harness/faults_training.py``, ``harness/faults_registry.py``, ``harness/faults_http.py``): the
+tests call the same functions (quick forms), so CI runs every row.
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ from rich.table import Table
 
 # name -> "module:function"; each function is ``fn(tmp: Path, quick: bool) -> dict``.
 FAULTS: dict[str, str] = {
-    "broker killed": "bench.faults_streams:fault_broker_kill",
-    "training worker killed": "bench.faults_training:fault_worker_kill",
-    "serve replica killed": "bench.faults_http:fault_replica_kill",
-    "disk full": "bench.faults_streams:fault_disk_full",
-    "corrupt segment": "bench.faults_streams:fault_corrupt_segment",
-    "stalled member": "bench.faults_streams:fault_stalled_member",
-    "loop killed mid-registration": "bench.faults_registry:fault_register_decision_kill",
-    "HTTP fuzzing": "bench.faults_http:fault_http_fuzz_bench",
+    "broker killed": "harness.faults_streams:fault_broker_kill",
+    "training worker killed": "harness.faults_training:fault_worker_kill",
+    "serve replica killed": "harness.faults_http:fault_replica_kill",
+    "disk full": "harness.faults_streams:fault_disk_full",
+    "corrupt segment": "harness.faults_streams:fault_corrupt_segment",
+    "stalled member": "harness.faults_streams:fault_stalled_member",
+    "loop killed mid-registration": "harness.faults_registry:fault_register_decision_kill",
+    "HTTP fuzzing": "harness.faults_http:fault_http_fuzz_bench",
 }
 ROW_KEYS = ("survived", "lost", "duplicated", "failed_requests", "recover_s")
 

@@ -42,6 +42,7 @@ from bench.ingest_shapes import (
     produce_avro,
     produce_foreign,
 )
+from harness.schema_registry import SchemaRegistryServer
 from streams.admin import ensure_topics
 from streams.avro import AvroConfig
 from streams.broker import LocalBroker, free_port
@@ -52,7 +53,6 @@ from streams.events import Event
 from streams.ingest import Ingestor, IngestStats
 from streams.mapping import MappingConfig
 from streams.producer import replay
-from streams.schema_registry import SchemaRegistryServer
 from streams.segments import Segment
 
 

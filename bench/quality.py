@@ -11,8 +11,8 @@ very same cases and negatives: popularity, and popularity with recency (its half
 validation). Training stops after ``patience`` epochs without a better validation NDCG@10 and the
 best epoch is reported on test; ``--seeds N`` runs it with N seeds and reports mean ± std.
 
-Streaming: ``bench.prequential`` (protocol, forgetting and strategy definitions there), plus
-``product`` (``bench.product_stream``): the product's own rounds (Ray Train + DeepSpeed, gate,
+Streaming: ``harness.prequential`` (protocol, forgetting and strategy definitions there), plus
+``product`` (``harness.product_stream``): the product's own rounds (Ray Train + DeepSpeed, gate,
 registry, carry) with its default settings, scored as the others; ``--strategies`` runs a subset
 (and then skips the cold-item table, which belongs to the full run). The
 cold-item table runs the replay strategy (the production recipe) once per item representation
@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.cold_items import ITEM_REPRS, ColdItemsRun, cold_items_run
-from bench.prequential import (
+from harness.prequential import (
     STRATEGIES,
     StrategyResult,
     StreamConfig,
@@ -50,8 +50,8 @@ from bench.prequential import (
     run_stream,
     stream_table,
 )
-from bench.product_stream import ProductStream, product_goal, run_product
-from bench.strategies import ModelStrategy, train_from_scratch, train_selected
+from harness.product_stream import ProductStream, product_goal, run_product
+from harness.strategies import ModelStrategy, train_from_scratch, train_selected
 from training.evaluation import (
     Interactions,
     LooSplit,

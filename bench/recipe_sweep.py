@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from bench.strategies import sequences, vocab_of
+from harness.strategies import sequences, vocab_of
 from training.config import ModelConfig
 from training.data import round_examples
 from training.evaluation import ModelScorer, encode, evaluate_cases, leave_one_out, load_table

@@ -182,7 +182,7 @@ def main() -> None:
     rows = []
     try:
         if args.storage == "s3":
-            from streams.s3server import S3Server
+            from harness.s3server import S3Server
 
             server = S3Server(Path(tempfile.mkdtemp(prefix="bench-s3-"))).start()
             server.create_bucket("bench")

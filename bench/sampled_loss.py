@@ -24,8 +24,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench.prequential import StreamConfig
 from bench.quality import QualityConfig, run_offline
+from harness.prequential import StreamConfig
 from training.config import ModelConfig
 from training.evaluation import encode, load_table
 

@@ -54,7 +54,6 @@ def ensure_broker(settings: Settings) -> None:
 def register(app: typer.Typer, settings_of: SettingsOf) -> None:
     """Attach the Kafka side's commands to ``app``, in the order ``--help`` lists them."""
     app.add_typer(_kafka_app(settings_of), name="kafka")
-    app.add_typer(_s3_app(), name="s3")
     _produce_command(app, settings_of)
     _ingest_command(app, settings_of)
     app.add_typer(_buffer_app(settings_of), name="buffer")
@@ -98,21 +97,6 @@ def _kafka_app(settings_of: SettingsOf) -> typer.Typer:
             console.print(f"ingest lag per partition of {s.topics.events}: {lag}")
 
     return kafka
-
-
-def _s3_app() -> typer.Typer:
-    s3 = typer.Typer(help="The local S3-compatible server (SeaweedFS) for tests and benchmarks.")
-
-    @s3.command("fetch")
-    def s3_fetch() -> None:
-        """Build SeaweedFS from the Go module proxy into the cache (once; ~7 CPU-minutes)."""
-        from streams.s3server import fetch as fetch_s3
-
-        t0 = time.monotonic()
-        binary = fetch_s3()
-        console.print(f"SeaweedFS in [bold]{binary}[/] ({time.monotonic() - t0:.0f}s)")
-
-    return s3
 
 
 def _produce_command(app: typer.Typer, settings_of: SettingsOf) -> None:

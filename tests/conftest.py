@@ -16,10 +16,14 @@ import pytest
 # session in the test process, which Ray later ends whole; with this it raises where it happens.
 os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
 
+from harness import loopback
+from harness.s3server import S3Server
 from streams.broker import LocalBroker, free_port
 from streams.config import BrokerConfig, KafkaConfig, TopicsConfig
-from streams.s3server import S3Server
 from streams.storage import StorageConfig
+
+# Every Ray the tests start (in this process or another) binds and announces 127.0.0.1.
+loopback.keep()
 
 
 @pytest.fixture(scope="session")

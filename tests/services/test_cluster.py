@@ -35,33 +35,21 @@ import httpx
 import pytest
 import ray
 
-from bench.cluster import checkpointed, serve_env, state_address
-from bench.liveclient import LiveClient, register_broken_copy
-from bench.raycluster import LocalCluster, Node
-from services.config import LoopConfig
+from harness.cluster_probes import checkpointed, state_address, train_worker_nodes
+from harness.cluster_settings import cluster_settings, serve_env
+from harness.liveclient import LiveClient, register_broken_copy
+from harness.raycluster import SERVE, TRAIN, LocalCluster, Node
+from harness.s3server import S3Server
 from services.runtime import Running, start
-from services.settings import Settings
-from serving.config import RolloutConfig, ServingConfig
 from streams.admin import ensure_topics
 from streams.broker import free_port
-from streams.config import BufferConfig, IngestConfig, KafkaConfig, TopicsConfig
+from streams.config import KafkaConfig, TopicsConfig
 from streams.datasets import DriftSpec, synthetic_drift
 from streams.producer import replay
-from streams.s3server import S3Server
 from streams.storage import StorageConfig
-from training.config import GateConfig, ModelConfig, RegistryConfig, ReplayConfig, TrainerConfig
 from training.registry import Registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-TRAIN, SERVE = "streamtune_train", "streamtune_serve"
-
-
-def _train_worker_nodes() -> set[str]:
-    from ray.util.state import list_actors
-
-    alive = list_actors(state_address(), filters=[("state", "=", "ALIVE")], limit=1000)
-    return {a.node_id for a in alive if a.node_id and "RayTrainWorker" in (a.class_name or "")}
 
 
 def _round_task_nodes() -> set[str]:
@@ -90,49 +78,6 @@ def _history_state(user: str) -> dict[str, Any]:
             "user_history": ray.get(ctx.get_history.remote(user), timeout=30)}  # fmt: skip
 
 
-def _settings(tmp: Path, kafka: KafkaConfig, topics: TopicsConfig, prefix: str,
-              opts: StorageConfig) -> Settings:  # fmt: skip
-    return Settings(
-        state_dir=tmp / "state",
-        embedded_broker=False,
-        kafka=kafka,
-        topics=topics,
-        buffer=BufferConfig(path=f"{prefix}/buffer", storage=opts),
-        registry=RegistryConfig(path=f"{prefix}/registry", storage=opts),
-        ingest=IngestConfig(group_id=f"g-{topics.events}"),
-        model=ModelConfig(max_len=20, d_model=32, n_layers=2, text_init=False),
-        trainer=TrainerConfig(
-            num_workers=2,
-            epochs=4,
-            first_round_epochs=2,
-            batch_size=32,
-            lr=5e-3,
-            storage_path=f"{prefix}/ray",
-            storage=opts,
-            max_failures=3,
-            node_resource=TRAIN,
-            # A checkpoint at every epoch but a round's last: the node is killed once the round
-            # has its first one, and with the default cadence (2 s of training) that came so
-            # late in these short epochs that the round could finish before the kill took hold.
-            checkpoint_every_s=0.0,
-        ),
-        replay=ReplayConfig(capacity=2000, ratio=1.0),
-        gate=GateConfig(min_eval_users=10, tolerance=1.0),
-        # Round tasks on the worker nodes train through the driver's long-lived run.
-        loop=LoopConfig(min_round_events=200, round_on_cluster=True, long_lived_trainer=True),
-        serving=ServingConfig(replicas=2, node_resource=SERVE, follow_s=0.5),
-        # What `up --address` sets: the controller is a detached actor in the cluster.
-        rollout=RolloutConfig(
-            in_cluster=True,
-            poll_s=0.5,
-            watch_s=120,
-            min_requests=10,
-            max_p99_ms=10_000,
-            converge_timeout_s=90,
-        ),
-    )
-
-
 def _wait_rows(running: Running, n: int, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while running.buffer.stats().rows < n:
@@ -145,7 +90,9 @@ def test_cluster_rounds_on_workers_state_on_s3_a_separate_serve_app_and_a_lost_n
 ) -> None:
     ensure_topics(kafka, topics)
     prefix = f"s3://streamtune-test/cluster-{uuid.uuid4().hex[:8]}"
-    s = _settings(tmp_path, kafka, topics, prefix, StorageConfig(options=s3_server.options()))
+    s = cluster_settings(
+        tmp_path, kafka, topics, prefix, StorageConfig(options=s3_server.options())
+    )
     events = list(synthetic_drift(DriftSpec(users=60, events=9000, seed=5)))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -154,7 +101,7 @@ def test_cluster_rounds_on_workers_state_on_s3_a_separate_serve_app_and_a_lost_n
     with LocalCluster(root) as cluster:
         cluster.start_head()
         workers = [cluster.add_worker(f"w{i}", 3, {TRAIN: 1.0, SERVE: 1.0}) for i in (1, 2)]
-        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.connect()
         running: Running | None = None
         try:
             head_id = cluster.nodes[0].node_id()
@@ -172,7 +119,7 @@ def test_cluster_rounds_on_workers_state_on_s3_a_separate_serve_app_and_a_lost_n
             # The long-lived run stays up between rounds: its workers on worker nodes only, its
             # feeder (the rounds' meeting point) on the head, out of a lost node's way.
             assert running.loop.session is not None and running.loop.session.running
-            session_workers = _train_worker_nodes()
+            session_workers = train_worker_nodes()
             assert session_workers and session_workers <= worker_ids, session_workers
             assert _actor_nodes("RoundFeeder") == {head_id}
 
@@ -265,7 +212,7 @@ def test_cluster_rounds_on_workers_state_on_s3_a_separate_serve_app_and_a_lost_n
 def _pick_victim(workers: list[Node], runner: threading.Thread, ready: Callable[[], bool]) -> Node:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and runner.is_alive():
-        hosting = _train_worker_nodes()
+        hosting = train_worker_nodes()
         if hosting and ready():
             # Prefer a node that hosts a training worker but not the round's task.
             spare = hosting - _round_task_nodes()

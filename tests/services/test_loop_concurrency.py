@@ -117,7 +117,7 @@ def test_real_round_loses_the_race_and_is_not_registered(tmp_path: Path, ray_loc
     import threading
     import time
 
-    from bench.faults_training import round_config, train_worker_pids
+    from harness.faults_training import round_config, train_worker_pids
     from services.config import LoopConfig
     from services.loop import ContinualLoop
     from streams.buffer import EventBuffer
@@ -200,7 +200,7 @@ def test_two_real_train_once_runs_register_the_slice_once(tmp_path: Path) -> Non
 def test_a_round_too_small_to_gate_is_skipped_and_its_events_wait(tmp_path: Path) -> None:
     """No Ray: the round is refused before training. Nothing is registered, the trained watermark
     stays, and the loop asks again only once min_round_events more have arrived."""
-    from bench.faults_training import round_config
+    from harness.faults_training import round_config
     from services.config import LoopConfig
     from services.loop import ContinualLoop
     from streams.buffer import EventBuffer
@@ -233,7 +233,7 @@ def test_a_quiet_streams_small_tail_is_trained_once_it_waited_max_pending_s(
     min_round_events included."""
     import time
 
-    from bench.faults_training import round_config
+    from harness.faults_training import round_config
     from services import loop as loop_mod
     from services.config import LoopConfig
     from services.loop import ContinualLoop
@@ -315,7 +315,7 @@ def test_rounds_are_capped_and_the_first_version_waits_for_enough_events(
 
 
 def _cfg(tmp: Path) -> Any:
-    from bench.faults_training import round_config
+    from harness.faults_training import round_config
 
     return round_config(tmp / "ray", epochs=1, max_failures=0)
 

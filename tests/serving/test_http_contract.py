@@ -19,7 +19,7 @@ import jsonschema_rs
 import pytest
 from pydantic import SecretStr
 
-from bench.faults_http import fault_replica_kill, fuzz, serve_app
+from harness.faults_http import fault_replica_kill, fuzz, serve_app
 from serving.api import ErrorBody
 from serving.config import ServingConfig
 from streams.broker import free_port

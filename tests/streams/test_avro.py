@@ -20,6 +20,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from pydantic import ValidationError
 
+from harness.schema_registry import SchemaRegistryServer
 from streams.avro import (
     EMPTY,
     FRAMING,
@@ -36,7 +37,6 @@ from streams.avro import (
 from streams.broker import free_port
 from streams.config import KafkaConfig, TopicsConfig
 from streams.errors import SchemaRegistryError, SchemaRegistryUnavailableError
-from streams.schema_registry import SchemaRegistryServer
 
 V1: dict[str, Any] = {
     "type": "record",

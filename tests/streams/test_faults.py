@@ -1,4 +1,4 @@
-"""The stream rows of the fault table (bench/faults_streams.py), quick forms, against real Kafka.
+"""The stream rows of the fault table (harness/faults_streams.py), quick forms, against real Kafka.
 
 Each asserts the row survived with nothing lost or duplicated, and that the fault really happened.
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.faults_streams import (
+from harness.faults_streams import (
     fault_broker_kill,
     fault_corrupt_segment,
     fault_disk_full,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 # One generator for tests and the fault bench: the worker-kill fault trains on the same stream.
-from bench.faults_training import stream_table as synthetic_table
+from harness.faults_training import stream_table as synthetic_table
 
 __all__ = ["synthetic_table", "watermark_of"]
 

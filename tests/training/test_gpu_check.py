@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from bench.gpu_check import main, parity
+from harness.gpu_check import main, parity
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the skip path needs a machine without GPU")

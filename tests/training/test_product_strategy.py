@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.prequential import StreamConfig, build_chunks, run_stream
-from bench.product_stream import KEY, ProductStrategy, ProductStream, product_table, round_slices
-from bench.strategies import train_fit
+from harness.prequential import StreamConfig, build_chunks, run_stream
+from harness.product_stream import KEY, ProductStrategy, ProductStream, product_table, round_slices
+from harness.strategies import train_fit
 from tests.training.data_gen import synthetic_table
 from training.config import GateConfig, ModelConfig
 from training.data import Examples

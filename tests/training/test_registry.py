@@ -407,7 +407,7 @@ def test_a_cold_reader_folds_from_the_log_checkpoint(tmp_path: Path) -> None:
 
 def test_fault_loop_killed_mid_registration(tmp_path: Path) -> None:
     # bench.faults' row: SIGKILL after the upload, before the commit; restart; retry; repair.
-    from bench.faults_registry import fault_register_decision_kill
+    from harness.faults_registry import fault_register_decision_kill
 
     result = fault_register_decision_kill(tmp_path, quick=False)
     assert all(s["fault_happened"] for s in result["scenarios"]), result["detail"]

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import ray
 
-from bench.faults_training import round_config, train_worker_pids
+from harness.faults_training import round_config, train_worker_pids
 from tests.training.data_gen import synthetic_table, watermark_of
 from training.config import ModelConfig
 from training.data import Examples

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import ray
 
-from bench.faults_training import round_config
+from harness.faults_training import round_config
 from tests.training.test_session import examples, model
 from training.errors import RoundFailedError
 from training.model import Recommender

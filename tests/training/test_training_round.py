@@ -11,7 +11,7 @@ import psutil
 import pytest
 import ray
 
-from bench.faults_training import WorkerKiller, fault_worker_kill, round_config
+from harness.faults_training import WorkerKiller, fault_worker_kill, round_config
 from tests.training.data_gen import synthetic_table, watermark_of
 from training import round_finish as round_module
 from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.faults_streams_harness import (
+from harness.faults_streams_kit import (
     TOPICS,
     Member,
     audit,

@@ -1,4 +1,4 @@
-"""How each strategy of the streaming evaluation trains (``bench.prequential`` runs them).
+"""How each strategy of the streaming evaluation trains (``harness.prequential`` runs them).
 
 ``ModelStrategy`` is one strategy's lineage (model, vocab, replay reservoir) and its update per
 round; ``train_selected`` trains from scratch with the epoch chosen on validation, for the
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bench.prequential import STRATEGIES, StreamConfig, ndcg_on
+from harness.prequential import STRATEGIES, StreamConfig, ndcg_on
 from training.data import Examples, round_examples
 from training.evaluation import Case, Interactions, ModelScorer, Scorer
 from training.fit import LrSchedule, fit, torch_step

@@ -28,7 +28,7 @@ Reported per strategy:
 - ``train_s`` = mean wall-clock seconds of training per round k = 1..F (pretraining excluded,
   it is the same for all strategies).
 
-Strategies (``ModelStrategy``, in ``bench.strategies``), all starting from the same model
+Strategies (``ModelStrategy``, in ``harness.strategies``), all starting from the same model
 pretrained on chunk 0 and all trained with the trainer's in-process loop (``training.fit.fit`` +
 ``torch_step``, one process, no Ray: this measures the learning strategy, not distribution):
 
@@ -51,7 +51,7 @@ does: in ``id``, mean-of-known rows (the MiniLM title init, ``text_init``, is of
 ``StreamConfig``'s model so that no strategy pays for it); with a text item representation
 (``ModelConfig.item_repr``), the titles' MiniLM features.
 
-The ``product`` strategy (the product's own rounds) is in ``bench.product_stream``; the
+The ``product`` strategy (the product's own rounds) is in ``harness.product_stream``; the
 cold-item table's runs are in ``bench.cold_items``. Scores go through the one ranking core
 (``training.ranking`` via ``training.evaluation``), the gate's.
 

@@ -1,10 +1,12 @@
-"""A real S3-compatible server on 127.0.0.1 for tests, the demo and the cluster benchmark.
+"""A real S3-compatible server on 127.0.0.1 for tests and the benchmarks.
 
 SeaweedFS (Apache-2.0) built from the Go module proxy, the way the Kafka broker comes from Maven
 Central: ``fetch`` runs ``go mod download`` and ``go build`` once into a cache outside the
 repository (about 7 CPU-minutes the first time); ``S3Server`` runs ``weed mini`` with every port
 given explicitly, waits until S3 answers and creates buckets. Nothing here is a fake: conditional
 PUTs (``If-None-Match: *``) are answered by SeaweedFS itself.
+
+``python -m harness.s3server fetch`` builds it ahead of the tests (CI, ``make s3-server``).
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import TracebackType
 
 import httpx
 
+from harness.procs import log_tail, stop_group
 from streams.broker import free_port
 from streams.errors import StorageError
-from streams.procs import log_tail, stop_group
 from streams.progress import working
 
 MODULE = "github.com/seaweedfs/seaweedfs"
@@ -163,3 +166,15 @@ _IDENTITY = (
     + SECRET_KEY
     + '"}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}'
 )
+
+
+def main(argv: list[str]) -> None:
+    if argv != ["fetch"]:
+        sys.exit("usage: python -m harness.s3server fetch")
+    t0 = time.monotonic()
+    out = fetch()
+    print(f"SeaweedFS in {out} ({time.monotonic() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -3,6 +3,7 @@
 Each node is its own `ray start --block` process group with its own resources, temp dir and
 ports, so killing one (SIGKILL to its group: raylet, object store, its workers) is a lost node as
 Ray sees it. Used by the cluster test and ``bench.cluster``; nothing here is a fake of Ray.
+Every node, driver and probe binds and announces 127.0.0.1 (``harness.loopback``).
 
 Topology (what the README's "scaling out" section describes): the head carries the control
 resource and no CPUs for training, the workers carry ``streamtune_train`` (training) and
@@ -27,12 +28,12 @@ from types import TracebackType
 
 import yaml
 
+from harness import loopback
+from harness.s3server import S3Server
 from serving.config import ServingConfig
 from serving.ingress import node_env
 from streams.broker import ephemeral_range, free_port
-from streams.s3server import S3Server
 
-RAY = str(Path(sys.executable).with_name("ray"))
 # The custom resources of the topology above: training nodes, serving nodes.
 TRAIN, SERVE = "streamtune_train", "streamtune_serve"
 
@@ -85,7 +86,14 @@ class LocalCluster:
         Token authentication is off: the cluster listens on 127.0.0.1 only, and Ray reads the
         mode once per process, at import, which an in-process test driver cannot change.
         """
-        return {"RAY_AUTH_MODE": "disabled"}
+        return {"RAY_AUTH_MODE": "disabled", **loopback.ENV}
+
+    def connect(self) -> None:
+        """Connect this process's driver to the cluster, over loopback."""
+        import ray
+
+        loopback.keep()
+        ray.init(address=self.address, log_to_driver=False)
 
     def _ports(self, p: list[int]) -> list[str]:
         # Worker ports below the kernel's ephemeral range (free_port's are above it), one
@@ -103,7 +111,8 @@ class LocalCluster:
         temp = self.root / name
         temp.mkdir(parents=True, exist_ok=True)
         ports = [free_port() for _ in range(6)]
-        cmd = [RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+        cmd = [*loopback.RAY_START, "start", "--block", "--disable-usage-stats",
+               f"--node-ip-address={loopback.LOOPBACK}",
                f"--temp-dir={temp}", f"--object-store-memory={self.object_store_mb << 20}",
                f"--resources={json.dumps(resources)}", *self._ports(ports), *args]  # fmt: skip
         log = (self.root / f"{name}.log").open("ab")
@@ -231,7 +240,7 @@ def cluster_with_s3() -> Iterator[tuple[LocalCluster, list[Node], S3Server, Path
     try:
         cluster.start_head()
         workers = [cluster.add_worker(f"w{i}", 3, {TRAIN: 1.0, SERVE: 1.0}) for i in (1, 2)]
-        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.connect()
         yield cluster, workers, s3, root
     finally:
         ray.shutdown()

@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from bench.prequential import Chunk, StrategyResult, run_stream
+from harness.prequential import Chunk, StrategyResult, run_stream
 from services.runtime import round_config
 from services.settings import load_settings
 from streams.offsets import tp_key
@@ -131,7 +131,7 @@ class ProductStrategy:
         self.first_round_s = 0.0
         self._scorer: tuple[int, Scorer] | None = None
 
-    # -- the Strategy protocol (bench.prequential) ----------------------------------------
+    # -- the Strategy protocol (harness.prequential) ----------------------------------------
     def start(self, chunk0: Chunk) -> None:
         """The first version: one fresh round over chunk 0's trainable events."""
         t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The local servers the project starts (S3, schema registry): stopping one, reading its log."""
+"""The local servers the harness starts (S3, schema registry): stopping one, reading its log."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""What ``bench.gpu_check`` needs beyond PyTorch, transformers and pyarrow, into build/gpu-deps.
+"""What ``harness.gpu_check`` needs beyond PyTorch, transformers and pyarrow, into build/gpu-deps.
 
     make gpu-deps        # here, where PyPI is reachable; the folder then travels with the tree
 
 ``common/``: pure-Python packages (and psutil, whose compiled part is abi3) copied from this
 ``.venv``, DeepSpeed as installed there (its ops are built at run time, if ever); ``cpXY/``:
 pydantic's compiled core for CPython 3.10-3.13 (this Python's copied, the others downloaded as
-manylinux wheels). ``bench.gpu_check`` puts both on its path.
+manylinux wheels). ``harness.gpu_check`` puts both on its path.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from bench.gpu_check import DEPS
+from harness.gpu_check import DEPS
 
 COPIED = ("deepspeed", "pydantic", "annotated_types", "typing_inspection", "typing_extensions",
           "hjson", "einops", "cpuinfo", "packaging", "msgpack", "psutil", "ninja")  # fmt: skip

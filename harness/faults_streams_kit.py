@@ -1,4 +1,4 @@
-"""The harness the stream faults share: a broker, ingest members, the audit and the table row.
+"""What the stream faults share: a broker, ingest members, the audit and the table row.
 
 A member runs either on a thread of this process (``Member``) or as a process of its own
 (``spawn_member``), which a fault can stop and continue with signals.
@@ -132,7 +132,7 @@ def row(fault: str, ok: bool, audit_: dict[str, Any], recover_s: float, detail: 
 def spawn_member(
     tmp: Path, tag: str, kafka: KafkaConfig, buf: EventBuffer, **cfg: Any
 ) -> subprocess.Popen[bytes]:
-    """An ingest process (``bench.faults_streams --member``, which runs ``member_main``) that
+    """An ingest process (``harness.faults_streams --member``, which runs ``member_main``) that
     writes its stats on exit."""
     spec = {
         "kafka": kafka.model_dump(mode="json"),
@@ -144,7 +144,7 @@ def spawn_member(
     path.write_text(json.dumps(spec))
     log = (tmp / f"member-{tag}.log").open("wb")
     return subprocess.Popen(
-        [sys.executable, "-m", "bench.faults_streams", "--member", str(path)],
+        [sys.executable, "-m", "harness.faults_streams", "--member", str(path)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
 

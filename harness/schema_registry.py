@@ -1,4 +1,4 @@
-"""A real schema registry on 127.0.0.1 for tests, the demo and the benchmark: Apicurio Registry.
+"""A real schema registry on 127.0.0.1 for tests and the ingest benchmark: Apicurio Registry.
 
 Apicurio Registry (Apache-2.0) publishes its server on Maven Central as a ready-to-run Quarkus
 distribution (``io.apicurio:apicurio-registry-app:VERSION:tar.gz:all``), the way the Kafka broker
@@ -11,7 +11,7 @@ decoder in ``streams.avro`` is tested against the same API a Confluent registry 
 Version 3.0.9: Apicurio 3.1 and later are compiled for Java 21 (class file 65), and the project's
 JDK is 17; 3.0.x runs on 17 and serves the same ccompat v7 API.
 
-``python -m streams.schema_registry fetch`` fetches it ahead of the tests (CI, ``make``).
+``python -m harness.schema_registry fetch`` fetches it ahead of the tests (CI, ``make``).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from types import TracebackType
 
 import httpx
 
+from harness.procs import log_tail, stop_group
 from streams.broker import free_port
 from streams.errors import SchemaRegistryError
-from streams.procs import log_tail, stop_group
 from streams.progress import working
 
 ARTIFACT = "io.apicurio:apicurio-registry-app"
@@ -158,5 +158,5 @@ class SchemaRegistryServer:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["fetch"]:
-        sys.exit("usage: python -m streams.schema_registry fetch")
+        sys.exit("usage: python -m harness.schema_registry fetch")
     print(f"Apicurio Registry {VERSION} in {fetch().parent}")

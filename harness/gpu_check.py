@@ -1,7 +1,7 @@
 """GPU readiness without Ray: the training worker's step and the serving forward on the GPUs here.
 
-    make gpu-check                          # python3 -m bench.gpu_check, deps from build/gpu-deps
-    python -m bench.gpu_check --cpu        # the same check on CPU (gloo, fp32): tests the check
+    make gpu-check                          # python3 -m harness.gpu_check, deps from build/gpu-deps
+    python -m harness.gpu_check --cpu        # the same check on CPU (gloo, fp32): tests the check
 
 A GPU machine may have PyTorch, transformers and pyarrow but not Ray, DeepSpeed or pydantic, and
 no network. ``make gpu-deps`` (here, with PyPI) puts what else the check imports under
@@ -215,7 +215,7 @@ def parity(ref: list[float], ds: list[float]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        prog="python -m bench.gpu_check", description=__doc__.split("\n")[0]
+        prog="python -m harness.gpu_check", description=__doc__.split("\n")[0]
     )
     p.add_argument("--cpu", action="store_true", help="dry run on CPU (gloo, fp32), no GPU needed")
     p.add_argument("--cpu-ranks", type=int, default=2, help="processes of the --cpu dry run")
