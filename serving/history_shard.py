@@ -17,9 +17,13 @@ and the replicas' caches of the restarted shard start again from its new feed.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -77,6 +81,7 @@ class HistoryShard:
         if buffer is not None:
             start, self.rebuilt_from = self._rebuild(EventBuffer(BufferConfig(**buffer)), registry)
         self.rebuild_s = time.monotonic() - t0
+        give_back_memory()
         log.info("history shard %d/%d: %d users from %s in %.1f s", index, shards,
                  len(self.history), self.rebuilt_from, self.rebuild_s)  # fmt: skip
         self._stop = threading.Event()
@@ -92,10 +97,10 @@ class HistoryShard:
         between, seconds on object storage, would be in neither.)"""
         upto = buf.next_offsets()
         upto_keys = {tp_key(t, p): o for (t, p), o in upto.items()}
-        index = newest_index(registry) if registry is not None else None
+        index = newest_index(registry, self._keep) if registry is not None else None
         if index is not None and _covered(index.watermark, upto_keys):
             tail = buf.read(after=index.watermark, upto=upto_keys, columns=["user_id", "item_id"])
-            users, items = _flatten(self._mine(index.table))
+            users, items = _flatten(index.table)
             tail = self._mine(tail)
             users = pa.concat_arrays([users, tail.column("user_id").combine_chunks()])
             items = pa.concat_arrays([items, tail.column("item_id").combine_chunks()])
@@ -110,11 +115,14 @@ class HistoryShard:
         self.history.load(users, items)
         return upto, source
 
+    def _keep(self, users: pa.Array) -> pa.Array:
+        """The mask of this shard's users among ``users``."""
+        return pa.array(shard_codes(users, self.shards) == self.index)
+
     def _mine(self, table: pa.Table) -> pa.Table:
         if self.shards <= 1:
             return table
-        codes = shard_codes(table.column("user_id"), self.shards)
-        return table.filter(pa.array(codes == self.index))
+        return table.filter(self._keep(table.column("user_id")))
 
     # -- the live tail --------------------------------------------------------------------
     def _consume(self, start: dict[tuple[str, int], int] | None) -> None:
@@ -199,9 +207,26 @@ class HistoryShard:
         self._thread.join(timeout=5)
 
 
-def newest_index(registry: Any) -> HistoryIndex | None:
-    """The newest version's history index and watermark, or None (no version, or one written
-    before versions carried the index)."""
+def give_back_memory() -> None:
+    """Return the rebuild's freed memory to the system. The rebuild's transient arrays (the index
+    as strings, the encodings, the sort) are freed but stay in the allocators' heaps: at 1M users
+    the shard's RSS stayed ~5 KB per user above what its rings hold, against ~0.8 KB once given
+    back (``bench.scale``)."""
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None)  # glibc's; other libcs lack it
+    if trim is not None:
+        trim(0)
+
+
+def newest_index(
+    registry: Any, keep: Callable[[pa.Array], pa.Array] | None = None
+) -> HistoryIndex | None:
+    """The newest version's history index (of the users ``keep`` masks) and watermark, or None
+    (no version, or one written before versions carried the index)."""
     version = registry.latest()
     if version is None:
         return None
@@ -209,7 +234,7 @@ def newest_index(registry: Any) -> HistoryIndex | None:
     if not watermark:
         return None
     try:
-        table = registry.read_histories(version)
+        table = registry.read_histories(version, keep)
     except HistoriesError as err:  # a version from before the index: the whole buffer then
         log.info("v%d has no history index (%s): rebuilding from the whole buffer", version, err)
         return None

@@ -159,15 +159,18 @@ class Registry(RegistryWrites):
     def version_meta(self, version: int) -> VersionMeta:
         return VersionMeta.model_validate(self.meta(version))
 
-    def read_histories(self, version: int) -> pa.Table:
+    def read_histories(
+        self, version: int, keep: Callable[[pa.Array], pa.Array] | None = None
+    ) -> pa.Table:
         """Every user's recent items as of ``version`` (what its rounds trained on, up to
         ``meta(version)["watermark"]``): columns user_id (string) and recent (list<string> of
-        item ids, oldest first, at most the model's max_len). HistoriesError if the version has
-        no index (registered before there was one, or outside a round)."""
+        item ids, oldest first, at most the model's max_len); ``keep`` masks the users wanted,
+        given their ids. HistoriesError if the version has no index (registered before there
+        was one, or outside a round)."""
         from training import histories
 
         d = self.path(version)
-        return histories.item_histories(d, ItemVocab.load(d / "vocab.json"))
+        return histories.item_histories(d, ItemVocab.load(d / "vocab.json"), keep)
 
     def decision_log(self) -> list[Decision]:
         return [d.model_copy() for d in self._state().decisions]
