@@ -43,6 +43,7 @@ from rich.table import Table
 
 from bench.scale_catalog import catalog_row
 from bench.scale_state import state_row
+from bench.scale_up import up_row
 
 console = Console(stderr=True)
 OUT = Console(width=160)
@@ -119,7 +120,7 @@ def show_catalog(rows: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["state", "catalog", "all"], default="all")
+    p.add_argument("--part", choices=["state", "catalog", "up", "all"], default="all")
     p.add_argument("--quick", action="store_true", help="10k/100k users; 10k/100k items")
     p.add_argument("--users", type=int, nargs="+", default=None, help="default 10000 1000000")
     p.add_argument("--events-per-user", type=int, default=100)
@@ -135,11 +136,13 @@ def main(argv: list[str] | None = None) -> None:
         help="catalog sizes (default 10000 100000 1000000)",
     )
     p.add_argument("--round-events", type=int, default=25_000)
+    p.add_argument("--up-users", type=int, default=1_000_000, help="the footprint part's users")
+    p.add_argument("--up-items", type=int, default=100_000, help="the footprint part's catalog")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     users = args.users or ([10_000, 100_000] if args.quick else [10_000, 1_000_000])
     items = args.items or ([10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000])
-    summary: dict[str, Any] = {"bench": "scale", "state": None, "catalog": None}
+    summary: dict[str, Any] = {"bench": "scale", "state": None, "catalog": None, "up": None}
     if args.part in ("state", "all"):
         rows = []
         for n in users:
@@ -157,6 +160,26 @@ def main(argv: list[str] | None = None) -> None:
             crows.append(apart(catalog_row, n, args.round_events, args.seed))
         show_catalog(crows)
         summary["catalog"] = catalog_summary(crows)
+    if args.part in ("up", "all"):
+        n, k = (100_000, 10_000) if args.quick else (args.up_users, args.up_items)
+        console.print(f"up: holding {n:,} users and a {k:,}-item catalog ...")
+        row = apart(up_row, n, args.events_per_user, k, args.tail, args.shards, args.seed)
+        steady, peak = row["steady_rss"] / GIB, row["peak_rss"] / GIB
+        t = Table(title="streamtune up: memory by kind of process, while serving")
+        for col in ("process", "count", "RSS GiB", "PSS GiB"):
+            t.add_column(col, justify="right")
+        for name, r in sorted(row["roles"].items(), key=lambda kv: -kv[1]["rss"]):
+            t.add_row(name, str(r["n"]), f"{r['rss'] / GIB:.2f}", f"{r['pss'] / GIB:.2f}")
+        OUT.print(t)
+        OUT.print(f"streamtune up with {n:,} users x {args.events_per_user} events, {k:,} items, "
+                  f"{args.shards} shards: RSS of every process it started {steady:.2f} GiB "
+                  f"serving (peak {peak:.2f} GiB); first trained version live after "
+                  f"{row['live_s']:.0f} s")  # fmt: skip
+        summary["up"] = {"users": n, "items": k, "shards": args.shards,
+                         "steady_rss_gib": _r(row["steady_rss"] / GIB),
+                         "peak_rss_gib": _r(row["peak_rss"] / GIB),
+                         "steady_pss_gib": _r(row["steady_pss"] / GIB),
+                         "live_s": _r(row["live_s"], 0)}  # fmt: skip
     print(json.dumps(summary))
 
 

@@ -34,8 +34,10 @@ def population(users: int, per_user: int, items: int, seed: int) -> tuple[np.nda
     return u, i
 
 
-def write_buffer(buf: EventBuffer, u: np.ndarray, i: np.ndarray) -> None:
-    """The events as segments of ``CHUNK`` rows, offsets 0.. on one partition."""
+def write_buffer(
+    buf: EventBuffer, u: np.ndarray, i: np.ndarray, topic: str = BUFFERED_TOPIC
+) -> None:
+    """The events as segments of ``CHUNK`` rows, offsets 0.. on one partition of ``topic``."""
     for start in range(0, len(u), CHUNK):
         end = min(len(u), start + CHUNK)
         n = end - start
@@ -50,13 +52,13 @@ def write_buffer(buf: EventBuffer, u: np.ndarray, i: np.ndarray) -> None:
                 "ts": pa.array(1_700_000_000_000 + offs),
                 "item_text": pa.nulls(n, pa.string()),
                 "context": pa.nulls(n, pa.string()),
-                "topic": pa.array(np.full(n, BUFFERED_TOPIC, dtype=object), pa.string()),
+                "topic": pa.array(np.full(n, topic, dtype=object), pa.string()),
                 "partition": pa.array(np.zeros(n, dtype=np.int32)),
                 "offset": pa.array(offs),
             },
             schema=ARROW_SCHEMA,
         )
-        buf.append(table, [OffsetRange(BUFFERED_TOPIC, 0, start, end)], writer="bench")
+        buf.append(table, [OffsetRange(topic, 0, start, end)], writer="bench")
 
 
 def index_table(u: np.ndarray, i: np.ndarray) -> pa.Table:

@@ -1,0 +1,169 @@
+"""``bench.scale``'s footprint part: ``streamtune up`` itself, holding a large population.
+
+A state directory is prepared as ``up`` leaves it after rounds over ``users`` users and a catalog
+of ``items`` items (the buffer written directly, a champion with its item map, item table, replay
+reservoirs and per-user history index over all but the last ``tail`` events), then
+``streamtune up`` runs on it with its defaults (embedded broker, local Ray, history shards, the
+loop, Serve) plus ``serving.history_shards``. It rebuilds its shards, trains one round on the
+``tail`` events and serves; the RSS of every process it started (the broker's JVM, Ray's own
+processes, trainer workers, shards, replicas) is sampled every 2 s until a request for a user
+from the population is answered from live history by a version newer than the prepared one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from bench.scale_state import index_table, population, write_buffer
+from streams.buffer import EventBuffer
+from streams.config import BufferConfig
+from streams.offsets import tp_key
+
+BUFFERED_TOPIC = "scale.buffered"
+
+
+def _champion(state: Path, index: Any, items: int, watermark: dict[str, int]) -> None:
+    """The registry a lineage over the population leaves: its item map, item table, empty
+    reservoirs and per-user history index."""
+    from training.config import GateConfig, ModelConfig, ReplayConfig
+    from training.histories import save_chain
+    from training.model import Recommender, save_weights
+    from training.registry import Registry
+    from training.replay import Reservoir
+    from training.vocab import ItemVocab
+
+    cfg, replay, gate = ModelConfig(), ReplayConfig(), GateConfig()
+    vocab = ItemVocab([str(c) for c in range(items)])
+    model = Recommender(cfg, len(vocab))
+
+    def write(d: Path) -> None:
+        save_weights(model, d / "model.safetensors")
+        vocab.save(d / "vocab.json")
+        (d / "popularity.json").write_text(json.dumps([1] * len(vocab)))
+        (d / "titles.json").write_text("{}")
+        Reservoir(replay.capacity, cfg.max_len).save(d)
+        Reservoir(gate.replay_eval_size, cfg.max_len).save(d, name="replay_eval")
+        save_chain(index, d, None)
+
+    meta = {"model_config": cfg.model_dump(), "watermark": watermark}
+    Registry(state / "registry").register(write, meta, promote=True, reason="bench: prepared")
+
+
+def prepare(state: Path, users: int, per_user: int, items: int, tail: int, seed: int) -> None:
+    u, i = population(users, per_user, items, seed)
+    write_buffer(EventBuffer(BufferConfig(path=state / "buffer")), u, i, topic=BUFFERED_TOPIC)
+    cut = len(u) - tail
+    _champion(state, index_table(u[:cut], i[:cut]), items, {tp_key(BUFFERED_TOPIC, 0): cut})
+
+
+def _tree_rss(root: psutil.Process) -> int:
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return total
+
+
+def _role(p: psutil.Process) -> str:
+    cmd = " ".join(p.cmdline())
+    for key in ("java", "gcs_server", "raylet", "dashboard", "runtime_env", "log_monitor",
+                "haproxy", "ServeReplica", "ServeController", "ProxyActor", "HistoryShard",
+                "ServingContext", "RayTrainWorker", "TrainController", "_TrainingSession",
+                "ray::IDLE", "streamtune"):  # fmt: skip
+        if key in cmd:
+            return key
+    return p.name()
+
+
+def _by_role(root: psutil.Process) -> dict[str, dict[str, float]]:
+    """RSS and PSS (shared pages split between the processes mapping them) per kind of process:
+    summed RSS counts a shared library once per process that maps it."""
+    out: dict[str, dict[str, float]] = {}
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            mem = p.memory_full_info()
+            r = out.setdefault(_role(p), {"n": 0, "rss": 0, "pss": 0})
+            r["n"] += 1
+            r["rss"] += mem.rss
+            r["pss"] += getattr(mem, "pss", mem.rss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
+
+
+def _answered_live(port: int, user: str) -> int | None:
+    """The version that answered ``user`` from live history, or None."""
+    try:
+        r = httpx.post(f"http://127.0.0.1:{port}/recommend", json={"user_id": user, "k": 10},
+                       timeout=5)  # fmt: skip
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200 or r.json().get("source") == "popularity":
+        return None
+    return int(r.json()["version"])
+
+
+def up_row(users: int, per_user: int, items: int, tail: int, shards: int, seed: int,
+           timeout_s: float = 1800.0) -> dict[str, Any]:  # fmt: skip
+    from streams.broker import free_port
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-scale-up-{users}-"))
+    state = tmp / "state"
+    t0 = time.monotonic()
+    prepare(state, users, per_user, items, tail, seed)
+    prepare_s = time.monotonic() - t0
+    port = free_port()
+    cfg = tmp / "streamtune.yaml"
+    cfg.write_text(json.dumps({"state_dir": str(state),
+                               "serving": {"port": port, "history_shards": shards}}))  # fmt: skip
+    log = (tmp / "up.log").open("w")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMTUNE_")}
+    exe = str(Path(sys.executable).with_name("streamtune"))
+    proc = subprocess.Popen([exe, "-c", str(cfg), "up"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)  # fmt: skip
+    root = psutil.Process(proc.pid)
+    peak = steady = 0
+    t1 = time.monotonic()
+    live_at = version = None
+    try:
+        while time.monotonic() - t1 < timeout_s and proc.poll() is None:
+            peak = max(peak, _tree_rss(root))
+            version = _answered_live(port, "0")
+            if version is not None and version > 1:
+                live_at = time.monotonic() - t1
+                break
+            time.sleep(2.0)
+        for _ in range(5):  # settled: what it holds while serving
+            steady = max(steady, _tree_rss(root))
+            time.sleep(2.0)
+        peak = max(peak, steady)
+        roles = _by_role(root)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    if live_at is None:
+        raise RuntimeError(f"up never served a trained version live; see {tmp / 'up.log'}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"users": users, "items": items, "shards": shards, "prepare_s": prepare_s,
+            "live_s": live_at, "version": version, "peak_rss": peak, "steady_rss": steady,
+            "steady_pss": sum(r["pss"] for r in roles.values()), "roles": roles}  # fmt: skip
