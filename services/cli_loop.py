@@ -296,6 +296,12 @@ def show_status(s: Settings, console: Console) -> None:
     try:
         models = httpx.get(f"http://{s.serving.host}:{s.serving.port}/models", timeout=3).json()
         console.print(f"serving: champion {models['champion']}, replicas {models['serving']}")
+        shards = models.get("history_shards", [])
+        if shards:
+            down = [str(sh["shard"]) for sh in shards if not sh["answering"]]
+            users = sum(sh["users"] or 0 for sh in shards if sh["answering"])
+            console.print(f"live state: {users:,} users in {len(shards)} history shards"
+                          + (f" (not answering: {', '.join(down)})" if down else ""))  # fmt: skip
     except httpx.HTTPError:
         console.print("serving: not reachable")
     champ = reg.champion()

@@ -83,12 +83,23 @@ class ScoreResponse(BaseModel):
     source: str
 
 
+class ShardState(BaseModel):
+    shard: int
+    answering: bool = Field(description="False while it starts or rebuilds after a restart.")
+    users: int | None = Field(default=None, description="Users whose live history it holds.")
+    events_seen: int | None = Field(default=None, description="Events applied since its start.")
+    rebuild_s: float | None = Field(default=None, description="Seconds its last rebuild took.")
+
+
 class ModelsResponse(BaseModel):
     versions: list[int]
     champion: int | None
     serving: dict[str, int | None] = Field(description="Version each live replica serves now.")
     this_replica: int | None
     load_failures: dict[str, str]
+    history_shards: list[ShardState] = Field(
+        default_factory=list, description="The live-state shards (serving.history_shards)."
+    )
 
 
 class HealthResponse(BaseModel):

@@ -39,6 +39,7 @@ from serving.api import (
     ScoredItem,
     ScoreRequest,
     ScoreResponse,
+    ShardState,
     apply_limits,
     error_responses,
 )
@@ -350,6 +351,13 @@ class RecommenderDeployment:
             serving=serving,
             this_replica=self.current.version if self.current else None,
             load_failures=snap.get("load_failures", {}),
+            history_shards=[
+                ShardState(
+                    answering=sh.get("answering", True),
+                    **{k: sh[k] for k in ("shard", "users", "events_seen", "rebuild_s") if k in sh},
+                )
+                for sh in snap.get("shards", [])
+            ],
         )
 
     def check_health(self) -> None:

@@ -203,6 +203,10 @@ def test_click_in_kafka_changes_next_recommendation(stack: Stack) -> None:
     ids = [i["item_id"] for i in after["items"]]
     assert clicked not in ids  # exclude_seen
     assert ids != [i["item_id"] for i in before["items"]]  # the ranking moved
+    # The user lives in exactly one of the two shards, which /models (and `status`) report.
+    shards = httpx.get(f"{stack.url}/models").json()["history_shards"]
+    assert [sh["shard"] for sh in shards] == [0, 1] and all(sh["answering"] for sh in shards)
+    assert sum(sh["users"] for sh in shards) >= 1
 
 
 @pytest.mark.parametrize(
