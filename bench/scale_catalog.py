@@ -98,9 +98,9 @@ def catalog_row(items: int, events: int, seed: int) -> dict[str, Any]:
         registry = Registry(tmp / "registry")
         _champion(registry, cfg, items)
         _append(buffer, _events(events, items, seed))
-        loop = ContinualLoop(buffer, registry, cfg,
-                             LoopConfig(min_round_events=100, round_on_cluster=True),
-                             tmp / "loop.json")  # fmt: skip
+        # One round over all the events (loop.max_round_events would split them): the workload.
+        lcfg = LoopConfig(min_round_events=100, max_round_events=events, round_on_cluster=True)
+        loop = ContinualLoop(buffer, registry, cfg, lcfg, tmp / "loop.json")
         t0 = time.monotonic()
         try:
             result = loop.run_once()
