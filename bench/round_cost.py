@@ -46,18 +46,19 @@ ITEMS = 3_000
 PARTITIONS = 4
 
 
-def synthetic(start: int, n: int, seed: int = 0) -> pa.Table:
-    """Events [start, start + n): users walk item chains (so the model has something to learn)."""
+def synthetic(start: int, n: int, seed: int = 0, items: int = ITEMS) -> pa.Table:
+    """Events [start, start + n): users walk item chains (so the model has something to learn)
+    over a catalog of ``items``."""
     rng = np.random.default_rng(seed + start)
     idx = np.arange(start, start + n, dtype=np.int64)
     users = rng.integers(0, USERS, n)
-    items = (users * 37 + idx // USERS + rng.integers(0, 3, n)) % ITEMS
+    chain = (users * 37 + idx // USERS + rng.integers(0, 3, n)) % items
     part = (users % PARTITIONS).astype(np.int32)
     return pa.table(
         {
             "event_id": pa.array([f"e{i}" for i in idx], pa.string()),
             "user_id": pa.array([f"u{u}" for u in users], pa.string()),
-            "item_id": pa.array([f"i{i}" for i in items], pa.string()),
+            "item_id": pa.array([f"i{i}" for i in chain], pa.string()),
             "event_type": pa.array(["click"] * n, pa.string()),
             "value": pa.array(np.ones(n)),
             "ts": pa.array(1_700_000_000_000 + idx * 10),
@@ -71,10 +72,11 @@ def synthetic(start: int, n: int, seed: int = 0) -> pa.Table:
     )
 
 
-def append(buffer: EventBuffer, start: int, n: int, chunk: int) -> None:
+def append(buffer: EventBuffer, start: int, n: int, chunk: int, items: int = ITEMS,
+           seed: int = 0) -> None:  # fmt: skip
     """Events as ingest would write them: each partition's offsets contiguous from 0."""
     for s in range(start, start + n, chunk):
-        t = synthetic(s, min(chunk, start + n - s))
+        t = synthetic(s, min(chunk, start + n - s), seed, items)
         parts = []
         ranges = []
         for p in range(PARTITIONS):

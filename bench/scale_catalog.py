@@ -9,54 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-
-from bench.round_cost import PARTITIONS
+from bench.round_cost import append
 from streams.buffer import EventBuffer
 from streams.config import BufferConfig
-from streams.events import ARROW_SCHEMA
-from streams.offsets import OffsetRange
 from training.config import TrainerConfig
 from training.round import RoundConfig
-
-USERS = 2_000
-
-
-def _events(n: int, items: int, seed: int) -> pa.Table:
-    """Users walk item chains over the whole catalog (something to learn, every item reachable)."""
-    rng = np.random.default_rng(seed)
-    idx = np.arange(n, dtype=np.int64)
-    users = rng.integers(0, USERS, n)
-    chain = (users * 7919 + idx // USERS + rng.integers(0, 3, n)) % items
-    return pa.table(
-        {
-            "event_id": pa.array([f"e{i}" for i in idx], pa.string()),
-            "user_id": pa.array([f"u{u}" for u in users], pa.string()),
-            "item_id": pa.array([f"i{i}" for i in chain], pa.string()),
-            "event_type": pa.array(["click"] * n, pa.string()),
-            "value": pa.array(np.ones(n)),
-            "ts": pa.array(1_700_000_000_000 + idx * 10),
-            "item_text": pa.nulls(n, pa.string()),
-            "context": pa.nulls(n, pa.string()),
-            "topic": pa.array(["events"] * n, pa.string()),
-            "partition": pa.array((users % PARTITIONS).astype(np.int32)),
-            "offset": pa.array(idx),
-        },
-        schema=ARROW_SCHEMA,
-    )
-
-
-def _append(buffer: EventBuffer, table: pa.Table) -> None:
-    """As ingest writes them: each partition's offsets contiguous from 0."""
-    parts, ranges = [], []
-    for p in range(PARTITIONS):
-        rows = table.filter(pa.compute.equal(table["partition"], p))
-        offs = pa.array(np.arange(rows.num_rows, dtype=np.int64))
-        parts.append(rows.set_column(rows.schema.get_field_index("offset"), "offset", offs))
-        if rows.num_rows:
-            ranges.append(OffsetRange("events", p, 0, rows.num_rows))
-    buffer.append(pa.concat_tables(parts), ranges, writer="bench")
 
 
 def _champion(registry: Any, cfg: RoundConfig, items: int) -> None:
@@ -97,7 +54,7 @@ def catalog_row(items: int, events: int, seed: int) -> dict[str, Any]:
         buffer = EventBuffer(BufferConfig(path=tmp / "buffer"))
         registry = Registry(tmp / "registry")
         _champion(registry, cfg, items)
-        _append(buffer, _events(events, items, seed))
+        append(buffer, 0, events, events, items, seed)
         # One round over all the events (loop.max_round_events would split them): the workload.
         lcfg = LoopConfig(min_round_events=100, max_round_events=events, round_on_cluster=True)
         loop = ContinualLoop(buffer, registry, cfg, lcfg, tmp / "loop.json")
