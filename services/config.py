@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from streams.config_base import StrictConfig
 
 
-class LoopConfig(BaseModel):
+class LoopConfig(StrictConfig):
     """When to train: continuously, a round as soon as the previous one is registered and enough
     events are pending; each round takes what is pending, up to ``max_round_events``."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # A round's cost barely depends on its size below ~1,000 events, so waiting for more events
     # only adds to their freshness.
@@ -104,10 +104,8 @@ class LoopConfig(BaseModel):
     )
 
 
-class SupervisorConfig(BaseModel):
+class SupervisorConfig(StrictConfig):
     """How `streamtune up` restarts a component that died, and when it gives up instead."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     max_restarts: int = Field(
         default=5, ge=0, description="Restarts of one component allowed within ``window_s``."

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import Field, SecretStr
+
+from streams.config_base import StrictConfig
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ServingConfig(_Strict):
+class ServingConfig(StrictConfig):
     """The Ray Serve application."""
 
     app_name: str = Field(default="streamtune", description="Serve application name.")
@@ -116,7 +114,7 @@ class ServingConfig(_Strict):
     )
 
 
-class RolloutConfig(_Strict):
+class RolloutConfig(StrictConfig):
     """Automatic roll-forward to each champion, and rollback when a version misbehaves live."""
 
     poll_s: float = Field(default=1.0, gt=0, description="How often the registry is checked.")

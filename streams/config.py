@@ -6,9 +6,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from streams.avro import AvroConfig
+from streams.config_base import StrictConfig
 from streams.mapping import MappingConfig
 from streams.storage import Location, StorageConfig
 
@@ -16,11 +17,7 @@ Protocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class KafkaConfig(_Strict):
+class KafkaConfig(StrictConfig):
     """How to reach Kafka: the embedded local broker by default, or any existing cluster."""
 
     bootstrap_servers: str = Field(
@@ -71,7 +68,7 @@ class KafkaConfig(_Strict):
         return kw
 
 
-class TopicsConfig(_Strict):
+class TopicsConfig(StrictConfig):
     """Topic names and layout."""
 
     events: str = Field(default="streamtune.events", description="Behaviour events topic.")
@@ -94,7 +91,7 @@ _CREDENTIAL = r"^[A-Za-z0-9._~@#%+-]+$"
 _MECHANISMS: tuple[SaslMechanism, ...] = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
-class SaslUser(_Strict):
+class SaslUser(StrictConfig):
     """A user the embedded broker accepts on its SASL_SSL listener."""
 
     name: str = Field(pattern=_CREDENTIAL, description="User name (letters, digits, ._~@#%+-).")
@@ -114,7 +111,7 @@ class SaslUser(_Strict):
         return self
 
 
-class SaslSslListener(_Strict):
+class SaslSslListener(StrictConfig):
     """An extra SASL_SSL client listener on the embedded broker, beside its PLAINTEXT one."""
 
     port: int = Field(ge=1, le=65535, description="Port of the SASL_SSL listener.")
@@ -136,7 +133,7 @@ class SaslSslListener(_Strict):
     )
 
 
-class BrokerConfig(_Strict):
+class BrokerConfig(StrictConfig):
     """The embedded single-node Apache Kafka broker (KRaft) that the project starts itself."""
 
     host: str = Field(default="127.0.0.1", description="Listen address; loopback unless opened.")
@@ -176,7 +173,7 @@ class BrokerConfig(_Strict):
         return f"{self.host}:{self.sasl_ssl.port}" if self.sasl_ssl else None
 
 
-class BufferConfig(_Strict):
+class BufferConfig(StrictConfig):
     """The durable Parquet event buffer."""
 
     path: Location = Field(
@@ -197,7 +194,7 @@ class BufferConfig(_Strict):
     )
 
 
-class IngestConfig(_Strict):
+class IngestConfig(StrictConfig):
     """The consumer-group ingest service."""
 
     format: Literal["json", "avro"] = Field(

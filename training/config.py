@@ -5,16 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from streams.config_base import StrictConfig
 from streams.storage import Location, StorageConfig
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelConfig(_Strict):
+class ModelConfig(StrictConfig):
     """A SASRec-style causal transformer over item-id sequences (GPT-2 blocks from transformers)."""
 
     max_len: int = Field(default=50, ge=2, le=4096, description="History items seen.")
@@ -64,7 +61,7 @@ class ModelConfig(_Strict):
         return self
 
 
-class ReplayConfig(_Strict):
+class ReplayConfig(StrictConfig):
     """The reservoir of past training sequences mixed into every round."""
 
     capacity: int = Field(default=20_000, ge=0, description="Sequences kept (0 disables replay).")
@@ -111,7 +108,7 @@ class ReplayConfig(_Strict):
     seed: int = Field(default=0, description="Seed of the reservoir's sampling.")
 
 
-class TrainerConfig(_Strict):
+class TrainerConfig(StrictConfig):
     """One training round: Ray Train workers running DeepSpeed data parallelism."""
 
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers (data parallel).")
@@ -190,7 +187,7 @@ class TrainerConfig(_Strict):
     )
 
 
-class RegistryConfig(_Strict):
+class RegistryConfig(StrictConfig):
     """Where versions, the champion pointer and the rollout state live."""
 
     path: Location = Field(
@@ -202,7 +199,7 @@ class RegistryConfig(_Strict):
     )
 
 
-class GateConfig(_Strict):
+class GateConfig(StrictConfig):
     """When a candidate may replace the champion."""
 
     tolerance: float = Field(

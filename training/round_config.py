@@ -11,17 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from streams.config_base import StrictConfig
 from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
 from training.data import Examples
 from training.model import Recommender
 
 
-class RoundConfig(BaseModel):
+class RoundConfig(StrictConfig):
     """Everything a round needs besides its data."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model architecture.")
     trainer: TrainerConfig = Field(
