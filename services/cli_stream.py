@@ -72,7 +72,7 @@ def _kafka_app(settings_of: SettingsOf) -> typer.Typer:
     def kafka_up(ctx: typer.Context) -> None:
         """Start the broker (no-op if running) and wait until it answers; create the topics."""
         s = settings_of(ctx)
-        with console.status("starting Kafka"):
+        with working("starting Kafka"):
             st = broker_mod.LocalBroker(s.broker).up()
             created = ensure_topics(s.kafka, s.topics)
         console.print(f"Kafka up on [bold]{st.bootstrap}[/] (pid {st.pid}); created {created}")

@@ -28,6 +28,7 @@ from rich.console import Console
 from services.demo_replay import Clock, Queries, run_replay, wait_tail
 from services.errors import ServiceError
 from services.settings import Settings
+from streams.progress import working
 
 # Clock and Queries belong to the replay; the benchmarks import them from here.
 __all__ = ["Clock", "DemoConfig", "DemoInterrupted", "Queries", "demo_settings", "run_demo"]
@@ -151,7 +152,7 @@ def _demo(
             f"the backlog ({cfg.first_round_events:,} events) must leave some of the "
             f"{len(events):,} events to replay live"
         )
-    with console.status("starting the Kafka broker and Ray"):
+    with working("starting the Kafka broker and Ray"):
         # A broker the demo starts, the demo stops; one the user already runs stays up.
         if s.embedded_broker and not LocalBroker(s.broker).status().answering:
             st.broker = LocalBroker(s.broker)

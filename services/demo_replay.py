@@ -22,6 +22,7 @@ from rich.console import Console
 
 from services.errors import ServiceError
 from streams.events import Event
+from streams.progress import working
 
 if TYPE_CHECKING:
     from services.demo import DemoConfig
@@ -146,7 +147,7 @@ def run_replay(
     from streams.producer import replay
 
     s, first = running.settings, cfg.first_round_events
-    with console.status(f"publishing a backlog of {first:,} events"):
+    with working(f"publishing a backlog of {first:,} events"):
         replay(_until(clock.stamp(events[:first]), stop), s.kafka, s.topics.events)
         waited = _wait_for(lambda: running.buffer.stats().rows >= first, _BACKLOG_S, stop)
         if waited == "timeout":
@@ -158,7 +159,7 @@ def run_replay(
     running.supervisor.add("loop", running.loop.run)
     # The live stream starts once the first version answers, as for a service started on a
     # topic's history: the first round (many epochs over the backlog) is set-up, not freshness.
-    with console.status(f"the loop's first version trains on the {first:,} backlog events"):
+    with working(f"the loop's first version trains on the {first:,} backlog events"):
 
         def served() -> bool:
             loop, reg = running.loop, running.registry
@@ -241,7 +242,7 @@ def wait_tail(
             and (queries.rps == 0 or champion in queries.first_seen)
         )
 
-    with console.status("waiting for the loop to train and serve the end of the stream"):
+    with working("waiting for the loop to train and serve the end of the stream"):
         waited = _wait_for(idle, _TAIL_S, stop)
     if waited == "timeout":
         console.print(f"the end of the stream was not trained and served in {_TAIL_S:.0f} s")

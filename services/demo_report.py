@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.freshness import Ledger
+from streams.progress import working
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -88,7 +89,7 @@ def report(
     ends = [clock.published(b) if b < len(events) else watch.ended for _, b in watch.bounds]
     windows = [(clock.published(a), end) for (a, _), end in zip(watch.bounds, ends, strict=True)]
     fill_rows(rows, fates, registered_at(records), windows)
-    with console.status("scoring each slice's champion and the static v1"):
+    with working("scoring each slice's champion and the static v1"):
         score_rows(rows, buffered, index, watch.models, watch.static, cfg.eval_cases)
     console.print(table(rows))
     served = {"queries_ok": queries.ok, "queries_failed": queries.failed,
