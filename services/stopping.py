@@ -35,15 +35,30 @@ def shutdown(
     # Taken now: once the raylet is gone, its agents are re-parented and no longer look like ours.
     started = descendants()
     if running is not None:
-        _stop_ingest(steps, running)
-        _end_round(steps, running, started)
-        _close_training_session(steps, running)
-        _stop_rollout(steps, running)
+        _stop_threads(steps, running, started)
     if broker is not None:
         _stop_broker(steps, broker)
     _stop_serve_and_ray(steps, running, serve)
     steps.run("leftover processes", lambda: reap(started, steps.deadline))
     return steps.left
+
+
+def stop_threads(running: Running, budget_s: float = 25.0) -> list[str]:
+    """The first part of ``shutdown``: every thread of this process that calls Ray ends (ingest
+    flushed, the round ended, the training session closed, the rollout controller and the
+    watchers stopped), so Ray can then be shut down under none of them. For a caller that shuts
+    Serve and Ray down itself; returns what did not stop cleanly."""
+    steps = _Steps(budget_s, None)
+    _stop_threads(steps, running, descendants())
+    return steps.left
+
+
+def _stop_threads(steps: _Steps, running: Running, started: list[Any]) -> None:
+    _stop_ingest(steps, running)
+    _end_round(steps, running, started)
+    _close_training_session(steps, running)
+    _stop_rollout(steps, running)
+    _stop_watchers(steps, running)
 
 
 class _Steps:
@@ -121,6 +136,25 @@ def _stop_rollout(steps: _Steps, running: Running) -> None:
         rollout = running.supervisor.threads.get("rollout")
         ctl = running.controller
         steps.run("rollout", lambda: _end_rollout(ctl, rollout, min(20.0, steps.remaining(8.0))))
+
+
+def _stop_watchers(steps: _Steps, running: Running) -> None:
+    # The gauges and the context's liveness check call Ray from threads of their own (a metric
+    # set, a snapshot); Ray shut down under such a call ends this process with a segfault. They
+    # end at their next look at the stop event, which ingest's stop has set.
+    rest = [t for n, t in running.supervisor.threads.items()
+            if n not in ("ingest", "loop", "rollout")]  # fmt: skip
+
+    def join() -> None:
+        deadline = time.monotonic() + min(15.0, steps.remaining(6.0))
+        for t in rest:
+            t.join(max(0.1, deadline - time.monotonic()))
+        alive = [t.name for t in rest if t.is_alive()]
+        if alive:
+            raise TimeoutError(f"still running: {', '.join(alive)}")
+
+    if rest:
+        steps.run("watchers", join, limit_s=min(15.0, steps.remaining(6.0)))
 
 
 def _stop_broker(steps: _Steps, broker: Any) -> None:

@@ -23,6 +23,7 @@ from services import runtime
 from services.metrics import SPECS, exported_names
 from services.runtime import Running, start
 from services.settings import Settings, load_settings
+from services.stopping import stop_threads
 from streams.admin import ensure_topics
 from streams.broker import free_port
 from streams.config import KafkaConfig
@@ -74,7 +75,8 @@ def system(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iter
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     running = start(s, serve_http=True)
     yield running
-    running.stop()
+    # Every thread that calls Ray ends before Ray does (a gauge set under ray.shutdown segfaults).
+    stop_threads(running)
     from ray import serve
 
     serve.shutdown()
