@@ -74,21 +74,27 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def read_verified(storage: Storage, key: str, version: int, name: str, digest: str) -> bytes:
+    """The bytes at ``key``, checked against ``digest`` (the hash recorded for ``name``)."""
+    try:
+        data = storage.read(key)
+    except FileNotFoundError:
+        raise RegistryIntegrityError(
+            f"version {version}: {name} is missing from {storage.uri}/{key.rpartition('/')[0]}"
+        ) from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != digest:
+        raise mismatch(version, name, actual, digest)
+    return data
+
+
 def fetch_verified(storage: Storage, rec: VersionRecord, staging: Path) -> None:
     """Download the version's own files of ``rec`` into ``staging``, each checked against its
     recorded hash (the files it shares with other versions are ``registry_shared``'s)."""
     for name, digest in sorted(rec.files.items()):
         if "/" in name:
             continue
-        try:
-            data = storage.read(f"{rec.prefix}/{name}")
-        except FileNotFoundError:
-            raise RegistryIntegrityError(
-                f"version {rec.version}: {name} is missing from {storage.uri}"
-            ) from None
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != digest:
-            raise mismatch(rec.version, name, actual, digest)
+        data = read_verified(storage, f"{rec.prefix}/{name}", rec.version, name, digest)
         (staging / name).write_bytes(data)
 
 

@@ -19,7 +19,6 @@ registry hashes only the shared files its base version does not already list (``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,8 +27,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from streams.storage import Storage
-from training.errors import RegistryError, RegistryIntegrityError
-from training.registry_files import mismatch, sha256_file
+from training.errors import RegistryError
+from training.registry_files import read_verified, sha256_file
 from training.registry_log import RegistryState
 
 log = logging.getLogger(__name__)
@@ -115,15 +114,7 @@ def fetch(storage: Storage, version: int, name: str, digest: str, cache: Path, d
     """Link the verified cached copy of a shared file into ``dest`` (downloaded once)."""
     blob = cache / BLOBS / name.rpartition("/")[2]
     if not blob.exists():
-        try:
-            data = storage.read(f"{BLOBS}/{blob.name}")
-        except FileNotFoundError:
-            raise RegistryIntegrityError(
-                f"version {version}: {name} is missing from {storage.uri}/{BLOBS}"
-            ) from None
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != digest:
-            raise mismatch(version, name, actual, digest)
+        data = read_verified(storage, f"{BLOBS}/{blob.name}", version, name, digest)
         blob.parent.mkdir(parents=True, exist_ok=True)
         tmp = blob.with_name(f".tmp-{blob.name}-{os.getpid()}")
         tmp.write_bytes(data)
