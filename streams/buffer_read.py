@@ -21,8 +21,22 @@ def plan(
     end_ts: int | None = None,
 ) -> list[Segment]:
     """The live segments that hold rows in [after, upto) and [start_ts, end_ts)."""
+    return _plan(store, *_parse(after, upto), start_ts, end_ts)
+
+
+def _parse(
+    after: Mapping[str, int] | None, upto: Mapping[str, int] | None
+) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int] | None]:
+    """Watermarks ("topic:partition" -> offset) keyed by partition."""
     after_tp = {parse_tp(k): v for k, v in (after or {}).items()}
     upto_tp = {parse_tp(k): v for k, v in upto.items()} if upto is not None else None
+    return after_tp, upto_tp
+
+
+def _plan(
+    store: SegmentStore, after_tp: dict[TopicPartition, int],
+    upto_tp: dict[TopicPartition, int] | None, start_ts: int | None, end_ts: int | None,
+) -> list[Segment]:  # fmt: skip
     return [s for s in store.segments() if overlaps(s, after_tp, upto_tp, start_ts, end_ts)]
 
 
@@ -37,10 +51,11 @@ def read(
 ) -> pa.Table:
     """Events with offsets in [after, upto) per partition and ts in [start_ts, end_ts), sorted
     by (ts, partition, offset) (see ``EventBuffer.read``)."""
-    after_tp = {parse_tp(k): v for k, v in (after or {}).items()}
-    upto_tp = {parse_tp(k): v for k, v in upto.items()} if upto is not None else None
+    after_tp, upto_tp = _parse(after, upto)
     while True:
-        planned = segments if segments is not None else plan(store, after, upto, start_ts, end_ts)
+        planned = (
+            segments if segments is not None else _plan(store, after_tp, upto_tp, start_ts, end_ts)
+        )
         parts = _read_planned(store, planned, after_tp, upto_tp, start_ts, end_ts)
         if parts is not None:
             break
