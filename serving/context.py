@@ -180,13 +180,12 @@ class ServingContext:
             now = time.time()
             live = self._live_replicas(now)
             chosen = chosen_versions(self.stats, versions_of(live), versions)
-        shards = self._ask_shards("status")
+        shards = self._ask_shards("status", chosen)
         totals: dict[str, list[int]] = {}
-        if chosen:
-            for part in self._ask_shards("click_totals", chosen):
-                for v, (served, clicked) in (part or {}).items():
-                    t = totals.setdefault(v, [0, 0])
-                    t[0], t[1] = t[0] + served, t[1] + clicked
+        for part in shards:
+            for v, (served, clicked) in (part["clicks"] if part else {}).items():
+                t = totals.setdefault(v, [0, 0])
+                t[0], t[1] = t[0] + served, t[1] + clicked
         up = [s for s in shards if s is not None]
         last = [s["last_event_at"] for s in up if s["last_event_at"] is not None]
         errors = [s["tail_error"] for s in up if s["tail_error"]]
@@ -203,7 +202,9 @@ class ServingContext:
                 "last_event_at": max(last) if last else None,
                 "tail_error": errors[0] if errors else None,
                 "shards": [
-                    s if s is not None else {"shard": i, "answering": False}
+                    {k: x for k, x in s.items() if k != "clicks"}
+                    if s is not None
+                    else {"shard": i, "answering": False}
                     for i, s in enumerate(shards)
                 ],
             }

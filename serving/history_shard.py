@@ -186,13 +186,12 @@ class HistoryShard:
         with self.lock:
             return self.clicks.window(version, since, until)
 
-    def click_totals(self, versions: list[str]) -> dict[str, tuple[int, int]]:
-        with self.lock:
-            return self.clicks.totals(versions)
-
-    def status(self) -> dict[str, Any]:
+    def status(self, versions: list[str] | None = None) -> dict[str, Any]:
+        """This shard's figures and, for ``versions``, their (served, clicked) here: one call
+        per shard for a snapshot."""
         with self.lock:
             return {
+                "clicks": self.clicks.totals(versions or []),
                 "shard": self.index,
                 "users": len(self.history),
                 "events_seen": self.events_seen,
