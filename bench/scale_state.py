@@ -84,11 +84,14 @@ def index_table(u: np.ndarray, i: np.ndarray) -> pa.Table:
     })  # fmt: skip
 
 
-def register_index(registry: Any, index: pa.Table, items: int, watermark: dict[str, int]) -> None:
-    """A version over ``items`` items carrying ``index`` as of ``watermark``."""
-    from training.config import ModelConfig
+def register_index(registry: Any, index: pa.Table, items: int, watermark: dict[str, int],
+                   for_rounds: bool = False) -> None:  # fmt: skip
+    """A champion over ``items`` items carrying ``index`` as of ``watermark``; ``for_rounds``:
+    also the titles and (empty) replay reservoirs a round continues from."""
+    from training.config import GateConfig, ModelConfig, ReplayConfig
     from training.histories import save_chain
     from training.model import Recommender, save_weights
+    from training.replay import Reservoir
     from training.vocab import ItemVocab
 
     cfg = ModelConfig()
@@ -100,19 +103,23 @@ def register_index(registry: Any, index: pa.Table, items: int, watermark: dict[s
         vocab.save(d / "vocab.json")
         (d / "popularity.json").write_text(json.dumps(list(range(len(vocab)))))
         save_chain(index, d, None)
+        if for_rounds:
+            (d / "titles.json").write_text("{}")
+            Reservoir(ReplayConfig().capacity, cfg.max_len).save(d)
+            Reservoir(GateConfig().replay_eval_size, cfg.max_len).save(d, name="replay_eval")
 
     meta = {"model_config": cfg.model_dump(), "watermark": watermark}
     registry.register(write, meta, promote=True, reason="bench: rounds over the population")
 
 
-def rss_of(match: str | None) -> int:
-    """Summed RSS of this process's descendants whose command line contains ``match`` (None:
-    every descendant and this process)."""
-    me = psutil.Process()
-    total = 0 if match else me.memory_info().rss
-    for p in me.children(recursive=True):
+def rss_of(match: str | None, root: psutil.Process | None = None) -> int:
+    """Summed RSS of ``root`` (default: this process) and its descendants, or only of the
+    descendants whose command line contains ``match``."""
+    root = root or psutil.Process()
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
         try:
-            if match is None or match in " ".join(p.cmdline()):
+            if match is None or (p is not root and match in " ".join(p.cmdline())):
                 total += p.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue

@@ -26,56 +26,21 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.scale_state import index_table, population, write_buffer
+from bench.scale_state import index_table, population, register_index, rss_of, write_buffer
 from streams.buffer import EventBuffer
 from streams.config import BufferConfig
 from streams.offsets import tp_key
+from training.registry import Registry
 
 BUFFERED_TOPIC = "scale.buffered"
-
-
-def _champion(state: Path, index: Any, items: int, watermark: dict[str, int]) -> None:
-    """The registry a lineage over the population leaves: its item map, item table, empty
-    reservoirs and per-user history index."""
-    from training.config import GateConfig, ModelConfig, ReplayConfig
-    from training.histories import save_chain
-    from training.model import Recommender, save_weights
-    from training.registry import Registry
-    from training.replay import Reservoir
-    from training.vocab import ItemVocab
-
-    cfg, replay, gate = ModelConfig(), ReplayConfig(), GateConfig()
-    vocab = ItemVocab([str(c) for c in range(items)])
-    model = Recommender(cfg, len(vocab))
-
-    def write(d: Path) -> None:
-        save_weights(model, d / "model.safetensors")
-        vocab.save(d / "vocab.json")
-        (d / "popularity.json").write_text(json.dumps([1] * len(vocab)))
-        (d / "titles.json").write_text("{}")
-        Reservoir(replay.capacity, cfg.max_len).save(d)
-        Reservoir(gate.replay_eval_size, cfg.max_len).save(d, name="replay_eval")
-        save_chain(index, d, None)
-
-    meta = {"model_config": cfg.model_dump(), "watermark": watermark}
-    Registry(state / "registry").register(write, meta, promote=True, reason="bench: prepared")
 
 
 def prepare(state: Path, users: int, per_user: int, items: int, tail: int, seed: int) -> None:
     u, i = population(users, per_user, items, seed)
     write_buffer(EventBuffer(BufferConfig(path=state / "buffer")), u, i, topic=BUFFERED_TOPIC)
     cut = len(u) - tail
-    _champion(state, index_table(u[:cut], i[:cut]), items, {tp_key(BUFFERED_TOPIC, 0): cut})
-
-
-def _tree_rss(root: psutil.Process) -> int:
-    total = 0
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return total
+    register_index(Registry(state / "registry"), index_table(u[:cut], i[:cut]), items,
+                   {tp_key(BUFFERED_TOPIC, 0): cut}, for_rounds=True)  # fmt: skip
 
 
 def _role(p: psutil.Process) -> str:
@@ -142,14 +107,14 @@ def up_row(users: int, per_user: int, items: int, tail: int, shards: int, seed: 
     live_at = version = None
     try:
         while time.monotonic() - t1 < timeout_s and proc.poll() is None:
-            peak = max(peak, _tree_rss(root))
+            peak = max(peak, rss_of(None, root))
             version = _answered_live(port, "0")
             if version is not None and version > 1:
                 live_at = time.monotonic() - t1
                 break
             time.sleep(2.0)
         for _ in range(5):  # settled: what it holds while serving
-            steady = max(steady, _tree_rss(root))
+            steady = max(steady, rss_of(None, root))
             time.sleep(2.0)
         peak = max(peak, steady)
         roles = _by_role(root)
