@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from serving.interleaving import Credit, Interleaved, credit, team_draft
+from serving.interleaving import Credit, Interleaved, Team, credit, team_draft
 
 
 def _rankings(rng: random.Random, n_items: int = 30, length: int = 12) -> tuple[list[int], ...]:
@@ -91,7 +91,7 @@ def test_negative_k_is_refused() -> None:
 
 
 def test_credit_counts_clicked_items_per_team_and_picks_the_winner() -> None:
-    teams = ("a", "b", "b", "a", "b")
+    teams: tuple[Team, ...] = ("a", "b", "b", "a", "b")
     assert credit(teams, []) == Credit(0, 0)
     assert credit(teams, []).outcome == "tie"
     assert credit(teams, [0]).outcome == "a"
