@@ -49,7 +49,9 @@ class ClickModel(BaseModel):
         """[k] probability that each position is examined."""
         return 1.0 / np.power(np.arange(1, k + 1, dtype=np.float64), self.eta)
 
-    def relevant(self, items: Sequence[Hashable], future: Sequence[Hashable]) -> np.ndarray:
+    def relevant(
+        self, items: Sequence[Hashable], future: Sequence[Hashable] | np.ndarray
+    ) -> np.ndarray:
         """[len(items)] bool: which shown items are among the first ``window`` of ``future``
         (the user's events from the request on, oldest first)."""
         wanted = set(future[: self.window])
@@ -60,7 +62,10 @@ class ClickModel(BaseModel):
         return rng.random((n, k)) < self.examination(k)
 
     def clicks(
-        self, items: Sequence[Hashable], future: Sequence[Hashable], rng: np.random.Generator
+        self,
+        items: Sequence[Hashable],
+        future: Sequence[Hashable] | np.ndarray,
+        rng: np.random.Generator,
     ) -> list[int]:
         """Clicked positions (0-based) of one shown list."""
         hit = self.relevant(items, future) & self.examined(1, len(items), rng)[0]
