@@ -7,7 +7,7 @@ Ranking and the answer stay per request, in ``serving.app``.
 """
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,6 +27,8 @@ class Loaded:
     vocab: ItemVocab
     unit_emb: torch.Tensor  # [V, D] unit-norm rows, for MMR
     popularity: torch.Tensor  # [V] log-count prior, for users with no usable history
+    # [B, max_len] -> [B, V]: ``model.score``, traced once per loaded version
+    score: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)
 
 
 def load_version(registry: Registry, version: int) -> Loaded:
@@ -42,12 +44,13 @@ def load_version(registry: Registry, version: int) -> Loaded:
 
 
 def as_loaded(version: int, model: Recommender, vocab: ItemVocab, counts: torch.Tensor) -> Loaded:
-    """A version ready to serve: ``model`` in eval mode, ``counts`` [V] its items' event counts."""
+    """A version ready to serve: ``model`` in eval mode and traced, ``counts`` [V] its items'
+    event counts."""
     emb = model.item_embeddings().detach()
     unit = emb / emb.norm(dim=1, keepdim=True).clamp(min=1e-9)
     pop = torch.log1p(counts)
     pop[0] = float("-inf")
-    return Loaded(version, model, vocab, unit, pop)
+    return Loaded(version, model, vocab, unit, pop, model.serving_scorer())
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ def score_rows(m: Loaded, rows: list[list[int]]) -> list[torch.Tensor | HTTPExce
         return out
     x = torch.from_numpy(np.stack([left_pad(rows[i], m.model.cfg.max_len) for i in use]))
     with torch.inference_mode():
-        s = m.model.score(x)  # [B, V]
+        s = m.score(x)  # [B, V]
     finite = torch.isfinite(s[:, 1:]).all(dim=1).tolist()
     for j, i in enumerate(use):
         out[i] = (

@@ -18,6 +18,7 @@ Public API:
   model.frozen_teacher()                     eval-mode, requires_grad=False copy for distillation
   model.loss(inputs, targets, teacher_logits, kd_weight, kd_temperature)   [B, L] item rows
   model.score(inputs)                        [B, n_rows] next-item scores (padding = -inf)
+  model.serving_scorer()                     ``score`` traced for serving (eval, [B, max_len])
   model.item_embeddings()                    [n_rows, D] the tied table (fused in text modes)
   model.grow(n_rows, init=None, text=None)   append rows for new items, old rows untouched
   save_weights(model, path) / load_weights(path, cfg, n_rows)   safetensors, no pickle
@@ -37,7 +38,7 @@ and scores its output, so loss, sampled softmax, distillation, scoring and servi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Self
 
@@ -51,6 +52,7 @@ from transformers import GPT2Config, GPT2Model
 from training.config import ModelConfig
 from training.errors import ModelStateError
 from training.items import TEXT_DIM, TextItems, text_for
+from training.serving_forward import serving_scorer
 
 TABLE = "backbone.wte.weight"  # the item table: its row count is the catalog size
 
@@ -167,6 +169,16 @@ class Recommender(nn.Module):
         s = h @ table.T  # [B, V]
         s[:, 0] = float("-inf")
         return s
+
+    def serving_scorer(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``score`` for serving, traced (``training.serving_forward``): the same scores from a
+        graph shared by every version of this shape, with the item table computed once (it
+        changes only with the weights). Puts the model in eval mode; inputs must be
+        [B, max_len], as the serving path pads them."""
+        self.eval()
+        with torch.inference_mode():
+            table = self.item_embeddings().clone()
+        return serving_scorer(self.backbone, table, self.cfg.max_len)
 
     def _last_hidden(self, inputs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """[B, L] -> [B, D]: the newest position's state, what scoring needs.

@@ -164,15 +164,15 @@ def top_k_rows(
     s = torch.nan_to_num(s, nan=float("-inf"), posinf=float("-inf"), neginf=float("-inf"))
     if v:
         s[:, 0] = float("-inf")
-    rows: list[int] = []
-    cols: list[int] = []
-    for i, ex in enumerate(exclude or []):
-        for c in ex or ():
-            if 0 <= int(c) < v:
-                rows.append(i)
-                cols.append(int(c))
-    if rows:
-        s[rows, cols] = float("-inf")
+    if exclude:
+        # One flat pass over every row's items, as in ``candidate_mask`` (a Python loop per item
+        # was most of a served request's top-k).
+        lists = [list(ex) if ex is not None else [] for ex in exclude]
+        counts = [len(x) for x in lists]
+        cols = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=sum(counts))
+        at = np.repeat(np.arange(len(lists)), counts)
+        inside = (cols >= 0) & (cols < v)
+        s[torch.from_numpy(at[inside]), torch.from_numpy(cols[inside])] = float("-inf")
     n = min(max(int(k), 0), v)
     if n == 0:
         return [torch.zeros(0, dtype=torch.long) for _ in range(b)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -59,15 +60,15 @@ def test_batched_scores_equal_one_by_one(version: Loaded) -> None:
     assert not torch.allclose(first[1:], second[1:])
 
 
-def test_one_forward_per_batch(version: Loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_forward_per_batch(version: Loaded) -> None:
     shapes: list[tuple[int, ...]] = []
-    real = version.model.score
+    real = version.score
 
     def counting(x: torch.Tensor) -> torch.Tensor:
         shapes.append(tuple(x.shape))
         return real(x)
 
-    monkeypatch.setattr(version.model, "score", counting)
+    version = replace(version, score=counting)
     score_rows(version, ROWS)
     assert shapes == [(4, 8)]  # the four requests with a history, left-padded to max_len
     shapes.clear()
@@ -76,10 +77,10 @@ def test_one_forward_per_batch(version: Loaded, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_non_finite_row_fails_only_its_own_request(
-    version: Loaded, monkeypatch: pytest.MonkeyPatch
+    version: Loaded,
 ) -> None:
     clean = score_rows(version, ROWS)
-    real = version.model.score
+    real = version.score
     poisoned_item = 30  # only ROWS[4] holds it
 
     def poisoning(x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +88,7 @@ def test_non_finite_row_fails_only_its_own_request(
         s[(x == poisoned_item).any(dim=1), 5] = float("nan")
         return s
 
-    monkeypatch.setattr(version.model, "score", poisoning)
+    version = replace(version, score=poisoning)
     out = score_rows(version, ROWS)
     bad = out[4]
     assert isinstance(bad, HTTPException) and bad.status_code == 500
@@ -129,9 +130,9 @@ def test_score_asks_one_lookup_in_request_order(version: Loaded) -> None:
 
 
 def test_score_asks_raises_only_for_the_broken_request(
-    version: Loaded, monkeypatch: pytest.MonkeyPatch
+    version: Loaded,
 ) -> None:
-    real = version.model.score
+    real = version.score
 
     def poisoning(x: torch.Tensor) -> torch.Tensor:
         s = real(x)
@@ -142,7 +143,7 @@ def test_score_asks_raises_only_for_the_broken_request(
         assert not users
         return []
 
-    monkeypatch.setattr(version.model, "score", poisoning)
+    version = replace(version, score=poisoning)
     out = asyncio.run(score_asks(version, [Ask(["i30"], None), Ask(["i1"], None)], no_lookup))
     with pytest.raises(HTTPException) as err:
         out[0].scores()

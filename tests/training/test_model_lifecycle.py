@@ -126,3 +126,36 @@ def test_score_computes_the_full_forwards_last_position(layers: int, item_repr: 
     with torch.no_grad():
         known = torch.where(x < 20, x, torch.zeros_like(x))
         assert torch.allclose(teacher.score(x), teacher.score(known))
+
+
+@pytest.mark.parametrize("layers,item_repr", [(1, "id"), (2, "id+text")])
+def test_serving_scorer_is_score_at_any_batch_size(layers: int, item_repr: str) -> None:
+    """The traced scorer gives ``score``'s results for batches of another size than the one it
+    was traced with, padding and one-item histories included."""
+    torch.manual_seed(layers)
+    cfg = CFG.model_copy(update={"n_layers": layers, "item_repr": item_repr})
+    text = torch.randn(30, 384) if item_repr != "id" else None
+    model = Recommender(cfg, 30, text)
+    scorer = model.serving_scorer()
+    assert not model.training
+    for b in (1, 3, 17):
+        x = torch.randint(1, 30, (b, CFG.max_len))
+        x[-1, :-1] = 0  # one item only
+        with torch.inference_mode():
+            want, got = model.score(x), scorer(x)
+        assert got.shape == (b, 30)
+        assert torch.allclose(got[:, 1:], want[:, 1:], atol=1e-6, rtol=1e-5)
+        assert torch.isinf(got[:, 0]).all()
+
+
+def test_versions_of_one_shape_share_the_trace_and_keep_their_own_weights() -> None:
+    """A second version (other weights, a grown catalog) reuses the first one's graph and scores
+    with its own tensors; the first keeps scoring as before."""
+    torch.manual_seed(3)
+    a, b = Recommender(CFG, 30), Recommender(CFG, 45)
+    score_a, score_b = a.serving_scorer(), b.serving_scorer()
+    x = torch.randint(1, 30, (4, CFG.max_len))
+    with torch.inference_mode():
+        assert torch.allclose(score_b(x)[:, 1:], b.score(x)[:, 1:], atol=1e-6, rtol=1e-5)
+        assert torch.allclose(score_a(x)[:, 1:], a.score(x)[:, 1:], atol=1e-6, rtol=1e-5)
+        assert score_b(x).shape == (4, 45)
