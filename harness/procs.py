@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 
 def stop_group(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
@@ -26,3 +28,26 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
         return "(no log)"
+
+
+class ServerProcess:
+    """A server the harness starts as a process group of its own: ``start`` (the subclass's)
+    sets ``proc``; ``stop`` ends the whole group; usable as a context manager."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc)
+        self.proc = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

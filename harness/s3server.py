@@ -17,11 +17,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 
 import httpx
 
-from harness.procs import log_tail, stop_group
+from harness.procs import ServerProcess, log_tail
 from streams.broker import free_port
 from streams.errors import StorageError
 from streams.progress import working
@@ -70,7 +69,7 @@ def fetch(cache: Path = CACHE) -> Path:
     return out
 
 
-class S3Server:
+class S3Server(ServerProcess):
     """One ``weed mini`` (master, volume, filer and S3 gateway in one process) on 127.0.0.1."""
 
     def __init__(self, state_dir: Path, port: int | None = None, cache: Path = CACHE) -> None:
@@ -144,19 +143,6 @@ class S3Server:
         )  # fmt: skip
         fs.create_dir(name)
         return f"s3://{name}"
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_group(self.proc)
-        self.proc = None
-
-    def __enter__(self) -> S3Server:
-        return self.start()
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 _IDENTITY = (

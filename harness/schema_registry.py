@@ -23,11 +23,10 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from types import TracebackType
 
 import httpx
 
-from harness.procs import log_tail, stop_group
+from harness.procs import ServerProcess, log_tail
 from streams.broker import free_port
 from streams.errors import SchemaRegistryError
 from streams.progress import working
@@ -85,7 +84,7 @@ def fetch(cache: Path = CACHE) -> Path:
     return jar
 
 
-class SchemaRegistryServer:
+class SchemaRegistryServer(ServerProcess):
     """One Apicurio Registry JVM on 127.0.0.1 with in-memory storage (gone when it stops)."""
 
     def __init__(
@@ -141,19 +140,6 @@ class SchemaRegistryServer:
             f"Apicurio Registry was not ready on {self.base} within {timeout_s:.0f}s:\n"
             + log_tail(self.log_file)
         )
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_group(self.proc)
-        self.proc = None
-
-    def __enter__(self) -> SchemaRegistryServer:
-        return self.start()
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 if __name__ == "__main__":
