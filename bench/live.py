@@ -1,7 +1,7 @@
 """Live evaluation, offline: do interleaved rankings decide, and how much sooner than an A/B?
 
-    python -m bench.live            # all replayed requests, 20 epochs, 200 trials per pair
-    python -m bench.live --quick    # 4,000 requests, 8 epochs, 100 trials per pair
+    python -m bench.live            # all replayed requests, 20 epochs, 500 trials per pair
+    python -m bench.live --quick    # 4,000 requests, 8 epochs, 200 trials per pair
 
 MovieLens-100K in time order: a champion trains on the first ``train_share`` of the events
 (``bench.live_models``), the rest is replayed as requests. Four pairs (champion a, candidate b):
@@ -40,7 +40,9 @@ from bench.live_models import (
     Replay,
     Scored,
     copy_of,
+    earlier_epoch,
     paired_bootstrap,
+    relative_gap,
     replay_of,
     score,
     shuffled,
@@ -69,7 +71,7 @@ class LiveBenchConfig(BaseModel):
     requests: int | None = Field(
         default=None, ge=1, description="Replayed requests (seeded subsample); None = all."
     )
-    trials: int = Field(default=200, ge=1, description="Trials per pair, each mode.")
+    trials: int = Field(default=500, ge=1, description="Trials per pair, each mode.")
     cap: int = Field(default=20_000, ge=1, description="Interleaved impressions per trial, most.")
     k: int = Field(default=10, ge=1, description="Positions per answer.")
     clicks: ClickModel = Field(default_factory=ClickModel, description="The click model.")
@@ -84,7 +86,7 @@ class LiveBenchConfig(BaseModel):
 
     @classmethod
     def quick_preset(cls, **overrides: Any) -> LiveBenchConfig:
-        base: dict[str, Any] = {"quick": True, "epochs": 8, "requests": 4000, "trials": 100}
+        base: dict[str, Any] = {"quick": True, "epochs": 8, "requests": 4000, "trials": 200}
         return cls(**{**base, **overrides})
 
 
@@ -98,14 +100,24 @@ class Pair:
     expect: Decision
     budget: int | None  # impressions (None: run to the cap, no decision wanted)
     share: float  # goal: this share of trials decided right within budget (same: at most)
+    diff_range: tuple[float, float] | None  # the issue's NDCG@10 b vs a for such a pair
 
 
+SUBTLE_RANGE = (-0.10, -0.05)  # the issue's "subtly worse": 5-10% lower NDCG@10
+BETTER_RANGE = (0.0, 0.15)  # the issue's "better": at most 15% higher
 PAIRS = (
-    Pair("clearly_worse", "champion", "shuffled", "b_worse", 2_000, 0.95),
-    Pair("subtly_worse", "champion", "subtle", "b_worse", 10_000, 0.80),
-    Pair("better", "weak", "champion", "b_better", 5_000, 0.90),
-    Pair("same", "champion", "copy", "continue", None, 0.05),
+    Pair("clearly_worse", "champion", "shuffled", "b_worse", 2_000, 0.95, None),
+    Pair("subtly_worse", "champion", "subtle", "b_worse", 10_000, 0.80, SUBTLE_RANGE),
+    Pair("subtly_worse_epoch", "champion", "subtle_epoch", "b_worse", 10_000, 0.80, SUBTLE_RANGE),
+    Pair("better", "weak", "champion", "b_better", 5_000, 0.90, BETTER_RANGE),
+    Pair("better_epoch", "weak_epoch", "champion", "b_better", 5_000, 0.90, BETTER_RANGE),
+    Pair("same", "champion", "copy", "continue", None, 0.05, (0.0, 0.0)),
 )
+
+
+def _gap(gain: float) -> float:
+    """The NDCG@10 a weaker a loses against b when b is ``gain`` higher than a."""
+    return 1.0 - 1.0 / (1.0 + gain)
 
 
 def _log(msg: str, t0: float) -> None:
@@ -115,22 +127,30 @@ def _log(msg: str, t0: float) -> None:
 def versions(
     cfg: LiveBenchConfig, replay: Replay, t0: float
 ) -> tuple[dict[str, Scored], dict[str, float]]:
-    """Train the champion, derive the other versions, score every version on every request."""
-    inter = replay.inter
-    model, catalog = train_champion(inter, replay.cut, cfg.epochs, cfg.seed)
+    """Train the champion, derive the other versions, score every version on every request;
+    and how each weaker version was made (noise scale, or epoch)."""
+    model, catalog, earlier = train_champion(replay.inter, replay.cut, cfg.epochs, cfg.seed)
     _log(f"champion trained ({cfg.epochs} epochs on {replay.cut:,} events)", t0)
 
     def ndcg_of(m: Recommender) -> float:
         return score(catalog.scorer(m), replay, None).mean_ndcg
 
+    base = ndcg_of(model)
     subtle = tune_noise(model, ndcg_of, cfg.subtle_gap, cfg.seed + 1)
-    weak = tune_noise(model, ndcg_of, 1.0 - 1.0 / (1.0 + cfg.better_gain), cfg.seed + 2)
-    _log(f"noise scales tuned: subtle {subtle.scale:.4g}, weak {weak.scale:.4g}", t0)
-    models = {"champion": model, "shuffled": shuffled(model, cfg.seed + 3),
-              "subtle": subtle.model, "weak": weak.model, "copy": copy_of(model)}  # fmt: skip
+    weak = tune_noise(model, ndcg_of, _gap(cfg.better_gain), cfg.seed + 2)
+    gaps = [relative_gap(base, ndcg_of(m)) for m in earlier]
+    ranges = {"subtle": (-SUBTLE_RANGE[1], -SUBTLE_RANGE[0]), "weak": (0.0, _gap(BETTER_RANGE[1]))}
+    found = {
+        "subtle_epoch": earlier_epoch(earlier, gaps, cfg.subtle_gap, ranges["subtle"]),
+        "weak_epoch": earlier_epoch(earlier, gaps, _gap(cfg.better_gain), ranges["weak"]),
+    }
+    derived = {"subtle": subtle, "weak": weak} | {k: v for k, v in found.items() if v}
+    _log(f"weaker versions: { {k: round(d.knob, 4) for k, d in derived.items()} }", t0)
+    models = {"champion": model, "shuffled": shuffled(model, cfg.seed + 3), "copy": copy_of(model)}
+    models |= {name: d.model for name, d in derived.items()}
     scored = {name: score(catalog.scorer(m), replay, cfg.k) for name, m in models.items()}
     _log(f"{len(models)} versions ranked {len(replay.requests):,} requests", t0)
-    return scored, {"subtle": subtle.scale, "weak": weak.scale}
+    return scored, {name: d.knob for name, d in derived.items()}
 
 
 def _median(trials: list[Trial], cap: int) -> int | None:
@@ -196,12 +216,14 @@ def run_pair(pair: Pair, i: int, scored: dict[str, Scored], replay: Replay,
         else:  # the A/B's median is past its cap: only a bound on the ratio is known
             ratio_at_most = round(il["median_impressions"] / ab_cap, 4)
     significant = p < 0.05
+    in_range = None if pair.diff_range is None else pair.diff_range[0] <= diff <= pair.diff_range[1]
     return {
         "pair": pair.name, "a": pair.a, "b": pair.b, "expect": pair.expect,
         "budget": pair.budget, "goal_share": pair.share,
         "offline": {"ndcg10_a": round(a.mean_ndcg, 5), "ndcg10_b": round(b.mean_ndcg, 5),
                     "relative_diff": round(diff, 4), "p_value": round(p, 4),
-                    "significant": significant, "direction": direction},
+                    "significant": significant, "direction": direction,
+                    "in_issue_range": in_range},
         "interleaving": il, "ab": ab, "ratio": ratio, "ratio_at_most": ratio_at_most,
         "agrees": (il["modal_decision"] == direction) if significant else None,
     }  # fmt: skip
@@ -211,6 +233,8 @@ def goals(results: list[dict[str, Any]]) -> dict[str, bool | None]:
     out: dict[str, bool | None] = {}
     for r in results:
         il, name = r["interleaving"], r["pair"]
+        if r["offline"]["in_issue_range"] is not None:
+            out[f"{name}_pair_offline_diff_in_issue_range"] = r["offline"]["in_issue_range"]
         if r["expect"] == "continue":
             out[f"{name}_decided_at_most_{r['goal_share']:.0%}_of_100+"] = (
                 il["trials"] >= 100 and il["decided_share"] <= r["goal_share"]
@@ -268,9 +292,12 @@ def run(cfg: LiveBenchConfig) -> dict[str, Any]:
     inter = encode(load_table())
     replay = replay_of(inter, cfg.train_share, cfg.requests, cfg.clicks.window, cfg.seed)
     _log(f"{len(replay.requests):,} requests replayed after event {replay.cut:,}", t0)
-    scored, scales = versions(cfg, replay, t0)
-    results = [run_pair(pair, i, scored, replay, cfg, t0) for i, pair in enumerate(PAIRS)]
-    return {"results": results, "scales": scales, "requests": len(replay.requests),
+    scored, knobs = versions(cfg, replay, t0)
+    built = [p for p in PAIRS if p.a in scored and p.b in scored]
+    results = [run_pair(pair, i, scored, replay, cfg, t0) for i, pair in enumerate(built)]
+    missing = [p.name for p in PAIRS if p not in built]
+    return {"results": results, "knobs": knobs, "missing": missing,
+            "requests": len(replay.requests),
             "users": len(np.unique(replay.users)), "cut": replay.cut,
             "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
 
@@ -281,21 +308,24 @@ def report(cfg: LiveBenchConfig, res: dict[str, Any]) -> dict[str, Any]:
               f"{cfg.trials} trials per pair and mode; interleaving cap {cfg.cap:,} impressions; "
               f"A/B cap 10x the interleaving median")  # fmt: skip
     OUT.print(f"replay: {res['requests']:,} requests of {res['users']} users after event "
-              f"{res['cut']:,}; noise scales {res['scales']}")  # fmt: skip
+              f"{res['cut']:,}; weaker versions (noise scale, epoch): {res['knobs']}")  # fmt: skip
+    for name in res["missing"]:
+        OUT.print(f"pair {name} not built: no earlier epoch's NDCG@10 falls in the issue's range")
     print_tables(res["results"])
-    g = goals(res["results"])
+    g = goals(res["results"]) | {f"{name}_pair_built": False for name in res["missing"]}
     for name, ok in g.items():
         OUT.print(f"goal {name}: {'met' if ok else 'not measured' if ok is None else 'NOT met'}")
     OUT.print(f"total {res['seconds']} s")
     return {"bench": "live", "quick": cfg.quick, "click_model": cfg.clicks.model_dump(),
             "test": cfg.test.model_dump(), "trials": cfg.trials, "cap": cfg.cap,
-            "requests": res["requests"], "noise_scales": res["scales"],
+            "requests": res["requests"], "weaker_versions": res["knobs"],
+            "pairs_not_built": res["missing"],
             "pairs": res["results"], "goals": g, "seconds": res["seconds"]}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.live", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="4,000 requests, 8 epochs, 100 trials")
+    p.add_argument("--quick", action="store_true", help="4,000 requests, 8 epochs, 200 trials")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trials", type=int, help="trials per pair and mode")
     p.add_argument("--epochs", type=int, help="champion training epochs")

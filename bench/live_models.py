@@ -14,6 +14,8 @@ Versions derived from the champion ``M`` (none trained twice):
 - ``noised(scale)``: ``M`` with Gaussian noise of ``scale`` times each tensor's RMS added to every
   tensor; ``tune_noise`` finds the scale that costs a target share of ``M``'s NDCG@10 (bisection
   on one fixed noise draw, so the loss grows smoothly with the scale).
+- an earlier epoch of ``M``'s own training run (``earlier_epoch``): the less trained copy whose
+  NDCG@10 loss is closest to a target inside a range, if one falls inside it.
 - a copy of ``M`` rebuilt from its weights: the same model under another version, scored apart.
 """
 
@@ -84,11 +86,21 @@ class Catalog:
 
 def train_champion(
     inter: Interactions, cut: int, epochs: int, seed: int
-) -> tuple[Recommender, Catalog]:
-    """The champion: a fresh model trained on every event before the cut."""
+) -> tuple[Recommender, Catalog, list[Recommender]]:
+    """The champion: a fresh model trained on every event before the cut; and a copy of it
+    after each earlier epoch (less trained versions of the same run)."""
     cfg = StreamConfig(seed=seed)
-    model, vocab, _ = train_from_scratch(inter, np.arange(cut), cfg, epochs)
-    return model, Catalog(vocab, inter.item_ids)
+    states: list[dict[str, torch.Tensor]] = []
+
+    def keep(epoch: int, model: Recommender, _vocab: ItemVocab) -> None:
+        # Tensors only: building a model here would draw from torch's generator and change
+        # the rest of the run (its dropout), so the champion would depend on the snapshots.
+        if epoch + 1 < epochs:
+            states.append(_cloned(model))
+
+    model, vocab, _ = train_from_scratch(inter, np.arange(cut), cfg, epochs, keep)
+    earlier = [Recommender.from_state(model.cfg, state) for state in states]
+    return model, Catalog(vocab, inter.item_ids), earlier
 
 
 def _cloned(model: Recommender) -> dict[str, torch.Tensor]:
@@ -159,38 +171,49 @@ def relative_gap(base: float, other: float) -> float:
 
 
 @dataclass(frozen=True)
-class Tuned:
-    """A noised version and what it measured while being tuned."""
+class Derived:
+    """A weaker version of the champion and how much NDCG@10 it lost."""
 
     model: Recommender
-    scale: float
-    gap: float  # 1 - its NDCG@10 / the base model's
+    knob: float  # the noise scale, or the epoch it was trained to
+    gap: float  # 1 - its NDCG@10 / the champion's
 
 
 def tune_noise(model: Recommender, ndcg_of: Callable[[Recommender], float], target_gap: float,
-               seed: int, tolerance: float = 0.005, steps: int = 12) -> Tuned:  # fmt: skip
+               seed: int, tolerance: float = 0.005, steps: int = 12) -> Derived:  # fmt: skip
     """The noise scale (and its version) whose NDCG@10 is ``target_gap`` below ``model``'s,
     to within ``tolerance`` or the closest of ``steps`` bisections: bracket by doubling the
     scale, then bisect."""
     base = ndcg_of(model)
 
-    def tried(scale: float) -> Tuned:
+    def tried(scale: float) -> Derived:
         version = noised(model, scale, seed)
-        return Tuned(version, scale, relative_gap(base, ndcg_of(version)))
+        return Derived(version, scale, relative_gap(base, ndcg_of(version)))
 
     lo, hi = 0.0, tried(0.05)
     while hi.gap < target_gap:
-        if hi.scale > 64:
-            raise RuntimeError(f"no noise scale up to {hi.scale} loses {target_gap:.0%} of NDCG@10")
-        lo, hi = hi.scale, tried(2 * hi.scale)
+        if hi.knob > 64:
+            raise RuntimeError(f"no noise scale up to {hi.knob} loses {target_gap:.0%} of NDCG@10")
+        lo, hi = hi.knob, tried(2 * hi.knob)
     best = hi
     for _ in range(steps):
         if abs(best.gap - target_gap) <= tolerance:
             break
-        mid = tried((lo + hi.scale) / 2)
+        mid = tried((lo + hi.knob) / 2)
         best = min(best, mid, key=lambda t: abs(t.gap - target_gap))
-        lo, hi = (mid.scale, hi) if mid.gap < target_gap else (lo, mid)
+        lo, hi = (mid.knob, hi) if mid.gap < target_gap else (lo, mid)
     return best
+
+
+def earlier_epoch(earlier: list[Recommender], gaps: list[float], target_gap: float,
+                  gap_range: tuple[float, float]) -> Derived | None:  # fmt: skip
+    """Of the less trained copies (``gaps``: their NDCG@10 loss against the champion), the one
+    closest to ``target_gap`` among those inside ``gap_range``; None if none is."""
+    inside = [i for i, g in enumerate(gaps) if gap_range[0] <= g <= gap_range[1]]
+    if not inside:
+        return None
+    i = min(inside, key=lambda j: abs(gaps[j] - target_gap))
+    return Derived(earlier[i], i + 1, gaps[i])
 
 
 def paired_bootstrap(ndcg_a: np.ndarray, ndcg_b: np.ndarray, users: np.ndarray, resamples: int,
