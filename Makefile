@@ -10,7 +10,7 @@ DEEPSPEED   := deepspeed==0.19.8
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-fast lint typecheck kafka-jars s3-server schema-registry clean \
-        gpu-deps gpu-check prometheus
+        gpu-deps gpu-check prometheus ops
 
 install: $(STAMP)
 
@@ -40,6 +40,12 @@ schema-registry: install
 # installed), for the alert rules' tests.
 prometheus: install
 	$(BIN)/python -m services.prometheus fetch
+
+# A real Prometheus beside a running `streamtune up` on this machine: it scrapes every Ray node
+# the session lists and evaluates deploy/prometheus/alerts.yml; prints its URL, Ctrl-C stops it.
+# OPS_ARGS: e.g. --port 9090 --scrape-interval 5s --session-dir /tmp/ray/session_...
+ops: install
+	$(BIN)/python -m services.prometheus run $(OPS_ARGS)
 
 # The GPU check runs where Ray is not installed and nothing can be downloaded: `make gpu-deps`
 # (here) puts what it needs beyond PyTorch, transformers and pyarrow under build/gpu-deps, which

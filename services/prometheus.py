@@ -1,13 +1,16 @@
 """Prometheus and promtool, fetched once into the cache (Debian's package, unpacked, not installed).
 
     python -m services.prometheus fetch      # `make prometheus`; prints where they are
+    python -m services.prometheus run        # `make ops`: Prometheus beside `streamtune up`
 
-Used to check the alert rules shipped in ``deploy/prometheus`` (``promtool test rules``). A
-``promtool`` already on PATH is used as it is.
+Used to check the alert rules shipped in ``deploy/prometheus`` (``promtool test rules``), and to
+run a real Prometheus on a running streamtune (``services.prometheus_run``). A ``promtool`` or
+``prometheus`` already on PATH is used as it is.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -75,9 +78,35 @@ def promtool() -> Path:
 
 
 def main(argv: list[str]) -> None:
-    if argv != ["fetch"]:
-        raise SystemExit("usage: python -m services.prometheus fetch")
-    print(f"prometheus and promtool in {fetch()}")
+    from services.prometheus_run import RAY_TEMP_DIR, discovery_file, run_foreground
+
+    parser = argparse.ArgumentParser(prog="python -m services.prometheus")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("fetch", help="fetch prometheus and promtool into the cache")
+    run = sub.add_parser("run", help="Prometheus on the running streamtune's Ray nodes")
+    run.add_argument(
+        "--session-dir",
+        type=Path,
+        default=None,
+        help=f"the Ray session to scrape (default: {RAY_TEMP_DIR}/session_latest)",
+    )
+    run.add_argument(
+        "--sd-file",
+        type=Path,
+        default=None,
+        help="a file_sd_configs file listing the targets (default: the session's)",
+    )
+    run.add_argument("--port", type=int, default=None, help="default: a free port")
+    run.add_argument("--scrape-interval", default="15s")
+    args = parser.parse_args(argv)
+    if args.command == "fetch":
+        print(f"prometheus and promtool in {fetch()}")
+        return
+    try:
+        run_foreground(args.sd_file or discovery_file(args.session_dir), args.port,
+                       args.scrape_interval)  # fmt: skip
+    except ServiceError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

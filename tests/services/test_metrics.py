@@ -29,6 +29,7 @@ from streams.broker import free_port
 from streams.config import KafkaConfig
 from streams.datasets import DriftSpec, synthetic_drift
 from streams.producer import replay
+from tests.services.live_loop import small_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "streamtune.json"
@@ -36,33 +37,6 @@ EVENTS = list(synthetic_drift(DriftSpec(users=40, events=1500, seed=5, items_per
                                         topics=4, new_item_every=200)))  # fmt: skip
 BAD = [b"not json", b'{"schema_version": 1}', b"\xff\xfe"]
 Samples = dict[str, list[tuple[dict[str, str], float]]]
-
-
-def small_env(kafka: KafkaConfig, state: Path, port: int) -> dict[str, str]:
-    return {
-        "STREAMTUNE_STATE_DIR": str(state),
-        # Own consumer groups: the session broker is shared, and a member another test left
-        # in a shared group would hold up this one's assignment.
-        "STREAMTUNE_INGEST__GROUP_ID": f"ingest-{state.name}",
-        "STREAMTUNE_SERVING__HISTORY_GROUP": f"history-{state.name}",
-        "STREAMTUNE_EMBEDDED_BROKER": "false",
-        "STREAMTUNE_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-        "STREAMTUNE_TOPICS__EVENTS": f"metrics-{state.name}.events",
-        "STREAMTUNE_TOPICS__DEAD_LETTER": f"metrics-{state.name}.dlq",
-        "STREAMTUNE_SERVING__PORT": str(port),
-        "STREAMTUNE_SERVING__REPLICAS": "1",
-        "STREAMTUNE_MODEL__MAX_LEN": "20",
-        "STREAMTUNE_MODEL__D_MODEL": "32",
-        "STREAMTUNE_MODEL__TEXT_INIT": "false",
-        "STREAMTUNE_TRAINER__EPOCHS": "1",
-        "STREAMTUNE_TRAINER__FIRST_ROUND_EPOCHS": "1",
-        "STREAMTUNE_TRAINER__BATCH_SIZE": "64",
-        "STREAMTUNE_GATE__MIN_EVAL_USERS": "10",
-        "STREAMTUNE_LOOP__MIN_ROUND_EVENTS": "300",
-        "STREAMTUNE_INGEST__FLUSH_INTERVAL_S": "0.3",
-        "STREAMTUNE_SUPERVISOR__GAUGES_EVERY_S": "1",
-        "STREAMTUNE_SUPERVISOR__BACKOFF_S": "0.1",
-    }
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,35 @@
+"""What the live tests share: a short loop's settings (small model, own topics and consumer groups
+on the session broker), for a test that starts ingest, Ray and Serve and drives rounds itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from streams.config import KafkaConfig
+
+
+def small_env(kafka: KafkaConfig, state: Path, port: int) -> dict[str, str]:
+    return {
+        "STREAMTUNE_STATE_DIR": str(state),
+        # Own consumer groups: the session broker is shared, and a member another test left
+        # in a shared group would hold up this one's assignment.
+        "STREAMTUNE_INGEST__GROUP_ID": f"ingest-{state.name}",
+        "STREAMTUNE_SERVING__HISTORY_GROUP": f"history-{state.name}",
+        "STREAMTUNE_EMBEDDED_BROKER": "false",
+        "STREAMTUNE_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "STREAMTUNE_TOPICS__EVENTS": f"metrics-{state.name}.events",
+        "STREAMTUNE_TOPICS__DEAD_LETTER": f"metrics-{state.name}.dlq",
+        "STREAMTUNE_SERVING__PORT": str(port),
+        "STREAMTUNE_SERVING__REPLICAS": "1",
+        "STREAMTUNE_MODEL__MAX_LEN": "20",
+        "STREAMTUNE_MODEL__D_MODEL": "32",
+        "STREAMTUNE_MODEL__TEXT_INIT": "false",
+        "STREAMTUNE_TRAINER__EPOCHS": "1",
+        "STREAMTUNE_TRAINER__FIRST_ROUND_EPOCHS": "1",
+        "STREAMTUNE_TRAINER__BATCH_SIZE": "64",
+        "STREAMTUNE_GATE__MIN_EVAL_USERS": "10",
+        "STREAMTUNE_LOOP__MIN_ROUND_EVENTS": "300",
+        "STREAMTUNE_INGEST__FLUSH_INTERVAL_S": "0.3",
+        "STREAMTUNE_SUPERVISOR__GAUGES_EVERY_S": "1",
+        "STREAMTUNE_SUPERVISOR__BACKOFF_S": "0.1",
+    }
