@@ -4,14 +4,17 @@
     python -m bench.live --quick    # 4,000 requests, 8 epochs, 200 trials per pair
 
 MovieLens-100K in time order: a champion trains on the first ``train_share`` of the events
-(``bench.live_models``), the rest is replayed as requests. Four pairs (champion a, candidate b):
-``clearly_worse`` (b = a with its item rows shuffled), ``subtly_worse`` (b = a plus weight noise
-tuned to lose ``subtle_gap`` of its next-slice NDCG@10), ``better`` (a = the champion plus noise
-tuned so that the champion, now b, is ``better_gain`` higher), ``same`` (b = a's weights rebuilt
-as another model, scored separately). Each pair runs ``trials`` interleaved trials and as many
-A/B trials (``bench.live_trials``: what an impression is, the A/B design and why it is fair),
-through the product's ``serving.interleaving`` and ``serving.sequential`` and the benchmark's
-``harness.click_model``, whose parameters are fixed by the flags before anything is measured.
+(``bench.live_models``), the rest is replayed as requests. Pairs (champion a, candidate b):
+``clearly_worse`` (b = a with its item rows shuffled); ``subtly_worse`` (b = a plus weight noise
+tuned to lose ``subtle_gap`` of its next-slice NDCG@10) and ``subtly_worse_epoch`` (b = an earlier
+epoch of a's own training run, 5-10% lower); ``better`` (a = the champion plus noise tuned so
+that the champion, now b, is ``better_gain`` higher) and ``better_epoch`` (a = an earlier epoch
+that the champion, b, beats by at most 15%); ``same`` (b = a's weights rebuilt as another model,
+scored separately). An epoch pair with no epoch inside the issue's range is not built, and says
+so. Each pair runs ``trials`` interleaved trials and as many A/B trials (``bench.live_trials``:
+what an impression is, the A/B design and why it is fair), through the product's
+``serving.interleaving`` and ``serving.sequential`` and the benchmark's ``harness.click_model``,
+whose parameters are fixed by the flags before anything is measured.
 
 Reported per pair: offline NDCG@10 of both versions, their relative difference and its paired
 bootstrap p-value over users; for interleaving, the share of trials decided correctly within the
