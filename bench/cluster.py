@@ -160,8 +160,8 @@ def stream_loop(cluster: LocalCluster, workers: list[Node], s3: S3Server, tmp: P
             if client is None and champion is not None:
                 # The Serve app, deployed on its own by another process, once a champion exists.
                 cluster.serve_deploy(port, serve_env(s, tmp))
-                vocab = json.loads((registry.path(champion) / "vocab.json").read_text())
-                client = LiveClient(f"http://127.0.0.1:{port}", vocab["items"][:5]).__enter__()
+                items = registry.content(champion).vocab.items()[:5]
+                client = LiveClient(f"http://127.0.0.1:{port}", items).__enter__()
                 client.wait_for(champion, timeout=300)
             elif client is not None and r is not None and r.promoted:
                 # From the promotion's commit to the first answer by the new version.

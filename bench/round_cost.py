@@ -35,8 +35,8 @@ from streams.storage import StorageConfig
 from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
 from training.data import user_sequences
 from training.histories import UserHistories
-from training.model import Recommender, save_weights
-from training.registry import Registry
+from training.model import Recommender
+from training.registry import Registry, VersionContent, write_content
 from training.replay import Reservoir
 from training.round import RoundConfig
 from training.vocab import ItemVocab
@@ -116,10 +116,7 @@ def champion_over(buffer: EventBuffer, registry: Registry, cfg: RoundConfig) -> 
                          minlength=len(vocab)).tolist()  # fmt: skip
 
     def write(d: Path) -> None:
-        save_weights(model, d / "model.safetensors")
-        (d / "popularity.json").write_text(json.dumps(counts))
-        vocab.save(d / "vocab.json")
-        (d / "titles.json").write_text("{}")
+        write_content(d, model, VersionContent(vocab, counts))
         Reservoir(cfg.replay.capacity, cfg.model.max_len).save(d)
         Reservoir(cfg.gate.replay_eval_size, cfg.model.max_len).save(d, name="replay_eval")
         history.save(d, None)

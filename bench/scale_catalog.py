@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -19,7 +18,8 @@ from training.round import RoundConfig
 def _champion(registry: Any, cfg: RoundConfig, items: int) -> None:
     """What rounds over a catalog of ``items`` leave: its item map and table, no users yet."""
     from training.histories import UserHistories, save_chain
-    from training.model import Recommender, save_weights
+    from training.model import Recommender
+    from training.registry import VersionContent, write_content
     from training.replay import Reservoir
     from training.vocab import ItemVocab
 
@@ -27,10 +27,7 @@ def _champion(registry: Any, cfg: RoundConfig, items: int) -> None:
     model = Recommender(cfg.model, len(vocab))
 
     def write(d: Path) -> None:
-        save_weights(model, d / "model.safetensors")
-        (d / "popularity.json").write_text(json.dumps([0] * len(vocab)))
-        vocab.save(d / "vocab.json")
-        (d / "titles.json").write_text("{}")
+        write_content(d, model, VersionContent(vocab))
         Reservoir(cfg.replay.capacity, cfg.model.max_len).save(d)
         Reservoir(cfg.gate.replay_eval_size, cfg.model.max_len).save(d, name="replay_eval")
         save_chain(UserHistories(cfg.model.max_len).table(), d, None)

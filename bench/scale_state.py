@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -90,7 +89,8 @@ def register_index(registry: Any, index: pa.Table, items: int, watermark: dict[s
     also the titles and (empty) replay reservoirs a round continues from."""
     from training.config import GateConfig, ModelConfig, ReplayConfig
     from training.histories import save_chain
-    from training.model import Recommender, save_weights
+    from training.model import Recommender
+    from training.registry import VersionContent, write_content
     from training.replay import Reservoir
     from training.vocab import ItemVocab
 
@@ -99,12 +99,9 @@ def register_index(registry: Any, index: pa.Table, items: int, watermark: dict[s
     model = Recommender(cfg, len(vocab))
 
     def write(d: Path) -> None:
-        save_weights(model, d / "model.safetensors")
-        vocab.save(d / "vocab.json")
-        (d / "popularity.json").write_text(json.dumps(list(range(len(vocab)))))
+        write_content(d, model, VersionContent(vocab, list(range(len(vocab)))))
         save_chain(index, d, None)
         if for_rounds:
-            (d / "titles.json").write_text("{}")
             Reservoir(ReplayConfig().capacity, cfg.max_len).save(d)
             Reservoir(GateConfig().replay_eval_size, cfg.max_len).save(d, name="replay_eval")
 

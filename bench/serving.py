@@ -49,8 +49,8 @@ from streams.config import BrokerConfig, KafkaConfig, TopicsConfig
 from streams.datasets import DEFAULT_ML100K, movielens_100k
 from streams.producer import replay
 from training.config import ModelConfig
-from training.model import Recommender, save_weights
-from training.registry import Registry
+from training.model import Recommender
+from training.registry import Registry, VersionContent, write_content
 from training.vocab import ItemVocab
 
 console = Console(stderr=True)
@@ -68,9 +68,7 @@ def build_registry(root: Path, items: list[str], versions: int) -> Registry:
         model = Recommender(cfg, len(items) + 1)
 
         def write(d: Path, model: Recommender = model) -> None:
-            save_weights(model, d / "model.safetensors")
-            ItemVocab(items).save(d / "vocab.json")
-            (d / "popularity.json").write_text(json.dumps(list(range(len(items) + 1))))
+            write_content(d, model, VersionContent(ItemVocab(items), list(range(len(items) + 1))))
 
         reg.register(write, {"model_config": cfg.model_dump(), "watermark": {}})
     reg.set_champion(1, "benchmark start")

@@ -26,8 +26,8 @@ import torch
 from serving.config import ServingConfig
 from streams.broker import free_port
 from training.config import ModelConfig
-from training.model import Recommender, save_weights
-from training.registry import Registry
+from training.model import Recommender
+from training.registry import Registry, VersionContent, write_content
 from training.vocab import ItemVocab
 
 ITEMS = [f"item{i}" for i in range(200)]
@@ -42,9 +42,7 @@ def add_version(reg: Registry, seed: int) -> int:
     model = Recommender(MODEL, len(ITEMS) + 1)
 
     def write(d: Path) -> None:
-        save_weights(model, d / "model.safetensors")
-        ItemVocab(ITEMS).save(d / "vocab.json")
-        (d / "popularity.json").write_text(str([0, *range(len(ITEMS))]))
+        write_content(d, model, VersionContent(ItemVocab(ITEMS), [0, *range(len(ITEMS))]))
 
     version = reg.register(write, {"model_config": MODEL.model_dump(), "watermark": {}})
     reg.set_champion(version, "fault bench")

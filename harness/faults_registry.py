@@ -42,7 +42,7 @@ _CHILD = textwrap.dedent(
     def write(d):
         rng = np.random.default_rng(int(time.time_ns() % 1000))
         save_file({"w": rng.normal(size=(64, 16)).astype(np.float32)}, str(d / "model.safetensors"))
-        (d / "vocab.json").write_text("[]")
+        (d / "vocab.json").write_text('{"v": 1, "items": []}')
 
     reg = Registry(root)
     v1 = reg.register(write, {"watermark": {"events:0": 100}}, promote=True, reason="first",
@@ -120,7 +120,7 @@ def _one(tmp: Path, name: str, promote: bool) -> dict[str, Any]:
 
     def write(d: Path) -> None:
         save_file({"w": np.ones((64, 16), np.float32)}, str(d / "model.safetensors"))
-        (d / "vocab.json").write_text("[]")
+        (d / "vocab.json").write_text('{"v": 1, "items": []}')
 
     retried = after.register(write, {"watermark": {"events:0": 200}}, promote=promote,
                              reason="retried", expect_latest=1)  # fmt: skip

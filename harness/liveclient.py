@@ -9,15 +9,14 @@ served when and how many requests failed.
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from pathlib import Path
 
 import httpx
-from safetensors.torch import load_file, save_file
+import torch
 
-from training.registry import Registry
+from training.registry import Registry, write_content
 
 
 class LiveClient:
@@ -70,14 +69,13 @@ class LiveClient:
 def register_broken_copy(reg: Registry, of: int) -> int:
     """``of``'s vocabulary with weights that overflow at request time (finite, so registration
     takes them): a version that looks fine offline and fails every live request with a history."""
-    src = reg.path(of)
-    state = load_file(str(src / "model.safetensors"))
-    state = {k: (v * 1e30 if "wpe" in k else v) for k, v in state.items()}
+    lv = reg.load(of)
+    broken = lv.model
+    with torch.no_grad():
+        broken.backbone.wpe.weight.mul_(1e30)
 
     def write(d: Path) -> None:
-        save_file(state, str(d / "model.safetensors"))
-        for name in ("vocab.json", "popularity.json"):
-            shutil.copy(src / name, d / name)
+        write_content(d, broken, reg.content(of))
 
     meta = {k: v for k, v in reg.meta(of).items() if k in ("model_config", "watermark")}
     return reg.register(write, meta, promote=False, reason="broken on purpose")

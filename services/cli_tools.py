@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -58,8 +57,8 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         before = before.filter(pc.is_in(before["user_id"], value_set=recent["user_id"].unique()))
         hold = next_slice_holdout(before, recent, lv.vocab, lv.model.cfg.max_len, cases, seed=0)
         m = evaluate(lv.model, hold)
-        pop = json.loads((reg.path(v) / "popularity.json").read_text())[: lv.model.n_rows]
         counts = np.zeros(lv.model.n_rows)
+        pop = lv.popularity[: lv.model.n_rows]
         counts[: len(pop)] = pop
         pop_ndcg = popularity_ndcg(counts, hold)
         wm = sum(lv.meta["watermark"].values())

@@ -33,13 +33,7 @@ class Loaded:
 
 def load_version(registry: Registry, version: int) -> Loaded:
     lv = registry.load(version)  # verifies hashes; raises on a bad version
-    pop_file = lv.path / "popularity.json"
-    counts = torch.zeros(len(lv.vocab))
-    if pop_file.exists():
-        import json
-
-        raw = torch.tensor(json.loads(pop_file.read_text()), dtype=torch.float32)
-        counts[: len(raw)] = raw[: len(counts)]
+    counts = torch.tensor(lv.popularity, dtype=torch.float32)
     return as_loaded(version, lv.model, lv.vocab, counts)
 
 

@@ -13,14 +13,13 @@ a restart or a new registry at the same path read from storage again).
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass
 
 from training.carry import Carry
 from training.config import ModelConfig
 from training.questions import RecentQuestions
-from training.registry import LoadedVersion, Registry
+from training.registry import LoadedVersion, Registry, VersionContent
 from training.replay import Reservoir
 from training.vocab import ItemVocab
 
@@ -90,26 +89,18 @@ def read(
     champ = registry.load(champion) if champion is not None else None
     max_len = (champ.model.cfg if champ else model_cfg).max_len
     d = None
-    vocab = ItemVocab()
+    content = VersionContent(ItemVocab())
     if base is not None:
-        registry.verify(base)
+        content = registry.content(base)
         d = registry.path(base)
-        vocab = ItemVocab.load(d / "vocab.json")
-    titles: dict[str, str] = {}
-    if d is not None and (d / "titles.json").exists():
-        titles = json.loads((d / "titles.json").read_text())
-    popularity = [0] * len(vocab)
-    if d is not None and (d / "popularity.json").exists():
-        for row, c in enumerate(json.loads((d / "popularity.json").read_text())):
-            popularity[row] = c
     # Whether a carry applies (only with a champion to train it from) is the round's to say.
     carry = Carry.load(d) if d is not None and Carry.exists(d) else Carry.empty(max_len)
     return Lineage(
         base=base,
         champion=champ,
-        vocab=vocab,
-        titles=titles,
-        popularity=popularity,
+        vocab=content.vocab,
+        titles=content.titles,
+        popularity=content.popularity,
         carry=carry,
         recent=(
             RecentQuestions.load(d, recent)
@@ -118,12 +109,12 @@ def read(
         ),
         reservoir=(
             Reservoir.load(d, capacity)
-            if d is not None and (d / "replay.json").exists()
+            if d is not None and Reservoir.exists(d)
             else Reservoir(capacity, max_len, seed)
         ),
         probes=(
             Reservoir.load(d, probes, name="replay_eval")
-            if d is not None and (d / "replay_eval.json").exists()
+            if d is not None and Reservoir.exists(d, name="replay_eval")
             else Reservoir(probes, max_len, seed + 1)
         ),
     )

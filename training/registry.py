@@ -4,7 +4,8 @@ rollout state, on a local directory or an object-store prefix (``s3://``, ``gs:/
 Layout under the registry's location (the ``registry_*`` modules are the only ones that know it:
 ``registry_core`` the log and a version's files on disk, ``registry_write`` registration,
 ``registry_moves`` every other fact, ``registry_files`` the checks on a version's files,
-``registry_shared`` the files versions share, ``registry_log`` the log's typed entries)::
+``registry_shared`` the files versions share, ``registry_log`` the log's typed entries,
+``registry_content`` what a version holds for its readers: ``write_content`` / ``content``)::
 
     versions/<ms>-<id>/  model.safetensors  vocab.json  popularity.json  titles.json
                          replay.{safetensors,json}  replay_eval.{safetensors,json}
@@ -74,6 +75,7 @@ from training.errors import (
     RegistryIntegrityError,
     UnknownVersionError,
 )
+from training.registry_content import VersionContent, read_content, read_vocab, write_content
 from training.registry_files import META, WEIGHTS, check_finite, mismatch
 from training.registry_log import (
     ChampionState,
@@ -105,8 +107,10 @@ __all__ = [
     "RegistryState",
     "RolloutState",
     "UnknownVersionError",
+    "VersionContent",
     "VersionMeta",
     "VersionRecord",
+    "write_content",
 ]
 
 
@@ -117,6 +121,7 @@ class LoadedVersion:
     vocab: ItemVocab
     meta: dict[str, Any]
     path: Path
+    popularity: list[int]  # each vocabulary row's event count
 
 
 class Registry(RegistryWrites):
@@ -170,7 +175,7 @@ class Registry(RegistryWrites):
         from training import histories
 
         d = self.path(version)
-        return histories.item_histories(d, ItemVocab.load(d / "vocab.json"), keep)
+        return histories.item_histories(d, read_vocab(d), keep)
 
     def decision_log(self) -> list[Decision]:
         return [d.model_copy() for d in self._state().decisions]
@@ -192,8 +197,13 @@ class Registry(RegistryWrites):
         cfg = ModelConfig(**meta["model_config"])
         model = Recommender.from_file(d / WEIGHTS, cfg)
         model.eval()
-        vocab = ItemVocab.load(d / "vocab.json")
-        return LoadedVersion(v, model, vocab, meta, d)
+        content = read_content(d)
+        return LoadedVersion(v, model, content.vocab, meta, d, content.popularity)
+
+    def content(self, version: int) -> VersionContent:
+        """A version's vocabulary, popularity and titles, verified (no model built)."""
+        self.verify(version)
+        return read_content(self.path(version))
 
     def rollout_state(self) -> RolloutState:
         rs = self._state().rollout

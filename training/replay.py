@@ -68,6 +68,10 @@ class Reservoir:
         (directory / f"{name}.json").write_text(json.dumps(state))
         return [directory / f"{name}.safetensors", directory / f"{name}.json"]
 
+    @staticmethod
+    def exists(directory: Path, name: str = "replay") -> bool:
+        return (directory / f"{name}.json").exists()
+
     @classmethod
     def load(cls, directory: Path, capacity: int | None = None, name: str = "replay") -> Reservoir:
         state = json.loads((directory / f"{name}.json").read_text())

@@ -24,7 +24,6 @@ runs goes through ``run_round``: in process (``services.loop``), as a cluster ta
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -50,7 +49,6 @@ from training.round_train import (
     worker_resources,
 )
 from training.textinit import warm as warm_titles
-from training.vocab import ItemVocab
 
 __all__ = [
     "RoundConfig",
@@ -76,11 +74,9 @@ def warm_up(registry: Registry, cfg: RoundConfig) -> None:
     latest = registry.latest()
     if latest is None or not (cfg.model.item_repr == "id" and cfg.model.text_init):
         return
-    path = registry.path(latest) / "titles.json"
-    if path.exists():
-        titles: dict[str, str] = json.loads(path.read_text())
-        vocab = ItemVocab.load(registry.path(latest) / "vocab.json")
-        warm_titles([titles[i] for i in vocab.items() if i in titles])
+    content = registry.content(latest)  # verified: this read is off the round's path
+    if content.titles:
+        warm_titles([content.titles[i] for i in content.vocab.items() if i in content.titles])
 
 
 def run_round(

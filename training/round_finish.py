@@ -7,7 +7,6 @@ decision in one step and keeps the lineage for the next round of this process.
 
 from __future__ import annotations
 
-import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,8 +22,8 @@ from training.config import ReplayConfig
 from training.data import holdout_as_examples
 from training.errors import NonFiniteWeightsError
 from training.gate import GateResult, gate, question_ranks
-from training.model import Recommender, save_weights
-from training.registry import LoadedVersion, Registry
+from training.model import Recommender
+from training.registry import LoadedVersion, Registry, VersionContent, write_content
 from training.round_config import RoundConfig, RoundResult, TrainFn
 from training.round_steps import Plan, Questions, RoundExamples, RoundInput
 from training.round_train import train
@@ -174,10 +173,7 @@ def _files(p: Plan, ex: RoundExamples, t: Trained, s: Settled) -> Any:
     state = p.state
 
     def write(d: Path) -> None:
-        save_weights(t.candidate, d / "model.safetensors")
-        (d / "popularity.json").write_text(json.dumps(s.popularity))
-        state.vocab.save(d / "vocab.json")
-        (d / "titles.json").write_text(json.dumps(state.titles))
+        write_content(d, t.candidate, VersionContent(state.vocab, s.popularity, state.titles))
         state.reservoir.save(d)
         state.probes.save(d, name="replay_eval")
         state.recent.save(d)
@@ -254,7 +250,7 @@ def commit(
     if d.promote:  # the candidate is the next round's champion: no need to read it back
         champion = LoadedVersion(
             version, t.candidate, ItemVocab(state.vocab.items()), registry.meta(version),
-            registry.path(version),
+            registry.path(version), list(s.popularity),
         )  # fmt: skip
     lineage.keep(registry, lineage.Lineage(
         base=version, champion=champion, vocab=state.vocab, titles=state.titles,

@@ -58,7 +58,11 @@ class ItemVocab:
     @classmethod
     def from_json(cls, text: str) -> ItemVocab:
         data = json.loads(text)
-        if data.get("v") != 1 or not isinstance(data.get("items"), list):
+        if (
+            not isinstance(data, dict)
+            or data.get("v") != 1
+            or not isinstance(data.get("items"), list)
+        ):
             raise ValueError("not an ItemVocab v1 document")
         return cls(data["items"])
 
