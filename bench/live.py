@@ -188,6 +188,14 @@ def _summary(trials: list[Trial], pair: Pair, cap: int, budget: int | None) -> d
     }
 
 
+def _agreeing(trials: list[Trial], direction: str) -> float | None:
+    """Of the interleaved trials that decided, the share whose decision is the offline one."""
+    decided = [t for t in trials if t.decision != "continue"]
+    if not decided:
+        return None
+    return round(sum(t.decision == direction for t in decided) / len(decided), 4)
+
+
 def run_pair(pair: Pair, i: int, scored: dict[str, Scored], replay: Replay,
              cfg: LiveBenchConfig, t0: float) -> dict[str, Any]:  # fmt: skip
     """One pair: offline NDCG and bootstrap, then interleaved trials, then A/B trials."""
@@ -202,7 +210,8 @@ def run_pair(pair: Pair, i: int, scored: dict[str, Scored], replay: Replay,
         seeds = ([cfg.seed, i, t, mode] for t in range(cfg.trials))
         return [play(tables, cfg.clicks, cfg.test, cap, np.random.default_rng(s)) for s in seeds]
 
-    il = _summary(trials(0, cfg.cap), pair, cfg.cap, pair.budget)
+    il_trials = trials(0, cfg.cap)
+    il = _summary(il_trials, pair, cfg.cap, pair.budget)
     il_figure = il["median_impressions"] or cfg.cap
     ab_cap = 10 * il_figure
     ab = _summary(trials(1, ab_cap), pair, ab_cap, None)  # the budgets are interleaving's
@@ -229,6 +238,7 @@ def run_pair(pair: Pair, i: int, scored: dict[str, Scored], replay: Replay,
                     "in_issue_range": in_range},
         "interleaving": il, "ab": ab, "ratio": ratio, "ratio_at_most": ratio_at_most,
         "agrees": (il["modal_decision"] == direction) if significant else None,
+        "decided_agreeing_share": _agreeing(il_trials, direction),
     }  # fmt: skip
 
 
