@@ -58,7 +58,7 @@ from serving.sequential import Decision, SequentialConfig
 from training.evaluation import encode, load_table
 from training.model import Recommender
 
-OUT = Console(width=150)
+OUT = Console(width=160)
 err = Console(stderr=True)
 
 
@@ -282,20 +282,20 @@ def print_tables(results: list[dict[str, Any]]) -> None:
                     _fmt(o["significant"]))  # fmt: skip
     OUT.print(off)
     live = Table(title="Live, replayed: impressions to a decision (IL = interleaving)")
-    cols = ("pair", "IL right in budget", "IL median", "IL wrong", "IL undecided",
+    cols = ("pair", "budget", "IL right in budget", "IL median", "IL wrong", "IL undecided",
             "P(b wins)", "A/B cap", "A/B median", "A/B wrong", "A/B at cap", "IL / A/B",
             "agrees")  # fmt: skip
     for c in cols:
-        live.add_column(c, justify="left" if c == "pair" else "right")
+        live.add_column(c, justify="left" if c == "pair" else "right", no_wrap=c == "pair")
     for r in results:
         il, ab = r["interleaving"], r["ab"]
         ratio = _fmt(r["ratio"]) if r["ratio_at_most"] is None else f"<= {r['ratio_at_most']}"
         right = (f"decided {il['decided_share']:.0%}" if r["expect"] == "continue"
-                 else f"{il['within_budget_share']:.0%} <= {r['budget']:,}")  # fmt: skip
-        live.add_row(r["pair"], right, _fmt(il["median_impressions"]), _fmt(il["wrong"]),
-                     _fmt(il["hit_cap"]), _fmt(il["b_win_share"]), _fmt(ab["cap"]),
-                     _fmt(ab["median_impressions"]), _fmt(ab["wrong"]), _fmt(ab["hit_cap"]),
-                     ratio, _fmt(r["agrees"]))  # fmt: skip
+                 else f"{il['within_budget_share']:.0%}")  # fmt: skip
+        cells = (il["median_impressions"], il["wrong"], il["hit_cap"], il["b_win_share"],
+                 ab["cap"], ab["median_impressions"], ab["wrong"], ab["hit_cap"])  # fmt: skip
+        live.add_row(r["pair"], _fmt(r["budget"]), right, *map(_fmt, cells), ratio,
+                     _fmt(r["agrees"]))  # fmt: skip
     OUT.print(live)
 
 
