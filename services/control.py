@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from serving.config import RolloutConfig, ServingConfig
@@ -64,7 +65,11 @@ class RolloutService:
         self.controller.nudge()
 
     def _run(self) -> None:
+        refreshed = 0.0
         while True:
+            if time.monotonic() - refreshed > 5.0:  # this process's series stay exported
+                self.metrics.refresh()
+                refreshed = time.monotonic()
             try:
                 self.step()
             except Exception:  # a bad poll (registry or history actor away) is retried

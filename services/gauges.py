@@ -24,6 +24,7 @@ class Gauges:
     def run(self, stop: threading.Event) -> None:
         while True:
             self.measure()
+            self.running.metrics.components(self.running.supervisor.restarts)
             self.running.metrics.refresh()
             if stop.wait(self.running.settings.supervisor.gauges_every_s):
                 return

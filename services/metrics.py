@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -100,6 +101,14 @@ SPECS: dict[str, Spec] = {
 
 
 _MAX_GAUGE_SERIES = 200
+# Counter series exported at 0 before their first increment: Ray creates a series at its first
+# increment, and Prometheus' increase() needs a sample before it, so without these the first
+# rollback, the first restart of a component and the first rejected round raise no alert and
+# show on no panel (tests/services/test_prometheus_live.py saw it).
+_KNOWN_LABELS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "rollouts": ("kind", ("rollout", "rollback")),
+    "decisions": ("decision", ("promote", "reject")),
+}
 
 
 def exported_names() -> set[str]:
@@ -116,6 +125,9 @@ class StreamMetrics:
         # object is held so its id stays unique while a restarted ingest has a new one.
         self._dead_seen: dict[int, tuple[IngestStats, dict[str, int]]] = {}
         self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._zeros: set[tuple[str, str, str]] = {
+            (name, tag, v) for name, (tag, values) in _KNOWN_LABELS.items() for v in values
+        }
 
     @cached_property
     def _m(self) -> dict[str, Any]:
@@ -192,6 +204,11 @@ class StreamMetrics:
     def restart(self, component: str, error: BaseException | None = None) -> None:
         self.count("restarts", tags={"component": component})
 
+    def components(self, names: Iterable[str]) -> None:
+        """The supervised components: their restart series start at 0 (see ``_KNOWN_LABELS``)."""
+        with self._lock:
+            self._zeros.update(("restarts", "component", n) for n in names)
+
     # -- generic ------------------------------------------------------------------------
     def gauge(self, name: str, value: float, tags: dict[str, str] | None = None) -> None:
         key = (name, tuple(sorted((tags or {}).items())))
@@ -205,7 +222,7 @@ class StreamMetrics:
         self._m[name].set(value, tags=tags)
 
     def refresh(self) -> None:
-        """Set every gauge to its last value again.
+        """Set every gauge to its last value again, and export the known counter series at 0.
 
         Ray's metrics agent drops a gauge series that was not reported for two export intervals
         (ray 2.60's OpenTelemetry recorder), so a value set once (NDCG of a version, the latest
@@ -213,8 +230,13 @@ class StreamMetrics:
         """
         with self._lock:
             items = list(self._gauges.items())
+            zeros = sorted(self._zeros)
         for (name, tags), value in items:
             self._m[name].set(value, tags=dict(tags) or None)
+        for name, tag, v in zeros:
+            # Adding 0 to a counter creates its series and changes no value. ``inc`` refuses 0;
+            # ``_record`` is what it calls after that check (ray.util.metrics, Ray 2.60).
+            self._m[name]._record(0, tags={tag: v})
 
     def count(self, name: str, n: float = 1.0, tags: dict[str, str] | None = None) -> None:
         self._m[name].inc(n, tags=tags)

@@ -6,10 +6,11 @@ Ray's dashboard lists the node's metrics endpoint in the session's service-disco
 Prometheus scrapes it every second and evaluates ``deploy/prometheus/alerts.yml`` every second,
 with ``for:`` and thresholds lowered through ``RuleOverride``.
 
-Prometheus computes ``rate``/``increase`` only from what it saw grow: a series Ray exports for the
-first time already holds its first increment (a round's histogram, a rollout's freshness samples,
-the first dead letters), which no rate shows. So each is made twice, the second time after
-Prometheus holds the series, as a running service does with every round after its first.
+Prometheus computes ``rate``/``increase`` only from what it saw grow. Counters with known labels
+(rollouts, gate decisions, component restarts) are exported at 0 from the start; a series Ray
+creates at its first observation (a round's histogram, a rollout's freshness samples, the first
+dead letters of a reason) already holds it, which no rate shows. So each is made twice, the
+second time after Prometheus holds the series, as a running service does after its first round.
 """
 
 from __future__ import annotations
@@ -263,6 +264,15 @@ def test_prometheus_charts_every_panel_and_fires_alerts(
 
     # Round 1: every series is created (ingest, dead letters, the round, the rollout, requests).
     ingest(events(750, seed=5), poison=5)
+
+    def at_zero(expr: str) -> bool:
+        return [v for _, v in prom.query(expr)] == [0.0]
+
+    # Known counter series are exported at 0 before their first increment, so that increment
+    # is one Prometheus sees grow (the first restart raises its alert, the first rollback too).
+    for expr in ('ray_streamtune_component_restarts_total{component="gauges"}',
+                 'ray_streamtune_rollouts_total{kind="rollback"}'):  # fmt: skip
+        wait_for(f"{expr} at 0", partial(at_zero, expr), 30)
     restart_gauges()
     stamp("first half ingested")
     round_and_rollout()
