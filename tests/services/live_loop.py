@@ -8,7 +8,11 @@ from pathlib import Path
 from streams.config import KafkaConfig
 
 
-def small_env(kafka: KafkaConfig, state: Path, port: int) -> dict[str, str]:
+def small_env(
+    kafka: KafkaConfig, state: Path, port: int, topics: str = "metrics"
+) -> dict[str, str]:
+    """The environment of a short loop on the session broker: own topics (``<topics>-<state
+    dir name>``) and consumer groups, one replica, a small model, one-epoch rounds."""
     return {
         "STREAMTUNE_STATE_DIR": str(state),
         # Own consumer groups: the session broker is shared, and a member another test left
@@ -17,8 +21,8 @@ def small_env(kafka: KafkaConfig, state: Path, port: int) -> dict[str, str]:
         "STREAMTUNE_SERVING__HISTORY_GROUP": f"history-{state.name}",
         "STREAMTUNE_EMBEDDED_BROKER": "false",
         "STREAMTUNE_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-        "STREAMTUNE_TOPICS__EVENTS": f"metrics-{state.name}.events",
-        "STREAMTUNE_TOPICS__DEAD_LETTER": f"metrics-{state.name}.dlq",
+        "STREAMTUNE_TOPICS__EVENTS": f"{topics}-{state.name}.events",
+        "STREAMTUNE_TOPICS__DEAD_LETTER": f"{topics}-{state.name}.dlq",
         "STREAMTUNE_SERVING__PORT": str(port),
         "STREAMTUNE_SERVING__REPLICAS": "1",
         "STREAMTUNE_MODEL__MAX_LEN": "20",

@@ -25,6 +25,7 @@ from streams.broker import free_port
 from streams.config import KafkaConfig
 from streams.datasets import DriftSpec, synthetic_drift
 from streams.producer import replay
+from tests.services.live_loop import small_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -33,28 +34,17 @@ EVENTS = list(synthetic_drift(DriftSpec(users=60, events=7000, seed=21, items_pe
 
 
 def settings_env(kafka: KafkaConfig, state: Path, port: int) -> dict[str, str]:
-    return {
-        "STREAMTUNE_STATE_DIR": str(state),
-        # Own consumer groups: the session broker is shared, and a member another test left
-        # in a shared group would hold up this one's assignment.
-        "STREAMTUNE_INGEST__GROUP_ID": f"ingest-{state.name}",
-        "STREAMTUNE_SERVING__HISTORY_GROUP": f"history-{state.name}",
-        "STREAMTUNE_EMBEDDED_BROKER": "false",
-        "STREAMTUNE_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-        "STREAMTUNE_TOPICS__EVENTS": f"loop-{state.name}.events",
-        "STREAMTUNE_TOPICS__DEAD_LETTER": f"loop-{state.name}.dlq",
-        "STREAMTUNE_SERVING__PORT": str(port),
-        "STREAMTUNE_SERVING__REPLICAS": "1",
-        "STREAMTUNE_MODEL__MAX_LEN": "20",
-        "STREAMTUNE_MODEL__D_MODEL": "32",
+    """``small_env`` with rounds that learn enough for the gate to promote: three epochs, the
+    recipe's learning rate, the gate's tolerance, titles' text initialisation on."""
+    env = small_env(kafka, state, port, topics="loop")
+    del env["STREAMTUNE_MODEL__TEXT_INIT"]
+    for key in ("STREAMTUNE_SUPERVISOR__GAUGES_EVERY_S", "STREAMTUNE_SUPERVISOR__BACKOFF_S"):
+        del env[key]
+    return env | {
         "STREAMTUNE_TRAINER__EPOCHS": "3",
         "STREAMTUNE_TRAINER__FIRST_ROUND_EPOCHS": "3",
-        "STREAMTUNE_TRAINER__BATCH_SIZE": "64",
         "STREAMTUNE_TRAINER__LR": "0.005",
-        "STREAMTUNE_GATE__MIN_EVAL_USERS": "10",
         "STREAMTUNE_GATE__TOLERANCE": "0.05",
-        "STREAMTUNE_LOOP__MIN_ROUND_EVENTS": "300",
-        "STREAMTUNE_INGEST__FLUSH_INTERVAL_S": "0.3",
     }
 
 
@@ -81,7 +71,7 @@ def system(
     os.environ.update(old)
 
 
-def produce_and_wait(running: Running, events: list, total: int) -> None:  # type: ignore[type-arg]
+def produce_and_wait(running: Running, events: list, total: int) -> None:
     replay(events, running.settings.kafka, running.settings.topics.events)
     deadline = time.time() + 60
     while running.buffer.stats().rows < total and time.time() < deadline:
