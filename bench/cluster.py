@@ -47,7 +47,9 @@ from harness.liveclient import LiveClient, register_broken_copy
 from harness.raycluster import SERVE, TRAIN, LocalCluster, Node, cluster_with_s3
 from harness.s3server import S3Server
 from services.loop import ContinualLoop
+from services.running import Running
 from services.runtime import start
+from services.settings import Settings
 from streams.admin import ensure_topics
 from streams.broker import LocalBroker, free_port
 from streams.config import BrokerConfig, KafkaConfig, TopicsConfig
@@ -55,7 +57,7 @@ from streams.datasets import DriftSpec, synthetic_drift
 from streams.producer import replay
 from streams.storage import StorageConfig
 from training.registry import Registry
-from training.round import RoundConfig
+from training.round import RoundConfig, RoundResult
 
 # The benchmark gates as the product does (the test promotes every round), in larger batches.
 GATED: dict[str, Any] = {"batch_size": 64, "tolerance": 0.05}
@@ -94,10 +96,107 @@ def _round_thread(loop: ContinualLoop) -> tuple[threading.Thread, dict[str, Any]
     return threading.Thread(target=run), out
 
 
+class _Rounds:
+    """The rounds of ``stream_loop``, each timed in a thread of its own: the second loses a
+    worker node mid-training (which then comes back), and once a champion exists the Serve app
+    is deployed and each promoted version's rollout timed by a live client."""
+
+    def __init__(self, cluster: LocalCluster, workers: list[Node], running: Running,
+                 s: Settings, tmp: Path, prefix: str) -> None:  # fmt: skip
+        self.cluster, self.workers, self.s, self.tmp = cluster, workers, s, tmp
+        self.loop, self.registry = running.loop, running.registry
+        self.store = (f"{prefix}/ray", s.trainer.storage)
+        self.port = free_port()
+        self.client: LiveClient | None = None
+        self.results: list[tuple[RoundResult | None, float]] = []
+        self.rollouts: list[dict[str, Any]] = []
+        self.kill: dict[str, Any] = {}
+
+    def run(self, producer: threading.Thread, per_round: int, wanted: int) -> None:
+        """Rounds until ``wanted`` have run, or the stream has ended and nothing is left."""
+        while len(self.results) < wanted:
+            if self.loop.pending() < per_round and producer.is_alive():
+                time.sleep(1.0)
+                continue
+            lose_node = len(self.results) == 1  # the second round loses a worker node
+            r, seconds = self._round(lose_node)
+            if lose_node:
+                self._node_back(r, seconds)
+            if r is None and not producer.is_alive() and self.loop.pending() == 0:
+                break
+            self.results.append((r, seconds))
+            what = f"v{r.version}{' (promoted)' if r.promoted else ''}" if r else "nothing"
+            print(f"round {len(self.results)}: {seconds:.1f}s -> {what}", flush=True)
+            self._follow_serve(r)
+
+    def _round(self, lose_node: bool) -> tuple[RoundResult | None, float]:
+        runner, out = _round_thread(self.loop)
+        t0 = time.monotonic()
+        runner.start()
+        if lose_node:  # mid-training
+            self.kill["node"] = _kill_mid_round(self.cluster, self.workers, runner, self.store)
+        runner.join()
+        return out.get("r"), time.monotonic() - t0
+
+    def _node_back(self, r: RoundResult | None, seconds: float) -> None:
+        """What the kill did to the round; then the node comes back (a replacement machine
+        joining the cluster)."""
+        import ray
+
+        kill, workers = self.kill, self.workers
+        dead = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
+        kill["confirmed_dead"] = kill["node"] in dead
+        kill["round_registered"] = r is not None
+        kill["resumed_start_epoch"] = (
+            self.registry.meta(r.version)["metrics"].get("train_start_epoch") if r else None
+        )
+        kill["recover_s"] = round(seconds, 1)
+        victim = next(w for w in workers if not w.alive)
+        workers[workers.index(victim)] = self.cluster.add_worker(
+            f"{victim.name}b", 3, {TRAIN: 1.0, SERVE: 1.0}
+        )
+
+    def _follow_serve(self, r: RoundResult | None) -> None:
+        registry, client = self.registry, self.client
+        champion = registry.champion()
+        if client is None and champion is not None:
+            # The Serve app, deployed on its own by another process, once a champion exists.
+            self.cluster.serve_deploy(self.port, serve_env(self.s, self.tmp))
+            items = registry.content(champion).vocab.items()[:5]
+            self.client = LiveClient(f"http://127.0.0.1:{self.port}", items).__enter__()
+            self.client.wait_for(champion, timeout=300)
+        elif client is not None and r is not None and r.promoted:
+            # From the promotion's commit to the first answer by the new version.
+            t = max(d["ts"] for d in registry.decisions() if d["version"] == r.version)
+            client.wait_for(r.version, timeout=300)
+            time.sleep(2.0)  # and a little after
+            first = min(at for at, _, v in client.results if v == r.version)
+            self.rollouts.append({"version": r.version, "seconds": round(first - t, 2),
+                                  "failed": client.failed(t, time.time())})  # fmt: skip
+
+    def rollback(self) -> dict[str, Any]:
+        """Promote a copy of the champion that fails every live request; the controller must
+        roll the app back. Closes the client; empty if the app was never deployed."""
+        registry, client = self.registry, self.client
+        if client is None:
+            return {}
+        good = registry.champion()
+        assert good is not None
+        bad = register_broken_copy(registry, good)
+        t = time.time()
+        registry.set_champion(bad, "bench: fails every live request")
+        while registry.champion() != good and time.time() - t < 300:
+            time.sleep(0.5)
+        rollback = {"bad": bad, "rolled_back": registry.champion() == good,
+                    "detect_s": round(time.time() - t, 2)}  # fmt: skip
+        rollback["serve_back_s"] = round(client.wait_for(good, timeout=300), 2)
+        rollback["failed_while_bad"] = client.failed(t, time.time())
+        client.__exit__()
+        return rollback
+
+
 def stream_loop(cluster: LocalCluster, workers: list[Node], s3: S3Server, tmp: Path,
                 quick: bool) -> dict[str, Any]:  # fmt: skip
-    import ray
-
     events = list(synthetic_drift(DriftSpec(users=80, events=6_000 if quick else 15_000, seed=9)))
     rounds_wanted = 3 if quick else 4
     broker_cfg = BrokerConfig(port=free_port(), controller_port=free_port(),
@@ -114,77 +213,13 @@ def stream_loop(cluster: LocalCluster, workers: list[Node], s3: S3Server, tmp: P
         s = cluster_settings(tmp, kafka, topics, prefix, opts, min_round_events=300, watch_s=60,
                              **GATED)  # fmt: skip
         running = start(s, serve_http=False)  # ingest, the loop; the control plane in the cluster
-        loop, registry = running.loop, running.registry
         rate = len(events) / (40.0 if quick else 90.0)
         producer = threading.Thread(target=replay, args=(events, kafka, topics.events),
                                     kwargs={"rate": rate})  # fmt: skip
         producer.start()
-        port = free_port()
-        client: LiveClient | None = None
-        results: list[Any] = []
-        rollouts: list[dict[str, Any]] = []
-        kill: dict[str, Any] = {}
-        per_round = len(events) // rounds_wanted
-        while len(results) < rounds_wanted:
-            if loop.pending() < per_round and producer.is_alive():
-                time.sleep(1.0)
-                continue
-            runner, out = _round_thread(loop)
-            t0 = time.monotonic()
-            store = (f"{prefix}/ray", s.trainer.storage)
-            runner.start()
-            if len(results) == 1:  # the second round loses a worker node mid-training
-                kill["node"] = _kill_mid_round(cluster, workers, runner, store)
-            runner.join()
-            seconds = time.monotonic() - t0
-            r = out.get("r")
-            if len(results) == 1:
-                dead = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
-                kill["confirmed_dead"] = kill["node"] in dead
-                kill["round_registered"] = r is not None
-                kill["resumed_start_epoch"] = (
-                    registry.meta(r.version)["metrics"].get("train_start_epoch") if r else None
-                )
-                kill["recover_s"] = round(seconds, 1)
-                # The node comes back (a replacement machine joining the cluster).
-                victim = next(w for w in workers if not w.alive)
-                workers[workers.index(victim)] = cluster.add_worker(
-                    f"{victim.name}b", 3, {TRAIN: 1.0, SERVE: 1.0}
-                )
-            if r is None and not producer.is_alive() and loop.pending() == 0:
-                break
-            results.append((r, seconds))
-            what = f"v{r.version}{' (promoted)' if r.promoted else ''}" if r else "nothing"
-            print(f"round {len(results)}: {seconds:.1f}s -> {what}", flush=True)
-            champion = registry.champion()
-            if client is None and champion is not None:
-                # The Serve app, deployed on its own by another process, once a champion exists.
-                cluster.serve_deploy(port, serve_env(s, tmp))
-                items = registry.content(champion).vocab.items()[:5]
-                client = LiveClient(f"http://127.0.0.1:{port}", items).__enter__()
-                client.wait_for(champion, timeout=300)
-            elif client is not None and r is not None and r.promoted:
-                # From the promotion's commit to the first answer by the new version.
-                t = max(d["ts"] for d in registry.decisions() if d["version"] == r.version)
-                client.wait_for(r.version, timeout=300)
-                time.sleep(2.0)  # and a little after
-                first = min(at for at, _, v in client.results if v == r.version)
-                rollouts.append({"version": r.version, "seconds": round(first - t, 2),
-                                 "failed": client.failed(t, time.time())})  # fmt: skip
-        rollback: dict[str, Any] = {}
-        if client is not None:
-            good = registry.champion()
-            assert good is not None
-            bad = register_broken_copy(registry, good)
-            t = time.time()
-            registry.set_champion(bad, "bench: fails every live request")
-            while registry.champion() != good and time.time() - t < 300:
-                time.sleep(0.5)
-            rollback = {"bad": bad, "rolled_back": registry.champion() == good,
-                        "detect_s": round(time.time() - t, 2)}  # fmt: skip
-            rollback["serve_back_s"] = round(client.wait_for(good, timeout=300), 2)
-            rollback["failed_while_bad"] = client.failed(t, time.time())
-            client.__exit__()
+        rounds = _Rounds(cluster, workers, running, s, tmp, prefix)
+        rounds.run(producer, len(events) // rounds_wanted, rounds_wanted)
+        rollback = rounds.rollback()
         producer.join()
         time.sleep(5.0)  # ingest drains what was published last
         running.stop(timeout=60)
@@ -192,7 +227,8 @@ def stream_loop(cluster: LocalCluster, workers: list[Node], s3: S3Server, tmp: P
         ids = table["event_id"].to_pylist()
         published = {e.event_id for e in events}
         versions = Registry(f"{prefix}/registry", storage=s.registry.storage).versions()
-        decisions = registry.decisions()
+        decisions = running.registry.decisions()
+        results = rounds.results
         return {
             "events": len(events),
             "lost": len(published - set(ids)),
@@ -202,10 +238,10 @@ def stream_loop(cluster: LocalCluster, workers: list[Node], s3: S3Server, tmp: P
             "one_version_per_round": len(versions) == sum(1 for r, _ in results if r) + 1,
             "promoted": sum(1 for r, _ in results if r is not None and r.promoted),
             "rollbacks": sum(1 for d in decisions if d["decision"] == "rollback"),
-            "rollouts": rollouts,
+            "rollouts": rounds.rollouts,
             "rollback": rollback,
             "round_s": [round(s, 1) for _, s in results],
-            "node_kill": kill,
+            "node_kill": rounds.kill,
         }
     finally:
         if running is not None:
