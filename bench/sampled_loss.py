@@ -24,7 +24,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench.quality import QualityConfig, run_offline
+from bench.quality_config import QualityConfig
+from bench.quality_offline import run_offline
 from harness.prequential import StreamConfig
 from training.config import ModelConfig
 from training.evaluation import encode, load_table
