@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from harness.rounds import small_round
 from services.config import LoopConfig
 from services.loop import ContinualLoop
 from streams.buffer import EventBuffer
@@ -32,7 +33,7 @@ from streams.config import BufferConfig
 from streams.events import ARROW_SCHEMA
 from streams.offsets import OffsetRange
 from streams.storage import StorageConfig
-from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
+from training.config import TrainerConfig
 from training.data import user_sequences
 from training.histories import UserHistories
 from training.model import Recommender
@@ -90,19 +91,12 @@ def append(buffer: EventBuffer, start: int, n: int, chunk: int, items: int = ITE
 
 
 def round_config(storage: Path, epochs: int) -> RoundConfig:
-    return RoundConfig(
-        model=ModelConfig(max_len=20, d_model=32, text_init=False),
-        trainer=TrainerConfig(
-            num_workers=2,
-            epochs=epochs,
-            batch_size=128,
-            lr=5e-3,
-            storage_path=storage,
-            max_failures=0,
-        ),
-        replay=ReplayConfig(capacity=2000, ratio=0.5),
-        gate=GateConfig(min_eval_users=10, tolerance=1.0),
-    )
+    """One block, batches of 128, half replay, a gate that promotes every round: rounds whose
+    cost is the buffer's, not the model's."""
+    return small_round(
+        storage, epochs, first_round_epochs=TrainerConfig().first_round_epochs, n_layers=1,
+        batch_size=128, replay_ratio=0.5, tolerance=1.0, max_failures=0,
+    )  # fmt: skip
 
 
 def champion_over(buffer: EventBuffer, registry: Registry, cfg: RoundConfig) -> None:

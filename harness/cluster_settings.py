@@ -13,37 +13,28 @@ from pathlib import Path
 from typing import Any
 
 from harness.raycluster import SERVE, TRAIN
+from harness.rounds import small_round
 from services.config import LoopConfig
 from services.settings import Settings
 from serving.config import RolloutConfig, ServingConfig
 from streams.config import BufferConfig, IngestConfig, KafkaConfig, TopicsConfig
 from streams.storage import StorageConfig
-from training.config import GateConfig, ModelConfig, RegistryConfig, ReplayConfig, TrainerConfig
+from training.config import RegistryConfig
 
 
 def training(prefix: str, opts: StorageConfig, epochs: int, first_round_epochs: int,
              batch_size: int = 32, tolerance: float = 1.0) -> dict[str, Any]:  # fmt: skip
-    """Model, trainer, replay and gate: a small model whose rounds a node kill can land in."""
-    return {
-        "model": ModelConfig(max_len=20, d_model=32, n_layers=2, text_init=False),
-        "trainer": TrainerConfig(
-            num_workers=2,
-            epochs=epochs,
-            first_round_epochs=first_round_epochs,
-            batch_size=batch_size,
-            lr=5e-3,
-            storage_path=f"{prefix}/ray",
-            storage=opts,
-            max_failures=3,
-            node_resource=TRAIN,
-            # A checkpoint at every epoch but a round's last: the node is killed once the round
-            # has its first one, and with the default cadence (2 s of training) that came so
-            # late in these short epochs that the round could finish before the kill took hold.
-            checkpoint_every_s=0.0,
-        ),
-        "replay": ReplayConfig(capacity=2000, ratio=1.0),
-        "gate": GateConfig(min_eval_users=10, tolerance=tolerance),
-    }
+    """Model, trainer, replay and gate of ``harness.rounds.small_round`` (a small model whose
+    rounds a node kill can land in), training on the worker nodes with checkpoints on S3."""
+    r = small_round(
+        f"{prefix}/ray", epochs, first_round_epochs=first_round_epochs, batch_size=batch_size,
+        tolerance=tolerance, storage=opts, max_failures=3, node_resource=TRAIN,
+        # A checkpoint at every epoch but a round's last: the node is killed once the round
+        # has its first one, and with the default cadence (2 s of training) that came so
+        # late in these short epochs that the round could finish before the kill took hold.
+        checkpoint_every_s=0.0,
+    )  # fmt: skip
+    return {"model": r.model, "trainer": r.trainer, "replay": r.replay, "gate": r.gate}
 
 
 def cluster_settings(tmp: Path, kafka: KafkaConfig, topics: TopicsConfig, prefix: str,

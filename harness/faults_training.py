@@ -32,11 +32,11 @@ from typing import Any
 import psutil
 import pyarrow as pa
 
+from harness.rounds import small_round
 from streams.datasets import DriftSpec, synthetic_drift
 from streams.events import RowBatch
-from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
 from training.registry import Registry
-from training.round import RoundConfig, run_round
+from training.round import run_round
 
 WORKER_TITLE = "RayTrainWorker"
 FAULT = "training worker killed"
@@ -51,28 +51,6 @@ def stream_table(events: int, seed: int = 0, start: int = 0, users: int = 60) ->
         if n >= start:
             rows.append(e, "events", 0, n)
     return rows.to_table()
-
-
-def round_config(
-    storage: Path, epochs: int, max_failures: int, kd_weight: float = 0.0
-) -> RoundConfig:
-    """A small model and a short round: what the fault and its tests train."""
-    trainer = TrainerConfig(
-        num_workers=2,
-        epochs=epochs,
-        first_round_epochs=epochs,
-        batch_size=64,
-        lr=5e-3,
-        storage_path=storage,
-        max_failures=max_failures,
-    )
-    return RoundConfig(
-        # Two blocks, as when the fault tests' timings were set: the kill must land mid-round.
-        model=ModelConfig(max_len=20, d_model=32, n_layers=2, text_init=False),
-        trainer=trainer,
-        replay=ReplayConfig(capacity=2000, ratio=1.0, kd_weight=kd_weight),
-        gate=GateConfig(min_eval_users=10, tolerance=0.02),
-    )
 
 
 def train_worker_pids() -> list[int]:
@@ -200,7 +178,7 @@ def _worker_kill_row(tmp: Path, quick: bool) -> dict[str, Any]:
     reg = Registry(tmp / "registry")
     storage = tmp / "ray"
     table = stream_table(2500 if quick else 5000, seed=4)
-    cfg = round_config(storage, epochs=4 if quick else 6, max_failures=2)
+    cfg = small_round(storage, epochs=4 if quick else 6, max_failures=2)
     killer = WorkerKiller(storage, seed=int(time.time()) if not quick else 0).start()
     error = None
     metrics: dict[str, float] = {}

@@ -117,7 +117,8 @@ def test_real_round_loses_the_race_and_is_not_registered(tmp_path: Path, ray_loc
     import threading
     import time
 
-    from harness.faults_training import round_config, train_worker_pids
+    from harness.faults_training import train_worker_pids
+    from harness.rounds import small_round
     from services.config import LoopConfig
     from services.loop import ContinualLoop
     from streams.buffer import EventBuffer
@@ -130,7 +131,7 @@ def test_real_round_loses_the_race_and_is_not_registered(tmp_path: Path, ray_loc
     buffer.append(table, [OffsetRange("events", 0, 0, table.num_rows)])
     reg = Registry(tmp_path / "registry")
     # Enough epochs that the round is still training when the other process has registered.
-    loop = ContinualLoop(buffer, reg, round_config(tmp_path / "ray", epochs=25, max_failures=0),
+    loop = ContinualLoop(buffer, reg, small_round(tmp_path / "ray", epochs=25, max_failures=0),
                          LoopConfig(min_round_events=100, long_lived_trainer=False),
                          tmp_path / "loop.json")  # fmt: skip
     out: dict[str, Any] = {}
@@ -200,7 +201,7 @@ def test_two_real_train_once_runs_register_the_slice_once(tmp_path: Path) -> Non
 def test_a_round_too_small_to_gate_is_skipped_and_its_events_wait(tmp_path: Path) -> None:
     """No Ray: the round is refused before training. Nothing is registered, the trained watermark
     stays, and the loop asks again only once min_round_events more have arrived."""
-    from harness.faults_training import round_config
+    from harness.rounds import small_round
     from services.config import LoopConfig
     from services.loop import ContinualLoop
     from streams.buffer import EventBuffer
@@ -212,7 +213,7 @@ def test_a_round_too_small_to_gate_is_skipped_and_its_events_wait(tmp_path: Path
     table = synthetic_table(800, seed=5)
     buffer = EventBuffer(BufferConfig(path=tmp_path / "buffer"))
     buffer.append(table.slice(0, 400), [OffsetRange("events", 0, 0, 400)])
-    cfg = round_config(tmp_path / "ray", epochs=1, max_failures=0)
+    cfg = small_round(tmp_path / "ray", epochs=1, max_failures=0)
     cfg = cfg.model_copy(update={"gate": GateConfig(min_eval_users=10**6)})
     loop = ContinualLoop(buffer, Registry(tmp_path / "registry"), cfg,
                          LoopConfig(min_round_events=100, first_round_events=100),
@@ -233,7 +234,7 @@ def test_a_quiet_streams_small_tail_is_trained_once_it_waited_max_pending_s(
     min_round_events included."""
     import time
 
-    from harness.faults_training import round_config
+    from harness.rounds import small_round
     from services import loop as loop_mod
     from services.config import LoopConfig
     from services.loop import ContinualLoop
@@ -245,7 +246,7 @@ def test_a_quiet_streams_small_tail_is_trained_once_it_waited_max_pending_s(
     table = synthetic_table(100, seed=5)
     buffer = EventBuffer(BufferConfig(path=tmp_path / "buffer"))
     buffer.append(table.slice(0, 60), [OffsetRange("events", 0, 0, 60)])
-    cfg = round_config(tmp_path / "ray", epochs=1, max_failures=0)
+    cfg = small_round(tmp_path / "ray", epochs=1, max_failures=0)
     loop = ContinualLoop(buffer, Registry(tmp_path / "registry"), cfg,
                          LoopConfig(min_round_events=100, first_round_events=100,
                                     max_pending_s=0.5, first_round_wait_s=0.5),
@@ -315,9 +316,9 @@ def test_rounds_are_capped_and_the_first_version_waits_for_enough_events(
 
 
 def _cfg(tmp: Path) -> Any:
-    from harness.faults_training import round_config
+    from harness.rounds import small_round
 
-    return round_config(tmp / "ray", epochs=1, max_failures=0)
+    return small_round(tmp / "ray", epochs=1, max_failures=0)
 
 
 def _fake_champion(reg: Registry, watermark: dict[str, int]) -> None:

@@ -16,7 +16,8 @@ import psutil
 import pytest
 import ray
 
-from harness.faults_training import round_config, train_worker_pids
+from harness.faults_training import train_worker_pids
+from harness.rounds import small_round
 from tests.training.data_gen import synthetic_table, watermark_of
 from training.config import ModelConfig
 from training.data import Examples
@@ -58,12 +59,12 @@ def examples(n: int, seed: int) -> Examples:
 
 
 def model() -> Recommender:
-    cfg = ModelConfig(max_len=20, d_model=32, n_layers=2, text_init=False)  # round_config's
+    cfg = ModelConfig(max_len=20, d_model=32, n_layers=2, text_init=False)  # small_round's
     return Recommender(cfg, N_ITEMS + 1)
 
 
 def test_rounds_share_the_workers_and_each_returns_its_own_model(tmp_path: Path) -> None:
-    cfg = round_config(tmp_path / "ray", epochs=2, max_failures=0)
+    cfg = small_round(tmp_path / "ray", epochs=2, max_failures=0)
     session = TrainingSession()
     try:
         init = model()
@@ -93,7 +94,7 @@ def test_rounds_share_the_workers_and_each_returns_its_own_model(tmp_path: Path)
 
 def test_a_worker_killed_mid_round_resumes_that_round(tmp_path: Path) -> None:
     storage = tmp_path / "ray"
-    cfg = round_config(storage, epochs=4, max_failures=0)
+    cfg = small_round(storage, epochs=4, max_failures=0)
     session = TrainingSession()
     try:
         first, m1 = session.train(model(), None, examples(1000, 1), cfg)
@@ -127,7 +128,7 @@ def test_a_worker_killed_mid_round_resumes_that_round(tmp_path: Path) -> None:
 
 def test_rounds_register_one_version_each_through_a_session(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "registry")
-    cfg = round_config(tmp_path / "ray", epochs=2, max_failures=0)
+    cfg = small_round(tmp_path / "ray", epochs=2, max_failures=0)
     session = TrainingSession()
     try:
         first = synthetic_table(2500, seed=4)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import ray
 
-from harness.faults_training import round_config
+from harness.rounds import small_round
 from tests.training.test_session import examples, model
 from training.errors import RoundFailedError
 from training.model import Recommender
@@ -64,7 +64,7 @@ def _wait_lost(ref: Any, timeout_s: float = 60) -> None:
 def test_a_round_from_a_task_trains_once_however_often_it_is_posted(
     local_ray: None, tmp_path: Path
 ) -> None:
-    cfg = round_config(tmp_path / "ray", epochs=2, max_failures=0)
+    cfg = small_round(tmp_path / "ray", epochs=2, max_failures=0)
     session = TrainingSession()
     init = model()
     try:
@@ -105,7 +105,7 @@ def test_a_round_from_a_task_trains_once_however_often_it_is_posted(
 
 
 def test_a_waiting_client_fails_when_the_run_ends(local_ray: None, tmp_path: Path) -> None:
-    cfg = round_config(tmp_path / "ray", epochs=2, max_failures=0)
+    cfg = small_round(tmp_path / "ray", epochs=2, max_failures=0)
     feeder = ray.remote(num_cpus=0, max_concurrency=8)(RoundFeeder).remote()  # type: ignore[call-overload]
     client = SessionClient(feeder, "no-workers", poll_s=0.5)
     out: dict[str, Any] = {}

@@ -11,7 +11,8 @@ import psutil
 import pytest
 import ray
 
-from harness.faults_training import WorkerKiller, fault_worker_kill, round_config
+from harness.faults_training import WorkerKiller, fault_worker_kill
+from harness.rounds import small_round
 from tests.training.data_gen import synthetic_table, watermark_of
 from training import round_finish as round_module
 from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
@@ -95,7 +96,7 @@ def test_worker_killed_from_outside_resumes_from_checkpoint(tmp_path: Path) -> N
 def test_worker_death_without_retries_fails_cleanly(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "registry")
     table = synthetic_table(2500, seed=5)
-    cfg = round_config(tmp_path / "ray", epochs=4, max_failures=0)
+    cfg = small_round(tmp_path / "ray", epochs=4, max_failures=0)
     killer = WorkerKiller(tmp_path / "ray", seed=1).start()
     try:
         with pytest.raises(RoundFailedError, match="training job failed"):
@@ -111,7 +112,7 @@ def test_worker_death_without_retries_fails_cleanly(tmp_path: Path) -> None:
 def test_distillation_round_that_adds_items(tmp_path: Path) -> None:
     """kd_weight > 0 with a growing catalog: the champion (fewer rows) teaches the grown model."""
     reg = Registry(tmp_path / "registry")
-    cfg = round_config(tmp_path / "ray", epochs=3, max_failures=0, kd_weight=0.5)
+    cfg = small_round(tmp_path / "ray", epochs=3, max_failures=0, kd_weight=0.5)
     first = synthetic_table(2500, seed=3)
     r1 = run_round(first, first.slice(0, 0), watermark_of(first), reg, cfg)
     assert r1.version == 1 and r1.promoted, r1.reason
