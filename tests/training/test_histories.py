@@ -175,3 +175,32 @@ def test_item_histories_maps_rows_to_item_ids(tmp_path: Path) -> None:
     }
     with pytest.raises(HistoriesError):
         histories.item_histories(tmp_path, ItemVocab())
+
+
+def test_a_large_index_is_read_one_row_group_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries of users spread over many row groups are the same as a whole read filtered; row
+    groups whose user range holds none of them are not read at all."""
+    users = 40_000  # three row groups of the parts' 16,384 rows
+    seqs = {f"u{u:06d}": [u % 50 + 1, u % 7 + 1] for u in range(users)}
+    UserHistories(4).extended(seqs).save(tmp_path, None)
+    whole = histories.read_table(tmp_path)
+    reads: list[int] = []
+    real = pq.ParquetFile.read_row_group
+
+    def counting(self: pq.ParquetFile, i: int, *args: object, **kwargs: object) -> pa.Table:
+        reads.append(i)
+        return real(self, i, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting)
+    spread = ["u000003", "u020000", "u039999", "nobody"]
+    got = histories.read_table(tmp_path, spread)
+    want = whole.filter(pa.compute.is_in(whole["user_id"], value_set=pa.array(spread)))
+    assert got.sort_by("user_id").equals(want.sort_by("user_id"))
+    assert got.num_rows == 3 and sorted(set(reads)) == [0, 1, 2]
+    reads.clear()
+    assert histories.read_table(tmp_path, ["u000001", "u000002"]).num_rows == 2
+    assert reads == [0]  # the other row groups' ranges hold neither user
+    reads.clear()
+    assert histories.read_table(tmp_path, ["zzz"]).num_rows == 0 and reads == []
