@@ -61,7 +61,7 @@ def cold_items_run(
     """
     item_repr, text_init = ITEM_REPRS[option]
     model = cfg.model.model_copy(update={"item_repr": item_repr, "text_init": text_init})
-    run_cfg = cfg.model_copy(update={"seed": seed, "model": model})
+    run_cfg = cfg.seeded(seed).model_copy(update={"model": model})
     pretrained = train_from_scratch(inter, chunks[0].train_rows, run_cfg, run_cfg.pretrain_epochs)
     res = run_stream(chunks, [ModelStrategy("replay", inter, run_cfg, pretrained)])[0]
     ranks = np.concatenate(res.just_learned_ranks[1:])

@@ -89,7 +89,7 @@ def train_champion(
 ) -> tuple[Recommender, Catalog, list[Recommender]]:
     """The champion: a fresh model trained on every event before the cut; and a copy of it
     after each earlier epoch (less trained versions of the same run)."""
-    cfg = StreamConfig(seed=seed)
+    cfg = StreamConfig().seeded(seed)
     states: list[dict[str, torch.Tensor]] = []
 
     def keep(epoch: int, model: Recommender, _vocab: ItemVocab) -> None:

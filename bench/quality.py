@@ -260,7 +260,7 @@ def _streaming(
         chunks=cfg.chunks,
         strategies_run=list(cfg.strategies),
         pretrain_s=round(pretrain_s, 1),
-        stream_config=cfg.stream.model_dump(exclude={"model"}),
+        stream_config=cfg.stream.record(),
         product_stream=cfg.product.model_dump(),
         full_retrain="from scratch every round (fresh model, same seed), epochs chosen on "
         "validation (each user's last event so far), early stopping",

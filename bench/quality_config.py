@@ -109,5 +109,5 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     except ValidationError as err:
         p.error(str(err))
     # Seeds flow into the training config too, so --seed changes model init and shuffles.
-    cfg.stream = cfg.stream.model_copy(update={"seed": a.seed})
+    cfg.stream = cfg.stream.seeded(a.seed)
     return cfg

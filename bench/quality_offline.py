@@ -65,7 +65,7 @@ def run_offline(inter: Interactions, cfg: QualityConfig, t0: float) -> dict[str,
     model = vocab = None
     for k in range(cfg.seeds):
         seed = cfg.seed + k
-        stream = cfg.stream.model_copy(update={"seed": seed})
+        stream = cfg.stream.seeded(seed)
 
         def on_epoch(epoch: int, ndcg: float, seed: int = seed) -> None:
             log(f"offline seed {seed} epoch {epoch + 1}: valid NDCG@10 full {ndcg:.4f}", t0)

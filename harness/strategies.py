@@ -62,20 +62,21 @@ def train_fit(
     on_epoch: Callable[[int, dict[str, float]], bool | None] | None = None,
 ) -> None:
     """``training.fit`` with the recipe's optimizer and learning-rate schedule (as the workers)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    tcfg, rcfg = cfg.trainer, cfg.replay
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     schedule = LrSchedule.for_run(
-        cfg.lr, len(examples), cfg.batch_size, epochs, cfg.warmup_epochs, cfg.lr_schedule
+        tcfg.lr, len(examples), tcfg.batch_size, epochs, tcfg.warmup_epochs, tcfg.lr_schedule
     )
     fit(
         model,
         examples,
-        torch_step(model, cfg.lr, opt=opt),
+        torch_step(model, tcfg.lr, opt=opt),
         epochs,
-        cfg.batch_size,
+        tcfg.batch_size,
         seed=seed,
         teacher=teacher,
-        kd_weight=cfg.kd_weight if teacher is not None else 0.0,
-        kd_temperature=cfg.kd_temperature,
+        kd_weight=rcfg.kd_weight if teacher is not None else 0.0,
+        kd_temperature=rcfg.kd_temperature,
         on_epoch=on_epoch,
         schedule=schedule,
         optimizer=opt,
@@ -92,11 +93,11 @@ def train_from_scratch(
     """A fresh model (seeded) trained on ``rows``; ``on_epoch`` sees the model after each epoch
     and stops training by returning True."""
     vocab = vocab_of(inter, rows)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.trainer.seed)
     model = prepare_model(None, vocab, cfg.model, item_titles(inter), [])
     examples, _ = round_examples({}, sequences(inter, rows, vocab), cfg.model.max_len, False)
     hook = None if on_epoch is None else (lambda e, _m: on_epoch(e, model, vocab))
-    train_fit(model, examples, cfg, epochs, cfg.seed, on_epoch=hook)
+    train_fit(model, examples, cfg, epochs, cfg.trainer.seed, on_epoch=hook)
     return model, vocab, examples
 
 
@@ -179,7 +180,7 @@ class ModelStrategy:
         model, vocab, examples = pretrained
         self.model = Recommender.from_state(model.cfg, model.state_dict())
         self.vocab = ItemVocab(vocab.items())
-        self.reservoir = Reservoir(cfg.replay_capacity, cfg.model.max_len, cfg.seed)
+        self.reservoir = Reservoir(cfg.replay.capacity, cfg.model.max_len, cfg.replay.seed)
         if name.startswith("replay"):
             self.reservoir.add(examples)
         self.rounds = 0
@@ -193,7 +194,9 @@ class ModelStrategy:
     ) -> None:
         self.rounds += 1
         cfg = self.cfg
-        seed = cfg.seed + 1000 * self.rounds  # a different shuffle every round, reproducibly
+        seed = (
+            cfg.trainer.seed + 1000 * self.rounds
+        )  # a different shuffle every round, reproducibly
         if self.name == "static":
             return
         if self.name == "full_retrain":
@@ -221,6 +224,6 @@ class ModelStrategy:
         )
         train_ex = new_ex
         if self.name.startswith("replay"):
-            train_ex = new_ex.concat(self.reservoir.sample(int(cfg.replay_ratio * len(new_ex))))
+            train_ex = new_ex.concat(self.reservoir.sample(int(cfg.replay.ratio * len(new_ex))))
             self.reservoir.add(new_ex)
         train_fit(self.model, train_ex, cfg, cfg.update_epochs, seed, teacher=teacher)
