@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-
-def stop_group(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
-    """SIGTERM the process group ``proc`` leads, SIGKILL it after ``grace_s``; wait for it."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+from services.descendants import stop_group
 
 
 def log_tail(path: Path, lines: int = 30) -> str:

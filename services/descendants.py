@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
+import subprocess
 import threading
 import time
 from typing import Any
@@ -18,6 +21,18 @@ log = logging.getLogger(__name__)
 _seen: dict[int, Any] = {}
 _SEEN_EVERY_S = 2.0
 _tracker: threading.Thread | None = None
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
+    """SIGTERM the process group ``proc`` leads, SIGKILL it after ``grace_s``; wait for it."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def track() -> None:

@@ -13,10 +13,8 @@ or with ``RuleOverride``s: a changed ``for:`` and changed threshold constants, n
 from __future__ import annotations
 
 import math
-import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -30,6 +28,7 @@ from typing import Any
 import httpx
 import yaml
 
+from services.descendants import stop_group
 from services.errors import ServiceError
 
 RULES = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "alerts.yml"
@@ -144,7 +143,7 @@ class Prometheus:
 
     def stop(self) -> None:
         self._http.close()
-        _stop_group(self.proc)
+        stop_group(self.proc, grace_s=10.0)
         shutil.rmtree(self.home, ignore_errors=True)
 
     def __enter__(self) -> Prometheus:
@@ -232,18 +231,6 @@ def start_prometheus(
     tail = log.read_text(errors="replace")[-3000:]
     prom.stop()
     raise ServiceError(f"prometheus was not ready at {url} in {ready_timeout_s:.0f}s:\n{tail}")
-
-
-def _stop_group(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
-    """SIGTERM the process group ``proc`` leads (SIGKILL after ``grace_s``), and reap it."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def run_foreground(sd_file: Path, port: int | None, scrape_interval: str) -> None:
