@@ -27,7 +27,7 @@ class Loaded:
     vocab: ItemVocab
     unit_emb: torch.Tensor  # [V, D] unit-norm rows, for MMR
     popularity: torch.Tensor  # [V] log-count prior, for users with no usable history
-    # [B, max_len] -> [B, V]: ``model.score``, traced once per loaded version
+    # [B, max_len] -> [B, V]: ``model.score`` run by the graph traced once per model shape
     score: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)
 
 

@@ -75,7 +75,13 @@ from training.errors import (
     RegistryIntegrityError,
     UnknownVersionError,
 )
-from training.registry_content import VersionContent, read_content, read_vocab, write_content
+from training.registry_content import (
+    VersionContent,
+    read_content,
+    read_popularity,
+    read_vocab,
+    write_content,
+)
 from training.registry_files import META, WEIGHTS, check_finite, mismatch
 from training.registry_log import (
     ChampionState,
@@ -197,12 +203,15 @@ class Registry(RegistryWrites):
         cfg = ModelConfig(**meta["model_config"])
         model = Recommender.from_file(d / WEIGHTS, cfg)
         model.eval()
-        content = read_content(d)
-        return LoadedVersion(v, model, content.vocab, meta, d, content.popularity)
+        # No titles: a replica loads every version, and serving never reads them.
+        vocab = read_vocab(d)
+        return LoadedVersion(v, model, vocab, meta, d, read_popularity(d, len(vocab)))
 
-    def content(self, version: int) -> VersionContent:
-        """A version's vocabulary, popularity and titles, verified (no model built)."""
-        self.verify(version)
+    def content(self, version: int, verify: bool = True) -> VersionContent:
+        """A version's vocabulary, popularity and titles (no model built), its files re-hashed
+        first unless ``verify`` is False (a hint that is not trained or served from)."""
+        if verify:
+            self.verify(version)
         return read_content(self.path(version))
 
     def rollout_state(self) -> RolloutState:

@@ -56,13 +56,19 @@ def read_vocab(d: Path) -> ItemVocab:
     return ItemVocab.load(d / VOCAB)
 
 
+def read_popularity(d: Path, rows: int) -> list[int]:
+    """Each of ``rows`` vocabulary rows' event count; zeros for a version written before
+    popularity was kept."""
+    popularity = [0] * rows
+    if (d / POPULARITY).exists():
+        counts = json.loads((d / POPULARITY).read_text())[:rows]
+        popularity[: len(counts)] = counts
+    return popularity
+
+
 def read_content(d: Path) -> VersionContent:
     """A version's content from its (verified) directory. Versions written before popularity
     or titles were kept read as zero counts and no titles."""
     vocab = read_vocab(d)
-    popularity = [0] * len(vocab)
-    if (d / POPULARITY).exists():
-        counts = json.loads((d / POPULARITY).read_text())[: len(vocab)]
-        popularity[: len(counts)] = counts
     titles = json.loads((d / TITLES).read_text()) if (d / TITLES).exists() else {}
-    return VersionContent(vocab, popularity, titles)
+    return VersionContent(vocab, read_popularity(d, len(vocab)), titles)

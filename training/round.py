@@ -74,7 +74,9 @@ def warm_up(registry: Registry, cfg: RoundConfig) -> None:
     latest = registry.latest()
     if latest is None or not (cfg.model.item_repr == "id" and cfg.model.text_init):
         return
-    content = registry.content(latest)  # verified: this read is off the round's path
+    # Titles to warm the encoder with, not trained from: no re-hash of the whole version here
+    # (at 1M users its history index is hundreds of MB; the first round verifies what it reads).
+    content = registry.content(latest, verify=False)
     if content.titles:
         warm_titles([content.titles[i] for i in content.vocab.items() if i in content.titles])
 
