@@ -240,3 +240,56 @@ class GateConfig(StrictConfig):
         ),
     )
     keep_versions: int = Field(default=10, ge=2, description="Versions kept in the registry.")
+
+
+class TuneConfig(StrictConfig):
+    """The recipe search of a lineage's first version (``training.tune``, Ray Tune + ASHA)."""
+
+    budget_cpu_minutes: float | None = Field(
+        default=None,
+        gt=0,
+        description="CPU minutes the whole search may take (trials x their CPUs x seconds); "
+        "None = cpu_minutes_per_100k_events scaled to the data, within the min and max below.",
+    )
+    # On MovieLens-100K (100k events) one training of the fixed recipe takes ~41 s on one core;
+    # 4 CPU minutes on 2 cores is ~3x that in wall time, inside the 4x the issue allows.
+    cpu_minutes_per_100k_events: float = Field(
+        default=4.0, gt=0, description="The default budget per 100,000 training events."
+    )
+    min_budget_cpu_minutes: float = Field(
+        default=1.0, gt=0, description="The default budget never goes below this."
+    )
+    max_budget_cpu_minutes: float = Field(
+        default=60.0, gt=0, description="The default budget never goes above this."
+    )
+    cpus: int = Field(
+        default=2, ge=1, description="Trials run side by side, one CPU (one torch thread) each."
+    )
+    max_trials: int = Field(
+        default=24, ge=1, description="Recipes sampled at most (the budget usually ends first)."
+    )
+    max_epochs: int = Field(default=40, ge=1, description="Epochs a trial may train at most.")
+    patience: int = Field(
+        default=6,
+        ge=1,
+        description="A trial stops after this many epochs without a better validation NDCG@10.",
+    )
+    grace_epochs: int = Field(
+        default=4, ge=1, description="ASHA: epochs every trial trains before it can be cut."
+    )
+    reduction_factor: float = Field(
+        default=3.0, gt=1.0, description="ASHA: 1 in this many trials goes on at each rung."
+    )
+    seed: int = Field(default=0, description="Seeds the sampled recipes and every trial's init.")
+    storage_path: Path = Field(
+        default=Path("state/tune"),
+        description="Ray Tune's trial results and the winner's weights (a local folder).",
+    )
+
+    def budget_s(self, events: int) -> float:
+        """Wall-clock seconds of the search: its CPU budget spread over ``cpus`` trials."""
+        minutes = self.budget_cpu_minutes
+        if minutes is None:
+            scaled = self.cpu_minutes_per_100k_events * events / 100_000
+            minutes = min(self.max_budget_cpu_minutes, max(self.min_budget_cpu_minutes, scaled))
+        return 60.0 * minutes / self.cpus
