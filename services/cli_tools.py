@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 
 import numpy as np
@@ -68,6 +69,38 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         out.add_row(f"{len(hold):,}", f"{m['ndcg10']:.4f}", f"{m['hr10']:.4f}",
                     f"{pop_ndcg:.4f}", f"{wm:,} offsets")  # fmt: skip
         console.print(out)
+
+    @app.command("tune")
+    def tune(
+        ctx: typer.Context,
+        data: Annotated[
+            Path | None,
+            typer.Option(help="MovieLens-100K folder or user,item,ts CSV (default: the buffer)."),
+        ] = None,
+        first: Annotated[
+            int | None, typer.Option(min=100, help="Search on the first N events (default: all).")
+        ] = None,
+        budget_cpu_minutes: Annotated[
+            float | None,
+            typer.Option(min=0.1, help="CPU minutes for the search (default: tune's setting)."),
+        ] = None,
+    ) -> None:
+        """Search the first version's recipe (size, schedule) with Ray Tune; print and save the
+        table of trials. Runs its own local Ray (tune.cpus CPUs), beside any running `up`."""
+        from streams.buffer import EventBuffer
+        from training.evaluation import load_table
+        from training.tune import search_events, search_table
+
+        s = settings_of(ctx)
+        table = load_table(data) if data is not None else EventBuffer(s.buffer).read()
+        if table.num_rows < 100:
+            raise typer.BadParameter(f"{table.num_rows} events: the search needs at least 100")
+        cfg = s.tune
+        if budget_cpu_minutes is not None:
+            cfg = cfg.model_copy(update={"budget_cpu_minutes": budget_cpu_minutes})
+        result = search_events(table, s.model, s.trainer, cfg, first)
+        console.print(search_table(result))
+        console.print(f"winner {result.best.trial_id}: {result.best.recipe}; table {result.save()}")
 
     @app.command(
         "bench",

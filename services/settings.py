@@ -19,7 +19,14 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from services.config import LoopConfig, SupervisorConfig
 from serving.config import RolloutConfig, ServingConfig
 from streams.config import BrokerConfig, BufferConfig, IngestConfig, KafkaConfig, TopicsConfig
-from training.config import GateConfig, ModelConfig, RegistryConfig, ReplayConfig, TrainerConfig
+from training.config import (
+    GateConfig,
+    ModelConfig,
+    RegistryConfig,
+    ReplayConfig,
+    TrainerConfig,
+    TuneConfig,
+)
 from training.registry import Registry
 
 
@@ -44,6 +51,7 @@ class Settings(BaseSettings):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Training rounds.")
     replay: ReplayConfig = Field(default_factory=ReplayConfig, description="Replay and KD.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate.")
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="First-version search.")
     registry: RegistryConfig = Field(
         default_factory=RegistryConfig, description="Model registry location."
     )
@@ -75,6 +83,8 @@ class Settings(BaseSettings):
             self.registry.path = self.state_dir / "registry"
         if "trainer" not in fields or "storage_path" not in self.trainer.model_fields_set:
             self.trainer.storage_path = self.state_dir / "ray_results"
+        if "tune" not in fields or "storage_path" not in self.tune.model_fields_set:
+            self.tune.storage_path = self.state_dir / "tune"
         if self.embedded_broker and (
             "kafka" not in fields or "bootstrap_servers" not in self.kafka.model_fields_set
         ):

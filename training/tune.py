@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -275,6 +276,8 @@ def search(
     trainer = trainer.model_copy(update={"seed": cfg.seed})
     budget = cfg.budget_s(data.events)
     name = name or time.strftime("search-%Y%m%d-%H%M%S")
+    # Trials the budget never started have no results: Tune warns once per trial.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     started = _start_ray(cfg.cpus)
     t0 = time.perf_counter()
     try:
@@ -347,3 +350,30 @@ def search_table(result: SearchResult) -> Any:
                       str(p.get("batch_size")), str(p.get("num_negatives", "")), ndcg,
                       str(r.best_epoch or ""), str(r.epochs), f"{r.seconds:.1f}")  # fmt: skip
     return table
+
+
+def search_events(
+    table: Any,
+    model_cfg: ModelConfig,
+    trainer: TrainerConfig,
+    cfg: TuneConfig,
+    first: int | None = None,
+    name: str | None = None,
+) -> SearchResult:
+    """``search`` on a buffer-shaped Arrow table's first ``first`` events (all by default), split
+    as ``bench.tune`` splits: each user's second last event validates, earlier ones train, and
+    the last is left out; nothing after the first ``first`` events is read."""
+    from training.evaluation import encode, leave_one_out
+
+    if first is not None:
+        table = table.slice(0, first)
+    inter = encode(table)
+    split = leave_one_out(inter)
+    # leave_one_out's own test questions (each user's last event) are not handed on: validation
+    # is every user's second last, and the last trains neither the search nor its winner.
+    titles: dict[str, str] = {}
+    if "item_text" in table.column_names:
+        ids, texts = table.column("item_id").to_pylist(), table.column("item_text").to_pylist()
+        titles = {i: t for i, t in zip(ids, texts, strict=True) if t}
+    data = SearchData.from_split(inter, split.train_rows, split.valid, model_cfg.max_len, titles)
+    return search(data, model_cfg, trainer, cfg, name=name)
