@@ -40,7 +40,8 @@ from training.evaluation import (
     leave_one_out,
     load_table,
 )
-from training.tune import SearchData, load_winner, search, search_table
+from training.tune import SearchData, load_winner, search
+from training.tune_result import search_table
 
 MAX_EPOCHS = 40
 
@@ -116,7 +117,8 @@ def one_seed(inter: Interactions, seed: int, tcfg: TuneConfig, t0: float,
         "searched_test_ndcg10": test_ndcg(ModelScorer(winner, data.vocab, inter.item_ids)),
         "searched_valid_ndcg10": result.best.best_valid_ndcg10,
         "search_s": round(search_s, 1),
-        "search_budget_s": round(result.budget_s, 1),
+        "search_cpu_s": round(result.cpu_s, 1),
+        "search_budget_cpu_s": round(result.budget_cpu_s, 1),
         "trials": len(result.trials),
         "winner": result.best.recipe,
         "winner_best_epoch": result.best.best_epoch,

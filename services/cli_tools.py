@@ -89,7 +89,8 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         table of trials. Runs its own local Ray (tune.cpus CPUs), beside any running `up`."""
         from streams.buffer import EventBuffer
         from training.evaluation import load_table
-        from training.tune import search_events, search_table
+        from training.tune import search_events
+        from training.tune_result import search_table
 
         s = settings_of(ctx)
         table = load_table(data) if data is not None else EventBuffer(s.buffer).read()

@@ -8,7 +8,7 @@ Public API
 - ``run_trial(recipe, data, ...)``: one recipe trained from scratch in this process, scored on
   validation (full-ranking NDCG@10) after every epoch, stopped after ``patience`` epochs without
   a better score; the unit every Tune trial runs and the tests call directly.
-- ``search(data, model, trainer, cfg)``: Tuner + ASHAScheduler within ``cfg.budget_s``; returns
+- ``search(data, model, trainer, cfg)``: Tuner + ASHAScheduler within ``cfg``'s CPU budget; returns
   ``SearchResult`` (the winning recipe as ModelConfig + TrainerConfig, one row per trial) and
   keeps the winner's best-epoch weights (``load_winner``), so the winner is itself a model
   trained to its validation optimum: no second training is needed.
@@ -20,12 +20,11 @@ trial is a few seconds to a minute of a width-32 model, which DeepSpeed's set-up
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +40,10 @@ from training.fit import LrSchedule, fit, torch_step
 from training.model import Recommender
 from training.ranking import ndcg_hr, rank_full
 from training.round_train import prepare_model
+from training.tune_result import METRIC, CpuBudget, SearchResult, trial_row
 from training.tune_space import Recipe, search_space
 from training.vocab import ItemVocab
 
-METRIC = "best_valid_ndcg10"  # ASHA compares the best so far: one noisy epoch cuts no trial
 WEIGHTS = "model.safetensors"
 Report = Callable[[dict[str, float], dict[str, torch.Tensor] | None], None]
 
@@ -131,7 +130,7 @@ def run_trial(
     schedule = LrSchedule.for_run(
         tcfg.lr, n, tcfg.batch_size, max_epochs, tcfg.warmup_epochs, tcfg.lr_schedule
     )
-    best, best_epoch, epochs, t0 = -1.0, 0, 0, time.perf_counter()
+    best, best_epoch, epochs, t0, c0 = -1.0, 0, 0, time.perf_counter(), time.process_time()
     state: dict[str, torch.Tensor] | None = None
 
     def on_epoch(epoch: int, _stats: dict[str, float]) -> bool:
@@ -143,7 +142,8 @@ def run_trial(
             best, best_epoch = score, epochs
             state = copy.deepcopy(model.state_dict())
         if report is not None:
-            metrics = {"valid_ndcg10": score, METRIC: best, "best_epoch": float(best_epoch)}
+            metrics = {"valid_ndcg10": score, METRIC: best, "best_epoch": float(best_epoch),
+                       "cpu_s": time.process_time() - c0}  # fmt: skip
             report(metrics, state if improved else None)
         return epochs - best_epoch >= patience
 
@@ -178,70 +178,11 @@ def _trainable(
     run_trial(recipe, data, model_cfg, trainer, cfg.max_epochs, cfg.patience, report)
 
 
-@dataclass(frozen=True)
-class TrialRow:
-    """One trial of the search's table (null metrics: it never finished an epoch)."""
-
-    trial_id: str
-    recipe: dict[str, Any]
-    best_valid_ndcg10: float | None
-    best_epoch: int | None
-    epochs: int
-    seconds: float
-    checkpoint: str | None = None
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    best: TrialRow
-    model: ModelConfig
-    trainer: TrainerConfig
-    trials: list[TrialRow]
-    budget_s: float
-    seconds: float
-    path: Path
-    unstarted: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "best": asdict(self.best),
-            "model": self.model.model_dump(mode="json"),
-            "trainer": self.trainer.model_dump(mode="json"),
-            "trials": [asdict(t) for t in self.trials],
-            "budget_s": round(self.budget_s, 1),
-            "seconds": round(self.seconds, 1),
-            "unstarted_trials": self.unstarted,
-        }
-
-    def save(self) -> Path:
-        out = self.path / "search.json"
-        out.write_text(json.dumps(self.to_json(), indent=2))
-        return out
-
-
 def load_winner(result: SearchResult) -> Recommender:
     """The winning trial's weights at its best validation epoch."""
     if result.best.checkpoint is None:
         raise SearchError(f"trial {result.best.trial_id} kept no weights")
     return Recommender.from_file(Path(result.best.checkpoint) / WEIGHTS, result.model)
-
-
-def _row(res: Any) -> TrialRow:
-    metrics = res.metrics or {}
-    frame = res.metrics_dataframe
-    scored = frame is not None and "valid_ndcg10" in frame
-    best = float(frame[METRIC].max()) if scored else None
-    best_epoch = int(frame["best_epoch"].iloc[-1]) if scored else None
-    keys = set(Recipe.model_fields)
-    return TrialRow(
-        trial_id=str(metrics.get("trial_id", Path(res.path).name)),
-        recipe={k: v for k, v in res.config.items() if k in keys},
-        best_valid_ndcg10=best,
-        best_epoch=best_epoch,
-        epochs=int(metrics.get("training_iteration", 0)),
-        seconds=round(float(metrics.get("time_total_s", 0.0)), 1),
-        checkpoint=res.checkpoint.path if res.checkpoint is not None else None,
-    )
 
 
 def _start_ray(cpus: int) -> bool:
@@ -274,7 +215,7 @@ def search(
     if "num_negatives" in space:
         first["num_negatives"] = model_cfg.num_negatives
     trainer = trainer.model_copy(update={"seed": cfg.seed})
-    budget = cfg.budget_s(data.events)
+    budget = cfg.budget_cpu_s(data.events)
     name = name or time.strftime("search-%Y%m%d-%H%M%S")
     # Trials the budget never started have no results: Tune warns once per trial.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
@@ -300,13 +241,14 @@ def search(
                 ),
                 num_samples=cfg.max_trials,
                 max_concurrent_trials=cfg.cpus,
-                time_budget_s=budget,
+                time_budget_s=cfg.wall_limit_s(data.events),
                 reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=str(cfg.storage_path.resolve()),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                stop=CpuBudget(budget),
                 verbose=0,
             ),
         )
@@ -318,38 +260,16 @@ def search(
             ray.shutdown()
     # Trials the budget ended before they started have no config or metrics: not in the table.
     results = [grid[i] for i in range(len(grid))]
-    rows = [_row(res) for res in results if res.config and res.metrics]
+    rows = [trial_row(res) for res in results if res.config and res.metrics]
     scored = [r for r in rows if r.best_valid_ndcg10 is not None]
     if not scored:
-        raise SearchError(f"no trial finished an epoch within {budget:.0f} s; raise the budget")
+        raise SearchError(f"no trial finished an epoch within {budget:.0f} CPU s; raise the budget")
     best = max(scored, key=lambda r: r.best_valid_ndcg10 or 0.0)
     recipe = Recipe.model_validate(best.recipe)
     m, t = recipe.apply(model_cfg, trainer)
     path = cfg.storage_path.resolve() / name
     return SearchResult(best, m, t, rows, budget, time.perf_counter() - t0, path,
                         len(results) - len(rows))  # fmt: skip
-
-
-def search_table(result: SearchResult) -> Any:
-    """The trials as a rich Table, best validation NDCG@10 first."""
-    from rich.table import Table
-
-    table = Table(title=f"Recipe search: {len(result.trials)} trials in {result.seconds:.0f} s "
-                  f"(budget {result.budget_s:.0f} s)")  # fmt: skip
-    cols = ("trial", "width", "blocks", "heads", "dropout", "lr", "batch", "negatives",
-            "valid NDCG@10", "best epoch", "epochs", "s")  # fmt: skip
-    for col in cols:
-        table.add_column(col, justify="right")
-    order = sorted(result.trials, key=lambda r: -(r.best_valid_ndcg10 or -1.0))
-    for r in order:
-        p = r.recipe
-        ndcg = "" if r.best_valid_ndcg10 is None else f"{r.best_valid_ndcg10:.4f}"
-        mark = " *" if r.trial_id == result.best.trial_id else ""
-        table.add_row(f"{r.trial_id}{mark}", str(p.get("d_model")), str(p.get("n_layers")),
-                      str(p.get("n_heads")), f"{p.get('dropout', 0):.2f}", f"{p.get('lr', 0):.2e}",
-                      str(p.get("batch_size")), str(p.get("num_negatives", "")), ndcg,
-                      str(r.best_epoch or ""), str(r.epochs), f"{r.seconds:.1f}")  # fmt: skip
-    return table
 
 
 def search_events(

@@ -105,21 +105,25 @@ def test_search_returns_the_best_trial_and_its_weights(
 
 def test_budget_ends_the_search(inter: Interactions, ray_local: None, tmp_path: Path) -> None:
     data = data_of(inter)
-    # 0.2 CPU minutes over 2 CPUs: 6 s of wall time for 100 trials of up to 200 epochs.
+    # 0.2 CPU minutes (12 CPU s, 18 s of wall time at most) for 100 trials of up to 200 epochs.
     cfg = TuneConfig(max_trials=100, max_epochs=200, grace_epochs=200, patience=200,
                      budget_cpu_minutes=0.2, storage_path=tmp_path)  # fmt: skip
-    assert cfg.budget_s(data.events) == pytest.approx(6.0)
+    assert cfg.budget_cpu_s(data.events) == pytest.approx(12.0)
+    assert cfg.wall_limit_s(data.events) == pytest.approx(18.0)
     try:
         result = search(data, MODEL, TRAINER, cfg, name="b")
     except SearchError:
         return  # no trial scored an epoch in time: also the budget at work
     assert len(result.trials) < 100 and result.unstarted == 100 - len(result.trials)
-    assert result.seconds < 30
+    assert result.seconds < 40
+    # Stopped on CPU time: no more than the budget plus the epoch each trial was in.
+    assert result.cpu_s < 12.0 + sum(t.cpu_s / max(t.epochs, 1) for t in result.trials) * 2
 
 
 def test_default_budget_scales_with_the_data() -> None:
     cfg = TuneConfig()
-    assert cfg.budget_s(100_000) == pytest.approx(120.0)  # 4 CPU minutes on 2 CPUs
-    assert cfg.budget_s(1_000_000) == pytest.approx(10 * cfg.budget_s(100_000))
-    assert cfg.budget_s(10) == pytest.approx(30.0)  # the 1 CPU minute floor
-    assert cfg.budget_s(10**9) == pytest.approx(1800.0)  # the 60 CPU minute cap
+    assert cfg.budget_cpu_s(100_000) == pytest.approx(240.0)  # 4 CPU minutes
+    assert cfg.wall_limit_s(100_000) == pytest.approx(360.0)  # 3 x 240 / 2 CPUs
+    assert cfg.budget_cpu_s(1_000_000) == pytest.approx(10 * cfg.budget_cpu_s(100_000))
+    assert cfg.budget_cpu_s(10) == pytest.approx(60.0)  # the 1 CPU minute floor
+    assert cfg.budget_cpu_s(10**9) == pytest.approx(3600.0)  # the 60 CPU minute cap
