@@ -1,6 +1,6 @@
 """``bench.live``'s trials: interleaved and A/B impressions replayed offline through the product's
 interleaving (``serving.interleaving``), the click model (``harness.click_model``) and the
-sequential test (``serving.sequential``).
+sequential test (``training.sequential``).
 
 **Interleaving.** An impression: a request drawn uniformly with replacement from the replayed
 requests, both versions' top-k for it (ranked once, ``bench.live_models``), team-draft
@@ -28,7 +28,7 @@ import numpy as np
 
 from harness.click_model import ClickModel
 from serving.interleaving import Team, credit, team_draft
-from serving.sequential import Decision, SequentialConfig, decision_of, log_lr_path
+from training.sequential import Decision, SequentialConfig, decision_of, log_lr_path
 
 BLOCK = 2048  # impressions simulated per step: large enough for numpy, small past a decision
 

@@ -17,8 +17,9 @@ from rich.table import Table
 
 from services.loop_state import STATE_FILE
 from services.settings import Settings
+from serving.config import RolloutConfig
 from streams.buffer import EventBuffer
-from training.registry import Registry
+from training.registry import Registry, RolloutState
 
 if TYPE_CHECKING:
     from services.supervisor import ComponentFailed
@@ -223,6 +224,8 @@ def _rollout_status(settings_of: SettingsOf) -> Command:
         console.print(f"champion: {reg.champion()}")
         for d in reg.decisions()[-10:]:
             console.print(f"  v{d['version']}: {d['decision']} - {d['reason']}")
+        for line in live_lines(reg.rollout_state(), s.rollout):
+            console.print(line)
         try:
             url = f"http://{s.serving.host}:{s.serving.port}/models"
             console.print(httpx.get(url, timeout=3).json())
@@ -230,6 +233,30 @@ def _rollout_status(settings_of: SettingsOf) -> Command:
             console.print("serving: not reachable")
 
     return rollout_status
+
+
+def live_lines(state: RolloutState, cfg: RolloutConfig) -> list[str]:
+    """The live trial, the guard's baseline and any pause, as `rollout status` prints them."""
+    out = [f"live evaluation: {cfg.live}"]
+    if state.baseline is not None:
+        out.append(f"  baseline (last live-verified): v{state.baseline}")
+    if state.paused_until is not None and state.paused_until > time.time():
+        left = state.paused_until - time.time()
+        out.append(f"  promotions paused for {left:.0f} s more: {state.paused_reason}")
+    t = state.trial
+    if t is None:
+        out.append("  no live trial running")
+        return out
+    lineage = ", ".join(f"v{v}" for v in t.b_versions)
+    test = t.test
+    out += [
+        f"  trial {t.id} ({t.mode}, {t.share:.0%} of answers interleaved): a = v{t.a}, "
+        f"b = v{t.b} (lineage pooled: {lineage})",
+        f"  {test.impressions} impressions: b won {test.wins}, a won {test.losses}, "
+        f"{test.ties} ties; log LR {test.log_lr:.2f} of {cfg.live_test.threshold:.2f} "
+        f"to decide; {test.decision}",
+    ]
+    return out
 
 
 def _rollout_promote(settings_of: SettingsOf) -> Command:

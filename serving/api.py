@@ -60,7 +60,11 @@ class RecommendRequest(_Request):
 
 class ScoredItem(BaseModel):
     item_id: str
-    score: float
+    score: float = Field(description="The score of the version that ranked this item.")
+    version: int | None = Field(
+        default=None,
+        description="Interleaved answers only: the version that contributed this item.",
+    )
 
 
 class RecommendResponse(BaseModel):
@@ -69,6 +73,11 @@ class RecommendResponse(BaseModel):
     source: str = Field(description="'history' (model over the user's items) or 'popularity'.")
     history_len: int = Field(description="Known history items the model used.")
     unknown_items: int = Field(description="History items the model does not know (ignored).")
+    trial: str | None = Field(
+        default=None,
+        description="Set when this answer interleaves two versions for a live trial: the "
+        "trial's id (each item names the version that contributed it).",
+    )
 
 
 class ScoreRequest(_Request):
@@ -100,6 +109,35 @@ class ModelsResponse(BaseModel):
     history_shards: list[ShardState] = Field(
         default_factory=list, description="The live-state shards (serving.history_shards)."
     )
+    trial: str | None = Field(
+        default=None, description="The live trial this replica interleaves answers for, if any."
+    )
+
+    @classmethod
+    def of(
+        cls, versions: list[int], champion: int | None, snap: dict[str, Any],
+        this_replica: int | None, trial: str | None,
+    ) -> ModelsResponse:  # fmt: skip
+        """The answer from the registry's figures and a serving-context snapshot."""
+        serving = {
+            r: (int(d["version"]) if d.get("version") not in (None, "None") else None)
+            for r, d in snap.get("replicas", {}).items()
+        }
+        return cls(
+            versions=versions,
+            champion=champion,
+            serving=serving,
+            this_replica=this_replica,
+            load_failures=snap.get("load_failures", {}),
+            history_shards=[
+                ShardState(
+                    answering=sh.get("answering", True),
+                    **{k: sh[k] for k in ("shard", "users", "events_seen", "rebuild_s") if k in sh},
+                )
+                for sh in snap.get("shards", [])
+            ],
+            trial=trial,
+        )
 
 
 class HealthResponse(BaseModel):

@@ -15,11 +15,16 @@ Concurrent ``/recommend`` and ``/score`` requests are scored in batches (``serve
 per batch, all of it by one version snapshot; ranking and the answer stay per request. Live
 histories come from the replica's own cache of them, which follows each history shard's change
 feed (``serving.replica_histories``); only users it does not hold yet cost a call to their shard.
+
+While a live trial runs (``rollout.live``; the trial is recorded with the serving version), the
+replica keeps the trial's other version loaded too, and answers a share of ``/recommend``
+requests with both versions' rankings interleaved (``serving.live_answer``).
 """
 
 import asyncio
 import logging
 import math
+import random
 import time
 import uuid
 from typing import Any
@@ -36,23 +41,22 @@ from serving.api import (
     ModelsResponse,
     RecommendRequest,
     RecommendResponse,
-    ScoredItem,
     ScoreRequest,
     ScoreResponse,
-    ShardState,
     apply_limits,
     error_responses,
 )
+from serving.clicks import Served
 from serving.config import ServingConfig
 from serving.context import CONTROL_NAMESPACE, find_context
 from serving.deploy_version import code_version, settings_digest
 from serving.http_errors import install_error_handlers, limit_error
 from serving.http_guard import HTTPGuard, ReplicaTag
-from serving.mmr import mmr
+from serving.live_answer import interleave, other_version, ranked
 from serving.replica_histories import ShardedHistories
-from serving.scoring import Ask, Loaded, Scored, load_version, score_asks
+from serving.scoring import Ask, Loaded, Scored, ask_of, load_version, score_asks
 from serving.streak import Streak
-from training.registry import Registry
+from training.registry import LiveTrial, Registry
 
 api = FastAPI(
     title="streamtune",
@@ -82,7 +86,11 @@ class RecommenderDeployment:
         self.previous: Loaded | None = None
         self.replica = uuid.uuid4().hex[:8]
         self.samples: dict[str, list[tuple[float, bool]]] = {}
-        self.served: dict[str, tuple[str, list[str]]] = {}
+        self.served: dict[str, Served] = {}
+        # A live trial's record, and the version this replica plays against the one it serves
+        self.trial: LiveTrial | None = None
+        self.other: Loaded | None = None
+        self._coins = random.Random()  # who gets an interleaved answer, and team draft's coins
         self._flusher: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
         self.pinned = 0  # set by reconfigure before any traffic
@@ -135,7 +143,8 @@ class RecommenderDeployment:
         controller: this is how it rolls forward and back.
         """
         try:
-            chosen = self.registry.rollout_state().serving
+            state = self.registry.rollout_state()
+            chosen, self.trial = state.serving, state.trial
         except Exception as err:  # the registry unreachable for a moment: keep what we serve
             keep = self.current.version if self.current is not None else self.pinned
             self._registry_reads.failed(err, f"serving v{keep} meanwhile")
@@ -151,6 +160,7 @@ class RecommenderDeployment:
                 target = await asyncio.to_thread(self._target)
                 if target not in self.failed:  # a failed load is reported once, not every poll
                     await self._use(target)
+                await self._use_trial()
             except Exception as err:  # the follower must outlive any one bad poll
                 self._follows.failed(err, "trying again at the next look")
                 continue
@@ -193,6 +203,28 @@ class RecommenderDeployment:
                 raise
             return
         self.previous, self.current = self.current, loaded
+
+    async def _use_trial(self) -> None:
+        """Keep loaded the version the live trial plays against the serving one (or none)."""
+        trial, cur = self.trial, self.current
+        if trial is None or cur is None:
+            self.other = None
+            return
+        want = other_version(trial, cur.version)
+        if self.other is not None and self.other.version == want:
+            return
+        if self.previous is not None and self.previous.version == want:
+            self.other = self.previous
+            return
+        if want in self.failed:
+            return
+        try:
+            self.other = await asyncio.to_thread(load_version, self.registry, want)
+        except Exception as err:  # the trial waits; the failure is the controller's to judge
+            self.failed.add(want)
+            ctx = self._context()
+            if ctx is not None:
+                ctx.record_load_failure.remote(str(want), f"{type(err).__name__}: {err}")
 
     def _context(self) -> Any:
         if self._ctx is None:
@@ -240,17 +272,6 @@ class RecommenderDeployment:
         else:
             self._reports.ok()
 
-    def _ask(self, req: RecommendRequest | ScoreRequest) -> Ask:
-        if req.history is not None and len(req.history) > self.cfg.max_history:
-            raise limit_error(
-                ["body", "history"],
-                f"history has {len(req.history)} items; at most {self.cfg.max_history}",
-                "too_long",
-            )
-        if isinstance(req, RecommendRequest):
-            return Ask(req.history, req.user_id, max(req.k * 5, 50), req.exclude_seen)
-        return Ask(req.history, req.user_id)
-
     async def _histories(self, users: list[str]) -> list[list[str]]:
         """The live histories of ``users``, in order, from their shards (``ShardedHistories``)."""
         return await self.histories.histories(users) if users else []
@@ -291,24 +312,26 @@ class RecommenderDeployment:
                     ["body", "k"], f"k={req.k} is above the limit of {self.cfg.max_k}",
                     "less_than_equal",
                 )  # fmt: skip
-            got = await self._scored(self._ask(req))
+            ask = ask_of(req, self.cfg)
+            got = await self._scored(ask)
             m, rows, version = got.m, got.rows, got.m.version
-            scores = got.scores()
-            # the shared ranking rule (padding, excluded and non-finite rows are never picked),
-            # applied to the whole batch at once
-            assert got.candidates is not None
-            picked = mmr(scores, m.unit_emb, got.candidates, req.k, req.diversity)
-            values = scores[picked].tolist()
-            items = [
-                ScoredItem(item_id=m.vocab.item(r), score=v)
-                for r, v in zip(picked, values, strict=True)
-            ]
+            trial, other = self.trial, self.other
+            if (trial is not None and other is not None and self._coins.random() < trial.share
+                    and other.version == other_version(trial, m.version)):  # fmt: skip
+                theirs = (await score_asks(other, [ask], self._histories))[0]
+                items, served = interleave(trial, got, theirs, req.k, req.diversity, self._coins)
+            else:
+                trial = None
+                # the shared ranking rule (padding, excluded and non-finite rows are never
+                # picked, MMR), on this request's share of the batch
+                items = ranked(got, req.k, req.diversity)
+                served = Served([i.item_id for i in items], str(m.version))
             if req.user_id is not None:
-                self.served[req.user_id] = (str(m.version), [i.item_id for i in items])
+                self.served[req.user_id] = served
             ok = True
             return RecommendResponse(
                 items=items, version=m.version, source=got.source, history_len=len(rows),
-                unknown_items=len(got.history) - len(rows),
+                unknown_items=len(got.history) - len(rows), trial=trial.id if trial else None,
             )  # fmt: skip
         except HTTPException as err:
             ok = err.status_code < 500
@@ -323,7 +346,7 @@ class RecommenderDeployment:
             raise limit_error(
                 ["body", "items"], f"at most {self.cfg.max_history} items per request", "too_long"
             )
-        got = await self._scored(self._ask(req))
+        got = await self._scored(ask_of(req, self.cfg))
         m, scores = got.m, got.scores()
         out: dict[str, float | None] = {}
         for item in req.items:
@@ -341,24 +364,11 @@ class RecommenderDeployment:
     async def models(self) -> ModelsResponse:
         ctx = self._context()
         snap: dict[str, Any] = await ctx.snapshot.remote([]) if ctx is not None else {}
-        serving = {
-            r: (int(d["version"]) if d.get("version") not in (None, "None") else None)
-            for r, d in snap.get("replicas", {}).items()
-        }
-        return ModelsResponse(
-            versions=self.registry.versions(),
-            champion=self.registry.champion(),
-            serving=serving,
-            this_replica=self.current.version if self.current else None,
-            load_failures=snap.get("load_failures", {}),
-            history_shards=[
-                ShardState(
-                    answering=sh.get("answering", True),
-                    **{k: sh[k] for k in ("shard", "users", "events_seen", "rebuild_s") if k in sh},
-                )
-                for sh in snap.get("shards", [])
-            ],
-        )
+        trial = self.trial.id if self.trial is not None and self.other is not None else None
+        return ModelsResponse.of(
+            self.registry.versions(), self.registry.champion(), snap,
+            self.current.version if self.current else None, trial,
+        )  # fmt: skip
 
     def check_health(self) -> None:
         if self.current is None:

@@ -2,24 +2,70 @@
 then engaged with one of them (a click, cart or purchase event on a served item within
 ``CLICK_WINDOW_S``). Kept by the history shard that holds the user: it sees the user's events, and
 the bookkeeping grows with users, so it scales out with them.
+
+An interleaved answer (a live trial's; see ``serving.interleaving``) also remembers which team
+contributed each position. Its clicks credit the contributing version's click-through, and once
+the impression is settled (the user was served again, or ``SETTLE_S`` passed) team draft's rule
+turns its clicks into one outcome, a win for a, for b or a tie, counted per trial.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 
+from serving.interleaving import credit
 from serving.version_stats import VersionStats, forget_versions
 
 ENGAGED = {"click", "cart", "purchase"}
 CLICK_WINDOW_S = 600.0
 FORGET_EVERY_S = 60.0
+# An interleaved impression's outcome is final after this long: the click model of the live
+# trials credits engagement within the next few events, which in live traffic come within
+# minutes; waiting the whole click window would delay every decision by ten minutes.
+SETTLE_S = 120.0
+TRIALS_KEPT = 50  # trials whose tallies a shard keeps (the controller reads the running one)
+
+
+@dataclass(frozen=True)
+class Served:
+    """One answer as the click side needs it: its items and who ranked them.
+
+    Not interleaved: ``version`` ranked every item. Interleaved (``trial`` set): ``teams[i]``
+    ("a" or "b") says which of ``version`` (team a) and ``other`` (team b) contributed
+    ``items[i]``.
+    """
+
+    items: list[str]
+    version: str
+    trial: str | None = None
+    teams: str = ""
+    other: str | None = None
+
+    def version_at(self, pos: int) -> str:
+        if self.teams and self.teams[pos] == "b" and self.other is not None:
+            return self.other
+        return self.version
+
+
+@dataclass(eq=False)
+class _Impression:
+    served: Served
+    at: float
+    unclicked: set[str]
+    clicked: set[int] = field(default_factory=set)  # positions
+    settled: bool = False
 
 
 class ClickBook:
     def __init__(self) -> None:
-        # user -> (version, items not yet clicked, served at), oldest report first
-        self.served: OrderedDict[str, tuple[str, set[str], float]] = OrderedDict()
+        # user -> the user's latest answer, oldest report first
+        self.served: OrderedDict[str, _Impression] = OrderedDict()
         self.stats: dict[str, VersionStats] = {}
+        # interleaved impressions not settled yet, oldest first
+        self.unsettled: deque[_Impression] = deque()
+        # trial id -> [a wins, b wins, ties] of its settled impressions
+        self.trials: OrderedDict[str, list[int]] = OrderedDict()
         self._forgot_at = 0.0
 
     def _stats(self, version: str) -> VersionStats:
@@ -28,23 +74,52 @@ class ClickBook:
             st = self.stats[version] = VersionStats()
         return st
 
-    def record_served(self, served: dict[str, tuple[str, list[str]]], now: float) -> None:
-        """A replica's answers since its last report: per user, the version and the items."""
-        for user, (version, items) in served.items():
-            self.served[user] = (version, set(items), now)
-            self.served.move_to_end(user)
-            self._stats(version).add_served(len(items), at=now)
+    def record_served(self, served: dict[str, Served], now: float) -> None:
+        """A replica's answers since its last report, per user."""
+        for user, answer in served.items():
+            before = self.served.pop(user, None)
+            if before is not None:
+                self._settle(before)  # the user moved on: its outcome is what it is
+            imp = self.served[user] = _Impression(answer, now, set(answer.items))
+            if answer.trial is not None:
+                self.unsettled.append(imp)
+            for pos in range(len(answer.items)):
+                self._stats(answer.version_at(pos)).add_served(1, at=now)
         if now - self._forgot_at > FORGET_EVERY_S:
             self.forget(now)
 
     def on_event(self, user: str, item: str, kind: str, now: float) -> None:
-        served = self.served.get(user)
-        if kind not in ENGAGED or served is None:
+        imp = self.served.get(user)
+        if kind not in ENGAGED or imp is None or item not in imp.unclicked:
             return
-        version, items, t = served
-        if item in items and now - t < CLICK_WINDOW_S:
-            self._stats(version).add_click(served_at=t)
-            items.discard(item)  # one click per served item
+        if now - imp.at >= CLICK_WINDOW_S:
+            return
+        pos = imp.served.items.index(item)
+        self._stats(imp.served.version_at(pos)).add_click(served_at=imp.at)
+        imp.unclicked.discard(item)  # one click per served item
+        if not imp.settled:
+            imp.clicked.add(pos)
+
+    def _settle(self, imp: _Impression) -> None:
+        """Count an interleaved impression's outcome into its trial, once."""
+        trial = imp.served.trial
+        if trial is None or imp.settled:
+            return
+        imp.settled = True
+        outcome = credit(imp.served.teams, imp.clicked).outcome  # type: ignore[arg-type]
+        tally = self.trials.get(trial)
+        if tally is None:
+            tally = self.trials[trial] = [0, 0, 0]
+            while len(self.trials) > TRIALS_KEPT:
+                self.trials.popitem(last=False)
+        tally[{"a": 0, "b": 1, "tie": 2}[outcome]] += 1
+
+    def trial_counts(self, trial: str, now: float) -> list[int]:
+        """(a wins, b wins, ties) of ``trial``'s impressions settled so far; first settles the
+        ones served more than ``SETTLE_S`` ago."""
+        while self.unsettled and self.unsettled[0].at < now - SETTLE_S:
+            self._settle(self.unsettled.popleft())
+        return list(self.trials.get(trial, [0, 0, 0]))
 
     def window(self, version: str, since: float, until: float) -> dict[str, float]:
         st = self.stats.get(version)
@@ -61,9 +136,10 @@ class ClickBook:
         """Drop answers past the click window (no click can be credited to them any more) and
         the stats of versions untouched for hours: both would otherwise grow forever."""
         self._forgot_at = now
+        self.trial_counts("", now)  # settles what is due
         while self.served:
-            user, (_, _, t) = next(iter(self.served.items()))
-            if now - t < CLICK_WINDOW_S:
+            user, imp = next(iter(self.served.items()))
+            if now - imp.at < CLICK_WINDOW_S:
                 break
             del self.served[user]
         forget_versions(self.stats, set(), now)

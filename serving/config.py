@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 
 from streams.config_base import StrictConfig
+from training.sequential import SequentialConfig
 
 
 class ServingConfig(StrictConfig):
@@ -148,4 +149,41 @@ class RolloutConfig(StrictConfig):
         description="Run the rollout controller as a named, detached Ray actor on the head node "
         "(restarted by Ray, outliving `up`; a restarted `up` finds it) instead of a thread of "
         "`up`. `up --address` turns it on unless it is set.",
+    )
+    live: Literal["off", "guard", "canary"] = Field(
+        default="off",
+        description="Live evaluation by interleaving: 'off'; 'guard' (the serving lineage is "
+        "interleaved with the last live-verified version, and rolled back to it, with "
+        "promotions paused, if that baseline wins); 'canary' (a new champion serves only "
+        "interleaved answers until it wins, and is discarded if it loses).",
+    )
+    live_share: float = Field(
+        default=0.2,
+        gt=0,
+        le=1,
+        description="Share of /recommend answers interleaved while a live trial runs (the "
+        "rest are the serving version's alone).",
+    )
+    live_test: SequentialConfig = Field(
+        default_factory=SequentialConfig,
+        description="The live trial's sequential test (false-decision bound alpha, prior).",
+    )
+    baseline_age_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="guard: a verified serving version becomes the new baseline only once the "
+        "current baseline is at least this old, so the baseline stays minutes behind the "
+        "serving lineage, whatever the round rate.",
+    )
+    live_max_impressions: int = Field(
+        default=20000,
+        ge=1,
+        description="guard: a trial that reaches this many impressions undecided counts the "
+        "serving lineage as verified (no worse than the baseline at this power).",
+    )
+    pause_s: float = Field(
+        default=1800.0,
+        ge=0,
+        description="guard: after a rollback to the baseline, new champions wait this long "
+        "before they are rolled out (`streamtune rollout promote` still works).",
     )

@@ -169,6 +169,13 @@ class ServingContext:
         return {"served": served, "clicked": clicked,
                 "ctr": clicked / served if served else 0.0}  # fmt: skip
 
+    def trial_counts(self, trial: str) -> dict[str, list[int]]:
+        """Per answering shard, its running (a wins, b wins, ties) of ``trial``'s settled
+        impressions. Per shard, not summed: a restarted shard starts again from zero, and the
+        controller must tell that from no new impressions."""
+        out = self._ask_shards("trial_counts", trial)
+        return {str(i): list(c) for i, c in enumerate(out) if c is not None}
+
     def _live_replicas(self, now: float) -> dict[str, dict[str, Any]]:
         """Replicas that reported in the last 30 s."""
         return {r: d for r, d in self.replicas.items() if now - d["at"] < 30}

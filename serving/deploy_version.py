@@ -13,15 +13,16 @@ from serving.config import ServingConfig
 def code_version() -> str:
     import hashlib
 
-    import serving.api
-    import serving.app
-    import serving.http_errors
-    import serving.http_guard
+    import serving
     import training.model
+    import training.serving_forward
 
+    # Every module a replica runs: a change to any of them is new replica code.
+    files = sorted(Path(str(serving.__file__)).parent.glob("*.py"))
+    files += [Path(str(m.__file__)) for m in (training.model, training.serving_forward)]
     h = hashlib.sha256()
-    for mod in (serving.app, serving.api, serving.http_errors, serving.http_guard, training.model):
-        h.update(Path(str(mod.__file__)).read_bytes())
+    for f in files:
+        h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 

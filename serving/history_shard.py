@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from serving.clicks import ClickBook
+from serving.clicks import ClickBook, Served
 from serving.config import ServingConfig
 from serving.history_feed import ChangeLog, Changes, Read
 from serving.history_store import HistoryStore
@@ -178,9 +178,14 @@ class HistoryShard:
             return self.feed.since(epoch, seq)
 
     # -- clicks ---------------------------------------------------------------------------
-    def record_served(self, served: dict[str, tuple[str, list[str]]]) -> None:
+    def record_served(self, served: dict[str, Served]) -> None:
         with self.lock:
             self.clicks.record_served(served, time.time())
+
+    def trial_counts(self, trial: str) -> list[int]:
+        """(a wins, b wins, ties) of the live trial's impressions settled here so far."""
+        with self.lock:
+            return self.clicks.trial_counts(trial, time.time())
 
     def window(self, version: str, since: float, until: float) -> dict[str, float]:
         with self.lock:

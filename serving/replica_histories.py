@@ -16,6 +16,7 @@ from typing import Any
 
 from ray.exceptions import RayActorError
 
+from serving.clicks import Served
 from serving.config import ServingConfig
 from serving.history_feed import ReplicaHistories
 from serving.shards import find_shard, split_by_shard
@@ -163,7 +164,7 @@ class ShardedHistories:
                 out[p] = h_
             return
 
-    async def report_served(self, served: dict[str, tuple[str, list[str]]]) -> None:
+    async def report_served(self, served: dict[str, Served]) -> None:
         """What this replica served, to the shards that hold those users. Raises the first
         failure (after every shard was tried): the caller logs it; those items' clicks are lost."""
         users = list(served)

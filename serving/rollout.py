@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from serving import live_trial
 from serving.config import RolloutConfig, ServingConfig
 from serving.errors import RolloutError
 from serving.streak import Streak
@@ -47,7 +48,7 @@ LIVE_KEPT = 500  # rollouts remembered in the rollout state: minutes of continuo
 
 @dataclass
 class RolloutEvent:
-    kind: str  # "rollout" | "rollback" | "restore"
+    kind: str  # "rollout" | "rollback" | "restore" | "trial" (canary started) | "discard"
     version: int
     reason: str
     seconds: float
@@ -76,15 +77,19 @@ class RolloutController:
         self.watch_since: float | None = state.watch_since
         self.rollback_impossible: int | None = state.rollback_impossible
         self.live: list[tuple[int, float]] = list(state.live)
+        self.trial, self.baseline = state.trial, state.baseline
+        self.baseline_since = state.baseline_since
+        self.paused_until, self.paused_reason = state.paused_until, state.paused_reason
         self.deployed = False  # has this process pointed Serve anywhere yet?
         self._deploying: threading.Thread | None = None  # the app's first serve.run, if running
         self._deploy_error: Exception | None = None  # how that serve.run failed, if it did
         self.events: list[RolloutEvent] = []
         self._wake = threading.Event()
+        self._pause_logged: int | None = None
         self._announcements = Streak(log, "announcing a rollout to the replicas")
 
     # -- state ----------------------------------------------------------------------------
-    def _save(self) -> None:
+    def save(self) -> None:
         self.registry.set_rollout_state(
             RolloutState(
                 serving=self.current,
@@ -92,10 +97,26 @@ class RolloutController:
                 watch_since=self.watch_since,
                 rollback_impossible=self.rollback_impossible,
                 live=self.live[-LIVE_KEPT:],
+                trial=self.trial,
+                baseline=self.baseline,
+                baseline_since=self.baseline_since,
+                paused_until=self.paused_until,
+                paused_reason=self.paused_reason,
             )
         )
 
-    def _emit(self, ev: RolloutEvent) -> RolloutEvent:
+    def save_and_announce(self) -> None:
+        """Record a change the replicas must see (a trial's versions) and wake them to read it."""
+        self.save()
+        self._announce()
+
+    def end_trial(self) -> None:
+        if self.trial is not None:
+            log.info("live trial %s ended: %s", self.trial.id, live_trial.figures(self.trial))
+            self.trial = None
+            self.save_and_announce()
+
+    def emit(self, ev: RolloutEvent) -> RolloutEvent:
         self.events.append(ev)
         if self.on_event is not None:
             try:
@@ -202,25 +223,25 @@ class RolloutController:
             version, self.cfg.converge_timeout_s,
         )  # fmt: skip
 
-    def _switch(self, version: int, kind: str, reason: str) -> RolloutEvent:
+    def switch(self, version: int, kind: str, reason: str) -> RolloutEvent:
         if kind == "rollout":
             self.previous, self.current = self.current, version
             self.watch_since = time.time()
         else:
             self.current, self.previous = version, None
             self.watch_since = None
-        self._save()  # first: replicas of an app deployed on its own follow this record
+        self.save()  # first: replicas of an app deployed on its own follow this record
         self._announce()
         seconds = self.deploy(version)
         if kind == "rollout":  # when its events went live (freshness in `streamtune status`)
             self.live.append((version, time.time()))
-            self._save()
-        return self._emit(RolloutEvent(kind, version, reason, seconds))
+            self.save()
+        return self.emit(RolloutEvent(kind, version, reason, seconds))
 
     def _restore(self, version: int) -> RolloutEvent:
         seconds = self.deploy(version)
         why = f"restart: serving v{version} again (rollback target {self.previous})"
-        return self._emit(RolloutEvent("restore", version, why, seconds))
+        return self.emit(RolloutEvent("restore", version, why, seconds))
 
     # -- the control loop ---------------------------------------------------------------
     def step(self) -> RolloutEvent | None:
@@ -233,15 +254,43 @@ class RolloutController:
                 return self.rollback(verdict)
             if time.time() - self.watch_since > self.cfg.watch_s:
                 self.watch_since = None  # survived its window
-                self._save()
+                self.save()
+        if self.cfg.live != "off" and self.deployed:
+            handled, ev = live_trial.step(self, champion)
+            if ev is not None or handled:
+                return ev
+        if champion is not None and champion != self.current and self._paused(champion):
+            return None
         if champion is not None and champion != self.current:
-            manual = self._rolled_back_to(champion)
+            manual = self.manual_rollback(champion)
             if manual is not None:  # `streamtune rollout rollback`: the bad one is no target
-                return self._switch(champion, "rollback", manual)
-            return self._switch(champion, "rollout", "new champion")
+                return self.switch(champion, "rollback", manual)
+            return self.switch(champion, "rollout", "new champion")
         return None
 
-    def _rolled_back_to(self, champion: int) -> str | None:
+    def _paused(self, champion: int) -> bool:
+        """Promotions paused by a guard rollback: the champion waits (logged once per version)."""
+        if self.paused_until is None or self.manually_promoted(champion):
+            return False
+        if time.time() >= self.paused_until:
+            self.paused_until = self.paused_reason = None
+            self.save()
+            return False
+        if self._pause_logged != champion:
+            self._pause_logged = champion
+            log.warning("v%d not rolled out: promotions paused for %.0f s more (%s)", champion,
+                        self.paused_until - time.time(), self.paused_reason)  # fmt: skip
+        return True
+
+    def manually_promoted(self, champion: int) -> bool:
+        """Whether ``champion`` is the champion because an operator promoted it (no trial, no
+        pause holds it back)."""
+        for d in reversed(self.registry.decision_log()):
+            if d.version == champion:
+                return d.decision == "manual-promote"
+        return False
+
+    def manual_rollback(self, champion: int) -> str | None:
         """The reason, if the champion moved because someone rolled the serving version back."""
         for d in reversed(self.registry.decision_log()):
             if d.decision == "rollback" and d.version == self.current and d.to == champion:
@@ -298,13 +347,17 @@ class RolloutController:
                 self.registry.record(bad, "rollback-impossible", reason)
                 self.rollback_impossible = bad
             self.watch_since = None  # nothing left to do for this version
-            self._save()
+            self.save()
             return None
         self.registry.mark_rolled_back(bad, reason, to=to)
-        return self._switch(to, "rollback", reason)
+        return self.switch(to, "rollback", reason)
 
     def promote(self, version: int, reason: str = "manual promote") -> RolloutEvent:
         self.registry.set_champion(version, reason, decision="manual-promote")
+        self.paused_until = self.paused_reason = None  # an operator's choice ends a pause
+        if self.cfg.live == "canary" and self.deployed:  # ... and skips the canary trial
+            self.end_trial()
+            return self.switch(version, "rollout", reason)
         ev = self.step()
         if ev is None or ev.version != version or ev.kind == "rollback":
             raise RolloutError(
@@ -326,6 +379,11 @@ class RolloutController:
             "replicas": snap["replicas"],
             "versions": snap["versions"],
             "events": [e.__dict__ for e in self.events[-20:]],
+            "live": self.cfg.live,
+            "trial": live_trial.status(self.trial),
+            "baseline": self.baseline,
+            "paused_until": self.paused_until,
+            "paused_reason": self.paused_reason,
         }
 
     def run(self, stop: Any, path: Path | None = None) -> None:

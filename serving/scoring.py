@@ -13,6 +13,9 @@ import numpy as np
 import torch
 from fastapi import HTTPException
 
+from serving.api import RecommendRequest, ScoreRequest
+from serving.config import ServingConfig
+from serving.http_errors import limit_error
 from training.data import left_pad
 from training.model import Recommender
 from training.ranking import top_k_rows
@@ -56,6 +59,19 @@ class Ask:
     user_id: str | None
     want: int = 0  # candidates to rank for it (a /recommend), 0: scores only (a /score)
     exclude_seen: bool = True  # its history's items are never candidates
+
+
+def ask_of(req: RecommendRequest | ScoreRequest, cfg: ServingConfig) -> Ask:
+    """A request's share of a batch, its sent history checked against the limit first."""
+    if req.history is not None and len(req.history) > cfg.max_history:
+        raise limit_error(
+            ["body", "history"],
+            f"history has {len(req.history)} items; at most {cfg.max_history}",
+            "too_long",
+        )
+    if isinstance(req, RecommendRequest):
+        return Ask(req.history, req.user_id, max(req.k * 5, 50), req.exclude_seen)
+    return Ask(req.history, req.user_id)
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,7 @@ from training.registry_files import META, WEIGHTS, check_finite, mismatch
 from training.registry_log import (
     ChampionState,
     Decision,
+    LiveTrial,
     RegistryEntry,
     RegistryState,
     RolloutState,
@@ -104,6 +105,7 @@ __all__ = [
     "ChampionState",
     "ConcurrentRoundError",
     "Decision",
+    "LiveTrial",
     "LoadedVersion",
     "NonFiniteWeightsError",
     "Registry",

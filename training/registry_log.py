@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from training.sequential import SequentialState
+
 
 class VersionMeta(BaseModel):
     """``meta.json`` of a version. Extra keys (a round's metrics, configs, ...) are kept."""
@@ -78,7 +80,54 @@ class RolloutState(BaseModel):
         description="(version, Unix time) of the latest rollouts, once each served: how fresh "
         "the events a version first trained on were when they went live.",
     )
+    trial: LiveTrial | None = Field(
+        default=None, description="The live trial running now (rollout.live), if any."
+    )
+    baseline: int | None = Field(
+        default=None,
+        description="guard: the last live-verified version, the one the serving lineage is "
+        "interleaved with and rolled back to if it wins.",
+    )
+    baseline_since: float | None = Field(
+        default=None, description="Unix time the baseline became the baseline."
+    )
+    paused_until: float | None = Field(
+        default=None,
+        description="Unix time until which new champions are not rolled out (a guard rollback "
+        "paused promotions).",
+    )
+    paused_reason: str | None = Field(default=None, description="Why promotions are paused.")
     updated_at: float = Field(default_factory=time.time, description="Unix time of this state.")
+
+
+class LiveTrial(BaseModel):
+    """Two versions interleaved on live traffic and the sequential test between them.
+
+    Team "a" is the fixed side (guard: the baseline; canary: the serving champion), team "b" the
+    side that moves (guard: the serving champion; canary: the newest candidate): each new version
+    of b's lineage joins the trial and its impressions are pooled with its predecessors'.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="Unique id; interleaved answers carry it, clicks credit it.")
+    mode: Literal["guard", "canary"] = Field(description="Which rollout.live mode started it.")
+    a: int = Field(description="Version of team a, the fixed side.")
+    b: int = Field(description="Newest version of team b's lineage.")
+    b_versions: list[int] = Field(description="Every version team b has had, oldest first.")
+    share: float = Field(ge=0, le=1, description="Share of /recommend answers interleaved.")
+    started_at: float = Field(default_factory=time.time, description="Unix time it started.")
+    test: SequentialState = Field(
+        default_factory=SequentialState, description="Impressions counted and the test's state."
+    )
+    counted: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="Per history shard, the (a wins, b wins, ties) already counted into the "
+        "test: a shard's running totals minus these are the impressions still to count.",
+    )
+
+
+RolloutState.model_rebuild()  # its ``trial`` names LiveTrial, defined after it
 
 
 class VersionRecord(BaseModel):

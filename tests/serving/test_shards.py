@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from serving.clicks import CLICK_WINDOW_S, ClickBook
+from serving.clicks import CLICK_WINDOW_S, ClickBook, Served
 from serving.config import ServingConfig
 from serving.history_feed import ChangeLog
 from serving.history_shard import HistoryShard, _covered, _flatten
@@ -105,7 +105,7 @@ def test_an_index_is_used_only_if_the_buffer_holds_everything_after_it() -> None
 
 def test_clicks_credit_the_version_that_served_the_item_once() -> None:
     book = ClickBook()
-    book.record_served({"u": ("3", ["a", "b"]), "w": ("4", ["c"])}, now=1000.0)
+    book.record_served({"u": Served(["a", "b"], "3"), "w": Served(["c"], "4")}, now=1000.0)
     book.on_event("u", "a", "click", now=1001.0)
     book.on_event("u", "a", "purchase", now=1002.0)  # the same served item: one click
     book.on_event("u", "b", "view", now=1003.0)  # not an engagement
@@ -116,8 +116,8 @@ def test_clicks_credit_the_version_that_served_the_item_once() -> None:
 
 def test_answers_past_the_click_window_are_forgotten() -> None:
     book = ClickBook()
-    book.record_served({"old": ("1", ["a"])}, now=0.0)
-    book.record_served({"new": ("1", ["b"])}, now=CLICK_WINDOW_S - 1)
+    book.record_served({"old": Served(["a"], "1")}, now=0.0)
+    book.record_served({"new": Served(["b"], "1")}, now=CLICK_WINDOW_S - 1)
     book.forget(now=CLICK_WINDOW_S + 1)
     assert list(book.served) == ["new"]
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from serving.sequential import (
+from training.sequential import (
     SequentialConfig,
     SequentialState,
     decision_of,

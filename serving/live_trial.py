@@ -1,0 +1,188 @@
+"""The rollout controller's live trials (``rollout.live``): start them, count them, act on them.
+
+A trial interleaves two versions on a share of ``/recommend`` answers (``serving.live_answer``);
+the history shards settle each interleaved impression into a win for a, for b or a tie
+(``serving.clicks``); here the controller adds the shards' new outcomes to the trial's
+sequential test (``training.sequential``) and acts once it decides:
+
+* ``guard``: team a is the baseline, the last live-verified version; team b the serving
+  champion, pooled across the champions that follow each other. b worse: roll back to the
+  baseline, pause promotions for ``pause_s`` and record why. b better, or ``live_max_impressions``
+  without a decision, once the baseline is ``baseline_age_s`` old: the serving version is
+  verified and becomes the baseline.
+* ``canary``: team a is the serving version; team b the new champion, which is not rolled out.
+  b better: roll it out. b worse: discard it (the champion goes back to a). A newer champion
+  meanwhile joins team b, its impressions pooled with its predecessors'.
+
+The trial lives in the registry's rollout state (``LiveTrial``), so a restarted controller goes
+on with it, and the replicas read it there with the serving version.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Literal
+
+from training.registry import LiveTrial
+
+if TYPE_CHECKING:
+    from serving.rollout import RolloutController, RolloutEvent
+
+log = logging.getLogger(__name__)
+
+
+def new_trial(
+    ctl: RolloutController, mode: Literal["guard", "canary"], a: int, b: int
+) -> LiveTrial:
+    trial = LiveTrial(
+        id=uuid.uuid4().hex[:12], mode=mode, a=a, b=b, b_versions=[b], share=ctl.cfg.live_share
+    )
+    log.info("live trial %s (%s): v%d (a) against v%d (b)", trial.id, mode, a, b)
+    return trial
+
+
+def join_lineage(trial: LiveTrial, version: int) -> None:
+    """A newer version of team b's lineage takes b's place; its impressions pool with the rest."""
+    if version != trial.b and version not in trial.b_versions:
+        trial.b = version
+        trial.b_versions.append(version)
+
+
+def count(ctl: RolloutController, trial: LiveTrial) -> bool:
+    """Add the shards' newly settled impressions to the test; True if anything was added."""
+    import ray
+
+    per_shard: dict[str, list[int]] = ray.get(ctl.context.trial_counts.remote(trial.id))
+    new = [0, 0, 0]
+    for shard, totals in per_shard.items():
+        before = trial.counted.get(shard, [0, 0, 0])
+        # a restarted shard counts from zero again: all it has now is new
+        delta = (
+            totals
+            if any(t < b for t, b in zip(totals, before, strict=True))
+            else [t - b for t, b in zip(totals, before, strict=True)]
+        )
+        new = [n + d for n, d in zip(new, delta, strict=True)]
+        trial.counted[shard] = list(totals)
+    if not any(new):
+        return False
+    a_wins, b_wins, ties = new
+    trial.test = trial.test.record_counts(b_wins, a_wins, ties, ctl.cfg.live_test)
+    return True
+
+
+def figures(trial: LiveTrial) -> str:
+    t = trial.test
+    pooled = ", ".join(f"v{v}" for v in trial.b_versions)
+    return (
+        f"{t.impressions} impressions: b won {t.wins}, a won {t.losses}, {t.ties} ties; "
+        f"log LR {t.log_lr:.2f}; a = v{trial.a}, b = the lineage {pooled} (pooled)"
+    )
+
+
+def step(ctl: RolloutController, champion: int | None) -> tuple[bool, RolloutEvent | None]:
+    """One look at the live trial. Returns (handled, event): ``handled`` means the controller
+    must not roll the champion out on its own this step (canary keeps it on trial)."""
+    if ctl.current is None:
+        return False, None
+    if ctl.cfg.live == "canary":
+        return _canary(ctl, champion)
+    return False, _guard(ctl)
+
+
+def _canary(ctl: RolloutController, champion: int | None) -> tuple[bool, RolloutEvent | None]:
+    from serving.rollout import RolloutEvent
+
+    trial, current = ctl.trial, ctl.current
+    assert current is not None
+    if trial is None or trial.mode != "canary":
+        if (champion is None or champion == current or ctl.manual_rollback(champion)
+                or ctl.manually_promoted(champion)):  # fmt: skip
+            return False, None
+        ctl.trial = new_trial(ctl, "canary", current, champion)
+        ctl.save_and_announce()
+        return True, ctl.emit(RolloutEvent("trial", champion, figures(ctl.trial), 0.0))
+    if champion == trial.a or trial.a != current:  # rolled back or moved by hand: trial over
+        ctl.end_trial()
+        return False, None
+    if champion is not None and champion > trial.b:
+        join_lineage(trial, champion)
+        ctl.save_and_announce()
+    if not count(ctl, trial):
+        return True, None
+    decision = trial.test.decision
+    if decision == "continue":
+        ctl.save()
+        return True, None
+    why = f"live trial {trial.id}: {decision.replace('_', ' ')} ({figures(trial)})"
+    ctl.registry.record(trial.b, f"live-{decision}", why)
+    ctl.end_trial()
+    if decision == "b_better":
+        return True, ctl.switch(trial.b, "rollout", why)
+    ctl.registry.mark_rolled_back(trial.b, why, to=trial.a)
+    return True, ctl.emit(RolloutEvent("discard", trial.b, why, 0.0))
+
+
+def _guard(ctl: RolloutController) -> RolloutEvent | None:
+    now, current = time.time(), ctl.current
+    assert current is not None
+    if ctl.baseline is None:
+        ctl.baseline, ctl.baseline_since = current, now
+        ctl.save()
+    trial = ctl.trial
+    if trial is not None and (trial.mode != "guard" or trial.a != ctl.baseline):
+        ctl.end_trial()
+        trial = None
+    if current == ctl.baseline:
+        if trial is not None:
+            ctl.end_trial()
+        return None
+    if trial is None:
+        ctl.trial = trial = new_trial(ctl, "guard", ctl.baseline, current)
+        ctl.save_and_announce()
+    join_lineage(trial, current)
+    if not count(ctl, trial):
+        return None
+    old_enough = now - (ctl.baseline_since or now) >= ctl.cfg.baseline_age_s
+    if trial.test.decision == "b_worse":
+        return _guard_rollback(ctl, trial)
+    if old_enough and (trial.test.decision == "b_better"
+                       or trial.test.impressions >= ctl.cfg.live_max_impressions):  # fmt: skip
+        why = f"live-verified by trial {trial.id} ({figures(trial)})"
+        ctl.registry.record(current, "live-verified", why)
+        log.info("v%d %s", current, why)
+        ctl.baseline, ctl.baseline_since = current, now
+        ctl.end_trial()
+        return None
+    ctl.save()
+    return None
+
+
+def _guard_rollback(ctl: RolloutController, trial: LiveTrial) -> RolloutEvent:
+    why = f"live trial {trial.id}: the baseline v{trial.a} won ({figures(trial)})"
+    champion = ctl.registry.champion()
+    # the champion may already be a newer version of the lineage than the one serving
+    bad = champion if champion is not None and champion > trial.a else trial.b
+    ctl.registry.record(bad, "live-b_worse", why)
+    ctl.registry.mark_rolled_back(bad, why, to=trial.a)
+    ctl.paused_until, ctl.paused_reason = time.time() + ctl.cfg.pause_s, why
+    ctl.end_trial()
+    return ctl.switch(trial.a, "rollback", why)
+
+
+def status(trial: LiveTrial | None) -> dict[str, Any] | None:
+    if trial is None:
+        return None
+    return {
+        "id": trial.id,
+        "mode": trial.mode,
+        "a": trial.a,
+        "b": trial.b,
+        "b_versions": trial.b_versions,
+        "share": trial.share,
+        "started_at": trial.started_at,
+        **trial.test.model_dump(),
+        "impressions": trial.test.impressions,
+    }

@@ -1,0 +1,109 @@
+"""A live trial's pieces without a cluster: the interleaved answer a replica builds from two
+versions, and how the click side turns an interleaved impression into one outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from serving.clicks import SETTLE_S, ClickBook, Served
+from serving.live_answer import interleave, other_version, ranked
+from serving.scoring import Ask, Loaded, Scored, as_loaded, score_asks
+from training.config import ModelConfig
+from training.model import Recommender
+from training.registry import LiveTrial
+from training.vocab import ItemVocab
+
+ITEMS = [f"i{n}" for n in range(1, 60)]
+
+
+def _version(v: int, seed: int) -> Loaded:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(max_len=8, d_model=16, n_layers=1, n_heads=2, text_init=False)
+    vocab = ItemVocab(ITEMS)
+    model = Recommender(cfg, len(vocab))
+    model.eval()
+    return as_loaded(v, model, vocab, torch.arange(len(vocab), dtype=torch.float32))
+
+
+async def _no_histories(users: list[str]) -> list[list[str]]:
+    return [[] for _ in users]
+
+
+def _scored(m: Loaded, history: list[str], k: int) -> Scored:
+    ask = Ask(history, None, max(k * 5, 50), exclude_seen=True)
+    return asyncio.run(score_asks(m, [ask], _no_histories))[0]
+
+
+TRIAL = LiveTrial(id="t1", mode="canary", a=3, b=5, b_versions=[5], share=1.0)
+
+
+def test_a_replica_plays_the_version_it_serves_against_the_other() -> None:
+    assert other_version(TRIAL, 3) == 5  # serving a: load b's newest
+    assert other_version(TRIAL, 5) == 3
+    assert other_version(TRIAL, 9) == 3  # a newer serving version plays b against a
+
+
+@pytest.mark.parametrize("diversity", [0.0, 0.5])
+def test_interleaved_answer_keeps_k_exclusion_and_each_versions_own_order(
+    diversity: float,
+) -> None:
+    a, b = _version(3, 0), _version(5, 1)
+    history = ITEMS[:6]
+    k = 10
+    got_a, got_b = _scored(a, history, k), _scored(b, history, k)
+    answer, served = interleave(TRIAL, got_b, got_a, k, diversity, random.Random(7))
+    ids = [it.item_id for it in answer]
+    assert len(ids) == k == len(set(ids))
+    assert not set(ids) & set(history)  # seen items stay excluded
+    assert served.trial == "t1" and served.version == "3" and served.other == "5"
+    assert served.items == ids and len(served.teams) == k
+    own = {"a": [i.item_id for i in ranked(got_a, k, diversity)],
+           "b": [i.item_id for i in ranked(got_b, k, diversity)]}  # fmt: skip
+    for team, version in (("a", 3), ("b", 5)):
+        mine = [it for it, t in zip(answer, served.teams, strict=True) if t == team]
+        assert all(it.version == version for it in mine)
+        # each team's items appear in that version's own order, each from its own top k
+        positions = [own[team].index(it.item_id) for it in mine]
+        assert positions == sorted(positions)
+    counts = {t: served.teams.count(t) for t in "ab"}
+    assert abs(counts["a"] - counts["b"]) <= 1  # team draft keeps the teams even
+
+
+def test_the_plain_answer_names_no_version_per_item() -> None:
+    got = _scored(_version(3, 0), ITEMS[:3], 5)
+    assert all(it.version is None for it in ranked(got, 5, 0.0))
+
+
+def _interleaved(items: str, teams: str, trial: str = "t1") -> Served:
+    return Served(list(items), "3", trial, teams, "5")
+
+
+def test_an_impression_settles_once_into_team_drafts_outcome() -> None:
+    book = ClickBook()
+    book.record_served({"u": _interleaved("xyzw", "abab"), "v": _interleaved("xyzw", "abab"),
+                        "w": _interleaved("xyzw", "baab")}, now=0.0)  # fmt: skip
+    book.on_event("u", "y", "click", now=1.0)  # b's item
+    book.on_event("v", "x", "purchase", now=1.0)  # a's, and b's: a tie
+    book.on_event("v", "y", "click", now=2.0)
+    # per-version click-through credits the contributing version
+    assert book.totals(["3", "5"]) == {"3": (6, 1), "5": (6, 2)}
+    assert book.trial_counts("t1", now=1.0) == [0, 0, 0]  # nothing settled yet
+    book.record_served({"u": Served(["q"], "3")}, now=5.0)  # u moved on: settled
+    assert book.trial_counts("t1", now=5.0) == [0, 1, 0]
+    book.on_event("u", "w", "click", now=6.0)  # u's old answer is gone: no effect
+    book.on_event("v", "z", "click", now=6.0)  # v's is still open: a leads 2-1
+    assert book.trial_counts("t1", now=SETTLE_S + 1) == [1, 1, 1]  # v: a 2-1; w: no click: tie
+    assert book.trial_counts("t1", now=SETTLE_S + 2) == [1, 1, 1]  # counted once
+    assert book.trial_counts("other", now=SETTLE_S + 2) == [0, 0, 0]
+
+
+def test_plain_answers_never_count_in_a_trial() -> None:
+    book = ClickBook()
+    book.record_served({"u": Served(["x", "y"], "3")}, now=0.0)
+    book.on_event("u", "x", "click", now=1.0)
+    book.record_served({"u": Served(["z"], "3")}, now=2.0)
+    assert book.trials == {}
