@@ -40,6 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.live_models import (
+    Catalog,
     Replay,
     Scored,
     copy_of,
@@ -130,8 +131,19 @@ def _log(msg: str, t0: float) -> None:
 def versions(
     cfg: LiveBenchConfig, replay: Replay, t0: float
 ) -> tuple[dict[str, Scored], dict[str, float]]:
-    """Train the champion, derive the other versions, score every version on every request;
-    and how each weaker version was made (noise scale, or epoch)."""
+    """Every version (``models``) scored on every request; and how each weaker version was
+    made (noise scale, or epoch)."""
+    models, catalog, knobs = build_models(cfg, replay, t0)
+    scored = {name: score(catalog.scorer(m), replay, cfg.k) for name, m in models.items()}
+    _log(f"{len(models)} versions ranked {len(replay.requests):,} requests", t0)
+    return scored, knobs
+
+
+def build_models(
+    cfg: LiveBenchConfig, replay: Replay, t0: float
+) -> tuple[dict[str, Recommender], Catalog, dict[str, float]]:
+    """Train the champion and derive the other versions; the catalog they rank; and how each
+    weaker version was made (noise scale, or epoch)."""
     model, catalog, earlier = train_champion(replay.inter, replay.cut, cfg.epochs, cfg.seed)
     _log(f"champion trained ({cfg.epochs} epochs on {replay.cut:,} events)", t0)
 
@@ -151,9 +163,7 @@ def versions(
     _log(f"weaker versions: { {k: round(d.knob, 4) for k, d in derived.items()} }", t0)
     models = {"champion": model, "shuffled": shuffled(model, cfg.seed + 3), "copy": copy_of(model)}
     models |= {name: d.model for name, d in derived.items()}
-    scored = {name: score(catalog.scorer(m), replay, cfg.k) for name, m in models.items()}
-    _log(f"{len(models)} versions ranked {len(replay.requests):,} requests", t0)
-    return scored, {name: d.knob for name, d in derived.items()}
+    return models, catalog, {name: d.knob for name, d in derived.items()}
 
 
 def _median(trials: list[Trial], cap: int) -> int | None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from services.running import Running
+    from training.registry import RolloutState
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,18 @@ class Gauges:
             if stop.wait(self.running.settings.supervisor.gauges_every_s):
                 return
 
+    def live(self, state: RolloutState) -> None:
+        """The live trial's figures (rollout.live), zeros when none runs."""
+        m = self.running.metrics
+        test = state.trial.test if state.trial is not None else None
+        for outcome, n in (("a_won", test.losses if test else 0),
+                           ("b_won", test.wins if test else 0),
+                           ("tie", test.ties if test else 0)):  # fmt: skip
+            m.gauge("live_trial", float(n), tags={"outcome": outcome})
+        m.gauge("live_log_lr", test.log_lr if test else 0.0)
+        paused = state.paused_until is not None and state.paused_until > time.time()
+        m.gauge("paused", 1.0 if paused else 0.0)
+
     def measure(self) -> None:
         from kafka.errors import KafkaError
 
@@ -48,6 +62,8 @@ class Gauges:
         if champion is not None:
             r.metrics.gauge("champion", float(champion))
         chosen = r.controller.current if r.controller is not None else None
-        serving = chosen or r.registry.rollout_state().serving or champion
+        state = r.registry.rollout_state()
+        serving = chosen or state.serving or champion
+        self.live(state)
         if serving is not None and serving in r.registry.versions():
             r.metrics.freshness(r.registry.meta(serving).get("data_max_ts"))

@@ -91,6 +91,23 @@ SPECS: dict[str, Spec] = {
         "streamtune_events_never_trained",
         "Events let go from the carry of rejected rounds: never trained on (dead letters apart).",
     ),
+    "live_trial": Spec(
+        "gauge",
+        "streamtune_live_trial_impressions",
+        "The running live trial's settled impressions by outcome (a_won, b_won, tie); 0 when no "
+        "trial runs (rollout.live).",
+        ("outcome",),
+    ),
+    "live_log_lr": Spec(
+        "gauge",
+        "streamtune_live_trial_log_lr",
+        "The running live trial's log mixture likelihood ratio (it decides at log(1/alpha)).",
+    ),
+    "paused": Spec(
+        "gauge",
+        "streamtune_promotions_paused",
+        "1 while a guard rollback holds new champions back (rollout.pause_s), else 0.",
+    ),
     "restarts": Spec(
         "counter",
         "streamtune_component_restarts",

@@ -5,7 +5,7 @@ the bookkeeping grows with users, so it scales out with them.
 
 An interleaved answer (a live trial's; see ``serving.interleaving``) also remembers which team
 contributed each position. Its clicks credit the contributing version's click-through, and once
-the impression is settled (the user was served again, or ``SETTLE_S`` passed) team draft's rule
+the impression is settled (the user was served again, or ``settle_s`` passed) team draft's rule
 turns its clicks into one outcome, a win for a, for b or a tie, counted per trial.
 """
 
@@ -20,9 +20,9 @@ from serving.version_stats import VersionStats, forget_versions
 ENGAGED = {"click", "cart", "purchase"}
 CLICK_WINDOW_S = 600.0
 FORGET_EVERY_S = 60.0
-# An interleaved impression's outcome is final after this long: the click model of the live
-# trials credits engagement within the next few events, which in live traffic come within
-# minutes; waiting the whole click window would delay every decision by ten minutes.
+# By default an interleaved impression's outcome is final after this long (``settle_s``): the
+# engagement a trial counts comes within a user's next few events, minutes in live traffic;
+# waiting the whole click window would delay every decision by ten minutes.
 SETTLE_S = 120.0
 TRIALS_KEPT = 50  # trials whose tallies a shard keeps (the controller reads the running one)
 
@@ -58,7 +58,8 @@ class _Impression:
 
 
 class ClickBook:
-    def __init__(self) -> None:
+    def __init__(self, settle_s: float = SETTLE_S) -> None:
+        self.settle_s = settle_s
         # user -> the user's latest answer, oldest report first
         self.served: OrderedDict[str, _Impression] = OrderedDict()
         self.stats: dict[str, VersionStats] = {}
@@ -116,8 +117,8 @@ class ClickBook:
 
     def trial_counts(self, trial: str, now: float) -> list[int]:
         """(a wins, b wins, ties) of ``trial``'s impressions settled so far; first settles the
-        ones served more than ``SETTLE_S`` ago."""
-        while self.unsettled and self.unsettled[0].at < now - SETTLE_S:
+        ones served more than ``settle_s`` ago."""
+        while self.unsettled and self.unsettled[0].at < now - self.settle_s:
             self._settle(self.unsettled.popleft())
         return list(self.trials.get(trial, [0, 0, 0]))
 

@@ -110,6 +110,13 @@ class ServingConfig(StrictConfig):
         description="A custom resource only the nodes meant for replicas have (e.g. the worker "
         "nodes'); replicas then never land on the head. None = anywhere.",
     )
+    settle_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="A live trial's interleaved answer counts as won, lost or tied once the user "
+        "is served again or this many seconds have passed: the clicks that decide it arrive by "
+        "then (longer waits for late clicks; shorter decides sooner).",
+    )
     api_key: SecretStr | None = Field(
         default=None, description="If set, requests must send it in the X-API-Key header."
     )

@@ -72,7 +72,7 @@ class HistoryShard:
         self._changed = threading.Condition(self.lock)
         cap = self.cfg.history_users
         self.history = HistoryStore(self.cfg.history_len, cap // shards + 1 if cap else None)
-        self.clicks = ClickBook()
+        self.clicks = ClickBook(self.cfg.settle_s)
         self.events_seen = 0
         self.last_event_at: float | None = None
         self.tail_error: str | None = None

@@ -73,6 +73,14 @@ def count(ctl: RolloutController, trial: LiveTrial) -> bool:
     return True
 
 
+def tally(trial: LiveTrial) -> dict[str, Any]:
+    """A decision's figures, recorded with it in the decision log."""
+    t = trial.test
+    return {"trial": trial.id, "a": trial.a, "b_versions": trial.b_versions,
+            "impressions": t.impressions, "decided_at": t.decided_at, "b_won": t.wins,
+            "a_won": t.losses, "ties": t.ties, "log_lr": round(t.log_lr, 3)}  # fmt: skip
+
+
 def figures(trial: LiveTrial) -> str:
     t = trial.test
     pooled = ", ".join(f"v{v}" for v in trial.b_versions)
@@ -117,7 +125,7 @@ def _canary(ctl: RolloutController, champion: int | None) -> tuple[bool, Rollout
         ctl.save()
         return True, None
     why = f"live trial {trial.id}: {decision.replace('_', ' ')} ({figures(trial)})"
-    ctl.registry.record(trial.b, f"live-{decision}", why)
+    ctl.registry.record(trial.b, f"live-{decision}", why, **tally(trial))
     ctl.end_trial()
     if decision == "b_better":
         return True, ctl.switch(trial.b, "rollout", why)
@@ -151,7 +159,7 @@ def _guard(ctl: RolloutController) -> RolloutEvent | None:
     if old_enough and (trial.test.decision == "b_better"
                        or trial.test.impressions >= ctl.cfg.live_max_impressions):  # fmt: skip
         why = f"live-verified by trial {trial.id} ({figures(trial)})"
-        ctl.registry.record(current, "live-verified", why)
+        ctl.registry.record(current, "live-verified", why, **tally(trial))
         log.info("v%d %s", current, why)
         ctl.baseline, ctl.baseline_since = current, now
         ctl.end_trial()
@@ -165,7 +173,7 @@ def _guard_rollback(ctl: RolloutController, trial: LiveTrial) -> RolloutEvent:
     champion = ctl.registry.champion()
     # the champion may already be a newer version of the lineage than the one serving
     bad = champion if champion is not None and champion > trial.a else trial.b
-    ctl.registry.record(bad, "live-b_worse", why)
+    ctl.registry.record(bad, "live-b_worse", why, **tally(trial))
     ctl.registry.mark_rolled_back(bad, why, to=trial.a)
     ctl.paused_until, ctl.paused_reason = time.time() + ctl.cfg.pause_s, why
     ctl.end_trial()
