@@ -26,6 +26,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Literal
 
 from training.registry import LiveTrial
+from training.sequential import SequentialConfig
 
 if TYPE_CHECKING:
     from serving.rollout import RolloutController, RolloutEvent
@@ -55,21 +56,24 @@ def count(ctl: RolloutController, trial: LiveTrial) -> bool:
     import ray
 
     per_shard: dict[str, list[int]] = ray.get(ctl.context.trial_counts.remote(trial.id))
+    return add_counts(trial, per_shard, ctl.cfg.live_test)
+
+
+def add_counts(trial: LiveTrial, per_shard: dict[str, list[int]], cfg: SequentialConfig) -> bool:
+    """Each shard's running (a wins, b wins, ties) minus what was counted from it before, into
+    the test; True if anything was added."""
     new = [0, 0, 0]
     for shard, totals in per_shard.items():
         before = trial.counted.get(shard, [0, 0, 0])
         # a restarted shard counts from zero again: all it has now is new
-        delta = (
-            totals
-            if any(t < b for t, b in zip(totals, before, strict=True))
-            else [t - b for t, b in zip(totals, before, strict=True)]
-        )
+        restarted = any(t < b for t, b in zip(totals, before, strict=True))
+        delta = totals if restarted else [t - b for t, b in zip(totals, before, strict=True)]
         new = [n + d for n, d in zip(new, delta, strict=True)]
         trial.counted[shard] = list(totals)
     if not any(new):
         return False
     a_wins, b_wins, ties = new
-    trial.test = trial.test.record_counts(b_wins, a_wins, ties, ctl.cfg.live_test)
+    trial.test = trial.test.record_counts(b_wins, a_wins, ties, cfg)
     return True
 
 

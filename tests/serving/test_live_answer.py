@@ -11,10 +11,12 @@ import torch
 
 from serving.clicks import SETTLE_S, ClickBook, Served
 from serving.live_answer import interleave, other_version, ranked
+from serving.live_trial import add_counts, join_lineage
 from serving.scoring import Ask, Loaded, Scored, as_loaded, score_asks
 from training.config import ModelConfig
 from training.model import Recommender
 from training.registry import LiveTrial
+from training.sequential import SequentialConfig
 from training.vocab import ItemVocab
 
 ITEMS = [f"i{n}" for n in range(1, 60)]
@@ -107,3 +109,31 @@ def test_plain_answers_never_count_in_a_trial() -> None:
     book.on_event("u", "x", "click", now=1.0)
     book.record_served({"u": Served(["z"], "3")}, now=2.0)
     assert book.trials == {}
+
+
+def test_shard_counts_add_only_what_is_new_and_survive_a_shard_restart() -> None:
+    trial = TRIAL.model_copy(deep=True)
+    cfg = SequentialConfig()
+    assert add_counts(trial, {"0": [2, 1, 5], "1": [0, 3, 1]}, cfg)
+    assert (trial.test.losses, trial.test.wins, trial.test.ties) == (2, 4, 6)
+    assert not add_counts(trial, {"0": [2, 1, 5], "1": [0, 3, 1]}, cfg)  # nothing new
+    # shard 1 restarted (its totals went down): what it has now is all new
+    assert add_counts(trial, {"0": [3, 1, 5], "1": [0, 1, 0]}, cfg)
+    assert (trial.test.losses, trial.test.wins, trial.test.ties) == (3, 5, 6)
+
+
+def test_b_s_lineage_pools_each_newer_version_once() -> None:
+    trial = TRIAL.model_copy(deep=True)
+    for v in (6, 6, 9):
+        join_lineage(trial, v)
+    assert trial.b == 9 and trial.b_versions == [5, 6, 9]
+
+
+def test_a_losing_streak_decides_b_worse_at_alpha() -> None:
+    trial = TRIAL.model_copy(deep=True)
+    cfg = SequentialConfig()
+    for n in range(1, 40):
+        add_counts(trial, {"0": [n, 0, 0]}, cfg)
+        if trial.test.decision != "continue":
+            break
+    assert trial.test.decision == "b_worse" and trial.test.decided_at == 16
