@@ -10,6 +10,11 @@ the carry: the spans it carried are the ones it first trained on.
 The carry is bounded (``replay.carry_max_examples``): past it the oldest rejected rounds are let
 go whole and reported as ``dropped`` spans, counted as never trained on. Persisted as safetensors
 + JSON, no pickle.
+
+A promoted version keeps what it trained on for the first time the same way (``TRAINED``): if
+serving later rolls the champion back past it (a live trial's guard, a click-through rollback, by
+hand), its events are in no live version's weights any more, and the next round carries them
+like a rejected round's (``merge``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from training.data import Examples
 
 NAME = "carry"
+TRAINED = "trained"  # a promoted version's examples, carried again if it is rolled back
 
 
 @dataclass
@@ -60,23 +66,43 @@ class Carry:
             self.examples = self.examples.take(keep)
         return dropped
 
-    def save(self, directory: Path) -> list[Path]:
+    def merge(self, other: Carry) -> int:
+        """Add ``other``'s spans that this carry lacks (with their examples), uncapped: the cap
+        applies when a round is rejected. Returns the events added."""
+        have = {_span_key(s) for s in self.spans}
+        start, added = 0, 0
+        for span, size in zip(other.spans, other.sizes, strict=True):
+            if _span_key(span) not in have:
+                rows = np.arange(start, start + size)
+                self.examples = self.examples.concat(other.examples.take(rows))
+                self.spans.append(span)
+                self.sizes.append(size)
+                added += int(span.get("events", 0))
+            start += size
+        return added
+
+    def save(self, directory: Path, name: str = NAME) -> list[Path]:
         tensors = {
             "inputs": torch.from_numpy(np.ascontiguousarray(self.examples.inputs)),
             "targets": torch.from_numpy(np.ascontiguousarray(self.examples.targets)),
         }
-        save_file(tensors, str(directory / f"{NAME}.safetensors"))
+        save_file(tensors, str(directory / f"{name}.safetensors"))
         state = {"spans": self.spans, "sizes": self.sizes}
-        (directory / f"{NAME}.json").write_text(json.dumps(state))
-        return [directory / f"{NAME}.safetensors", directory / f"{NAME}.json"]
+        (directory / f"{name}.json").write_text(json.dumps(state))
+        return [directory / f"{name}.safetensors", directory / f"{name}.json"]
 
     @staticmethod
-    def exists(directory: Path | None) -> bool:
-        return directory is not None and (directory / f"{NAME}.json").exists()
+    def exists(directory: Path | None, name: str = NAME) -> bool:
+        return directory is not None and (directory / f"{name}.json").exists()
 
     @classmethod
-    def load(cls, directory: Path) -> Carry:
-        state = json.loads((directory / f"{NAME}.json").read_text())
-        tensors = load_file(str(directory / f"{NAME}.safetensors"))
+    def load(cls, directory: Path, name: str = NAME) -> Carry:
+        state = json.loads((directory / f"{name}.json").read_text())
+        tensors = load_file(str(directory / f"{name}.safetensors"))
         ex = Examples(tensors["inputs"].numpy(), tensors["targets"].numpy())
         return cls(ex, list(state["spans"]), [int(n) for n in state["sizes"]])
+
+
+def _span_key(span: dict[str, Any]) -> str:
+    """A span's identity: where in the stream it starts and ends."""
+    return json.dumps([span.get("after"), span.get("upto")], sort_keys=True)

@@ -13,15 +13,18 @@ a restart or a new registry at the same path read from storage again).
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
-from training.carry import Carry
+from training.carry import TRAINED, Carry
 from training.config import ModelConfig
 from training.questions import RecentQuestions
 from training.registry import LoadedVersion, Registry, VersionContent
 from training.replay import Reservoir
 from training.vocab import ItemVocab
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,6 +75,21 @@ def keep(registry: Registry, lineage: Lineage, settings: str) -> None:
         _kept = (key, lineage)
 
 
+def rolled_back(registry: Registry, champion: int, base: int, carry: Carry) -> None:
+    """Into ``carry``: the examples of versions after the champion that were promoted (so they
+    kept what they trained on) and are no longer the champion's: rolled back past. Their events
+    are in no serving version's weights now; the next round trains them again."""
+    for v in registry.versions():
+        # the meta first: a rejected version has no such file, and on an object store
+        # ``path`` downloads the whole version
+        if champion < v <= base and registry.meta(v).get("decision") == "promote":
+            d = registry.path(v)
+            if Carry.exists(d, TRAINED):
+                added = carry.merge(Carry.load(d, TRAINED))
+                if added:
+                    log.info("carrying v%d's %d events forward: rolled back past", v, added)
+
+
 def read(
     registry: Registry,
     base: int | None,
@@ -95,6 +113,8 @@ def read(
         d = registry.path(base)
     # Whether a carry applies (only with a champion to train it from) is the round's to say.
     carry = Carry.load(d) if d is not None and Carry.exists(d) else Carry.empty(max_len)
+    if champion is not None and base is not None:
+        rolled_back(registry, champion, base, carry)
     return Lineage(
         base=base,
         champion=champ,

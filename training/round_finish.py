@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from training import lineage
-from training.carry import Carry
+from training.carry import TRAINED, Carry
 from training.config import ReplayConfig
 from training.data import holdout_as_examples
 from training.errors import NonFiniteWeightsError
@@ -126,6 +126,7 @@ class Settled:
     carried_events: int
     carry: Carry  # what the next round trains on again
     popularity: list[int]
+    first_trained: Carry | None = None  # promoted: its examples, kept in case of a rollback
 
 
 def _ts_quantiles(table: pa.Table) -> list[int]:
@@ -154,8 +155,12 @@ def settle(
     carry = ex.carry
     carried_events = carry.events
     spans = [*carry.spans, own_span]
+    first_trained = None
     if promote:
         trained, dropped = spans, []
+        first_trained = Carry(
+            carry.examples.concat(ex.new_ex), spans, [*carry.sizes, len(ex.new_ex)]
+        )
         carry = Carry.empty(p.mcfg.max_len)
     else:
         trained = []
@@ -165,7 +170,7 @@ def settle(
     state.probes.add(holdout_as_examples(ex.new_hold))
     state.recent.add(q.own_hold)
     popularity = _popularity(state.popularity, state.vocab, inp.new)
-    return Settled(spans, trained, dropped, carried_events, carry, popularity)
+    return Settled(spans, trained, dropped, carried_events, carry, popularity, first_trained)
 
 
 def _files(p: Plan, ex: RoundExamples, t: Trained, s: Settled) -> Any:
@@ -180,6 +185,8 @@ def _files(p: Plan, ex: RoundExamples, t: Trained, s: Settled) -> Any:
         p.history.extended(ex.new_seqs).save(d, p.base_dir)
         if len(s.carry):
             s.carry.save(d)
+        if s.first_trained is not None and len(s.first_trained):
+            s.first_trained.save(d, TRAINED)
 
     return write
 

@@ -142,3 +142,29 @@ def test_a_round_without_new_events_trains_the_carry_alone(
     assert _rows(carried) <= _rows(r.seen[-1]) and len(r.seen[-1]) > len(carried)  # + replay
     assert [s["upto"] for s in tail.trained] == [{"events:0": 1600}, {"events:0": 1600}]
     assert r.reg.meta(tail.version)["watermark"] == {"events:0": 1600}
+
+
+def test_a_rolled_back_versions_events_are_carried_by_the_next_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serving rolls the champion back past two promoted versions (a live trial's guard, say):
+    their events are in no live version's weights now. The next round, from the older champion,
+    trains them again with its own; a round after that does not add them twice."""
+    r = Rounds(tmp_path, monkeypatch)
+    r.run(1200, promote=True)  # v1: the baseline
+    r.run(300, promote=True)  # v2
+    own_2 = r.seen[-1]
+    r.run(300, promote=False)  # v3, rejected: carried by v4
+    r.run(300, promote=True)  # v4 trained v3's and its own
+    trained_4 = r.seen[-1]
+    r.reg.mark_rolled_back(4, "the baseline won the live trial", to=1)
+    assert r.reg.champion() == 1
+    fifth = r.run(200, promote=False)  # v5 from v1: carries v2's, v3's, v4's events and its own
+    seen_5 = r.seen[-1]
+    assert _rows(own_2) <= _rows(seen_5) and _rows(trained_4) <= _rows(seen_5)
+    assert fifth.carried_events == 900
+    sixth = r.run(200, promote=True)  # v6: the carry once, not the rolled-back versions again
+    assert sixth.carried_events == 1100  # 2,000 if the rolled-back versions came in again
+    assert _rows(seen_5) <= _rows(r.seen[-1])
+    uptos = [s["upto"]["events:0"] for s in sixth.trained]
+    assert uptos == sorted(set(uptos)) == [1500, 1800, 2100, 2300, 2500], uptos
