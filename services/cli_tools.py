@@ -89,7 +89,7 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         table of trials. Runs its own local Ray (tune.cpus CPUs), beside any running `up`."""
         from streams.buffer import EventBuffer
         from training.evaluation import load_table
-        from training.tune import search_events
+        from training.tune import SearchError, search_events
         from training.tune_result import search_table
 
         s = settings_of(ctx)
@@ -99,8 +99,12 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         cfg = s.tune
         if budget_cpu_minutes is not None:
             cfg = cfg.model_copy(update={"budget_cpu_minutes": budget_cpu_minutes})
-        result = search_events(table, s.model, s.trainer, cfg, first)
-        console.print(search_table(result))
+        try:
+            result = search_events(table, s.model, s.trainer, cfg, first)
+        except SearchError as err:
+            console.print(f"[red]{err}[/red]")
+            raise typer.Exit(1) from None
+        Console(width=max(console.width, 150)).print(search_table(result))  # 13 columns
         console.print(f"winner {result.best.trial_id}: {result.best.recipe}; table {result.save()}")
 
     @app.command(
