@@ -109,7 +109,7 @@ def one_seed(inter: Interactions, seed: int, tcfg: TuneConfig, t0: float,
     console.print(search_table(result))
     saved = result.save()
     winner = load_winner(result)
-    return {
+    out = {
         "seed": seed,
         "fixed_test_ndcg10": test_ndcg(ModelScorer(fixed.model, fixed.vocab, inter.item_ids)),
         "fixed_valid_ndcg10": round(fixed.valid_ndcg10, 4),
@@ -127,6 +127,8 @@ def one_seed(inter: Interactions, seed: int, tcfg: TuneConfig, t0: float,
         "search_over_fixed_s": round(search_s / fixed_s, 2),
         "table": str(saved),
     }
+    log(f"seed {seed}: {json.dumps(out)}", t0)  # a run cut short keeps its finished seeds
+    return out
 
 
 def summary(runs: list[dict[str, Any]], title: str) -> Table:
