@@ -270,9 +270,9 @@ class RolloutController:
 
     def _paused(self, champion: int) -> bool:
         """Promotions paused by a guard rollback: the champion waits (logged once per version)."""
-        if self.paused_until is None or self.manually_promoted(champion):
+        if self.paused_until is None:
             return False
-        if time.time() >= self.paused_until:
+        if time.time() >= self.paused_until or self.manually_promoted(champion):
             self.paused_until = self.paused_reason = None
             self.save()
             return False

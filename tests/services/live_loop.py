@@ -1,11 +1,49 @@
 """What the live tests share: a short loop's settings (small model, own topics and consumer groups
-on the session broker), for a test that starts ingest, Ray and Serve and drives rounds itself."""
+on the session broker), and ``running_loop``, which starts ingest, Ray and Serve with them for a
+test that drives rounds itself, and stops everything after."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import ray
+
+from services.runtime import Running, start
+from services.settings import load_settings
+from services.stopping import stop_threads
+from streams.admin import ensure_topics
 from streams.config import KafkaConfig
+
+
+@contextmanager
+def running_loop(env: dict[str, str], **ray_init: Any) -> Iterator[Running]:
+    """`up`'s components (ingest, the loop, serving with HTTP) on a local Ray, with ``env`` set
+    while they run; ``ray_init``: options for ``ray.init`` beyond the defaults."""
+    old = dict(os.environ)
+    os.environ.update(env)
+    try:
+        s = load_settings()
+        ensure_topics(s.kafka, s.topics)
+        ray.init(**{"num_cpus": 4, "include_dashboard": False, "log_to_driver": False,
+                    **ray_init})  # fmt: skip
+        running = start(s, serve_http=True)
+        try:
+            yield running
+        finally:
+            # Every thread that calls Ray ends before Ray does (a gauge set under ray.shutdown
+            # segfaults).
+            stop_threads(running)
+            from ray import serve
+
+            serve.shutdown()
+            ray.shutdown()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
 
 
 def small_env(

@@ -13,19 +13,15 @@ from typing import Any
 
 import httpx
 import pytest
-import ray
 from typer.testing import CliRunner
 
 from services.cli import app
-from services.runtime import Running, start
-from services.settings import Settings, load_settings
-from services.stopping import stop_threads
-from streams.admin import ensure_topics
+from services.runtime import Running
 from streams.broker import free_port
 from streams.config import KafkaConfig
 from streams.datasets import DriftSpec, synthetic_drift
 from streams.producer import replay
-from tests.services.live_loop import small_env
+from tests.services.live_loop import running_loop, small_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -54,21 +50,8 @@ def system(
 ) -> Iterator[tuple[Running, dict[str, str]]]:
     state = tmp_path_factory.mktemp("loopstate")
     env = settings_env(kafka, state, free_port())
-    old = dict(os.environ)
-    os.environ.update(env)
-    s: Settings = load_settings()
-    ensure_topics(s.kafka, s.topics)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    running = start(s, serve_http=True)
-    yield running, env
-    # Every thread that calls Ray ends before Ray does (a gauge set under ray.shutdown segfaults).
-    stop_threads(running)
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
-    os.environ.clear()
-    os.environ.update(old)
+    with running_loop(env) as running:
+        yield running, env
 
 
 def produce_and_wait(running: Running, events: list, total: int) -> None:

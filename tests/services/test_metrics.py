@@ -7,7 +7,6 @@ dashboard reads; the dashboard test then checks that it charts only names that e
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -21,15 +20,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services import runtime
 from services.metrics import SPECS, exported_names
-from services.runtime import Running, start
-from services.settings import Settings, load_settings
-from services.stopping import stop_threads
-from streams.admin import ensure_topics
+from services.runtime import Running
 from streams.broker import free_port
 from streams.config import KafkaConfig
 from streams.datasets import DriftSpec, synthetic_drift
 from streams.producer import replay
-from tests.services.live_loop import small_env
+from tests.services.live_loop import running_loop, small_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "streamtune.json"
@@ -42,21 +38,8 @@ Samples = dict[str, list[tuple[dict[str, str], float]]]
 @pytest.fixture(scope="module")
 def system(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     state = tmp_path_factory.mktemp("metricstate")
-    old = dict(os.environ)
-    os.environ.update(small_env(kafka, state, free_port()))
-    s: Settings = load_settings()
-    ensure_topics(s.kafka, s.topics)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    running = start(s, serve_http=True)
-    yield running
-    # Every thread that calls Ray ends before Ray does (a gauge set under ray.shutdown segfaults).
-    stop_threads(running)
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
-    os.environ.clear()
-    os.environ.update(old)
+    with running_loop(small_env(kafka, state, free_port())) as running:
+        yield running
 
 
 def scrape() -> Samples:

@@ -41,16 +41,13 @@ from services.prometheus_run import (
     rewrite_rules,
     start_prometheus,
 )
-from services.runtime import Running, start
-from services.settings import load_settings
-from services.stopping import stop_threads
-from streams.admin import ensure_topics
+from services.runtime import Running
 from streams.broker import free_port
 from streams.config import KafkaConfig
 from streams.datasets import DriftSpec, synthetic_drift
 from streams.events import Event
 from streams.producer import replay
-from tests.services.live_loop import small_env
+from tests.services.live_loop import running_loop, small_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "streamtune.json"
@@ -129,23 +126,11 @@ def test_an_override_of_what_does_not_exist_is_refused(overrides: dict[str, Rule
 @pytest.fixture(scope="module")
 def loop(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     state = tmp_path_factory.mktemp("promstate")
-    old = dict(os.environ)
-    os.environ.update(small_env(kafka, state, free_port()))
-    s = load_settings()
-    ensure_topics(s.kafka, s.topics)
     # The dashboard is what writes the service-discovery file Prometheus reads (as under `up`).
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=free_port(), log_to_driver=False)  # fmt: skip
-    running = start(s, serve_http=True)
-    yield running
-    # Every thread that calls Ray ends before Ray does (a gauge set under ray.shutdown segfaults).
-    stop_threads(running)
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
-    os.environ.clear()
-    os.environ.update(old)
+    dashboard = {"include_dashboard": True, "dashboard_host": "127.0.0.1",
+                 "dashboard_port": free_port()}  # fmt: skip
+    with running_loop(small_env(kafka, state, free_port()), **dashboard) as running:
+        yield running
 
 
 @pytest.fixture

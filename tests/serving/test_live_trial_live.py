@@ -128,3 +128,8 @@ def test_guard_rolls_back_to_the_baseline_and_pauses_promotions(live: Live) -> N
     newer = add_version(live.reg, 203)
     live.reg.set_champion(newer, "passed the offline gate")
     assert ctl.step() is None and live.reg.rollout_state().serving == base
+    # an operator's promotion ends the pause
+    live.reg.set_champion(newer, "checked by hand", decision="manual-promote")
+    ev = ctl.step()
+    assert ev is not None and ev.kind == "rollout" and ev.version == newer
+    assert live.reg.rollout_state().paused_until is None
