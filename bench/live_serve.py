@@ -15,11 +15,13 @@ A trial: the pair's a is promoted by hand (served alone), its b is registered an
 as a round's gate would, and the controller puts b on trial. The benchmark then replays the
 requests after the cut (from a seeded offset), 8 at a time over HTTP, each with its history and
 a user id of its own; the click model (printed, fixed before measuring) decides which shown items
-the simulated user clicks, and those clicks go to Kafka as click events, where the history shards
-credit them. Between batches the controller steps: it counts settled impressions into the mSPRT
-and rolls b out (b better) or discards it (b worse). Impressions to a decision = interleaved
-answers served before the controller acted (settled or not), capped at the pair's budget
-(``same``: ``--same-cap``).
+the simulated user clicks, and those clicks go to Kafka as click events 1 s after the answer,
+where the history shards credit them (answers settle after 4 s here: ``serving.settle_s``).
+Between batches the controller steps: it counts settled impressions into the mSPRT and rolls b
+out (b better) or discards it (b worse). Impressions to a decision = interleaved answers served
+before the controller acted (settled or not), capped at the pair's budget (``same``:
+``--same-cap``). Beside each pair: the same versions' trials replayed offline (``bench.live``'s
+code, its trial count), the reference the live figures should match.
 
 Then the latency check: the ``same`` pair on trial with every answer interleaved against no trial
 (the same two versions loaded), alternating segments at concurrency 8: p50, p99 and non-2xx.
@@ -34,6 +36,7 @@ import json
 import tempfile
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,7 +48,8 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.live import PAIRS, LiveBenchConfig, Pair, build_models
-from bench.live_models import Catalog, Replay, replay_of
+from bench.live import run_pair as offline_pair
+from bench.live_models import Catalog, Replay, replay_of, score
 from bench.serving_load import load
 from serving.config import RolloutConfig, ServingConfig
 from serving.rollout import RolloutController
@@ -62,6 +66,11 @@ OUT = Console(width=160)
 err = Console(stderr=True)
 CONCURRENCY = 8
 BATCH = 32  # requests between two looks of the controller
+# A simulated user clicks this long after the answer: people take seconds, and a replica reports
+# what it served every 0.5 s (a click that reaches the history shard before the served items
+# cannot be credited).
+CLICK_DELAY_S = 1.0
+SETTLE_S = 4.0  # serving.settle_s here: clicks reach the shards ~1 s after the answer
 
 
 class Stack:
@@ -125,9 +134,9 @@ def stack(test: Any) -> Iterator[Stack]:
     kafka = KafkaConfig(bootstrap_servers=broker.cfg.bootstrap)
     topics = TopicsConfig(events="bench-live.events", dead_letter="bench-live.dlq")
     ensure_topics(kafka, topics)
-    # Answers settle 2 s after they are served: the click model's clicks reach the shards in
-    # milliseconds here, and the default 120 s would only make each trial wait.
-    cfg = ServingConfig(replicas=2, port=free_port(), settle_s=2.0)
+    # Answers settle SETTLE_S after they are served: the click model's clicks come
+    # CLICK_DELAY_S after the answer, and the default 120 s would only make each trial wait.
+    cfg = ServingConfig(replicas=2, port=free_port(), settle_s=SETTLE_S)
     choose_for_local_ray(cfg)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
@@ -177,8 +186,9 @@ def run_trial(st: Stack, trial: str, rp: Replay, ids: list[str], cap: int,
               cfg: LiveBenchConfig, rng: np.random.Generator) -> dict[str, Any]:  # fmt: skip
     """Replay requests through the trial until the controller acts or ``cap`` answers."""
     start = int(rng.integers(len(rp.requests)))
-    served = failed = 0
+    served = failed = clicks = 0
     t0 = time.perf_counter()
+    later: deque[tuple[float, list[Event]]] = deque()  # clicks not yet made, when they are due
     while served < cap:
         idx = [(start + served + j) % len(rp.requests) for j in range(BATCH)]
         users = [f"{trial}-{served + j}" for j in range(BATCH)]
@@ -188,15 +198,24 @@ def run_trial(st: Stack, trial: str, rp: Replay, ids: list[str], cap: int,
         failed += sum(a is None for a in answers)
         served += sum(a is not None and a.get("trial") == trial for a in answers)
         futures = [[ids[c - 1] for c in rp.futures[i]] for i in idx]
-        replay(_clicks(answers, futures, users, cfg, rng), st.kafka, st.topic, producer=st.producer)
+        made = _clicks(answers, futures, users, cfg, rng)
+        clicks += len(made)
+        later.append((time.monotonic() + CLICK_DELAY_S, made))
+        while later and later[0][0] <= time.monotonic():
+            replay(later.popleft()[1], st.kafka, st.topic, producer=st.producer)
         ev = st.ctl.step()
         if ev is not None and ev.kind in ("rollout", "discard"):
             last = _live_decision(st)
             return {"decision": "b_better" if ev.kind == "rollout" else "b_worse",
                     "served": served, "test_impressions": getattr(last, "decided_at", None),
-                    "non_2xx": failed, "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+                    "b_won": last.b_won, "a_won": last.a_won, "ties": last.ties,
+                    "clicks_sent": clicks, "non_2xx": failed,
+                    "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    assert st.ctl.trial is not None
+    test = st.ctl.trial.test
     st.ctl.end_trial()
     return {"decision": "continue", "served": served, "test_impressions": None,
+            "b_won": test.wins, "a_won": test.losses, "ties": test.ties, "clicks_sent": clicks,
             "non_2xx": failed, "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
 
 
@@ -260,6 +279,30 @@ def latency(st: Stack, models: dict[str, Recommender], catalog: Catalog, rp: Rep
     return out
 
 
+def print_table(pairs: list[dict[str, Any]]) -> None:
+    """Live trials per pair beside the same versions' offline trials."""
+    table = Table(title="live trials through Serve (canary, every answer interleaved)")
+    for col in ("pair", "expect", "cap", "live right", "live decided", "median served",
+                "clicks/answer", "b wins (decisive)", "offline right", "offline b wins",
+                "non-2xx"):  # fmt: skip
+        table.add_column(col)
+    for r in pairs:
+        n, off = len(r["trials"]), r["offline"]
+        clicks = sum(t["clicks_sent"] for t in r["trials"]) / max(
+            1, sum(t["served"] for t in r["trials"])
+        )
+        b_won = sum(t["b_won"] for t in r["trials"])
+        decisive = b_won + sum(t["a_won"] for t in r["trials"])
+        table.add_row(r["pair"], r["expect"], str(r["cap"]),
+                      f"{r['right_within_cap']}/{n}" if r["right_within_cap"] is not None else "-",
+                      f"{r['decided']}/{n}", f"{r['median_served']:.0f}", f"{clicks:.3f}",
+                      f"{b_won / decisive:.3f}" if decisive else "-",
+                      str(off["within_budget_share"] if off["within_budget_share"] is not None
+                          else f"decided {off['decided_share']}"),
+                      str(off["b_win_share"]), str(r["non_2xx"]))  # fmt: skip
+    OUT.print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.live_serve",
                                 description=__doc__.split("\n")[0])  # fmt: skip
@@ -279,17 +322,17 @@ def main(argv: list[str] | None = None) -> None:
     OUT.print(f"click model (fixed before measuring): {cfg.clicks.describe()}")
     OUT.print(f"test: mSPRT alpha {cfg.test.alpha}, prior sd {cfg.test.prior_sd}; "
               f"every answer interleaved; {a.trials} live trials per pair")  # fmt: skip
+    # The reference, in the same run: the same versions' trials replayed offline through the
+    # same interleaving and test code (bench.live), cfg.trials per pair.
+    scored = {name: score(catalog.scorer(m), rp, cfg.k) for name, m in models.items()}
+    offline = {pr.name: offline_pair(pr, i, scored, rp, cfg, t0)["interleaving"]
+               for i, pr in enumerate(wanted)}  # fmt: skip
     with stack(cfg.test) as st:
         pairs = [run_pair(st, pr, models, catalog, rp, cfg, a.trials, a.same_cap) for pr in wanted]
+        for r in pairs:
+            r["offline"] = offline[r["pair"]]
         lat = latency(st, models, catalog, rp, a.latency_s, 3)
-    table = Table(title="live trials through Serve (canary, every answer interleaved)")
-    for col in ("pair", "expect", "cap", "right", "decided", "median served", "non-2xx"):
-        table.add_column(col)
-    for r in pairs:
-        table.add_row(r["pair"], r["expect"], str(r["cap"]), str(r["right_within_cap"]),
-                      f"{r['decided']}/{len(r['trials'])}", f"{r['median_served']:.0f}",
-                      str(r["non_2xx"]))  # fmt: skip
-    OUT.print(table)
+    print_table(pairs)
     OUT.print(f"latency at concurrency {CONCURRENCY}: {lat}")
     out = {"bench": "live_serve", "click_model": cfg.clicks.model_dump(),
            "test": cfg.test.model_dump(), "weaker_versions": knobs, "pairs": pairs,
