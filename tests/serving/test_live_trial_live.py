@@ -98,7 +98,7 @@ def test_canary_discards_a_candidate_that_loses_interleaved_traffic(live: Live) 
     assert live.events[-1].kind == "discard" and live.reg.rollout_state().trial is None
 
 
-def test_guard_rolls_back_to_the_baseline_and_pauses_promotions(live: Live) -> None:
+def test_guard_pools_the_lineage_rolls_back_to_the_baseline_and_pauses(live: Live) -> None:
     # the click-through watch would also see b's collapse: left out, so the guard is what acts
     ctl = live.controller(**LOOSE, live="guard", live_share=1.0, baseline_age_s=0,
                           min_clicks_base=10**6)  # fmt: skip
@@ -114,6 +114,14 @@ def test_guard_rolls_back_to_the_baseline_and_pauses_promotions(live: Live) -> N
     ctl.step()  # ... and put on trial against the baseline
     trial = live.reg.rollout_state().trial
     assert trial is not None and (trial.mode, trial.a, trial.b) == ("guard", base, new)
+    # the next round's champion rolls out too and joins b's side of the same trial
+    next_ = add_version(live.reg, 204)
+    live.reg.set_champion(next_, "passed the offline gate")
+    ev = ctl.step()
+    assert ev is not None and ev.kind == "rollout" and ev.version == next_
+    ctl.step()
+    assert ctl.trial is not None and ctl.trial.id == trial.id
+    assert ctl.trial.b_versions == [new, next_]
     _await_interleaving(live, ctl, trial.id)
     _play(live, ctl, trial.id, base)
     drive(ctl, lambda: live.reg.rollout_state().serving == base, timeout=30)
@@ -122,8 +130,9 @@ def test_guard_rolls_back_to_the_baseline_and_pauses_promotions(live: Live) -> N
     assert state.paused_until is not None and state.paused_until > time.time()
     assert state.paused_reason is not None and "baseline" in state.paused_reason
     last = live.reg.decisions()[-1]
-    assert last["decision"] == "rollback" and last["version"] == new and last["to"] == base
+    assert last["decision"] == "rollback" and last["version"] == next_ and last["to"] == base
     assert "the baseline" in last["reason"] and "b won 0" in last["reason"], last
+    assert f"v{new}, v{next_} (pooled)" in last["reason"], last
     # a champion arriving while promotions are paused is not rolled out
     newer = add_version(live.reg, 203)
     live.reg.set_champion(newer, "passed the offline gate")
