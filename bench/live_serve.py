@@ -80,6 +80,7 @@ class Stack:
                  topic: str) -> None:  # fmt: skip
         self.reg, self.ctl, self.url, self.kafka, self.topic = reg, ctl, url, kafka, topic
         self.producer = make_producer(kafka)
+        self.click_delay_s = CLICK_DELAY_S
 
     def register(self, model: Recommender, catalog: Catalog, name: str) -> int:
         def write(d: Path) -> None:
@@ -200,7 +201,7 @@ def run_trial(st: Stack, trial: str, rp: Replay, ids: list[str], cap: int,
         futures = [[ids[c - 1] for c in rp.futures[i]] for i in idx]
         made = _clicks(answers, futures, users, cfg, rng)
         clicks += len(made)
-        later.append((time.monotonic() + CLICK_DELAY_S, made))
+        later.append((time.monotonic() + st.click_delay_s, made))
         while later and later[0][0] <= time.monotonic():
             replay(later.popleft()[1], st.kafka, st.topic, producer=st.producer)
         ev = st.ctl.step()
@@ -311,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--same-cap", type=int, default=2000, help="answers per 'same' trial")
     p.add_argument("--latency-s", type=float, default=8.0, help="seconds per latency segment")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--click-delay-s", type=float, default=CLICK_DELAY_S,
+                   help="seconds from an answer to its simulated clicks")  # fmt: skip
     a = p.parse_args(argv)
     cfg = LiveBenchConfig.quick_preset(seed=a.seed, requests=None)
     t0 = time.perf_counter()
@@ -328,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     offline = {pr.name: offline_pair(pr, i, scored, rp, cfg, t0)["interleaving"]
                for i, pr in enumerate(wanted)}  # fmt: skip
     with stack(cfg.test) as st:
+        st.click_delay_s = a.click_delay_s
         pairs = [run_pair(st, pr, models, catalog, rp, cfg, a.trials, a.same_cap) for pr in wanted]
         for r in pairs:
             r["offline"] = offline[r["pair"]]

@@ -7,6 +7,10 @@ An interleaved answer (a live trial's; see ``serving.interleaving``) also rememb
 contributed each position. Its clicks credit the contributing version's click-through, and once
 the impression is settled (the user was served again, or ``settle_s`` passed) team draft's rule
 turns its clicks into one outcome, a win for a, for b or a tie, counted per trial.
+
+A click can reach the shard before the replica's report of the answer it belongs to (replicas
+report every 0.5 s): engagement with an item not known as served is held for ``EARLY_S`` and
+credited when the report comes.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ FORGET_EVERY_S = 60.0
 # engagement a trial counts comes within a user's next few events, minutes in live traffic;
 # waiting the whole click window would delay every decision by ten minutes.
 SETTLE_S = 120.0
+# A replica reports what it served every 0.5 s, so a quick click can reach the shard first; such a
+# click is held this long for the answer it belongs to, then forgotten.
+EARLY_S = 5.0
 TRIALS_KEPT = 50  # trials whose tallies a shard keeps (the controller reads the running one)
 
 
@@ -67,6 +74,10 @@ class ClickBook:
         self.unsettled: deque[_Impression] = deque()
         # trial id -> [a wins, b wins, ties] of its settled impressions
         self.trials: OrderedDict[str, list[int]] = OrderedDict()
+        # engagement with items not (yet) known as served to the user: user -> [(item, at)],
+        # and the same in arrival order, to let them go after EARLY_S
+        self.early: dict[str, list[tuple[str, float]]] = {}
+        self._early_order: deque[tuple[float, str]] = deque()
         self._forgot_at = 0.0
 
     def _stats(self, version: str) -> VersionStats:
@@ -77,6 +88,7 @@ class ClickBook:
 
     def record_served(self, served: dict[str, Served], now: float) -> None:
         """A replica's answers since its last report, per user."""
+        self._let_go_early(now)
         for user, answer in served.items():
             before = self.served.pop(user, None)
             if before is not None:
@@ -86,14 +98,35 @@ class ClickBook:
                 self.unsettled.append(imp)
             for pos in range(len(answer.items)):
                 self._stats(answer.version_at(pos)).add_served(1, at=now)
+            for item, _ in self.early.pop(user, []):  # clicks that came before this report
+                self._credit(imp, item)
         if now - self._forgot_at > FORGET_EVERY_S:
             self.forget(now)
 
     def on_event(self, user: str, item: str, kind: str, now: float) -> None:
-        imp = self.served.get(user)
-        if kind not in ENGAGED or imp is None or item not in imp.unclicked:
+        if kind not in ENGAGED:
             return
-        if now - imp.at >= CLICK_WINDOW_S:
+        imp = self.served.get(user)
+        if imp is None or item not in imp.served.items:
+            # perhaps an answer whose report is still on its way: held for it
+            self._let_go_early(now)
+            self.early.setdefault(user, []).append((item, now))
+            self._early_order.append((now, user))
+            return
+        if now - imp.at < CLICK_WINDOW_S:
+            self._credit(imp, item)
+
+    def _let_go_early(self, now: float) -> None:
+        while self._early_order and self._early_order[0][0] < now - EARLY_S:
+            _, user = self._early_order.popleft()
+            kept = [(i, t) for i, t in self.early.get(user, []) if t >= now - EARLY_S]
+            if kept:
+                self.early[user] = kept
+            else:
+                self.early.pop(user, None)
+
+    def _credit(self, imp: _Impression, item: str) -> None:
+        if item not in imp.unclicked:
             return
         pos = imp.served.items.index(item)
         self._stats(imp.served.version_at(pos)).add_click(served_at=imp.at)

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from serving.clicks import SETTLE_S, ClickBook, Served
+from serving.clicks import EARLY_S, SETTLE_S, ClickBook, Served
 from serving.live_answer import interleave, other_version, ranked
 from serving.live_trial import add_counts, join_lineage
 from serving.scoring import Ask, Loaded, Scored, as_loaded, score_asks
@@ -137,3 +137,15 @@ def test_a_losing_streak_decides_b_worse_at_alpha() -> None:
         if trial.test.decision != "continue":
             break
     assert trial.test.decision == "b_worse" and trial.test.decided_at == 16
+
+
+def test_a_click_that_arrives_before_the_served_report_is_credited_when_it_comes() -> None:
+    book = ClickBook()
+    book.on_event("u", "y", "click", now=10.0)  # the replica's report is still on its way
+    book.on_event("w", "x", "click", now=10.0)
+    book.record_served({"u": _interleaved("xyzw", "abab")}, now=10.4)
+    assert book.totals(["5"]) == {"5": (2, 1)}  # y was b's
+    assert book.trial_counts("t1", now=10.4 + SETTLE_S + 1) == [0, 1, 0]
+    # held no longer than EARLY_S: w's click is let go, not credited to a later answer
+    book.record_served({"w": _interleaved("xyzw", "abab")}, now=10.0 + EARLY_S + 1)
+    assert book.totals(["3"])["3"][1] == 0 and "w" not in book.early
