@@ -159,13 +159,20 @@ class LocalCluster:
         spec["applications"][0]["runtime_env"] = {"env_vars": env_vars}
         path = self.root / "serve.yaml"
         path.write_text(yaml.safe_dump(spec))
-        done = subprocess.run(
-            [str(Path(sys.executable).with_name("serve")), "deploy", str(path),
-             "--address", self.dashboard],
-            env=dict(os.environ, **self.env()), capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise RuntimeError(f"serve deploy failed:\n{done.stdout}{done.stderr}")
+        for attempt in range(3):
+            done = subprocess.run(
+                [str(Path(sys.executable).with_name("serve")), "deploy", str(path),
+                 "--address", self.dashboard],
+                env=dict(os.environ, **self.env()), capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            if done.returncode == 0:
+                return
+            # Serve's own start-up can lose its proxy actor on a loaded machine (seen once:
+            # HAProxyManager "killed by ray.kill" inside serve_start); the request is whole
+            # again on a retry. Anything else fails at once.
+            if "ActorDiedError" not in done.stderr or attempt == 2:
+                raise RuntimeError(f"serve deploy failed:\n{done.stdout}{done.stderr}")
+            time.sleep(2.0)
 
     def kill(self, node: Node) -> None:
         """SIGKILL the node's whole process group: as abrupt as a machine going away.
