@@ -151,9 +151,12 @@ class ClickBook:
     def trial_counts(self, trial: str, now: float) -> list[int]:
         """(a wins, b wins, ties) of ``trial``'s impressions settled so far; first settles the
         ones served more than ``settle_s`` ago."""
+        self._settle_due(now)
+        return list(self.trials.get(trial, [0, 0, 0]))
+
+    def _settle_due(self, now: float) -> None:
         while self.unsettled and self.unsettled[0].at < now - self.settle_s:
             self._settle(self.unsettled.popleft())
-        return list(self.trials.get(trial, [0, 0, 0]))
 
     def window(self, version: str, since: float, until: float) -> dict[str, float]:
         st = self.stats.get(version)
@@ -170,7 +173,7 @@ class ClickBook:
         """Drop answers past the click window (no click can be credited to them any more) and
         the stats of versions untouched for hours: both would otherwise grow forever."""
         self._forgot_at = now
-        self.trial_counts("", now)  # settles what is due
+        self._settle_due(now)
         while self.served:
             user, imp = next(iter(self.served.items()))
             if now - imp.at < CLICK_WINDOW_S:
