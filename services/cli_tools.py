@@ -21,6 +21,12 @@ BENCHES = ("ingest", "quality", "train", "serving", "freshness", "faults")
 
 
 def register(app: typer.Typer, settings_of: SettingsOf) -> None:
+    _register_eval(app, settings_of)
+    _register_tune(app, settings_of)
+    _register_bench(app)
+
+
+def _register_eval(app: typer.Typer, settings_of: SettingsOf) -> None:
     @app.command("eval")
     def eval_(
         ctx: typer.Context,
@@ -70,6 +76,8 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
                     f"{pop_ndcg:.4f}", f"{wm:,} offsets")  # fmt: skip
         console.print(out)
 
+
+def _register_tune(app: typer.Typer, settings_of: SettingsOf) -> None:
     @app.command("tune")
     def tune(
         ctx: typer.Context,
@@ -107,6 +115,8 @@ def register(app: typer.Typer, settings_of: SettingsOf) -> None:
         Console(width=max(console.width, 150)).print(search_table(result))  # 13 columns
         console.print(f"winner {result.best.trial_id}: {result.best.recipe}; table {result.save()}")
 
+
+def _register_bench(app: typer.Typer) -> None:
     @app.command(
         "bench",
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},

@@ -59,18 +59,6 @@ class LoopConfig(StrictConfig):
     poll_s: float = Field(
         default=0.1, gt=0, description="How often the buffer is checked while no round runs."
     )
-    compact_every_s: float = Field(
-        default=300.0, gt=0, description="How often the buffer is compacted."
-    )
-    keep_rounds: int = Field(
-        default=2_000,
-        ge=10,
-        description=(
-            "Round records kept in the loop's state file (which slices each version trained on, "
-            "for freshness and 'never trained' accounting); older ones are dropped, their "
-            "counts kept as totals."
-        ),
-    )
     round_on_cluster: bool = Field(
         default=False,
         description=(
@@ -100,6 +88,18 @@ class LoopConfig(StrictConfig):
             "one thread. Ray starts its workers, Serve replicas and the history actor included, "
             "at 15: at 15 the round shares the CPU with requests instead of preempting them. "
             "0 = leave this thread and torch's threads as they are."
+        ),
+    )
+    compact_every_s: float = Field(
+        default=300.0, gt=0, description="How often the buffer is compacted."
+    )
+    keep_rounds: int = Field(
+        default=2_000,
+        ge=10,
+        description=(
+            "Round records kept in the loop's state file (which slices each version trained on, "
+            "for freshness and 'never trained' accounting); older ones are dropped, their "
+            "counts kept as totals."
         ),
     )
 
