@@ -55,7 +55,7 @@ def serve_app(tmp: Path, cfg: ServingConfig) -> Iterator[str]:
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from serving.application import build_app
 
     reg = Registry(tmp / "registry")
     version = add_version(reg, 1)

@@ -131,7 +131,7 @@ def app_from_env(args: dict[str, Any] | None = None) -> Application:
     init args: replicas read no environment.
     """
     from services.settings import load_settings
-    from serving.app import build_app
+    from serving.application import build_app
 
     s = load_settings()
     reg = s.open_registry()

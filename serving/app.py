@@ -1,4 +1,5 @@
-"""The Ray Serve application: versioned recommender replicas behind a FastAPI ingress.
+"""The Ray Serve replica: a versioned recommender behind a FastAPI ingress (the application
+bound to a version, with its scaling and options, is ``serving.application.build_app``).
 
 (No `from __future__ import annotations` here: FastAPI must see the real request types.)
 
@@ -18,7 +19,9 @@ feed (``serving.replica_histories``); only users it does not hold yet cost a cal
 
 While a live trial runs (``rollout.live``; the trial is recorded with the serving version), the
 replica keeps the trial's other version loaded too, and answers a share of ``/recommend``
-requests with both versions' rankings interleaved (``serving.live_answer``).
+requests with both versions' rankings interleaved (``serving.live_answer``). The coin is flipped
+as a request arrives; its batch scores the ones drawn by the other version too, in one more
+forward over just them, by the batch's snapshot of both versions.
 """
 
 import asyncio
@@ -33,7 +36,6 @@ import torch
 from fastapi import FastAPI, HTTPException
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve import Application
 
 from serving.api import (
     PUBLIC_PATHS,
@@ -49,10 +51,9 @@ from serving.api import (
 from serving.clicks import Served
 from serving.config import ServingConfig
 from serving.context import CONTROL_NAMESPACE, find_context
-from serving.deploy_version import code_version, settings_digest
 from serving.http_errors import install_error_handlers, limit_error
 from serving.http_guard import HTTPGuard, ReplicaTag
-from serving.live_answer import interleave, other_version, ranked
+from serving.live_answer import answer, other_version
 from serving.replica_histories import ShardedHistories
 from serving.scoring import Ask, Loaded, Scored, ask_of, load_version, score_asks
 from serving.streak import Streak
@@ -105,6 +106,7 @@ class RecommenderDeployment:
         self._announcements = Streak(log, "waiting for rollout announcements")
         self._reports = Streak(log, "reporting to the serving context")
         self._served_reports = Streak(log, "reporting served items to the history shards")
+        self._theirs_failed = Streak(log, "scoring by the live trial's other version")
         # The batcher is the class's (one per replica process); its limits come from the settings.
         self._score_batch.set_max_batch_size(self.cfg.batch_max_size)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_s)  # type: ignore[attr-defined]
@@ -284,21 +286,34 @@ class RecommenderDeployment:
         try:
             await asyncio.sleep(0)  # requests that arrived with this one get counted first
             if self._in_flight == 1:
-                m = self.current
-                assert m is not None, "the endpoints answer 503 before a model is loaded"
+                m, other = self._snapshot()
                 self.batches, self.batched = self.batches + 1, self.batched + 1
-                return (await score_asks(m, [ask], self._histories))[0]
+                return (await score_asks(m, [ask], self._histories, other))[0]
             return await self._score_batch(ask)
         finally:
             self._in_flight -= 1
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # set per replica in __init__
     async def _score_batch(self, asks: list[Ask]) -> list[Scored]:
-        """Concurrent requests, scored together: one history look-up, one model forward."""
-        m = self.current  # one snapshot for the whole batch, even if a swap lands meanwhile
-        assert m is not None, "the endpoints answer 503 before a model is loaded"
+        """Concurrent requests, scored together: one history look-up, one model forward (and
+        one of the trial's other version, over the asks drawn for an interleaved answer)."""
+        m, other = self._snapshot()  # for the whole batch, even if a swap lands meanwhile
         self.batches, self.batched = self.batches + 1, self.batched + len(asks)
-        return await score_asks(m, asks, self._histories)
+        return await score_asks(m, asks, self._histories, other)
+
+    def _snapshot(self) -> tuple[Loaded, Loaded | None]:
+        """The serving version, and the live trial's other version if it is the one that plays
+        against it (None while the other one of a new trial or serving version still loads)."""
+        m, other, trial = self.current, self.other, self.trial
+        assert m is not None, "the endpoints answer 503 before a model is loaded"
+        if trial is None or other is None or other.version != other_version(trial, m.version):
+            return m, None
+        return m, other
+
+    def _interleaves(self) -> bool:
+        """The coin: whether this /recommend is drawn for an interleaved answer."""
+        trial, other = self.trial, self.other
+        return trial is not None and other is not None and self._coins.random() < trial.share
 
     # -- endpoints ----------------------------------------------------------------------
     @api.post("/recommend", response_model=RecommendResponse, responses=_POST_ERRORS)
@@ -312,20 +327,11 @@ class RecommenderDeployment:
                     ["body", "k"], f"k={req.k} is above the limit of {self.cfg.max_k}",
                     "less_than_equal",
                 )  # fmt: skip
-            ask = ask_of(req, self.cfg)
-            got = await self._scored(ask)
+            got = await self._scored(ask_of(req, self.cfg, self._interleaves()))
             m, rows, version = got.m, got.rows, got.m.version
-            trial, other = self.trial, self.other
-            if (trial is not None and other is not None and self._coins.random() < trial.share
-                    and other.version == other_version(trial, m.version)):  # fmt: skip
-                theirs = (await score_asks(other, [ask], self._histories))[0]
-                items, served = interleave(trial, got, theirs, req.k, req.diversity, self._coins)
-            else:
-                trial = None
-                # the shared ranking rule (padding, excluded and non-finite rows are never
-                # picked, MMR), on this request's share of the batch
-                items = ranked(got, req.k, req.diversity)
-                served = Served([i.item_id for i in items], str(m.version))
+            items, served, trial = answer(
+                got, self.trial, req.k, req.diversity, self._coins, self._theirs_failed
+            )
             if req.user_id is not None:
                 self.served[req.user_id] = served
             ok = True
@@ -373,38 +379,3 @@ class RecommenderDeployment:
     def check_health(self) -> None:
         if self.current is None:
             raise RuntimeError("no model loaded")
-
-
-def build_app(registry: Registry, cfg: ServingConfig, version: int) -> Application:
-    """The application bound to one version; redeploying with another version is in-place."""
-    if cfg.max_replicas is not None and cfg.max_replicas > cfg.replicas:
-        scaling: dict[str, Any] = {
-            "autoscaling_config": {
-                "min_replicas": cfg.replicas,
-                "max_replicas": cfg.max_replicas,
-                "target_ongoing_requests": cfg.target_ongoing_requests,
-            }
-        }
-    else:
-        scaling = {"num_replicas": cfg.replicas}
-    resources = {cfg.node_resource: 0.001} if cfg.node_resource else {}
-    deployment = RecommenderDeployment.options(  # type: ignore[attr-defined]
-        name="recommender",
-        max_ongoing_requests=cfg.max_ongoing_requests,
-        user_config={"version": version},
-        ray_actor_options={"num_cpus": 0.25, "resources": resources},
-        graceful_shutdown_timeout_s=5,
-        logging_config={"enable_access_log": cfg.access_log},
-        health_check_period_s=2,
-        **scaling,
-    )
-    # serve.run gives code deployed from Python a random version, so every redeploy restarts
-    # all replicas. A version derived from the serving code makes a new user_config a
-    # lightweight in-place update (reconfigure), as with `serve deploy` config files. Serve does
-    # not compare init args, so the settings are part of the version: a redeploy with another
-    # key or limit (e.g. `up` restarted against a running cluster) restarts the replicas.
-    deployment._version = f"{code_version()}-{settings_digest(cfg)}"
-    # The config object itself travels in the init args (pickled, never JSON): its SecretStr key
-    # keeps its value on the way and stays masked in any repr or log line.
-    # The registry travels pickled (an absolute path or its URI and options).
-    return deployment.bind(registry, cfg.model_copy())

@@ -6,17 +6,22 @@ the other, which it keeps loaded beside it: serving a's version, the other is b'
 anything else (the serving lineage moved on before the trial record did), that version plays b
 against a. Each version ranks the request on its own (its scores, seen-item exclusion and MMR),
 and team draft merges the two rankings into ``k`` positions, each tagged with its contributor.
+The other version scores the request in the same batch as the serving one
+(``serving.scoring.score_asks``); a request its scores fail gets the serving version's own answer.
 """
 
 from __future__ import annotations
 
 import random
 
+from fastapi import HTTPException
+
 from serving.api import ScoredItem
 from serving.clicks import Served
 from serving.interleaving import team_draft
 from serving.mmr import mmr
 from serving.scoring import Scored
+from serving.streak import Streak
 from training.registry import LiveTrial
 
 
@@ -59,3 +64,35 @@ def interleave(
         other=str(b.m.version),
     )
     return answer, served
+
+
+def answer(
+    got: Scored,
+    trial: LiveTrial | None,
+    k: int,
+    diversity: float,
+    rng: random.Random,
+    theirs_failed: Streak | None = None,
+) -> tuple[list[ScoredItem], Served, LiveTrial | None]:
+    """A /recommend's answer, what the click side must know of it, and the trial it plays.
+
+    Interleaved when its batch scored it by ``trial``'s other version too (``got.theirs``);
+    else the serving version's own ranking (``trial`` None), as when the other version's scores
+    failed: a broken other version must not fail requests the serving one can answer.
+    """
+    theirs = got.theirs
+    if (
+        trial is not None
+        and theirs is not None
+        and theirs.m.version == other_version(trial, got.m.version)  # the trial moved on since
+    ):
+        if not isinstance(theirs.result, HTTPException):
+            if theirs_failed is not None:
+                theirs_failed.ok()
+            items, served = interleave(trial, got, theirs, k, diversity, rng)
+            return items, served, trial
+        if theirs_failed is not None:
+            theirs_failed.failed(theirs.result, "answering with the serving version alone")
+    # the shared ranking rule (padding, excluded and non-finite rows are never picked, MMR)
+    items = ranked(got, k, diversity)
+    return items, Served([i.item_id for i in items], str(got.m.version)), None

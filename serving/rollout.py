@@ -188,7 +188,7 @@ class RolloutController:
     def _run_app(self, version: int) -> None:
         from ray import serve
 
-        from serving.app import build_app
+        from serving.application import build_app
 
         try:
             serve.run(

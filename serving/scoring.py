@@ -3,11 +3,13 @@
 A loaded version (``Loaded``) and the batch path of ``/recommend`` and ``/score``: the live
 histories of the batch's users from one call to the serving context, one model forward over
 every request with a usable history (``score_rows``), each request's own error kept apart.
-Ranking and the answer stay per request, in ``serving.app``.
+While a live trial runs, the requests drawn for an interleaved answer are scored by the trial's
+other version too, in the same batch: the same histories, one more forward over just those
+requests. Ranking and the answer stay per request, in ``serving.app`` and ``serving.live_answer``.
 """
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -59,10 +61,13 @@ class Ask:
     user_id: str | None
     want: int = 0  # candidates to rank for it (a /recommend), 0: scores only (a /score)
     exclude_seen: bool = True  # its history's items are never candidates
+    # drawn for an interleaved answer: the live trial's other version ranks it too
+    both: bool = False
 
 
-def ask_of(req: RecommendRequest | ScoreRequest, cfg: ServingConfig) -> Ask:
-    """A request's share of a batch, its sent history checked against the limit first."""
+def ask_of(req: RecommendRequest | ScoreRequest, cfg: ServingConfig, both: bool = False) -> Ask:
+    """A request's share of a batch, its sent history checked against the limit first;
+    ``both``: a /recommend drawn for an interleaved answer (the coin is the caller's)."""
     if req.history is not None and len(req.history) > cfg.max_history:
         raise limit_error(
             ["body", "history"],
@@ -70,7 +75,7 @@ def ask_of(req: RecommendRequest | ScoreRequest, cfg: ServingConfig) -> Ask:
             "too_long",
         )
     if isinstance(req, RecommendRequest):
-        return Ask(req.history, req.user_id, max(req.k * 5, 50), req.exclude_seen)
+        return Ask(req.history, req.user_id, max(req.k * 5, 50), req.exclude_seen, both)
     return Ask(req.history, req.user_id)
 
 
@@ -84,6 +89,9 @@ class Scored:
     result: torch.Tensor | HTTPException  # [V] scores, or this request's error
     source: str  # "history" or "popularity"
     candidates: torch.Tensor | None = None  # the ``want`` best rows, best first (``top_k``)
+    # The live trial's other version's own Scored of the same history (its vocab, its forward),
+    # for an ask that wants both and a batch that had the other version; else None.
+    theirs: "Scored | None" = None
 
     def scores(self) -> torch.Tensor:
         if isinstance(self.result, HTTPException):
@@ -119,10 +127,18 @@ def score_rows(m: Loaded, rows: list[list[int]]) -> list[torch.Tensor | HTTPExce
 
 
 async def score_asks(
-    m: Loaded, asks: list[Ask], histories: Callable[[list[str]], Awaitable[list[list[str]]]]
+    m: Loaded,
+    asks: list[Ask],
+    histories: Callable[[list[str]], Awaitable[list[list[str]]]],
+    other: Loaded | None = None,
 ) -> list[Scored]:
     """A batch of requests scored by ``m``: the live histories of those that sent none, from one
-    ``histories(users)`` call, then one forward (``score_rows``); in the order of ``asks``."""
+    ``histories(users)`` call, then one forward (``score_rows``); in the order of ``asks``.
+
+    ``other``: the live trial's other version. The asks that want both are scored by it too, in
+    one more forward over just them; each gets it as ``theirs``. The same histories, encoded by
+    ``other``'s vocab (the two catalogs may differ), so both versions rank the same request.
+    """
     fetched = iter(
         await histories([a.user_id for a in asks if a.history is None and a.user_id is not None])
     )
@@ -130,6 +146,13 @@ async def score_asks(
         a.history if a.history is not None else next(fetched) if a.user_id is not None else []
         for a in asks
     ]
+    out = _scored(m, asks, chosen)
+    theirs = _score_theirs(other, asks, chosen) if other is not None else {}
+    return [replace(s, theirs=theirs[i]) if i in theirs else s for i, s in enumerate(out)]
+
+
+def _scored(m: Loaded, asks: list[Ask], chosen: list[list[str]]) -> list[Scored]:
+    """``asks`` scored and ranked by ``m`` in one forward, ``chosen`` their histories."""
     rows = [m.vocab.encode(h) for h in chosen]
     scored = score_rows(m, rows)
     cands = rank_candidates(asks, rows, scored)
@@ -137,6 +160,15 @@ async def score_asks(
         Scored(m, h, r, s, "history" if r else "popularity", c)
         for h, r, s, c in zip(chosen, rows, scored, cands, strict=True)
     ]
+
+
+def _score_theirs(other: Loaded, asks: list[Ask], chosen: list[list[str]]) -> dict[int, Scored]:
+    """The asks that want both, by their place in the batch, scored by ``other``."""
+    both = [i for i, a in enumerate(asks) if a.both]
+    if not both:
+        return {}
+    got = _scored(other, [asks[i] for i in both], [chosen[i] for i in both])
+    return dict(zip(both, got, strict=True))
 
 
 def rank_candidates(

@@ -300,7 +300,7 @@ def test_redeploy_with_another_key_takes_effect(live: str) -> None:
     # new key reaches the replicas (e.g. `up` restarted against a running cluster).
     from ray import serve
 
-    from serving.app import build_app
+    from serving.application import build_app
     from training.registry import Registry
 
     reg = Registry(STATE["registry"])

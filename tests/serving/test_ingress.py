@@ -85,7 +85,7 @@ def test_a_local_ray_serves_through_the_chosen_ingress(
 
     from services.runtime import init_ray
     from services.settings import Settings
-    from serving.app import build_app
+    from serving.application import build_app
 
     cfg = ServingConfig(port=free_port(), replicas=1, ingress=ingress)  # type: ignore[arg-type]
     reg = Registry(tmp_path / "registry")
