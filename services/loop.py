@@ -159,11 +159,18 @@ class ContinualLoop:
             (t0 - self.pending_since if self.pending_since is not None else None),
             None,
         )
+        searches = fresh and self.round_cfg.tune.first_version
+        if searches:
+            self._free_session()
         try:
             registry, extra = self.registry.expecting(base), {"after_watermark": after}
             if self.cfg.round_on_cluster:
-                # The round task on a training node trains on the long-lived run, if any.
-                client = self.session.client(self.round_cfg) if self.session else None
+                # The round task on a training node trains on the long-lived run, if any. A client
+                # starts the run's workers now, before a searching round's search: that round
+                # trains on a run of its own, and the session starts with the next round.
+                client = (
+                    self.session.client(self.round_cfg) if self.session and not searches else None
+                )
                 outcome = run_on_cluster(plan, registry, self.round_cfg, extra, trainer=client)
             else:
                 trainer = self.session.train if self.session is not None else None
@@ -195,6 +202,16 @@ class ContinualLoop:
         if self.on_round is not None:
             self.on_round(result, record)
         return result
+
+    def _free_session(self) -> None:
+        """Before a first round that searches its recipe: the session's idle workers hold CPUs
+        the search's trials need (on 2 cores all of them: the trials would wait until the search
+        timed out). It is closed here, and started again by the round's training, after the
+        search (``run_round`` searches before it trains)."""
+        if self.session is not None and self.session.running:
+            log.info("closing the training session for the first version's recipe search")
+            self.session.close()
+            self.session = TrainingSession()
 
     def _persist(self, record: dict[str, Any]) -> None:
         """Append the round's record; past ``keep_rounds`` the oldest go, their counts kept."""

@@ -44,7 +44,7 @@ _started_local_ray = False
 
 
 def round_config(s: Settings) -> RoundConfig:
-    return RoundConfig(model=s.model, trainer=s.trainer, replay=s.replay, gate=s.gate)
+    return RoundConfig(model=s.model, trainer=s.trainer, replay=s.replay, gate=s.gate, tune=s.tune)
 
 
 def started_local_ray() -> bool:

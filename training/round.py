@@ -16,19 +16,23 @@ A round is six steps, each a function with typed inputs and outputs, run in orde
 ``examples`` (training examples and held-out questions), ``questions`` (the gate's, topped up
 from earlier rounds'), ``train_candidate``, ``judge`` (the gate) and ``commit`` (register with
 the decision, keep the lineage). The first three are in ``training.round_steps``, the last three
-in ``training.round_finish``, the Ray Train job in ``training.round_train``. Every way a round
-runs goes through ``run_round``: in process (``services.loop``), as a cluster task
-(``services.round_job``), and with the long-lived workers of ``training.session`` as its
-``trainer``.
+in ``training.round_finish``, the Ray Train job in ``training.round_train``. Between questions
+and training, ``training.recipe.choose`` picks the recipe (a first version's search with
+``tune.first_version``, else the configured one; later versions inherit the champion's) and
+records it in the version's meta. Every way a round runs goes through ``run_round``: in process
+(``services.loop``), as a cluster task (``services.round_job``), and with the long-lived workers
+of ``training.session`` as its ``trainer``.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
 
+from training.recipe import RECIPE_KEY, choose
 from training.registry import Registry
 from training.round_config import RoundConfig, RoundResult, TrainFn
 from training.round_finish import commit, judge, round_kind, train_candidate
@@ -119,15 +123,23 @@ def run_round(
     p = plan(registry, inp, cfg, read_history)
     ex = examples(p, inp, cfg)
     q = questions(p, ex, inp, cfg)
+    # Before train_candidate: a long-lived session starts its workers at its first round's
+    # training, so a first round's search runs while they hold none of the CPUs.
+    chosen = choose(p, ex, cfg)
+    p, cfg = chosen.plan, chosen.cfg
+    inp = replace(inp, extra_meta={**inp.extra_meta,
+                                   RECIPE_KEY: chosen.record.model_dump(mode="json")})  # fmt: skip
     trained = train_candidate(registry, p, ex, q, cfg, trainer, run_id)
     t_gate = time.monotonic()
     decision = judge(p, ex, q, trained, inp, cfg)
     t_register = time.monotonic()
     result = commit(registry, p, ex, q, trained, decision, inp, cfg)
     result.phases = {
-        "prepare": t_gate - t_start - trained.seconds,
+        "prepare": t_gate - t_start - trained.seconds - chosen.search_s,
         "train": trained.seconds,
         "gate": t_register - t_gate,
         "register": time.monotonic() - t_register,
     }
+    if chosen.search_s:
+        result.phases["search"] = chosen.search_s
     return result

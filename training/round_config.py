@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from pydantic import Field
 
 from streams.config_base import StrictConfig
-from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
+from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig, TuneConfig
 from training.data import Examples
 from training.model import Recommender
 
@@ -28,6 +28,9 @@ class RoundConfig(StrictConfig):
     )
     replay: ReplayConfig = Field(default_factory=ReplayConfig, description="Replay and KD.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate.")
+    tune: TuneConfig = Field(
+        default_factory=TuneConfig, description="The first version's recipe search."
+    )
 
 
 @dataclass
