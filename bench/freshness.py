@@ -98,9 +98,11 @@ def probe_history(
 ) -> dict[str, list[float]]:
     """ms from publishing a click to the moment every replica has answered /recommend with it:
     half the probes a new user's first click, half a second click by a user whose first one
-    every replica already shows. Answers name their replica (``REPLICA_HEADER``)."""
+    every replica already shows. Answers name their replica (``REPLICA_HEADER``). ``first``:
+    the same probes, to the first answer with it from any replica (where the time goes: the
+    rest is the other replica's feed and finding it among the answers)."""
     prod = make_producer(kafka)
-    out: dict[str, list[float]] = {"new": [], "earlier": []}
+    out: dict[str, list[float]] = {"new": [], "earlier": [], "first": []}
     with httpx.Client(timeout=5) as client:
         for i in range(n):
             user = f"probe-{time.time_ns()}-{i}"
@@ -113,7 +115,8 @@ def probe_history(
             _click(prod, topic, user, items[1], "timed")
             done = _everywhere(client, url, user, 2 if kind == "earlier" else 1, replicas)
             if done is not None:
-                out[kind].append((done - t0) * 1000)
+                out[kind].append((done[1] - t0) * 1000)
+                out["first"].append((done[0] - t0) * 1000)
             time.sleep(0.3)
     prod.close()
     return out
@@ -128,17 +131,20 @@ def _click(prod: Any, topic: str, user: str, item: str, tag: str) -> None:
 
 def _everywhere(
     client: httpx.Client, url: str, user: str, length: int, replicas: int
-) -> float | None:
-    """perf_counter time at which ``replicas`` distinct replicas have answered for ``user`` with
-    a history of ``length`` items; None after 10 s."""
+) -> tuple[float, float] | None:
+    """perf_counter times at which the first replica, and then ``replicas`` distinct replicas,
+    have answered for ``user`` with a history of ``length`` items; None after 10 s."""
     seen: set[str] = set()
+    first: float | None = None
     deadline = time.perf_counter() + 10
     while time.perf_counter() < deadline:
         r = client.post(url, json={"user_id": user, "k": 10})
         if r.status_code == 200 and r.json()["history_len"] >= length:
+            now = time.perf_counter()
+            first = now if first is None else first
             seen.add(r.headers.get(REPLICA_HEADER, ""))
             if len(seen) >= replicas:
-                return time.perf_counter()
+                return first, now
         time.sleep(0.01)
     return None
 
@@ -302,7 +308,9 @@ def report(res: dict[str, Any], rate: float) -> dict[str, Any]:
     table = Table(title=f"Freshness at {rate:.0f} events/s (published -> answered by /recommend)")
     for col in ("path", "samples", "p50", "p99", "max"):
         table.add_column(col, justify="right")
-    for name, x in (("history (ms)", h), ("  new users", hn), ("  users with history", he)):
+    hf = np.asarray(res["history_ms"].get("first", []))
+    for name, x in (("history (ms)", h), ("  new users", hn), ("  users with history", he),
+                    ("  to the first replica", hf)):  # fmt: skip
         table.add_row(name, str(len(x)), str(pct(x, 50)), str(pct(x, 99)), str(pct(x, 100)))
     table.add_row("model (s)", str(len(m)), str(pct(m, 50)), str(pct(m, 99)), str(pct(m, 100)))
     OUT.print(table)
@@ -330,6 +338,8 @@ def report(res: dict[str, Any], rate: float) -> dict[str, Any]:
         "history_samples": len(h),
         "history_p99_ms_new_users": pct(hn, 99),
         "history_p99_ms_users_with_history": pct(he, 99),
+        "history_first_replica_p50_ms": pct(hf, 50),
+        "history_first_replica_p99_ms": pct(hf, 99),
         "model_p50_s": pct(m, 50),
         "model_p99_s": pct(m, 99),
         "model_samples": len(m),
