@@ -24,6 +24,17 @@ class ServingConfig(StrictConfig):
         "default Python proxy actor). On a cluster you run, the nodes' environment decides "
         "(RAY_SERVE_ENABLE_HA_PROXY=1, see the README).",
     )
+    # At Ray's 15 the shards' Kafka tail and the replicas' history feed waited behind training
+    # workers of the same weight (docs/design.md, "Niceness").
+    worker_niceness: int = Field(
+        default=0,
+        ge=0,
+        le=19,
+        description="Niceness of the worker processes of a Ray that streamtune starts itself "
+        "(Serve replicas, history shards; Ray's own default is 15), so the request path runs at "
+        "the priority of ingest and the broker and training workers (trainer.nice) yield to it. "
+        "On a cluster you run, the nodes' RAY_worker_niceness decides.",
+    )
     replicas: int = Field(default=2, ge=1, description="Replicas (the minimum when autoscaling).")
     max_replicas: int | None = Field(
         default=None, ge=1, description="Autoscale up to this many replicas; None = fixed count."

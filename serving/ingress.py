@@ -26,6 +26,9 @@ from streams.broker import free_port
 DRAIN_S = 5.0
 
 
+# Ray's setting for the niceness its worker processes start at (its default: 15).
+WORKER_NICENESS = "RAY_worker_niceness"
+
 HAPROXY_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     # Serve's own throughput mode: user code runs on the replica's main event loop instead of a
@@ -63,10 +66,12 @@ def node_env(cfg: ServingConfig) -> dict[str, str]:
 def choose_for_local_ray(
     cfg: ServingConfig, environ: MutableMapping[str, str] = os.environ
 ) -> None:
-    """Put ``cfg.ingress``'s switches (``node_env``) in ``environ`` (this process's, by default)
-    and take the other choice's out (a Ray started earlier by this process may have left them): a
-    local Ray started next from this process inherits them in every node process."""
+    """Put ``cfg.ingress``'s switches (``node_env``) and ``cfg.worker_niceness`` in ``environ``
+    (this process's, by default) and take the other choice's out (a Ray started earlier by this
+    process may have left them): a local Ray started next from this process inherits them in
+    every node process."""
     chosen = node_env(cfg)
     for key in (HAPROXY_ENV.keys() | set(NODE_PORTS)) - chosen.keys():
         environ.pop(key, None)
     environ.update(chosen)
+    environ[WORKER_NICENESS] = str(cfg.worker_niceness)  # read by the raylet it starts

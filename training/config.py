@@ -117,13 +117,13 @@ class TrainerConfig(StrictConfig):
     )
     cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs reserved per worker.")
     nice: int = Field(
-        default=0,
+        default=19,
         ge=0,
         le=19,
-        description="Niceness added to each training worker process (to the 15 Ray gives its "
-        "workers; at most 19), so that on nodes that also serve or ingest, training yields the "
-        "CPU to them. 0 = as Ray starts them (with 10, the demo's first round starved and it "
-        "trained fewer, larger rounds).",
+        description="Niceness added to each training worker process (the OS caps the sum at "
+        "19), so that on nodes that also serve or ingest, training yields the CPU to them: "
+        "rounds are batch work, a request or an event on its way to the live histories is not. "
+        "0 = as Ray starts them.",
     )
     zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage.")
     # Rounds are small and continuous: each new event is trained on once, in the round after it

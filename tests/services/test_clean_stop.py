@@ -83,6 +83,44 @@ def _port_open(port: int) -> bool:
         return False
 
 
+def _request_path_outranks_training(started: list[psutil.Process]) -> None:
+    """The Ray that `up` starts runs its workers at serving.worker_niceness (0; the history shards
+    here, Serve replicas once a version exists) and training workers at trainer.nice (19), not
+    all at Ray's default 15."""
+    titles: dict[int, str] = {}
+    for p in started:
+        try:
+            titles[p.pid] = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+    shards = [p for p in started if titles.get(p.pid, "").startswith("ray::HistoryShard")]
+    trainers = [p for p in started if titles.get(p.pid, "").startswith("ray::RayTrainWorker")]
+    assert shards and trainers, sorted(titles.values())
+    assert {p.nice() for p in shards} == {0}
+    # Niceness is per thread on Linux: the training thread sets its own, and the torch threads it
+    # starts inherit it. Over a second of the round, nearly all of a worker's CPU is theirs.
+    before = {p.pid: _thread_cpu(p) for p in trainers}
+    time.sleep(1.0)
+    for p in trainers:
+        spent: dict[int, float] = {}
+        for tid, cpu in _thread_cpu(p).items():
+            spent[tid] = cpu - before[p.pid].get(tid, 0.0)
+        total = sum(spent.values())
+        niced = sum(v for tid, v in spent.items() if _thread_nice(tid) == 19)
+        assert total > 0.1 and niced >= 0.8 * total, (p.pid, total, niced)
+
+
+def _thread_cpu(p: psutil.Process) -> dict[int, float]:
+    return {t.id: t.user_time + t.system_time for t in p.threads()}
+
+
+def _thread_nice(tid: int) -> int | None:
+    try:
+        return os.getpriority(os.PRIO_PROCESS, tid)
+    except OSError:  # the thread ended meanwhile
+        return None
+
+
 @pytest.mark.parametrize(
     ("command", "sig", "to_group"),
     [
@@ -130,6 +168,7 @@ def test_signal_mid_round_stops_everything(
         assert any("raylet" in n for n in names.values()), names
         assert any("gcs_server" in n for n in names.values()), names
         assert _port_open(broker_port)
+        _request_path_outranks_training(started)
         t0 = time.monotonic()
         if to_group:
             os.killpg(proc.pid, sig)

@@ -11,7 +11,13 @@ import psutil
 import pytest
 
 from serving.config import ServingConfig
-from serving.ingress import HAPROXY_ENV, NODE_PORTS, choose_for_local_ray, ray_env
+from serving.ingress import (
+    HAPROXY_ENV,
+    NODE_PORTS,
+    WORKER_NICENESS,
+    choose_for_local_ray,
+    ray_env,
+)
 from streams.broker import free_port
 from training.registry import Registry
 
@@ -37,8 +43,17 @@ def test_proxy_takes_the_switches_out_that_an_earlier_choice_left() -> None:
     env = {"PATH": "/bin"}
     choose_for_local_ray(ServingConfig(), env)
     choose_for_local_ray(ServingConfig(ingress="proxy"), env)
-    assert env == {"PATH": "/bin"}
+    assert env == {"PATH": "/bin", WORKER_NICENESS: "0"}
     assert ray_env(ServingConfig(ingress="proxy")) == {}
+
+
+def test_a_local_rays_workers_start_at_the_configured_niceness() -> None:
+    # Ray's own default (15) would put replicas and history shards level with training workers
+    env: dict[str, str] = {}
+    choose_for_local_ray(ServingConfig(), env)
+    assert env[WORKER_NICENESS] == "0"
+    choose_for_local_ray(ServingConfig(worker_niceness=5), env)
+    assert env[WORKER_NICENESS] == "5"
 
 
 def test_an_unknown_ingress_is_refused_at_the_boundary() -> None:
