@@ -22,10 +22,11 @@ from training.vocab import ItemVocab
 ITEMS = [f"i{n}" for n in range(1, 60)]
 
 
-def _version(v: int, seed: int) -> Loaded:
+def _version(v: int, seed: int, items: list[str] = ITEMS) -> Loaded:
+    """A small random version over ``items``, ready to serve."""
     torch.manual_seed(seed)
     cfg = ModelConfig(max_len=8, d_model=16, n_layers=1, n_heads=2, text_init=False)
-    vocab = ItemVocab(ITEMS)
+    vocab = ItemVocab(items)
     model = Recommender(cfg, len(vocab))
     model.eval()
     return as_loaded(v, model, vocab, torch.arange(len(vocab), dtype=torch.float32))

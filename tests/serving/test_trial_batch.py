@@ -17,26 +17,16 @@ import torch
 from fastapi import HTTPException
 
 from serving.live_answer import answer, ranked
-from serving.scoring import Ask, Loaded, Scored, as_loaded, score_asks, score_rows
+from serving.scoring import Ask, Loaded, Scored, score_asks, score_rows
 from serving.streak import Streak
-from training.config import ModelConfig
-from training.model import Recommender
 from training.ranking import top_k_rows
 from training.registry import LiveTrial
-from training.vocab import ItemVocab
+
+from .test_live_answer import _version
 
 SHARED = [f"i{n}" for n in range(1, 40)]
 ONLY_MINE, ONLY_THEIRS = "mine-only", "theirs-only"
 TRIAL = LiveTrial(id="t1", mode="canary", a=3, b=5, b_versions=[5], share=1.0)
-
-
-def _version(v: int, items: list[str], seed: int) -> Loaded:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(max_len=8, d_model=16, n_layers=1, n_heads=2, text_init=False)
-    vocab = ItemVocab(items)
-    model = Recommender(cfg, len(vocab))
-    model.eval()
-    return as_loaded(v, model, vocab, torch.arange(len(vocab), dtype=torch.float32))
 
 
 def _counting(m: Loaded, shapes: list[tuple[int, ...]]) -> Loaded:
@@ -52,11 +42,11 @@ def _counting(m: Loaded, shapes: list[tuple[int, ...]]) -> Loaded:
 # The serving version's catalog has an item the other's lacks, and the other's has one of its own
 # placed first, so the two vocabs give the shared items different rows.
 def _mine() -> Loaded:
-    return _version(3, [*SHARED, ONLY_MINE], 0)
+    return _version(3, 0, [*SHARED, ONLY_MINE])
 
 
 def _theirs() -> Loaded:
-    return _version(5, [ONLY_THEIRS, *SHARED], 1)
+    return _version(5, 1, [ONLY_THEIRS, *SHARED])
 
 
 LIVE = {"u1": ["i3", "i4", ONLY_MINE], "u2": ["i7", ONLY_THEIRS], "u3": []}
