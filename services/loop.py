@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -234,10 +235,11 @@ class ContinualLoop:
         """Events let go from the carry so far (never trained on, by rule; dead letters apart)."""
         return int(self.state().get("totals", {}).get("never_trained_events", 0))
 
-    def close(self, timeout_s: float = 30.0) -> None:
-        """End the long-lived training run, if there is one (before Ray goes down)."""
+    def close(self, timeout_s: float = 30.0, stuck: Callable[[], None] | None = None) -> None:
+        """End the long-lived training run, if there is one (before Ray goes down); ``stuck``:
+        see ``TrainingSession.close``."""
         if self.session is not None:
-            self.session.close(timeout_s)
+            self.session.close(timeout_s, stuck)
 
     # -- forever ------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:

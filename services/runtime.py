@@ -70,13 +70,42 @@ def init_ray(address: str | None, s: Settings, dashboard: bool = True) -> None:
     _started_local_ray = True
     choose_for_local_ray(s.serving)  # Serve reads its ingress from the nodes' environment
     log.info("starting a local Ray; Serve's HTTP ingress: %s", s.serving.ingress)
-    ray.init(
+    _init_from_a_lasting_thread(
         num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
         include_dashboard=dashboard,
         dashboard_host="127.0.0.1",  # loopback only unless the user runs their own cluster
         log_to_driver=False,
     )
     descendants.track()
+
+
+def _init_from_a_lasting_thread(**init: Any) -> None:
+    """``ray.init(**init)`` from a thread that lives as long as this process.
+
+    Why: a local Ray's GCS and raylet die with the *thread* that started them (Ray sets
+    PR_SET_PDEATHSIG in them, and Linux sends it when the forking thread exits). The demo starts
+    Ray from its work thread, which ends at a stop: Ray's core died at the first moment of every
+    stop, and the ordered stop then waited out timeouts against it (27 s of a 25 s budget)."""
+    import ray
+
+    if threading.current_thread() is threading.main_thread():
+        ray.init(**init)
+        return
+    started = threading.Event()
+    failed: list[BaseException] = []
+
+    def parent() -> None:
+        try:
+            ray.init(**init)
+        except BaseException as err:  # raised in the caller's thread below
+            failed.append(err)
+        started.set()
+        threading.Event().wait()  # never set: this thread is the Ray processes' parent
+
+    threading.Thread(target=parent, name="ray-parent", daemon=True).start()
+    started.wait()
+    if failed:
+        raise failed[0]
 
 
 def start(

@@ -18,6 +18,9 @@ from serving.rollout import RolloutController
 
 log = logging.getLogger(__name__)
 
+# What a long-lived training run gets to end on its own before the stop kills its controller.
+SESSION_GRACE_S = 4.0
+
 
 def shutdown(
     running: Running | None,
@@ -38,6 +41,13 @@ def shutdown(
         _stop_threads(steps, running, started)
     if broker is not None:
         _stop_broker(steps, broker)
+    if local_ray_gone(started):
+        # Ctrl-C in a terminal signals the whole foreground group, Ray's raylet and GCS included,
+        # and they exit on it. What they started is then orphaned and answers nothing, and
+        # Ray's own shutdown below would wait on it (its last metrics export and event flush time
+        # out: 11-15 s of a 25 s budget). End it first.
+        log.warning("Ray's core exited before the stop reached it: ending Ray's orphans first")
+        steps.run("Ray's orphans", lambda: _kill_all(started))
     _stop_serve_and_ray(steps, running, serve)
     steps.run("leftover processes", lambda: reap(started, steps.deadline))
     return steps.left
@@ -56,7 +66,7 @@ def stop_threads(running: Running, budget_s: float = 25.0) -> list[str]:
 def _stop_threads(steps: _Steps, running: Running, started: list[Any]) -> None:
     _stop_ingest(steps, running)
     _end_round(steps, running, started)
-    _close_training_session(steps, running)
+    _close_training_session(steps, running, started)
     _stop_rollout(steps, running)
     _stop_watchers(steps, running)
 
@@ -121,12 +131,17 @@ def _end_round(steps: _Steps, running: Running, started: list[Any]) -> None:
         steps.run("round", lambda: _kill_round(started, loop, min(15.0, steps.remaining(8.0))))
 
 
-def _close_training_session(steps: _Steps, running: Running) -> None:
+def _close_training_session(steps: _Steps, running: Running, started: list[Any]) -> None:
     if running.loop.session is not None:
-        # Its run's controller waits on Ray from a thread of this process, as a round does.
+        # Its run's controller waits on Ray from a thread of this process, as a round does. A
+        # healthy run ends ~3 s after its feeder stops (Ray Train's 2 s health check); past
+        # SESSION_GRACE_S its controller (local Ray) is killed, as a round's is.
+        limit = max(1.0, min(10.0, steps.remaining(8.0)))
+        grace = 0.5 if local_ray_gone(started) else SESSION_GRACE_S  # it cannot end by itself
         steps.run(
             "training session",
-            lambda: running.loop.close(max(1.0, min(10.0, steps.remaining(8.0)))),
+            lambda: running.loop.close(min(grace, limit), lambda: _kill_controllers(started)),
+            limit_s=limit + 1.0,
         )
 
 
@@ -204,10 +219,37 @@ def _end_rollout(
 
 def _kill_round(procs: list[Any], loop: threading.Thread, timeout: float) -> None:
     """SIGKILL this Ray's Train controller (local Ray only), then wait for the loop thread."""
+    _kill_controllers(procs)
+    loop.join(max(0.5, timeout))
+
+
+def local_ray_gone(procs: list[Any]) -> bool:
+    """Whether the raylet or GCS among ``procs`` (a local Ray this process started) has exited."""
+    import psutil
+
+    for p in procs:
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE and p.name() in ("raylet", "gcs_server"):
+                return True  # (this process, their parent, reaps them in Ray's shutdown)
+        except psutil.Error:
+            continue
+    return False
+
+
+def _kill_all(procs: list[Any]) -> None:
+    import psutil
+
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+def _kill_controllers(procs: list[Any]) -> None:
+    """SIGKILL the Train controllers among ``procs`` (this local Ray's): their runs end at once,
+    their workers with them (an actor's children die with it)."""
     import psutil
 
     for p in procs:
         with contextlib.suppress(psutil.Error):
             if "TrainController" in " ".join(p.cmdline()[:1]):
                 p.kill()
-    loop.join(max(0.5, timeout))

@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -313,8 +314,19 @@ class TrainingSession:
         """Train one round on the session's workers from this process (see ``SessionClient``)."""
         return self.client(cfg)(init, teacher, examples, cfg, cold, run_id)
 
-    def close(self, timeout_s: float = 60.0) -> None:
-        """End the run: the workers finish their loop and ``fit`` returns."""
+    def close(
+        self,
+        timeout_s: float = 60.0,
+        stuck: Callable[[], None] | None = None,
+        kill_wait_s: float = 5.0,
+    ) -> None:
+        """End the run: the workers finish their loop and ``fit`` returns. ``stuck``: called when
+        it has not within ``timeout_s`` (e.g. ends the run's controller), then up to
+        ``kill_wait_s`` more for ``fit`` to return.
+
+        Why a caller may want it: a worker group that fails while the run ends is restarted by
+        Ray Train (the run retries forever) before the workers can see the stop, and a restart
+        costs ~10 s, past what a stop can wait."""
         import ray
 
         self._closed = True
@@ -326,9 +338,13 @@ class TrainingSession:
             log.warning("training session %s: could not stop its feeder: %s", self.run_name, err)
         if self._thread is not None:
             self._thread.join(timeout_s)
+            if self._thread.is_alive() and stuck is not None:
+                log.warning("training session %s did not end within %.0f s; ending its run",
+                            self.run_name, timeout_s)  # fmt: skip
+                stuck()
+                self._thread.join(kill_wait_s)
             if self._thread.is_alive():
-                log.warning("training session %s did not end within %.0f s", self.run_name,
-                            timeout_s)  # fmt: skip
+                log.warning("training session %s did not end", self.run_name)
         self._drop_feeder()
 
     def _drop_feeder(self) -> None:

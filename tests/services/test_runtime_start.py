@@ -1,0 +1,42 @@
+"""A local Ray lives as long as the process that started it, whichever thread started it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from services.settings import Settings
+from serving.config import ServingConfig
+from streams.broker import free_port
+from tests.serving.test_ingress import restore_env  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.integration
+
+
+def test_ray_started_from_a_thread_outlives_that_thread(
+    tmp_path: Path,
+    restore_env: None,  # noqa: F811
+) -> None:
+    """The demo starts Ray from its work thread, which ends at a stop. Ray's GCS and raylet die
+    with the thread that forked them (PR_SET_PDEATHSIG), so they must not be forked by it."""
+    import ray
+
+    from services.runtime import init_ray
+
+    s = Settings(state_dir=tmp_path / "state", serving=ServingConfig(port=free_port()))
+    worker = threading.Thread(target=init_ray, args=(None, s, False))
+    worker.start()
+    worker.join()
+    try:
+        time.sleep(1.0)  # the kernel's signal to them would have landed by now
+        core = [p for p in psutil.Process().children(recursive=True)
+                if p.name() in ("raylet", "gcs_server")]  # fmt: skip
+        assert sorted(p.name() for p in core) == ["gcs_server", "raylet"]
+        assert all(p.status() != psutil.STATUS_ZOMBIE for p in core)
+        assert ray.get(ray.remote(lambda: 41 + 1).remote(), timeout=60) == 42
+    finally:
+        ray.shutdown()
