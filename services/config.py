@@ -85,9 +85,9 @@ class LoopConfig(StrictConfig):
         description=(
             "Niceness of the loop's thread, which does a round's own work in this process "
             "(read, prepare, gate, register; training runs in Ray workers), with torch on that "
-            "one thread. Ray starts its workers, Serve replicas and the history actor included, "
-            "at 15: at 15 the round shares the CPU with requests instead of preempting them. "
-            "0 = leave this thread and torch's threads as they are."
+            "one thread. Serve replicas and the history shards run at serving.worker_niceness "
+            "(0 when streamtune starts Ray): at 15 the round yields the CPU to requests instead "
+            "of preempting them. 0 = leave this thread and torch's threads as they are."
         ),
     )
     compact_every_s: float = Field(
