@@ -293,8 +293,6 @@ def _say(line: str) -> None:
 
 def show_status(s: Settings, console: Console) -> None:
     """What ``streamtune status`` prints, onto ``console``."""
-    import httpx
-
     from streams.admin import topic_lag
     from streams.broker import LocalBroker
 
@@ -320,22 +318,34 @@ def show_status(s: Settings, console: Console) -> None:
         kind = str(meta.get("kind", ""))
         table.add_row(str(d["version"]), kind, d["decision"], new, ndcg, d["reason"][:60])
     console.print(table)
-    try:
-        models = httpx.get(f"http://{s.serving.host}:{s.serving.port}/models", timeout=3).json()
-        console.print(f"serving: champion {models['champion']}, replicas {models['serving']}")
-        shards = models.get("history_shards", [])
-        if shards:
-            down = [str(sh["shard"]) for sh in shards if not sh["answering"]]
-            users = sum(sh["users"] or 0 for sh in shards if sh["answering"])
-            console.print(f"live state: {users:,} users in {len(shards)} history shards"
-                          + (f" (not answering: {', '.join(down)})" if down else ""))  # fmt: skip
-    except httpx.HTTPError:
-        console.print("serving: not reachable")
+    _serving_status(s, console)
     champ = reg.champion()
     if champ is not None:
         age = time.time() - reg.meta(champ)["created_at"]
         console.print(f"freshness: champion v{champ} was trained {age:,.0f}s ago")
     _learning(s, reg, console)
+
+
+def _serving_status(s: Settings, console: Console) -> None:
+    """What the app's /models says: the versions served and the live state's shards."""
+    import httpx
+
+    try:
+        r = httpx.get(f"http://{s.serving.host}:{s.serving.port}/models", timeout=3)
+    except httpx.HTTPError:
+        console.print("serving: not reachable")
+        return
+    if r.status_code != 200:  # e.g. 503 until a first version is loaded
+        console.print(f"serving: answering {r.status_code}: {r.text[:120]}")
+        return
+    models = r.json()
+    console.print(f"serving: champion {models['champion']}, replicas {models['serving']}")
+    shards = models.get("history_shards", [])
+    if shards:
+        down = [str(sh["shard"]) for sh in shards if not sh["answering"]]
+        users = sum(sh["users"] or 0 for sh in shards if sh["answering"])
+        console.print(f"live state: {users:,} users in {len(shards)} history shards"
+                      + (f" (not answering: {', '.join(down)})" if down else ""))  # fmt: skip
 
 
 def _learning(s: Settings, reg: Registry, console: Console) -> None:
