@@ -42,10 +42,10 @@ def shutdown(
     if broker is not None:
         _stop_broker(steps, broker)
     if local_ray_gone(started):
-        # Ctrl-C in a terminal signals the whole foreground group, Ray's raylet and GCS included,
-        # and they exit on it. What they started is then orphaned and answers nothing, and
-        # Ray's own shutdown below would wait on it (its last metrics export and event flush time
-        # out: 11-15 s of a 25 s budget). End it first.
+        # Ray's raylet or GCS exited before the stop reached it (they die with the thread that
+        # started them, which init_ray keeps alive, or of a failure of their own). What they
+        # started is then orphaned and answers nothing, and Ray's own shutdown below would wait
+        # on it (its last metrics export and event flush time out: 11-15 s of a 25 s budget).
         log.warning("Ray's core exited before the stop reached it: ending Ray's orphans first")
         steps.run("Ray's orphans", lambda: _kill_all(started))
     _stop_serve_and_ray(steps, running, serve)
@@ -136,12 +136,12 @@ def _close_training_session(steps: _Steps, running: Running, started: list[Any])
         # Its run's controller waits on Ray from a thread of this process, as a round does. A
         # healthy run ends ~3 s after its feeder stops (Ray Train's 2 s health check); past
         # SESSION_GRACE_S its controller (local Ray) is killed, as a round's is.
+        # Not cut short by the stop: Ray must not go down under it (its waits are bounded).
         limit = max(1.0, min(10.0, steps.remaining(8.0)))
         grace = 0.5 if local_ray_gone(started) else SESSION_GRACE_S  # it cannot end by itself
         steps.run(
             "training session",
             lambda: running.loop.close(min(grace, limit), lambda: _kill_controllers(started)),
-            limit_s=limit + 1.0,
         )
 
 
