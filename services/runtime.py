@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 # Whether init_ray started a local Ray in this process (rather than connecting to a cluster).
 _started_local_ray = False
 
+# Ray settings of a local Ray that streamtune starts, unless the environment sets them. Ray
+# Train's preemption watcher is an actor per worker group that polls for node drains: a one-node
+# Ray started here is never drained, and the actor costs ~0.1 GiB (a cluster keeps Ray's default).
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
 
 def round_config(s: Settings) -> RoundConfig:
     return RoundConfig(model=s.model, trainer=s.trainer, replay=s.replay, gate=s.gate, tune=s.tune)
@@ -69,6 +74,8 @@ def init_ray(address: str | None, s: Settings, dashboard: bool = True) -> None:
     needed = s.trainer.num_workers * s.trainer.cpus_per_worker + 0.25 * s.serving.replicas + 1
     _started_local_ray = True
     choose_for_local_ray(s.serving)  # Serve reads its ingress from the nodes' environment
+    for key, value in LOCAL_RAY_ENV.items():  # the local raylet and its workers inherit them
+        os.environ.setdefault(key, value)
     log.info("starting a local Ray; Serve's HTTP ingress: %s", s.serving.ingress)
     _init_from_a_lasting_thread(
         num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),

@@ -20,13 +20,14 @@ import os
 import tempfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from training.config import ModelConfig, ReplayConfig, TrainerConfig
 from training.data import Examples
+from training.feeder import IDLE
 from training.fit import LrSchedule, fit
 from training.model import Recommender
 
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 # Rank 0 asks the feeder for a round for this long before every rank goes round again; the other
 # ranks wait for it on the control group, whose timeout must outlast that and a round's data read.
 IDLE_WAIT_S = 30.0
-IDLE: Final = "idle"  # the feeder's answer when it had no round within IDLE_WAIT_S
 CONTROL_TIMEOUT = timedelta(minutes=10)
 
 

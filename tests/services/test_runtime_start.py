@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -38,5 +39,8 @@ def test_ray_started_from_a_thread_outlives_that_thread(
         assert sorted(p.name() for p in core) == ["gcs_server", "raylet"]
         assert all(p.status() != psutil.STATUS_ZOMBIE for p in core)
         assert ray.get(ray.remote(lambda: 41 + 1).remote(), timeout=60) == 42
+        # Ray's workers run with the local Ray's settings (no preemption watcher per run)
+        watcher = ray.remote(lambda: os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"))
+        assert ray.get(watcher.remote(), timeout=60) == "0"
     finally:
         ray.shutdown()

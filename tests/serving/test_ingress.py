@@ -65,7 +65,9 @@ def test_an_unknown_ingress_is_refused_at_the_boundary() -> None:
 def restore_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     import services.runtime
 
-    saved = {k: os.environ.get(k) for k in [*HAPROXY_ENV, *NODE_PORTS]}
+    saved = {
+        k: os.environ.get(k) for k in [*HAPROXY_ENV, *NODE_PORTS, *services.runtime.LOCAL_RAY_ENV]
+    }
     monkeypatch.setattr(services.runtime, "_started_local_ray", False)
     yield
     for k, v in saved.items():
