@@ -182,7 +182,8 @@ class TrainerConfig(StrictConfig):
         default=None,
         description=(
             "Custom Ray resource that marks training nodes (e.g. 'streamtune_train' given by "
-            "`ray start --resources`); the round's task and its workers go only there. None: any."
+            "`ray start --resources`); the round's task, its workers and a recipe search's "
+            "trials go only there. None: any."
         ),
     )
 

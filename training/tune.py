@@ -178,6 +178,16 @@ def _trainable(
     run_trial(recipe, data, model_cfg, trainer, cfg.max_epochs, cfg.patience, report)
 
 
+def trial_resources(trainer: TrainerConfig) -> dict[str, float]:
+    """A trial's Ray resources: one CPU, on a training node when ``trainer.node_resource`` names
+    them, as a round's task and workers are (a search on a cluster must not train on the serving
+    nodes). Tune takes keys other than cpu, gpu and memory as custom resources."""
+    res = {"cpu": 1.0}
+    if trainer.node_resource:
+        res[trainer.node_resource] = 0.001
+    return res
+
+
 def load_winner(result: SearchResult) -> Recommender:
     """The winning trial's weights at its best validation epoch."""
     if result.best.checkpoint is None:
@@ -227,7 +237,7 @@ def search(
                 tune.with_parameters(
                     _trainable, data=data, model_cfg=model_cfg, trainer=trainer, cfg=cfg
                 ),
-                {"cpu": 1},
+                trial_resources(trainer),
             ),
             param_space=space,
             tune_config=tune.TuneConfig(

@@ -12,7 +12,7 @@ import pytest
 from tests.training.data_gen import synthetic_table
 from training.config import ModelConfig, TrainerConfig, TuneConfig
 from training.evaluation import Interactions, encode, leave_one_out
-from training.tune import SearchData, SearchError, load_winner, run_trial, search
+from training.tune import SearchData, SearchError, load_winner, run_trial, search, trial_resources
 from training.tune_space import Recipe, search_space
 
 MODEL = ModelConfig(max_len=20, text_init=False)
@@ -127,3 +127,11 @@ def test_default_budget_scales_with_the_data() -> None:
     assert cfg.budget_cpu_s(1_000_000) == pytest.approx(10 * cfg.budget_cpu_s(100_000))
     assert cfg.budget_cpu_s(10) == pytest.approx(60.0)  # the 1 CPU minute floor
     assert cfg.budget_cpu_s(10**9) == pytest.approx(3600.0)  # the 60 CPU minute cap
+
+
+def test_trials_go_where_the_rounds_train() -> None:
+    """On a cluster with training nodes marked, a search's trials ask for the mark, as a round's
+    workers do; without one they ask for a CPU anywhere."""
+    assert trial_resources(TrainerConfig()) == {"cpu": 1.0}
+    marked = trial_resources(TrainerConfig(node_resource="streamtune_train"))
+    assert marked == {"cpu": 1.0, "streamtune_train": 0.001}
