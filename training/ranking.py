@@ -155,10 +155,7 @@ def top_k_rows(
 ) -> list[torch.Tensor]:
     """``top_k`` of each row of [B, V] scores (``exclude``: one per row, or None), in one pass:
     what a batch of requests costs once instead of once per request."""
-    if isinstance(scores, torch.Tensor) and scores.dtype == torch.float32:
-        s = scores.detach()  # served scores: no copy here, ``nan_to_num`` below makes the one
-    else:
-        s = torch.from_numpy(np.asarray(as_numpy(scores), dtype=np.float32))
+    s = torch.from_numpy(np.asarray(as_numpy(scores), dtype=np.float32))
     if s.ndim != 2:
         raise ValueError(f"top_k_rows takes [B, V] scores, got shape {tuple(s.shape)}")
     b, v = s.shape
@@ -180,7 +177,5 @@ def top_k_rows(
     if n == 0:
         return [torch.zeros(0, dtype=torch.long) for _ in range(b)]
     vals, idx = torch.topk(s, n, dim=1)
-    # Best first, so the columns never to pick (-inf) are each row's tail: a slice per row, not
-    # a mask (a served request's answer is a handful of tensor calls; each one counts).
-    keep = (vals > float("-inf")).sum(dim=1).tolist()
-    return [idx[i, :c] for i, c in enumerate(keep)]
+    keep = vals > float("-inf")
+    return [idx[i][keep[i]] for i in range(b)]
