@@ -251,8 +251,11 @@ class ContinualLoop:
             if self.should_train():
                 try:
                     registered = self.run_once() is not None
-                except Exception:  # a failed round must not kill the service; retry later
-                    log.exception("training round failed; will retry at the next trigger")
+                except Exception as err:  # a failed round must not kill the service
+                    if stop.is_set():  # e.g. the stop closed the training run under the round
+                        log.info("training round ended by the stop: %s", err)
+                    else:
+                        log.exception("training round failed; will retry at the next trigger")
             if time.monotonic() - self.last_compact > self.cfg.compact_every_s:
                 self.buffer.compact()
                 self.buffer.apply_retention()

@@ -55,7 +55,7 @@ def shutdown(
 
 def stop_threads(running: Running, budget_s: float = 25.0) -> list[str]:
     """The first part of ``shutdown``: every thread of this process that calls Ray ends (ingest
-    flushed, the round ended, the training session closed, the rollout controller and the
+    flushed, the training session closed, the round ended, the rollout controller and the
     watchers stopped), so Ray can then be shut down under none of them. For a caller that shuts
     Serve and Ray down itself; returns what did not stop cleanly."""
     steps = _Steps(budget_s, None)
@@ -65,8 +65,11 @@ def stop_threads(running: Running, budget_s: float = 25.0) -> list[str]:
 
 def _stop_threads(steps: _Steps, running: Running, started: list[Any]) -> None:
     _stop_ingest(steps, running)
-    _end_round(steps, running, started)
+    # The long-lived run first (the default): closing it ends a round in flight on it too (the
+    # round's client gets the run's end). Ending the round first killed Train's controllers, so
+    # the session's run died under it: an error in the log of every stop that came mid-round.
     _close_training_session(steps, running, started)
+    _end_round(steps, running, started)
     _stop_rollout(steps, running)
     _stop_watchers(steps, running)
 

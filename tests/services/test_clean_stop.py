@@ -193,6 +193,9 @@ def test_signal_mid_round_stops_everything(
         # Ray's core was up until the ordered stop reached it (not killed with the demo's work
         # thread, which ends first), so the stop did not have to clear its orphans.
         assert "Ray's orphans" not in text, text[-3000:]
+        # The round in flight ended with the training run the stop closed, not as a failure: no
+        # error of the run's controller killed under it, no failed round.
+        assert "ActorDiedError" not in text and "round failed" not in text, text[-3000:]
         # Nothing partial was registered: every version there is loads.
         for reg_dir in state.rglob("registry"):
             reg = Registry(reg_dir)
