@@ -137,7 +137,7 @@ def run_on_cluster(
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
-    resources = {cfg.trainer.node_resource: 0.001} if cfg.trainer.node_resource else None
+    resources = cfg.trainer.on_training_nodes() or None
     # No CPU of its own: the task only waits on the Ray Train job, whose workers hold the CPUs.
     # Retried if its node dies (never on an exception): a rerun plans nothing new (and posts the
     # same round id to a long-lived run, which trains it once), and the registry's expect_latest

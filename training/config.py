@@ -187,6 +187,11 @@ class TrainerConfig(StrictConfig):
         ),
     )
 
+    def on_training_nodes(self, share: float = 0.001) -> dict[str, float]:
+        """Ray resources that place a task, actor or trial on the training nodes: a ``share`` of
+        their marker (``node_resource``); none when no marker is set."""
+        return {self.node_resource: share} if self.node_resource else {}
+
 
 class RegistryConfig(StrictConfig):
     """Where versions, the champion pointer and the rollout state live."""

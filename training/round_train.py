@@ -61,9 +61,7 @@ def worker_resources(tcfg: TrainerConfig, use_gpu: bool) -> dict[str, float] | N
     """What one Ray Train worker reserves: CPUs (GPU via use_gpu), and a sliver of the training
     nodes' marker resource so workers are placed on those nodes only."""
     res: dict[str, float] = {} if use_gpu else {"CPU": tcfg.cpus_per_worker}
-    if tcfg.node_resource:
-        res[tcfg.node_resource] = 0.01
-    return res or None
+    return {**res, **tcfg.on_training_nodes(0.01)} or None
 
 
 def _use_gpu(cfg: RoundConfig) -> bool:

@@ -182,10 +182,7 @@ def trial_resources(trainer: TrainerConfig) -> dict[str, float]:
     """A trial's Ray resources: one CPU, on a training node when ``trainer.node_resource`` names
     them, as a round's task and workers are (a search on a cluster must not train on the serving
     nodes). Tune takes keys other than cpu, gpu and memory as custom resources."""
-    res = {"cpu": 1.0}
-    if trainer.node_resource:
-        res[trainer.node_resource] = 0.001
-    return res
+    return {"cpu": 1.0, **trainer.on_training_nodes()}
 
 
 def load_winner(result: SearchResult) -> Recommender:

@@ -132,6 +132,11 @@ def test_default_budget_scales_with_the_data() -> None:
 def test_trials_go_where_the_rounds_train() -> None:
     """On a cluster with training nodes marked, a search's trials ask for the mark, as a round's
     workers do; without one they ask for a CPU anywhere."""
+    from training.round_train import worker_resources
+
     assert trial_resources(TrainerConfig()) == {"cpu": 1.0}
-    marked = trial_resources(TrainerConfig(node_resource="streamtune_train"))
-    assert marked == {"cpu": 1.0, "streamtune_train": 0.001}
+    marked = TrainerConfig(node_resource="streamtune_train")
+    assert trial_resources(marked) == {"cpu": 1.0, "streamtune_train": 0.001}
+    assert worker_resources(marked, use_gpu=False) == {"CPU": 1.0, "streamtune_train": 0.01}
+    assert worker_resources(marked, use_gpu=True) == {"streamtune_train": 0.01}
+    assert worker_resources(TrainerConfig(), use_gpu=True) is None
