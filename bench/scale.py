@@ -20,8 +20,10 @@ ingress) for users drawn from the whole population, with the model over ``--stat
 item table of N rows, as rounds over such a catalog leave them), then ``--round-events`` new
 events over that catalog and one real round through the loop (plan, Ray task, Ray Train +
 DeepSpeed, gate, registry) with the product's round settings (``model.loss: auto`` picks the
-sampled softmax above its threshold). Reported: training samples/s (measured inside the training
-loop, so Ray Train's start-up is excluded), the round's wall time and its training seconds.
+sampled softmax above its threshold, and the sampled loss trains the item table row-wise).
+Reported: training samples/s (measured inside the training loop, so Ray Train's start-up is
+excluded), the round's wall time and its training seconds; then the same round over the largest
+catalog with the item table trained dense (``trainer.row_wise_table=False``), for reference.
 
 Goals (issue "internet scale"): <= 1 KB of live state per user at 1M users x 100; all shards rebuilt
 in <= 60 s; /recommend p99 at concurrency 8 at 1M users <= 1.5x that at 10k users; training
@@ -81,17 +83,22 @@ def state_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def catalog_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def catalog_summary(rows: list[dict[str, Any]], dense: dict[str, Any] | None) -> dict[str, Any]:
     base = rows[0]["samples_per_s"]
     last = rows[-1]["samples_per_s"]
     return {
+        "table": {str(r["items"]): r["table"] for r in rows},
         "items": [r["items"] for r in rows],
         "loss": {str(r["items"]): r["loss"] for r in rows},
         "samples_per_s": {str(r["items"]): _r(r["samples_per_s"], 0) for r in rows},
         "round_s": {str(r["items"]): _r(r["round_s"], 1) for r in rows},
         "train_s": {str(r["items"]): _r(r["train_s"], 1) for r in rows},
         "samples_ratio_largest": _r(last / base, 3) if base and last else None,
-    }
+        "dense_reference": None if dense is None else {
+            "items": dense["items"], "samples_per_s": _r(dense["samples_per_s"], 0),
+            "train_s": _r(dense["train_s"], 1), "round_s": _r(dense["round_s"], 1),
+        },
+    }  # fmt: skip
 
 
 def show_state(rows: list[dict[str, Any]]) -> None:
@@ -110,11 +117,12 @@ def show_state(rows: list[dict[str, Any]]) -> None:
 
 def show_catalog(rows: list[dict[str, Any]]) -> None:
     t = Table(title="one round by catalog size (training samples/s exclude Ray Train start-up)")
-    for col in ("items", "loss", "events", "samples/s", "train s", "round s"):
+    for col in ("items", "loss", "item table", "events", "samples/s", "train s", "round s"):
         t.add_column(col, justify="right")
     for r in rows:
-        t.add_row(f"{r['items']:,}", r["loss"], f"{r['events']:,}", f"{r['samples_per_s']:.0f}",
-                  f"{r['train_s']:.1f}", f"{r['round_s']:.1f}")  # fmt: skip
+        t.add_row(f"{r['items']:,}", r["loss"], r["table"], f"{r['events']:,}",
+                  f"{r['samples_per_s']:.0f}", f"{r['train_s']:.1f}",
+                  f"{r['round_s']:.1f}")  # fmt: skip
     OUT.print(t)
 
 
@@ -136,6 +144,11 @@ def main(argv: list[str] | None = None) -> None:
         help="catalog sizes (default 10000 100000 1000000)",
     )
     p.add_argument("--round-events", type=int, default=25_000)
+    p.add_argument(
+        "--no-dense-reference", dest="dense_reference", action="store_false",
+        help="skip the reference round over the largest catalog with its item table trained "
+        "dense (trainer.row_wise_table=False)",
+    )  # fmt: skip
     p.add_argument("--up-users", type=int, default=1_000_000, help="the footprint part's users")
     p.add_argument("--up-items", type=int, default=100_000, help="the footprint part's catalog")
     p.add_argument("--seed", type=int, default=0)
@@ -158,8 +171,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"catalog: one round of {args.round_events:,} events over {n:,} items ..."
             )
             crows.append(apart(catalog_row, n, args.round_events, args.seed))
-        show_catalog(crows)
-        summary["catalog"] = catalog_summary(crows)
+        dense = None
+        if args.dense_reference and crows[-1]["table"] == "rows":
+            console.print(f"catalog: the same round over {items[-1]:,} items, table dense ...")
+            dense = apart(catalog_row, items[-1], args.round_events, args.seed, False)
+        show_catalog(crows + ([dense] if dense else []))
+        summary["catalog"] = catalog_summary(crows, dense)
     if args.part in ("up", "all"):
         n, k = (100_000, 10_000) if args.quick else (args.up_users, args.up_items)
         console.print(f"up: holding {n:,} users and a {k:,}-item catalog ...")

@@ -36,8 +36,9 @@ def _champion(registry: Any, cfg: RoundConfig, items: int) -> None:
     registry.register(write, meta, promote=True, reason=f"bench: a {items:,}-item catalog")
 
 
-def catalog_row(items: int, events: int, seed: int) -> dict[str, Any]:
-    """One round of ``events`` new events after a champion over ``items`` items."""
+def catalog_row(items: int, events: int, seed: int, row_wise: bool = True) -> dict[str, Any]:
+    """One round of ``events`` new events after a champion over ``items`` items; ``row_wise``
+    False trains the item table dense (the reference for ``trainer.row_wise_table``)."""
     import ray
 
     from services.config import LoopConfig
@@ -47,7 +48,8 @@ def catalog_row(items: int, events: int, seed: int) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-scale-catalog-{items}-"))
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        cfg = RoundConfig(trainer=TrainerConfig(storage_path=tmp / "ray"))
+        trainer = TrainerConfig(storage_path=tmp / "ray", row_wise_table=row_wise)
+        cfg = RoundConfig(trainer=trainer)
         buffer = EventBuffer(BufferConfig(path=tmp / "buffer"))
         registry = Registry(tmp / "registry")
         _champion(registry, cfg, items)
@@ -67,6 +69,7 @@ def catalog_row(items: int, events: int, seed: int) -> dict[str, Any]:
             "items": items,
             "events": result.new_events,
             "loss": _loss(cfg, items),
+            "table": "rows" if result.metrics.get("train_row_wise_table") else "dense",
             "samples_per_s": result.metrics.get("train_samples_per_s"),
             "train_s": result.train_s,
             "round_s": wall,

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from harness.prequential import STRATEGIES, StreamConfig, ndcg_on
+from training import rows
 from training.data import Examples, round_examples
 from training.evaluation import Case, Interactions, ModelScorer, Scorer
 from training.fit import LrSchedule, fit, torch_step
@@ -63,14 +64,15 @@ def train_fit(
 ) -> None:
     """``training.fit`` with the recipe's optimizer and learning-rate schedule (as the workers)."""
     tcfg, rcfg = cfg.trainer, cfg.replay
-    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    distils = teacher is not None and rcfg.kd_weight > 0
+    opt, table = rows.optimizers(model, tcfg, distils)
     schedule = LrSchedule.for_run(
         tcfg.lr, len(examples), tcfg.batch_size, epochs, tcfg.warmup_epochs, tcfg.lr_schedule
     )
     fit(
         model,
         examples,
-        torch_step(model, tcfg.lr, opt=opt),
+        torch_step(model, tcfg.lr, opt=opt, table=table),
         epochs,
         tcfg.batch_size,
         seed=seed,

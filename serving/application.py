@@ -25,7 +25,7 @@ def build_app(registry: Registry, cfg: ServingConfig, version: int) -> Applicati
         }
     else:
         scaling = {"num_replicas": cfg.replicas}
-    resources = {cfg.node_resource: 0.001} if cfg.node_resource else {}
+    resources = cfg.on_serving_nodes()
     deployment = RecommenderDeployment.options(  # type: ignore[attr-defined]
         name="recommender",
         max_ongoing_requests=cfg.max_ongoing_requests,

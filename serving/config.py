@@ -119,7 +119,7 @@ class ServingConfig(StrictConfig):
     node_resource: str | None = Field(
         default=None,
         description="A custom resource only the nodes meant for replicas have (e.g. the worker "
-        "nodes'); replicas then never land on the head. None = anywhere.",
+        "nodes'); replicas and history shards then never land on the head. None = anywhere.",
     )
     settle_s: float = Field(
         default=120.0,
@@ -131,6 +131,11 @@ class ServingConfig(StrictConfig):
     api_key: SecretStr | None = Field(
         default=None, description="If set, requests must send it in the X-API-Key header."
     )
+
+    def on_serving_nodes(self, share: float = 0.001) -> dict[str, float]:
+        """Ray resources that place a replica or a history shard on the serving nodes: a
+        ``share`` of their marker (``node_resource``); none when no marker is set."""
+        return {self.node_resource: share} if self.node_resource else {}
 
 
 class RolloutConfig(StrictConfig):

@@ -252,7 +252,7 @@ def start_shards(
     actor_cls = ray.remote(  # type: ignore[call-overload]
         num_cpus=0, max_concurrency=64, concurrency_groups={"history_feed": FEED_THREADS}
     )(HistoryShard)
-    resources = {cfg.node_resource: 0.001} if cfg.node_resource else {}
+    resources = cfg.on_serving_nodes()
     args = (kafka.model_dump(), topics.model_dump(),
             buffer.model_dump() if buffer else None, cfg.model_dump(), registry)  # fmt: skip
     return [

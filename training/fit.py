@@ -16,6 +16,7 @@ import torch
 
 from training.data import Examples
 from training.model import Recommender
+from training.rows import RowTable
 
 StepFn = Callable[[torch.Tensor], None]
 
@@ -120,14 +121,19 @@ def torch_step(
     lr: float,
     weight_decay: float = 0.0,
     opt: torch.optim.Optimizer | None = None,
+    table: RowTable | None = None,
 ) -> StepFn:
-    """A plain AdamW step (or ``opt``'s), for in-process training (benchmarks, tests)."""
+    """A plain AdamW step (or ``opt``'s), for in-process training (a recipe search, benchmarks,
+    tests); with ``table``, the item table's rows step too, at ``opt``'s learning rate."""
     if opt is None:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trained, lr=lr, weight_decay=weight_decay)
 
     def step(loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if table is not None:
+            table.step(opt.param_groups[0]["lr"])
         opt.step()
 
     return step

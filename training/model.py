@@ -52,6 +52,7 @@ from transformers import GPT2Config, GPT2Model
 from training.config import ModelConfig
 from training.errors import ModelStateError
 from training.items import TEXT_DIM, TextItems, text_for
+from training.sampled import sampled_softmax
 from training.serving_forward import serving_scorer
 
 TABLE = "backbone.wte.weight"  # the item table: its row count is the catalog size
@@ -85,6 +86,7 @@ class Recommender(nn.Module):
         self.items = TextItems(rows, cfg.d_model) if rows is not None else None
         if cfg.item_repr == "text":
             self.backbone.wte.weight.requires_grad_(False)  # no ID row contributes
+        self.rows: torch.Tensor | None = None  # see ``rows_apart``
 
     # -- lifecycle ----------------------------------------------------------------------
     @classmethod
@@ -140,6 +142,19 @@ class Recommender(nn.Module):
         wanted = cfg.loss == "sampled" or (cfg.loss == "auto" and rows > cfg.sampled_above)
         return wanted and cfg.num_negatives < rows - 1
 
+    def rows_apart(self) -> torch.Tensor:
+        """Hand the ID table to a row-wise optimizer (``training.rows``): it stops being a
+        parameter for the dense one (``requires_grad`` off), and the training loss reads it
+        through the returned tensor (the same storage) with sparse gradients, which hold only the
+        rows a step touched. Only for the sampled loss over ID rows: a full softmax or a fused
+        text table touches every row anyway."""
+        if not self.samples_loss() or self.cfg.item_repr != "id":
+            raise ValueError("only a sampled loss over ID rows trains the item table row-wise")
+        table = self.backbone.wte.weight
+        table.requires_grad_(False)
+        self.rows = table.detach().requires_grad_()
+        return self.rows
+
     def item_embeddings(self) -> torch.Tensor:
         """[V, D]: the item table the inputs are read from and the outputs scored against."""
         ids = self.backbone.wte.weight
@@ -152,9 +167,12 @@ class Recommender(nn.Module):
         """inputs [B, L] left-padded item rows -> [B, L, D] states."""
         return self._hidden(inputs, self.item_embeddings())
 
-    def _hidden(self, inputs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    def _hidden(
+        self, inputs: torch.Tensor, table: torch.Tensor, sparse: bool = False
+    ) -> torch.Tensor:
         mask = (inputs != 0).long()
-        out = self.backbone(inputs_embeds=F.embedding(inputs, table), attention_mask=mask)
+        rows = F.embedding(inputs, table, sparse=sparse)
+        out = self.backbone(inputs_embeds=rows, attention_mask=mask)
         return out.last_hidden_state
 
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -221,18 +239,21 @@ class Recommender(nn.Module):
         (rows 1..V_old-1: rows added since the teacher are left out), at the positions whose
         current item the teacher knew (elsewhere it predicted from a history it could not read).
         """
-        table = self.item_embeddings()
-        h = self._hidden(inputs, table)  # [B, L, D]
+        sparse = self.rows is not None and self.training
+        table = self.rows if sparse and self.rows is not None else self.item_embeddings()
+        h = self._hidden(inputs, table, sparse)  # [B, L, D]
         valid = targets != 0
         hv, tv = h[valid], targets[valid]  # [N, D], [N]
         if self.samples_loss():
-            ce = sampled_softmax(hv, tv, table, self.cfg.num_negatives)
+            ce = sampled_softmax(hv, tv, table, self.cfg.num_negatives, sparse)
         else:
             logits = hv @ table.T  # [N, V]
             logits[:, 0] = float("-inf")
             ce = F.cross_entropy(logits, tv)
         if teacher_logits is None or kd_weight == 0.0:
             return ce
+        if sparse:
+            raise ModelStateError("distillation reads the whole item table: train it dense")
         v_old = teacher_logits.shape[-1]
         if v_old > table.shape[0]:
             raise ModelStateError(
@@ -280,6 +301,7 @@ class Recommender(nn.Module):
         self.backbone.wte.weight[old:] = new
         self.backbone.wte.weight.requires_grad_(self.cfg.item_repr != "text")
         self.backbone.config.vocab_size = n_rows
+        self.rows = None  # a new table: dense again until handed over anew
 
 
 def _block(block: Any, h: torch.Tensor, see: torch.Tensor, last: bool = False) -> torch.Tensor:
@@ -300,41 +322,6 @@ def _block(block: Any, h: torch.Tensor, see: torch.Tensor, last: bool = False) -
     )  # [B, H, Q, D/H]
     h = h + attn.c_proj(out.transpose(1, 2).reshape(*h.shape))
     return h + block.mlp(block.ln_2(h))
-
-
-def sampled_softmax(
-    h: torch.Tensor, targets: torch.Tensor, table: torch.Tensor, k: int
-) -> torch.Tensor:
-    """Cross-entropy of each target against ``k`` negatives of its own, log-Q corrected.
-
-    Each target draws its own negatives (negatives shared by the whole step learned far less:
-    on MovieLens-100K, 64 shared ones lost ~40% of the full softmax's NDCG@10, 64 per target
-    ~3%). The proposal mixes two halves: ``k // 2`` draws from the step's targets (in-batch
-    negatives: popular items, the ones a ranker must beat, drawn as often as they are targets)
-    and the rest uniform over rows 1..V-1 (the tail, which in-batch draws rarely reach). Each
-    negative's logit is lowered by the log of its row's expected count under the proposal, so
-    the negatives' exponentials are an importance-sampled estimate of the full softmax's sum over
-    the other items (Bengio & Senecal 2008; Yi et al., RecSys 2019); without it, popular items
-    are pushed down for being drawn often, not for being wrong. The target's own logit is exact
-    (it is not drawn), and a negative equal to its row's target (an accidental hit) is masked.
-    h [N, D], targets [N] rows >= 1, table [V, D].
-    """
-    n, v = len(targets), table.shape[0]
-    k_batch = k // 2
-    k_uniform = k - k_batch
-    drawn = torch.cat([
-        targets[torch.randint(0, n, (n, k_batch), device=h.device)],
-        torch.randint(1, v, (n, k_uniform), device=h.device),
-    ], dim=1)  # fmt: skip  # [N, K]
-    # Expected count of every row in k draws: k_batch * (its share of targets) + uniform.
-    share = torch.zeros(v, dtype=h.dtype, device=h.device)
-    share.index_add_(0, targets, torch.full((n,), 1.0 / n, dtype=h.dtype, device=h.device))
-    log_q = torch.log(k_batch * share + k_uniform / (v - 1))  # [V]
-    pos = (h * table[targets]).sum(-1, keepdim=True)  # [N, 1]
-    neg = torch.einsum("nd,nkd->nk", h, table[drawn]) - log_q[drawn]  # [N, K]
-    neg = neg.masked_fill(drawn == targets[:, None], float("-inf"))
-    logits = torch.cat([pos, neg], dim=1)
-    return F.cross_entropy(logits, torch.zeros(n, dtype=torch.long, device=h.device))
 
 
 def save_weights(model: Recommender, path: Path) -> None:
@@ -360,8 +347,10 @@ class Teacher(Recommender):
     def train(self, mode: bool = True) -> Self:
         return super().train(False)
 
-    def _hidden(self, inputs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        return super()._hidden(self._known(inputs), table)
+    def _hidden(
+        self, inputs: torch.Tensor, table: torch.Tensor, sparse: bool = False
+    ) -> torch.Tensor:
+        return super()._hidden(self._known(inputs), table, sparse)
 
     def _last_hidden(self, inputs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return super()._last_hidden(self._known(inputs), table)

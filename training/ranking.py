@@ -105,6 +105,33 @@ def rank_full(
     return np.where(inside, ranks, MISS_RANK)
 
 
+def popularity_ranks(
+    counts: np.ndarray, targets: ArrayLike, exclude: Sequence[Collection[int]]
+) -> np.ndarray:
+    """``rank_full``'s ranks when every row's scores are ``counts`` [V], without a [B, V] score
+    matrix (1M items x 2,000 questions is 16 GB as float64): a target's rank is the number of
+    candidates counted at least as often, from the sorted counts, less the row's excluded items
+    that are."""
+    c = np.asarray(counts, dtype=np.float64)
+    t = np.asarray(as_numpy(targets), dtype=np.int64)
+    v, b = len(c), len(t)
+    if len(exclude) != b:
+        raise ValueError(f"{len(exclude)} exclusion lists for {b} targets; need one per row")
+    inside = (t > 0) & (t < v)
+    own = np.where(inside, c[np.clip(t, 0, v - 1)], np.inf)
+    ordered = np.sort(c[1:])  # padding is no candidate
+    ranks = len(ordered) - np.searchsorted(ordered, own, side="left") - 1  # less the target
+    lengths = [len(items) for items in exclude]
+    flat = np.fromiter(chain.from_iterable(exclude), dtype=np.int64, count=sum(lengths))
+    at = np.repeat(np.arange(b), lengths)
+    keep = (flat > 0) & (flat < v)
+    key = np.unique(at[keep] * v + flat[keep])  # each row's excluded items, once each
+    row, item = key // v, key % v
+    beats = (item != t[row]) & (c[item] >= own[row])
+    ranks -= np.bincount(row[beats], minlength=b)
+    return np.where(inside, ranks, MISS_RANK)
+
+
 def rank_sampled(scores: ArrayLike, targets: ArrayLike, negatives: np.ndarray) -> np.ndarray:
     """Ranks of ``targets`` [B] among themselves plus the row's ``negatives`` [B, K] columns."""
     s = as_numpy(scores)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from training import rows
 from training.config import ModelConfig, TrainerConfig, TuneConfig
 from training.data import Examples, left_pad, round_examples
 from training.errors import TrainingError
@@ -125,7 +126,7 @@ def run_trial(
     mcfg, tcfg = recipe.apply(model_cfg, trainer)
     torch.manual_seed(tcfg.seed)
     model = prepare_model(None, data.vocab, mcfg, data.titles, [])
-    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    opt, table = rows.optimizers(model, tcfg)
     n = len(data.examples)
     schedule = LrSchedule.for_run(
         tcfg.lr, n, tcfg.batch_size, max_epochs, tcfg.warmup_epochs, tcfg.lr_schedule
@@ -147,7 +148,7 @@ def run_trial(
             report(metrics, state if improved else None)
         return epochs - best_epoch >= patience
 
-    step = torch_step(model, tcfg.lr, opt=opt)
+    step = torch_step(model, tcfg.lr, opt=opt, table=table)
     fit(model, data.examples, step, max_epochs, tcfg.batch_size, seed=tcfg.seed,
         on_epoch=on_epoch, schedule=schedule, optimizer=opt)  # fmt: skip
     return TrialOutcome(best, best_epoch, epochs, time.perf_counter() - t0, state)

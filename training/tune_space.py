@@ -18,7 +18,7 @@ WIDTHS = (32, 64, 128)
 DEPTHS = (1, 2)
 HEADS = (1, 2, 4)  # every one divides every width
 BATCHES = (16, 32, 64, 128)
-NEGATIVES = (128, 256, 512)
+NEGATIVES = (64, 128, 256, 512)
 LR_RANGE = (1e-3, 1e-2)
 DROPOUT_RANGE = (0.1, 0.5)
 

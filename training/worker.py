@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from training import rows
 from training.config import ModelConfig, ReplayConfig, TrainerConfig
 from training.data import Examples
 from training.feeder import IDLE
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 # ranks wait for it on the control group, whose timeout must outlast that and a round's data read.
 IDLE_WAIT_S = 30.0
 CONTROL_TIMEOUT = timedelta(minutes=10)
+GRADIENT_CLIPPING = 1.0  # DeepSpeed's for the dense parameters, RowTable's for the item table
 
 
 def deepspeed_config(tcfg: TrainerConfig, on_gpu: bool) -> dict[str, Any]:
@@ -47,7 +49,7 @@ def deepspeed_config(tcfg: TrainerConfig, on_gpu: bool) -> dict[str, Any]:
         # A plain torch AdamW: DeepSpeed's fused optimizers need compiled ops we do not build.
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": on_gpu},
-        "gradient_clipping": 1.0,
+        "gradient_clipping": GRADIENT_CLIPPING,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -271,9 +273,10 @@ def _train_round(
     device = ray.train.torch.get_device() if on_gpu else torch.device("cpu")
     if teacher is not None:
         teacher.to(device)
+    distils = teacher is not None and rcfg.kd_weight > 0
+    optimizer, table = rows.optimizers(model, tcfg, distils, on_gpu, GRADIENT_CLIPPING)
     # A new engine per round: the item table grows with the catalog, and ZeRO partitions the
     # optimizer state by parameter shape. (The process group, the costly part, stays up.)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(tcfg, on_gpu)
     )
@@ -282,6 +285,8 @@ def _train_round(
 
     def step(loss: torch.Tensor) -> None:
         engine.backward(loss)
+        if table is not None:
+            table.step(optimizer.param_groups[0]["lr"])
         engine.step()
 
     def weights() -> dict[str, torch.Tensor]:
@@ -291,7 +296,8 @@ def _train_round(
     def on_epoch(epoch: int, m: dict[str, float]) -> None:
         # Shards are equal, so the round's throughput is this worker's times the world size.
         metrics = {"epoch": epoch, "loss": m["loss"], "samples_per_s": m["samples_per_s"] * world,
-                   "start_epoch": start_epoch, "nice": os.nice(0), "pid": os.getpid()}  # fmt: skip
+                   "start_epoch": start_epoch, "nice": os.nice(0), "pid": os.getpid(),
+                   "row_wise_table": float(table is not None)}  # fmt: skip
         last.update(metrics)
         if not cadence.due(epoch, tcfg.epochs, m["seconds"], tcfg.checkpoint_every_s):
             return

@@ -161,3 +161,11 @@ def test_a_shard_rebuilds_from_the_newest_index_plus_the_buffer_tail(tmp_path: P
         assert start == {("t", 0): 400} and "v1's history index + " in source
         for u in users:
             assert shard.get_history(u) == (tail.get(u) if shard_of(u, 2) == i else [])
+
+
+def test_replicas_and_shards_go_to_the_marked_serving_nodes() -> None:
+    """One rule places both (``ServingConfig.on_serving_nodes``): the marker's share when the
+    serving nodes are marked, no resource otherwise."""
+    assert ServingConfig().on_serving_nodes() == {}
+    marked = ServingConfig(node_resource="streamtune_serve")
+    assert marked.on_serving_nodes() == {"streamtune_serve": 0.001}

@@ -30,7 +30,14 @@ from training.fit import fit, torch_step
 from training.gate import gate
 from training.metrics import evaluate, popularity_ndcg
 from training.model import Recommender
-from training.ranking import MISS_RANK, ndcg_hr, rank_full, rank_sampled, top_k
+from training.ranking import (
+    MISS_RANK,
+    ndcg_hr,
+    popularity_ranks,
+    rank_full,
+    rank_sampled,
+    top_k,
+)
 from training.vocab import ItemVocab
 
 CFG = ModelConfig(max_len=20, d_model=32, dropout=0.1, text_init=False)
@@ -60,6 +67,18 @@ def test_seen_items_are_excluded_but_the_target_competes_and_unknown_targets_mis
     assert ranks.tolist() == [0, 0, MISS_RANK]
     sampled = rank_sampled(s, np.array([4, 3, 0]), np.array([[1, 2], [4, 4], [1, 2]]))
     assert sampled.tolist() == [2, 0, MISS_RANK]  # padding is never a valid target
+
+
+def test_popularity_ranks_are_rank_full_over_broadcast_counts() -> None:
+    """The gate's popularity reference ranks without a [questions, catalog] matrix; ties, seen
+    targets, repeated and unknown seen items, padding and unknown targets as ``rank_full``."""
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 6, size=40).astype(float)  # many ties
+    targets = np.concatenate([rng.integers(1, 40, size=50), [0, 45]])
+    seen = [list(rng.integers(0, 50, size=rng.integers(0, 12))) + [t] * (i % 2)
+            for i, t in enumerate(targets)]  # fmt: skip
+    full = rank_full(np.broadcast_to(counts, (len(targets), 40)), targets, seen)
+    assert popularity_ranks(counts, targets, seen).tolist() == full.tolist()
 
 
 def test_ndcg_of_constant_and_nan_scores_is_zero_and_of_top_rank_one() -> None:

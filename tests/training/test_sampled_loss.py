@@ -93,3 +93,42 @@ def test_sampled_loss_trains_a_model_on_a_large_catalog() -> None:
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def _gathered_reference(h: torch.Tensor, targets: torch.Tensor, table: torch.Tensor, k: int
+                        ) -> torch.Tensor:  # fmt: skip
+    """The loss written the direct way (every negative's row gathered, log Q over every row)."""
+    n, v = len(targets), table.shape[0]
+    k_batch, k_uniform = k // 2, k - k // 2
+    drawn = torch.cat([targets[torch.randint(0, n, (n, k_batch))],
+                       torch.randint(1, v, (n, k_uniform))], dim=1)  # fmt: skip
+    share = torch.zeros(v).index_add_(0, targets, torch.full((n,), 1.0 / n))
+    log_q = torch.log(k_batch * share + k_uniform / (v - 1))
+    pos = (h * table[targets]).sum(-1, keepdim=True)
+    neg = torch.einsum("nd,nkd->nk", h, table[drawn]) - log_q[drawn]
+    neg = neg.masked_fill(drawn == targets[:, None], float("-inf"))
+    return F.cross_entropy(torch.cat([pos, neg], dim=1), torch.zeros(n, dtype=torch.long))
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_scoring_each_target_row_once_gives_the_gathered_loss_and_gradient(sparse: bool) -> None:
+    """In-batch negatives scored from the step's distinct target rows: the same draws, logits,
+    loss and table gradient as gathering every negative's row (few rows, so uniform draws hit
+    targets and their log-Q includes the targets' share)."""
+    torch.manual_seed(0)
+    h = torch.randn(40, 8)
+    targets = torch.randint(1, 12, (40,))
+    table = torch.randn(30, 8)
+    grads = []
+    for product in (False, True):
+        t = table.clone().requires_grad_(True)
+        torch.manual_seed(1)
+        if product:
+            loss = sampled_softmax(h, targets, t, 16, sparse=sparse)
+        else:
+            loss = _gathered_reference(h, targets, t, 16)
+        loss.backward()
+        assert t.grad is not None
+        grads.append((float(loss), t.grad.to_dense()))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)

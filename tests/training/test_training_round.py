@@ -123,3 +123,19 @@ def test_distillation_round_that_adds_items(tmp_path: Path) -> None:
     assert meta["replay_config"]["kd_weight"] == 0.5 and meta["parent"] == 1
     assert reg.load(2).model.n_rows > reg.load(1).model.n_rows
     assert np.isfinite(r2.metrics["train_loss"])
+
+
+def test_a_sampled_round_trains_the_item_table_row_wise(tmp_path: Path) -> None:
+    """The sampled loss on DeepSpeed workers: the item table leaves ZeRO's optimizer and is
+    trained row-wise (``training.rows``), and the round's version learned from it."""
+    reg = Registry(tmp_path / "registry")
+    base = config(tmp_path, epochs=1, first_round_epochs=1)
+    model = base.model.model_copy(update={"loss": "sampled", "num_negatives": 16})
+    cfg = base.model_copy(update={"model": model})
+    first = synthetic_table(1500, seed=4)
+    r1 = run_round(first, first.slice(0, 0), watermark_of(first), reg, cfg)
+    assert r1.version == 1
+    assert r1.metrics["train_row_wise_table"] == 1.0
+    assert np.isfinite(r1.metrics["train_loss"])
+    v1 = reg.load(1)
+    assert v1.model.samples_loss() and v1.model.backbone.wte.weight.requires_grad
