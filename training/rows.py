@@ -10,8 +10,8 @@ held a round to 21 samples/s against 1,311 at 10k (docs/benchmarks.md, 2026-12-0
 workers' sparse gradients (the rows each touched and their values; no worker's rows are dropped
 or counted twice), averages them as ZeRO averages the dense ones, clips their norm as DeepSpeed
 clips the dense ones', and applies lazy Adam: moments and weights move only for rows a step
-touched. Rows no step reads keep their weights exactly, and
-weight decay, when asked for, reaches the touched rows only.
+touched. Rows no step reads keep their weights exactly, and weight decay, when asked for, reaches
+the touched rows only.
 
 Every worker applies the same averaged rows to the same starting table, so the tables stay equal
 without a broadcast, as ZeRO's gathered weights do.
