@@ -47,6 +47,7 @@ from training.model import Recommender
 from training.ranking import ndcg_hr as _core_ndcg_hr
 from training.ranking import rank_full as _core_rank_full
 from training.ranking import rank_sampled as _core_rank_sampled
+from training.ranking import score_batch
 from training.vocab import ItemVocab
 
 OFFLINE_TOPIC = "offline"
@@ -298,6 +299,7 @@ def evaluate_cases(
     negs = sample_negatives(rng, n_items, exclude_for_negatives, negatives, negative_weights)
     full: list[np.ndarray] = []
     sampled: list[np.ndarray] = []
+    batch_size = score_batch(batch_size, n_items + 1)
     for start in range(0, len(cases), batch_size):
         batch = cases[start : start + batch_size]
         scores = scorer.score([c.history for c in batch])

@@ -16,7 +16,7 @@ import torch
 
 from training.data import Examples
 from training.model import Recommender
-from training.rows import RowTable
+from training.rows import RowTable, dense_adamw
 
 StepFn = Callable[[torch.Tensor], None]
 
@@ -126,8 +126,7 @@ def torch_step(
     """A plain AdamW step (or ``opt``'s), for in-process training (a recipe search, benchmarks,
     tests); with ``table``, the item table's rows step too, at ``opt``'s learning rate."""
     if opt is None:
-        trained = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(trained, lr=lr, weight_decay=weight_decay)
+        opt = dense_adamw(model, lr, weight_decay)
 
     def step(loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)

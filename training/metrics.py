@@ -13,7 +13,13 @@ import numpy as np
 import torch
 
 from training.data import Holdout
-from training.ranking import ndcg_hr, popularity_ranks, question_ndcg, rank_full
+from training.ranking import (
+    ndcg_hr,
+    popularity_ranks,
+    question_ndcg,
+    rank_full,
+    score_batch,
+)
 
 __all__ = [
     "RowScorer",
@@ -23,10 +29,6 @@ __all__ = [
     "popularity_ndcg",
     "question_ndcg",
 ]
-
-# Scores held at once by a full ranking (questions x catalog): 8M cells, ~200 MB with the float64
-# copy and masks ranking makes; 512 questions a batch at 10k items, 8 at 1M.
-SCORE_CELLS = 1 << 23
 
 
 class RowScorer(Protocol):
@@ -45,8 +47,7 @@ def holdout_ranks(model: RowScorer, hold: Holdout, batch: int = 512) -> np.ndarr
     """0-based full-ranking rank of each question's target ([U]); ``training.ranking`` rules."""
     model.eval()
     parts = []
-    # [batch, catalog] scores, as float64 with masks beside them: bounded, for large catalogs.
-    batch = max(1, min(batch, SCORE_CELLS // model.n_rows))
+    batch = score_batch(batch, model.n_rows)
     for s in range(0, len(hold), batch):
         h = torch.from_numpy(hold.histories[s : s + batch])
         # Items newer than this model (an older champion) are unknown to it: read as padding.

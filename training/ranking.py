@@ -30,6 +30,10 @@ import torch
 
 MISS_RANK = 1 << 30  # the rank of a target that cannot be scored: outside every top-k
 
+# Scores held at once by a full ranking (questions x catalog): 8M cells, ~200 MB with the float64
+# copy and masks ranking makes; 512 questions a batch at 10k items, 8 at 1M.
+SCORE_CELLS = 1 << 23
+
 ArrayLike = np.ndarray | torch.Tensor
 
 
@@ -38,6 +42,25 @@ def as_numpy(scores: ArrayLike) -> np.ndarray:
     if isinstance(scores, torch.Tensor):
         return scores.detach().float().cpu().numpy()
     return np.asarray(scores)
+
+
+def score_batch(wanted: int, n_cols: int) -> int:
+    """Rows per full-ranking batch over ``n_cols`` columns: ``wanted``, at most ``SCORE_CELLS``."""
+    return max(1, min(wanted, SCORE_CELLS // max(1, n_cols)))
+
+
+def excluded_cells(
+    exclude: Sequence[Collection[int]], b: int, n_cols: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(row, column)`` of every row's excluded items inside ``0..n_cols-1``, in one flat pass
+    (a Python loop per row cost the gate ~10 ms a model on a few hundred questions)."""
+    if len(exclude) != b:
+        raise ValueError(f"{len(exclude)} exclusion lists for {b} targets; need one per row")
+    lengths = [len(items) for items in exclude]
+    flat = np.fromiter(chain.from_iterable(exclude), dtype=np.int64, count=sum(lengths))
+    at = np.repeat(np.arange(b), lengths)
+    keep = (flat >= 0) & (flat < n_cols)
+    return at[keep], flat[keep]
 
 
 def candidate_mask(
@@ -53,15 +76,8 @@ def candidate_mask(
     valid = np.ones((b, n_cols), dtype=bool)
     valid[:, 0] = False
     if exclude is not None:
-        if len(exclude) != b:
-            raise ValueError(f"{len(exclude)} exclusion lists for {b} targets; need one per row")
-        # One flat pass over every row's items (a Python loop per row cost the gate ~10 ms a
-        # model on a few hundred questions).
-        counts = [len(items) for items in exclude]
-        flat = np.fromiter(chain.from_iterable(exclude), dtype=np.int64, count=sum(counts))
-        at = np.repeat(np.arange(b), counts)
-        keep = (flat >= 0) & (flat < n_cols)
-        valid[at[keep], flat[keep]] = False
+        at, flat = excluded_cells(exclude, b, n_cols)
+        valid[at, flat] = False
     rows = np.arange(b)
     inside = (targets > 0) & (targets < n_cols)
     valid[rows[inside], targets[inside]] = False
@@ -115,17 +131,12 @@ def popularity_ranks(
     c = np.asarray(counts, dtype=np.float64)
     t = np.asarray(as_numpy(targets), dtype=np.int64)
     v, b = len(c), len(t)
-    if len(exclude) != b:
-        raise ValueError(f"{len(exclude)} exclusion lists for {b} targets; need one per row")
+    at, flat = excluded_cells(exclude, b, v)
     inside = (t > 0) & (t < v)
     own = np.where(inside, c[np.clip(t, 0, v - 1)], np.inf)
     ordered = np.sort(c[1:])  # padding is no candidate
     ranks = len(ordered) - np.searchsorted(ordered, own, side="left") - 1  # less the target
-    lengths = [len(items) for items in exclude]
-    flat = np.fromiter(chain.from_iterable(exclude), dtype=np.int64, count=sum(lengths))
-    at = np.repeat(np.arange(b), lengths)
-    keep = (flat > 0) & (flat < v)
-    key = np.unique(at[keep] * v + flat[keep])  # each row's excluded items, once each
+    key = np.unique(at[flat > 0] * v + flat[flat > 0])  # each row's excluded items, once each
     row, item = key // v, key % v
     beats = (item != t[row]) & (c[item] >= own[row])
     ranks -= np.bincount(row[beats], minlength=b)

@@ -53,8 +53,14 @@ def optimizers(
     table = None
     if wanted(model, tcfg.row_wise_table, distils, on_gpu):
         table = RowTable(model, tcfg.weight_decay, max_norm)
-    dense = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(dense, lr=tcfg.lr, weight_decay=tcfg.weight_decay), table
+    return dense_adamw(model, tcfg.lr, tcfg.weight_decay), table
+
+
+def dense_adamw(model: Recommender, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the parameters that take gradients (the item table not, once set apart)."""
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+    )
 
 
 class RowTable:

@@ -39,7 +39,7 @@ from training.errors import TrainingError
 from training.evaluation import Case, Interactions
 from training.fit import LrSchedule, fit, torch_step
 from training.model import Recommender
-from training.ranking import ndcg_hr, rank_full
+from training.ranking import ndcg_hr, rank_full, score_batch
 from training.round_train import prepare_model
 from training.tune_result import METRIC, CpuBudget, SearchResult, trial_row
 from training.tune_space import Recipe, search_space
@@ -94,6 +94,7 @@ class SearchData:
         """Full-ranking NDCG@10 on validation, seen items excluded (``bench.quality``'s own)."""
         model.eval()
         ranks = []
+        batch = score_batch(batch, model.n_rows)
         with torch.no_grad():
             for s in range(0, len(self.valid_histories), batch):
                 hists = self.valid_histories[s : s + batch]

@@ -265,3 +265,25 @@ def test_top_k_rows_is_top_k_of_each_row() -> None:
         ok = [c for c in range(1, 30) if c not in (ex or []) and bool(torch.isfinite(row[c]))]
         assert picked.tolist() == sorted(ok, key=lambda c: -float(row[c]))[:7]
     assert got[3].tolist() == [] and len(got[5]) == 5
+
+
+def test_full_rankings_cut_by_the_cell_bound_rank_the_same(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1M-item catalog scores a few questions a batch (``SCORE_CELLS``); the ranks must not
+    depend on where the batches are cut."""
+    import training.ranking as ranking
+
+    scorer = ModelScorer(world.champion, world.vocab, world.item_ids)
+    negatives = [np.append(c.history, c.target) for c in world.cases]
+    whole = evaluate(world.champion, world.hold)
+    cases_whole = evaluate_cases(scorer, world.cases, world.n_items, negatives, negatives=50)
+    calls = []
+    score = world.champion.score
+    monkeypatch.setattr(world.champion, "score", lambda x: calls.append(len(x)) or score(x))
+    monkeypatch.setattr(ranking, "SCORE_CELLS", 7 * (world.n_items + 1))  # 7 questions a batch
+    assert evaluate(world.champion, world.hold) == whole
+    assert evaluate_cases(scorer, world.cases, world.n_items, negatives, negatives=50) == (
+        cases_whole
+    )
+    assert max(calls) == 7 and len(calls) > 2 * len(world.cases) / 7  # cut, in both paths
