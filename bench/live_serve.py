@@ -124,8 +124,8 @@ def stack(test: Any) -> Iterator[Stack]:
     import ray
     from ray import serve
 
+    from services.runtime import local_ray_environ
     from serving.context import start_context
-    from serving.ingress import choose_for_local_ray
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-live-serve-"))
     broker = LocalBroker(
@@ -138,7 +138,7 @@ def stack(test: Any) -> Iterator[Stack]:
     # Answers settle SETTLE_S after they are served: the click model's clicks come
     # CLICK_DELAY_S after the answer, and the default 120 s would only make each trial wait.
     cfg = ServingConfig(replicas=2, port=free_port(), settle_s=SETTLE_S)
-    choose_for_local_ray(cfg)
+    local_ray_environ(cfg)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})

@@ -154,9 +154,9 @@ def _serve_and_measure(tmp: Path, bcfg: BufferConfig, registry: Any, users: int,
     from ray import serve
 
     from bench.serving_load import Loader
+    from services.runtime import local_ray_environ
     from serving.config import RolloutConfig, ServingConfig
     from serving.context import start_context
-    from serving.ingress import choose_for_local_ray
     from serving.rollout import RolloutController
     from streams.admin import ensure_topics
     from streams.broker import LocalBroker, free_port
@@ -170,7 +170,7 @@ def _serve_and_measure(tmp: Path, bcfg: BufferConfig, registry: Any, users: int,
         topics = TopicsConfig(events="scale.events", dead_letter="scale.dlq", partitions=1)
         ensure_topics(kafka, topics)
         cfg = ServingConfig(port=free_port(), history_shards=shards)
-        choose_for_local_ray(cfg)
+        local_ray_environ(cfg)
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})

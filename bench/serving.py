@@ -42,7 +42,6 @@ from rich.table import Table
 
 from bench.serving_load import Loader, load, merge
 from serving.config import RolloutConfig, ServingConfig
-from serving.ingress import choose_for_local_ray
 from streams.admin import ensure_topics
 from streams.broker import LocalBroker, free_port
 from streams.config import BrokerConfig, KafkaConfig, TopicsConfig
@@ -168,13 +167,14 @@ def _session(
     import ray
     from ray import serve
 
+    from services.runtime import local_ray_environ
     from serving.context import start_context
     from serving.rollout import RolloutController
 
     topics = TopicsConfig(events="bench-serving.events", dead_letter="bench-serving.dlq")
     ensure_topics(kafka, topics)
     cfg = cfg.model_copy(update={"port": free_port()})
-    choose_for_local_ray(cfg)
+    local_ray_environ(cfg)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})

@@ -26,6 +26,7 @@ from services.metrics import StreamMetrics
 from services.running import Running
 from services.settings import Settings
 from services.supervisor import Run, Supervisor
+from serving.config import ServingConfig
 from serving.context import start_context
 from serving.ingress import choose_for_local_ray
 from serving.rollout import RolloutController
@@ -57,6 +58,15 @@ def started_local_ray() -> bool:
     return _started_local_ray
 
 
+def local_ray_environ(serving: ServingConfig) -> None:
+    """This process's environment for a local Ray it starts next, whose raylet and workers inherit
+    it: Serve's ingress switches (``choose_for_local_ray``) and ``LOCAL_RAY_ENV`` (unless set).
+    Everything that starts a local Ray (``init_ray``, the benchmarks) goes through here."""
+    choose_for_local_ray(serving)
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def init_ray(address: str | None, s: Settings, dashboard: bool = True) -> None:
     """Connect to ``address``, or start a local Ray instance sized for the whole system.
 
@@ -73,9 +83,7 @@ def init_ray(address: str | None, s: Settings, dashboard: bool = True) -> None:
     global _started_local_ray
     needed = s.trainer.num_workers * s.trainer.cpus_per_worker + 0.25 * s.serving.replicas + 1
     _started_local_ray = True
-    choose_for_local_ray(s.serving)  # Serve reads its ingress from the nodes' environment
-    for key, value in LOCAL_RAY_ENV.items():  # the local raylet and its workers inherit them
-        os.environ.setdefault(key, value)
+    local_ray_environ(s.serving)
     log.info("starting a local Ray; Serve's HTTP ingress: %s", s.serving.ingress)
     _init_from_a_lasting_thread(
         num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),

@@ -77,6 +77,25 @@ def restore_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
             os.environ[k] = v
 
 
+def test_every_local_ray_gets_the_ingress_and_the_local_settings(
+    restore_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``init_ray`` and the benchmarks prepare a local Ray's environment in one place; a setting
+    the user exported wins over the local default."""
+    from services.runtime import LOCAL_RAY_ENV, local_ray_environ
+
+    monkeypatch.setenv(WORKER_NICENESS, "7")  # restored after the test
+    for key in LOCAL_RAY_ENV:
+        monkeypatch.delenv(key, raising=False)
+    local_ray_environ(ServingConfig())
+    assert {k: os.environ[k] for k in LOCAL_RAY_ENV} == LOCAL_RAY_ENV
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and os.environ[WORKER_NICENESS] == "0"
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+    local_ray_environ(ServingConfig(ingress="proxy"))
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
+
+
 def _listener(port: int) -> str:
     """Name and command line of the process of this test's local Ray that listens on ``port``."""
     for p in psutil.Process().children(recursive=True):
