@@ -126,6 +126,44 @@ def show_catalog(rows: list[dict[str, Any]]) -> None:
     OUT.print(t)
 
 
+def show_up(row: dict[str, Any], per_user: int) -> None:
+    t = Table(title="streamtune up: memory by kind of process, while serving")
+    for col in ("process", "count", "RSS GiB", "PSS GiB"):
+        t.add_column(col, justify="right")
+    for name, r in sorted(row["roles"].items(), key=lambda kv: -kv[1]["rss"]):
+        t.add_row(name, str(r["n"]), f"{r['rss'] / GIB:.2f}", f"{r['pss'] / GIB:.2f}")
+    OUT.print(t)
+    peaks = ", ".join(f"{r['process']} (pid {r['pid']}) {r['peak_rss'] / GIB:.2f}"
+                      for r in row["process_peaks"])  # fmt: skip
+    OUT.print(f"largest processes at their own peak RSS (GiB): {peaks}")
+    cg = "no memory cgroup could be made here"
+    if row["cg_peak"] is not None:
+        cap = f"capped at {row['cg_limit'] / GIB:.2f} GiB" if row["cg_limit"] else "no cap"
+        cg = (f"its memory cgroup ({cap}): {row['cg_resident'] / GIB:.2f} GiB mapped while "
+              f"serving, each page once; peak charge {row['cg_peak'] / GIB:.2f} GiB with the "
+              f"page cache; {row['cg_oom_kills']} OOM kills")  # fmt: skip
+    OUT.print(f"streamtune up with {row['users']:,} users x {per_user} events, {row['items']:,} "
+              f"items, {row['shards']} shards: summed RSS of every process it started "
+              f"{row['steady_rss'] / GIB:.2f} GiB serving (peak {row['peak_rss'] / GIB:.2f}), "
+              f"PSS {row['steady_pss'] / GIB:.2f}; {cg}; first trained version live after "
+              f"{row['live_s']:.0f} s")  # fmt: skip
+
+
+def up_summary(row: dict[str, Any]) -> dict[str, Any]:
+    def gib(key: str) -> float | None:
+        return None if row[key] is None else _r(row[key] / GIB)
+
+    return {"users": row["users"], "items": row["items"], "shards": row["shards"],
+            "steady_rss_gib": gib("steady_rss"), "peak_rss_gib": gib("peak_rss"),
+            "steady_pss_gib": gib("steady_pss"), "cgroup_limit_gib": gib("cg_limit"),
+            "cgroup_resident_gib": gib("cg_resident"), "cgroup_peak_gib": gib("cg_peak"),
+            "cgroup_oom_kills": row["cg_oom_kills"], "live_s": _r(row["live_s"], 0),
+            "process_peaks_gib": {f"{r['process']}:{r['pid']}": _r(r["peak_rss"] / GIB)
+                                  for r in row["process_peaks"]},
+            "fits_8_gib": None if row["cg_peak"] is None
+            else bool(row["cg_oom_kills"] == 0 and row["cg_resident"] <= 8 * GIB)}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
     p.add_argument("--part", choices=["state", "catalog", "up", "all"], default="all")
@@ -151,6 +189,11 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     p.add_argument("--up-users", type=int, default=1_000_000, help="the footprint part's users")
     p.add_argument("--up-items", type=int, default=100_000, help="the footprint part's catalog")
+    p.add_argument(
+        "--memory-limit-gib", type=float, default=8.0,
+        help="the footprint part runs `up` in a memory cgroup capped here (the issue's 8 GiB); "
+        "0: no cap, the cgroup only counts",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     users = args.users or ([10_000, 100_000] if args.quick else [10_000, 1_000_000])
@@ -180,23 +223,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.part in ("up", "all"):
         n, k = (100_000, 10_000) if args.quick else (args.up_users, args.up_items)
         console.print(f"up: holding {n:,} users and a {k:,}-item catalog ...")
-        row = apart(up_row, n, args.events_per_user, k, args.tail, args.shards, args.seed)
-        steady, peak = row["steady_rss"] / GIB, row["peak_rss"] / GIB
-        t = Table(title="streamtune up: memory by kind of process, while serving")
-        for col in ("process", "count", "RSS GiB", "PSS GiB"):
-            t.add_column(col, justify="right")
-        for name, r in sorted(row["roles"].items(), key=lambda kv: -kv[1]["rss"]):
-            t.add_row(name, str(r["n"]), f"{r['rss'] / GIB:.2f}", f"{r['pss'] / GIB:.2f}")
-        OUT.print(t)
-        OUT.print(f"streamtune up with {n:,} users x {args.events_per_user} events, {k:,} items, "
-                  f"{args.shards} shards: RSS of every process it started {steady:.2f} GiB "
-                  f"serving (peak {peak:.2f} GiB); first trained version live after "
-                  f"{row['live_s']:.0f} s")  # fmt: skip
-        summary["up"] = {"users": n, "items": k, "shards": args.shards,
-                         "steady_rss_gib": _r(row["steady_rss"] / GIB),
-                         "peak_rss_gib": _r(row["peak_rss"] / GIB),
-                         "steady_pss_gib": _r(row["steady_pss"] / GIB),
-                         "live_s": _r(row["live_s"], 0)}  # fmt: skip
+        limit = int(args.memory_limit_gib * GIB) if args.memory_limit_gib > 0 else None
+        row = apart(up_row, n, args.events_per_user, k, args.tail, args.shards, args.seed, limit)
+        show_up(row, args.events_per_user)
+        summary["up"] = up_summary(row)
     print(json.dumps(summary))
 
 
