@@ -26,9 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from serving.clicks import ClickBook, Served
@@ -42,6 +40,7 @@ from streams.errors import StreamtuneError
 from streams.offsets import parse_tp, tp_key
 from streams.tail import EventTail
 from training.errors import HistoriesError
+from training.histories import CodedHistories
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +51,11 @@ FEED_THREADS = 128
 
 
 class HistoryIndex:
-    """What a version knows of every user's history: ``table`` (user_id, recent: item ids oldest
-    first) as of the buffer offsets ``watermark`` ("topic:partition" -> next offset)."""
+    """What a version knows of every user's history (``histories``: each user's recent items,
+    oldest first) as of the buffer offsets ``watermark`` ("topic:partition" -> next offset)."""
 
-    def __init__(self, version: int, table: pa.Table, watermark: dict[str, int]) -> None:
-        self.version, self.table, self.watermark = version, table, watermark
+    def __init__(self, version: int, histories: CodedHistories, watermark: dict[str, int]) -> None:
+        self.version, self.histories, self.watermark = version, histories, watermark
 
 
 class HistoryShard:
@@ -99,20 +98,20 @@ class HistoryShard:
         upto_keys = {tp_key(t, p): o for (t, p), o in upto.items()}
         index = newest_index(registry, self._keep) if registry is not None else None
         if index is not None and _covered(index.watermark, upto_keys):
+            # The index as codes, grouped by user (a string per item was ~2.5 GB of peak per
+            # shard at 1M users, over a cap of 8 GiB for the whole of `up`), then the tail.
+            h = index.histories
+            self.history.load_coded(h.users, h.offsets, h.codes, h.items)
             tail = buf.read(after=index.watermark, upto=upto_keys, columns=["user_id", "item_id"])
-            users, items = _flatten(index.table)
             tail = self._mine(tail)
-            users = pa.concat_arrays([users, tail.column("user_id").combine_chunks()])
-            items = pa.concat_arrays([items, tail.column("item_id").combine_chunks()])
+            self.history.extend(tail.column("user_id").combine_chunks(),
+                                tail.column("item_id").combine_chunks())  # fmt: skip
             source = f"v{index.version}'s history index + {tail.num_rows} buffered events since"
         else:
             table = self._mine(buf.read(upto=upto_keys, columns=["user_id", "item_id"]))
-            users = table.column("user_id").combine_chunks()
-            items = table.column("item_id").combine_chunks()
+            self.history.load(table.column("user_id").combine_chunks(),
+                              table.column("item_id").combine_chunks())  # fmt: skip
             source = f"the whole buffer ({table.num_rows} events of its users)"
-        # One vectorised load (each user's last items straight into its ring), not a push per
-        # event.
-        self.history.load(users, items)
         return upto, source
 
     def _keep(self, users: pa.Array) -> pa.Array:
@@ -238,11 +237,11 @@ def newest_index(
     if not watermark:
         return None
     try:
-        table = registry.read_histories(version, keep)
+        histories = registry.read_coded_histories(version, keep)
     except HistoriesError as err:  # a version from before the index: the whole buffer then
         log.info("v%d has no history index (%s): rebuilding from the whole buffer", version, err)
         return None
-    return HistoryIndex(version, table, {str(k): int(v) for k, v in watermark.items()})
+    return HistoryIndex(version, histories, {str(k): int(v) for k, v in watermark.items()})
 
 
 def _covered(watermark: dict[str, int], upto: dict[str, int]) -> bool:
@@ -253,12 +252,3 @@ def _covered(watermark: dict[str, int], upto: dict[str, int]) -> bool:
         if upto.get(key, 0) < offset:
             return False
     return True
-
-
-def _flatten(index: pa.Table) -> tuple[pa.Array, pa.Array]:
-    """Index rows as events: each user's recent items in order, the user repeated per item."""
-    recent = index.column("recent").combine_chunks()
-    lengths = pc.list_value_length(recent).fill_null(0).to_numpy(zero_copy_only=False)
-    users = index.column("user_id").combine_chunks()
-    repeated = users.take(pa.array(np.repeat(np.arange(len(users)), lengths)))
-    return repeated, pc.list_flatten(recent)

@@ -6,8 +6,10 @@ item of the catalog), each user owns one row of a preallocated int32 ring array 
 codes, written round-robin), and a dict maps a user id to its row: ~0.6 KB per user at 100 items,
 with no cap unless ``max_users`` is set. The arrays double when full.
 
-``load`` fills an empty store from a whole buffer read at once (vectorised: each user's last
-``length`` events land in their ring positions directly) instead of one push per event.
+``load`` fills an empty store from a whole buffer read at once and ``extend`` adds a buffer's
+tail (vectorised: each user's last ``length`` events land in their ring positions directly)
+instead of one push per event; ``load_coded`` fills it from a version's per-user history index,
+already grouped by user and coded, without a string per item.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 FIRST_ROWS = 1024
+LOAD_BLOCK = 65_536  # users per block of load_coded: its temporaries stay a few MB
 EVICT_SHARE = 0.01  # past max_users, drop this share of the least recently active at once
 
 
@@ -58,34 +61,62 @@ class HistoryStore:
         """Events in arrival order into an empty store, as if pushed one by one."""
         if self._row:
             raise ValueError("load fills an empty store; push into one that holds users")
+        self.extend(users, items)
+
+    def extend(self, users: pa.Array | Sequence[str], items: pa.Array | Sequence[str]) -> None:
+        """Events in arrival order, as if pushed one by one, vectorised: each user's last
+        ``length`` of them land in their ring positions directly."""
         u = pc.dictionary_encode(pa.array(users, pa.string()))
         i = pc.dictionary_encode(pa.array(items, pa.string()))
         if len(u) == 0:
             return
-        user_ids, item_ids = u.dictionary.to_pylist(), i.dictionary.to_pylist()
-        self._items = list(item_ids)
-        self._code = {it: c for c, it in enumerate(self._items)}
-        ucode = u.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-        icode = i.indices.to_numpy(zero_copy_only=False).astype(np.int32)
-        order = np.argsort(ucode, kind="stable")  # each user's events together, in order
-        grouped = ucode[order]
+        item_code = np.array([self._intern(x) for x in i.dictionary.to_pylist()], np.int32)
+        user_row = np.array([self._add_row(x) for x in u.dictionary.to_pylist()], np.int64)
+        event_row = user_row[u.indices.to_numpy(zero_copy_only=False)]
+        order = np.argsort(event_row, kind="stable")  # each user's events together, in order
+        grouped = event_row[order]
         starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
         sizes = np.diff(np.r_[starts, len(grouped)])
+        rows = grouped[starts]
         position = np.arange(len(grouped)) - np.repeat(starts, sizes)  # index within its user
-        last = np.repeat(sizes, sizes)
-        keep = position >= last - self.length  # each user's last `length` events
-        n_users = len(starts)
-        self._grow(n_users)
-        rows = np.arange(n_users)
-        event_rows = np.repeat(rows, sizes)[keep]
-        self._rings[event_rows, position[keep] % self.length] = icode[order][keep]
-        self._pushes[:n_users] = sizes
-        self._touched[:n_users] = order[starts + sizes - 1] + 1  # the user's last event
-        self._clock = len(grouped)
-        self._row = {user_ids[int(c)]: r for r, c in enumerate(grouped[starts])}
+        keep = position >= np.repeat(sizes, sizes) - self.length  # each user's last `length`
+        pushed = np.repeat(self._pushes[rows], sizes) + position  # its count before it
+        icode = item_code[i.indices.to_numpy(zero_copy_only=False)]
+        self._rings[grouped[keep], pushed[keep] % self.length] = icode[order][keep]
+        self._pushes[rows] += sizes
+        self._touched[rows] = self._clock + order[starts + sizes - 1] + 1  # the user's last event
+        self._clock += len(grouped)
         self._evict_over_cap()
         # Arrow's allocator keeps what the encoding freed (hundreds of MB at 100M events).
         pa.default_memory_pool().release_unused()
+
+    def load_coded(
+        self, users: pa.Array, offsets: np.ndarray, codes: np.ndarray, items: list[str]
+    ) -> None:
+        """Per-user histories into an empty store: user ``j``'s items, oldest first, are
+        ``items[c]`` for ``c`` in ``codes[offsets[j]:offsets[j + 1]]`` (code 0 unused); each
+        keeps its last ``length``. No string per item and no sort: a 1M-user index loads in
+        ``LOAD_BLOCK``-user blocks. Users count as active in their given order."""
+        if self._row:
+            raise ValueError("load_coded fills an empty store; push into one that holds users")
+        n = len(users)
+        self._items = list(items)
+        self._code = {it: c for c, it in enumerate(self._items)}
+        self._grow(n)
+        sizes = np.diff(offsets)
+        for a in range(0, n, LOAD_BLOCK):
+            b = min(n, a + LOAD_BLOCK)
+            rows = np.repeat(np.arange(a, b), sizes[a:b])
+            position = np.arange(offsets[a], offsets[b]) - offsets[rows]
+            keep = position >= sizes[rows] - self.length
+            self._rings[rows[keep], position[keep] % self.length] = codes[offsets[a] : offsets[b]][
+                keep
+            ]
+        self._pushes[:n] = sizes
+        self._touched[:n] = np.arange(1, n + 1)
+        self._clock = n
+        self._row = dict(zip(users.to_pylist(), range(n), strict=True))
+        self._evict_over_cap()
 
     def _intern(self, item: str) -> int:
         code = self._code.get(item)
@@ -94,14 +125,19 @@ class HistoryStore:
             self._items.append(item)
         return code
 
-    def _new_row(self, user: str) -> int:
-        if self._free:
-            row = self._free.pop()
-        else:
-            row = len(self._row)
+    def _add_row(self, user: str) -> int:
+        """``user``'s row, a new one if the store lacks the user (no eviction here: a batch's
+        rows must all stay until it is written)."""
+        row = self._row.get(user)
+        if row is None:
+            row = self._free.pop() if self._free else len(self._row)
             self._grow(row + 1)
-        self._row[user] = row
-        self._pushes[row] = 0
+            self._row[user] = row
+            self._pushes[row] = 0
+        return row
+
+    def _new_row(self, user: str) -> int:
+        row = self._add_row(user)
         self._evict_over_cap(keep=row)
         return row
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -133,20 +134,43 @@ def read_table(
     return _newest([_read(directory / p.name, users, columns) for p in reversed(chain)], schema)
 
 
-def item_histories(
+@dataclass(frozen=True)
+class CodedHistories:
+    """Every user's recent items as codes into ``items``, oldest first: user ``j``'s are
+    ``codes[offsets[j]:offsets[j + 1]]``. Code 0 is padding (never in a history). No string per
+    item: at 1M users a string per item was most of a serving shard's rebuild memory."""
+
+    users: pa.Array  # string, one per user
+    offsets: np.ndarray  # int64, len(users) + 1
+    codes: np.ndarray  # int32
+    items: list[str]  # code -> item id
+
+
+def coded_histories(
     directory: Path, vocab: ItemVocab, keep: Callable[[pa.Array], pa.Array] | None = None
-) -> pa.Table:
-    """Every user's recent items as item ids: columns user_id (string) and recent
-    (list<string>, oldest first), as of the version in ``directory``. ``keep``: a mask of the
-    users wanted, given the user ids (e.g. one serving shard's), applied before the ids are
-    mapped: at 1M users most of the cost is in the mapping."""
+) -> CodedHistories:
+    """The recent items of the version in ``directory`` as codes (vocab rows); ``keep``: a mask
+    of the users wanted, given the user ids (e.g. one serving shard's)."""
     table = read_table(directory, columns=["user_id", "recent"])
     if keep is not None:
         table = table.filter(keep(table["user_id"].combine_chunks()))
     recent = table["recent"].combine_chunks()
-    ids = pa.array(["", *vocab.items()], pa.string()).take(recent.flatten())
-    items = pa.ListArray.from_arrays(pc.subtract(recent.offsets, recent.offsets[0]), ids)
-    return pa.table({"user_id": table["user_id"].combine_chunks(), "recent": items})
+    offsets = recent.offsets.to_numpy().astype(np.int64)
+    codes = pc.list_flatten(recent).to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    return CodedHistories(table["user_id"].combine_chunks(), offsets - offsets[0], codes,
+                          ["", *vocab.items()])  # fmt: skip
+
+
+def item_histories(
+    directory: Path, vocab: ItemVocab, keep: Callable[[pa.Array], pa.Array] | None = None
+) -> pa.Table:
+    """Every user's recent items as item ids: columns user_id (string) and recent
+    (list<string>, oldest first), as of the version in ``directory``; ``keep`` as in
+    ``coded_histories``."""
+    c = coded_histories(directory, vocab, keep)
+    ids = pa.array(c.items, pa.string()).take(pa.array(c.codes))
+    items = pa.ListArray.from_arrays(pa.array(c.offsets, pa.int32()), ids)
+    return pa.table({"user_id": c.users, "recent": items})
 
 
 def _write_part(table: pa.Table, directory: Path, snapshot: bool) -> Part:

@@ -99,6 +99,7 @@ from training.vocab import ItemVocab
 if TYPE_CHECKING:  # imported lazily at run time: reading the registry needs no torch
     import pyarrow as pa
 
+    from training.histories import CodedHistories
     from training.model import Recommender
 
 __all__ = [
@@ -184,6 +185,16 @@ class Registry(RegistryWrites):
 
         d = self.path(version)
         return histories.item_histories(d, read_vocab(d), keep)
+
+    def read_coded_histories(
+        self, version: int, keep: Callable[[pa.Array], pa.Array] | None = None
+    ) -> CodedHistories:
+        """``read_histories`` as codes into the version's item ids, no string per item (what a
+        serving shard loads at 1M users)."""
+        from training import histories
+
+        d = self.path(version)
+        return histories.coded_histories(d, read_vocab(d), keep)
 
     def decision_log(self) -> list[Decision]:
         return [d.model_copy() for d in self._state().decisions]

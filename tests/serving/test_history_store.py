@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 
+import numpy as np
+import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -39,6 +41,49 @@ def test_push_and_load_keep_each_users_last_items(
         assert len(store) == len(ref)
         for u in [f"u{i}" for i in range(12)]:
             assert store.get(u) == ref.get(u, [])
+
+
+@settings(max_examples=150, deadline=None)
+@given(evs=events, length=st.integers(1, 7), kept=st.integers(1, 9), cuts=st.tuples(
+    st.integers(0, 300), st.integers(0, 300)))  # fmt: skip
+def test_an_index_then_tails_keep_each_users_last_items(
+    evs: list[tuple[str, str]], length: int, kept: int, cuts: tuple[int, int]
+) -> None:
+    """A version's index (each user's last ``kept`` items, grouped and coded, as serving shards
+    read it), then a tail extended at once, then pushes: the same as every event pushed, with
+    each user's history starting from what the index kept."""
+    a, b = sorted(cuts)
+    index = _reference(evs[:a], kept)
+    catalog = sorted({i for _, i in evs})
+    code = {item: c for c, item in enumerate(catalog, start=1)}  # 0: padding, as vocab rows
+    users = sorted(index)
+    offsets = np.cumsum([0, *(len(index[u]) for u in users)])
+    codes = np.array([code[i] for u in users for i in index[u]], np.int32)
+    store = HistoryStore(length)
+    store.load_coded(pa.array(users, pa.string()), offsets, codes, ["", *catalog])
+    store.extend([u for u, _ in evs[a:b]], [i for _, i in evs[a:b]])
+    for u, i in evs[b:]:
+        store.push(u, i)
+    ref = _reference([(u, i) for u in users for i in index[u]] + evs[a:], length)
+    assert len(store) == len(ref)
+    for u in [f"u{i}" for i in range(12)]:
+        assert store.get(u) == ref.get(u, [])
+
+
+@settings(max_examples=100, deadline=None)
+@given(evs=events, cap=st.integers(1, 6), batch=st.integers(1, 40))
+def test_a_capped_store_extended_in_batches_holds_at_most_the_cap(
+    evs: list[tuple[str, str]], cap: int, batch: int
+) -> None:
+    ref = _reference(evs, 4)
+    store = HistoryStore(4, max_users=cap)
+    for k in range(0, len(evs), batch):
+        part = evs[k : k + batch]
+        store.extend([u for u, _ in part], [i for _, i in part])
+        assert len(store) <= cap
+    for u in [f"u{i}" for i in range(12)]:
+        got = store.get(u)  # the tail of its history since it was last let in
+        assert got == ref[u][len(ref[u]) - len(got) :] if got else True
 
 
 @settings(max_examples=100, deadline=None)

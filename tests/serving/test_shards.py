@@ -13,7 +13,7 @@ import pytest
 from serving.clicks import CLICK_WINDOW_S, ClickBook, Served
 from serving.config import ServingConfig
 from serving.history_feed import ChangeLog
-from serving.history_shard import HistoryShard, _covered, _flatten
+from serving.history_shard import HistoryShard, _covered
 from serving.history_store import HistoryStore
 from serving.shards import shard_codes, shard_of, split_by_shard
 from streams.buffer import EventBuffer
@@ -88,13 +88,6 @@ def test_each_shard_rebuilds_only_its_users_from_the_buffer(tmp_path: Path, shar
             assert shard.get_history(u) == whole.get(u)
         held |= mine
     assert held == {f"u{u}" for u in range(13)}
-
-
-def test_index_rows_flatten_to_events_in_order() -> None:
-    recent = pa.array([["1", "2"], [], ["3"]], pa.list_(pa.string()))
-    index = pa.table({"user_id": ["a", "b", "c"], "recent": recent})
-    users, items = _flatten(index)
-    assert users.to_pylist() == ["a", "a", "c"] and items.to_pylist() == ["1", "2", "3"]
 
 
 def test_an_index_is_used_only_if_the_buffer_holds_everything_after_it() -> None:
