@@ -154,7 +154,7 @@ def measure(
     rec = loop.state()["rounds"][-1]
     return {"buffered": size, "new": result.new_events, "segments_read": rec["segments"],
             "round_s": round_s, "read_s": rec["read_s"], "train_s": result.train_s,
-            "setup_s": setup_s}  # fmt: skip
+            "setup_s": setup_s, "phases": rec["phases"]}  # fmt: skip
 
 
 def main() -> None:
@@ -200,7 +200,8 @@ def main() -> None:
                 f"{r['buffered']:>10,} buffered  round {r['round_s']:6.1f}s  "
                 f"read {r['read_s']:5.2f}s  train {r['train_s']:5.1f}s  "
                 f"rest {r['round_s'] - r['train_s']:5.1f}s  "
-                f"segments {r['segments_read']}  (setup {r['setup_s']:.0f}s)"
+                f"segments {r['segments_read']}  (setup {r['setup_s']:.0f}s)  phases "
+                + " ".join(f"{k} {v:.2f}" for k, v in r["phases"].items())
             )
             print(line, flush=True)
     finally:

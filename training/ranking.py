@@ -136,11 +136,31 @@ def popularity_ranks(
     own = np.where(inside, c[np.clip(t, 0, v - 1)], np.inf)
     ordered = np.sort(c[1:])  # padding is no candidate
     ranks = len(ordered) - np.searchsorted(ordered, own, side="left") - 1  # less the target
-    key = np.unique(at[flat > 0] * v + flat[flat > 0])  # each row's excluded items, once each
-    row, item = key // v, key % v
-    beats = (item != t[row]) & (c[item] >= own[row])
-    ranks -= np.bincount(row[beats], minlength=b)
+    beats = (flat > 0) & (flat != t[at]) & (c[flat] >= own[at])
+    row, item = at[beats], flat[beats]
+    row = row[once_each(row, item, v)]  # an item excluded twice in a row is one candidate less
+    ranks -= np.bincount(row, minlength=b)
     return np.where(inside, ranks, MISS_RANK)
+
+
+def once_each(rows: np.ndarray, cols: np.ndarray, n_cols: int) -> np.ndarray:
+    """Mask keeping one of each distinct (row, column) pair; ``rows`` ascending. Each pair's
+    position is written into a scratch [rows, n_cols] table (at most ``SCORE_CELLS`` cells at a
+    time) and read back: the entry whose position stayed is the one kept. Linear, where
+    ``np.unique`` over row * n_cols + col keys took 5.7 s on 5.8M keys (the gate over a user
+    history that had seen most of a 3,000-item catalog)."""
+    keep = np.zeros(len(rows), dtype=bool)
+    if not len(rows):
+        return keep
+    per = score_batch(int(rows[-1] - rows[0]) + 1, n_cols)
+    scratch = np.empty((per, n_cols), dtype=np.int64)
+    for first in range(int(rows[0]), int(rows[-1]) + 1, per):
+        lo, hi = np.searchsorted(rows, [first, first + per])
+        r, c = rows[lo:hi] - first, cols[lo:hi]
+        ids = np.arange(lo, hi)
+        scratch[r, c] = ids
+        keep[lo:hi] = scratch[r, c] == ids
+    return keep
 
 
 def rank_sampled(scores: ArrayLike, targets: ArrayLike, negatives: np.ndarray) -> np.ndarray:

@@ -81,6 +81,20 @@ def test_popularity_ranks_are_rank_full_over_broadcast_counts() -> None:
     assert popularity_ranks(counts, targets, seen).tolist() == full.tolist()
 
 
+@pytest.mark.parametrize("cells", [1 << 23, 3 * 7])  # one scratch table; 3 rows at a time
+def test_once_each_keeps_one_of_each_pair(cells: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.ranking as ranking
+
+    monkeypatch.setattr(ranking, "SCORE_CELLS", cells)
+    rng = np.random.default_rng(1)
+    rows = np.sort(rng.integers(2, 30, size=400))
+    cols = rng.integers(0, 7, size=400)
+    keep = ranking.once_each(rows, cols, 7)
+    pairs = list(zip(rows.tolist(), cols.tolist(), strict=True))
+    kept = [p for p, k in zip(pairs, keep.tolist(), strict=True) if k]
+    assert sorted(kept) == sorted(set(pairs))  # every pair once, none twice
+
+
 def test_ndcg_of_constant_and_nan_scores_is_zero_and_of_top_rank_one() -> None:
     assert ndcg_hr(np.array([MISS_RANK, MISS_RANK]))[0] == 0.0
     assert ndcg_hr(np.array([0, 0])) == (1.0, 1.0)
