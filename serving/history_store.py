@@ -71,7 +71,6 @@ class HistoryStore:
         if len(u) == 0:
             return
         item_code = np.array([self._intern(x) for x in i.dictionary.to_pylist()], np.int32)
-        self._grow(len(self._row) + len(u.dictionary))  # once, not a doubling per new user
         user_row = np.array([self._add_row(x) for x in u.dictionary.to_pylist()], np.int64)
         event_row = user_row[u.indices.to_numpy(zero_copy_only=False)]
         order = np.argsort(event_row, kind="stable")  # each user's events together, in order
