@@ -71,7 +71,11 @@ class HistoryStore:
         if len(u) == 0:
             return
         item_code = np.array([self._intern(x) for x in i.dictionary.to_pylist()], np.int32)
-        user_row = np.array([self._add_row(x) for x in u.dictionary.to_pylist()], np.int64)
+        names = u.dictionary.to_pylist()
+        # Grown once for the users it lacks (rows of evicted users are reused first), not by a
+        # doubling each time a new user finds the arrays full: a load copies them once.
+        self._grow(len(self._row) + sum(1 for x in names if x not in self._row))
+        user_row = np.array([self._add_row(x) for x in names], np.int64)
         event_row = user_row[u.indices.to_numpy(zero_copy_only=False)]
         order = np.argsort(event_row, kind="stable")  # each user's events together, in order
         grouped = event_row[order]
@@ -79,10 +83,9 @@ class HistoryStore:
         sizes = np.diff(np.r_[starts, len(grouped)])
         rows = grouped[starts]
         position = np.arange(len(grouped)) - np.repeat(starts, sizes)  # index within its user
-        keep = position >= np.repeat(sizes, sizes) - self.length  # each user's last `length`
-        pushed = np.repeat(self._pushes[rows], sizes) + position  # its count before it
         icode = item_code[i.indices.to_numpy(zero_copy_only=False)]
-        self._rings[grouped[keep], pushed[keep] % self.length] = icode[order][keep]
+        pushed = np.repeat(self._pushes[rows], sizes) + position  # its count before it
+        self._write_last(grouped, position, np.repeat(sizes, sizes), pushed, icode[order])
         self._pushes[rows] += sizes
         self._touched[rows] = self._clock + order[starts + sizes - 1] + 1  # the user's last event
         self._clock += len(grouped)
@@ -108,15 +111,26 @@ class HistoryStore:
             b = min(n, a + LOAD_BLOCK)
             rows = np.repeat(np.arange(a, b), sizes[a:b])
             position = np.arange(offsets[a], offsets[b]) - offsets[rows]
-            keep = position >= sizes[rows] - self.length
-            self._rings[rows[keep], position[keep] % self.length] = codes[offsets[a] : offsets[b]][
-                keep
-            ]
+            self._write_last(rows, position, sizes[rows], position, codes[offsets[a] : offsets[b]])
         self._pushes[:n] = sizes
         self._touched[:n] = np.arange(1, n + 1)
         self._clock = n
         self._row = dict(zip(users.to_pylist(), range(n), strict=True))
         self._evict_over_cap()
+
+    def _write_last(
+        self,
+        rows: np.ndarray,
+        position: np.ndarray,
+        size: np.ndarray,
+        count: np.ndarray,
+        codes: np.ndarray,
+    ) -> None:
+        """Events grouped by user into their rings: event ``j`` is the ``position[j]``-th of the
+        ``size[j]`` its user ``rows[j]`` gets here, and the user's ``count[j]``-th push ever; only
+        each user's last ``length`` are written, each where a push would have put it."""
+        keep = position >= size - self.length
+        self._rings[rows[keep], count[keep] % self.length] = codes[keep]
 
     def _intern(self, item: str) -> int:
         code = self._code.get(item)
