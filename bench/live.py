@@ -13,7 +13,7 @@ that the champion, b, beats by at most 15%); ``same`` (b = a's weights rebuilt a
 scored separately). An epoch pair with no epoch inside the issue's range is not built, and says
 so. Each pair runs ``trials`` interleaved trials and as many A/B trials (``bench.live_trials``:
 what an impression is, the A/B design and why it is fair), through the product's
-``serving.interleaving`` and ``training.sequential`` and the benchmark's ``harness.click_model``,
+``serving.interleaving`` and ``training.sequential`` and the click model ``services.click_model``,
 whose parameters are fixed by the flags before anything is measured.
 
 Reported per pair: offline NDCG@10 of both versions, their relative difference and its paired
@@ -54,7 +54,7 @@ from bench.live_models import (
     tune_noise,
 )
 from bench.live_trials import Trial, ab_trial, interleave_all, interleaved_trial
-from harness.click_model import ClickModel
+from services.click_model import ClickModel
 from training.evaluation import encode, load_table
 from training.model import Recommender
 from training.sequential import Decision, SequentialConfig

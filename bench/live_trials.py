@@ -1,5 +1,5 @@
 """``bench.live``'s trials: interleaved and A/B impressions replayed offline through the product's
-interleaving (``serving.interleaving``), the click model (``harness.click_model``) and the
+interleaving (``serving.interleaving``), the click model (``services.click_model``) and the
 sequential test (``training.sequential``).
 
 **Interleaving.** An impression: a request drawn uniformly with replacement from the replayed
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.click_model import ClickModel
+from services.click_model import ClickModel
 from serving.interleaving import Team, credit, team_draft
 from training.sequential import Decision, SequentialConfig, decision_of, log_lr_path
 

@@ -59,6 +59,9 @@ def demo(
         int, typer.Option(help="Events published as a backlog before the loop starts.")
     ] = 20_000,
     query_rps: Annotated[float, typer.Option(help="Live /recommend queries per second.")] = 20.0,
+    live: Annotated[
+        str, typer.Option(help="rollout.live for the run (off, guard, canary): live trials.")
+    ] = "guard",
     keep: Annotated[bool, typer.Option("--keep", help="Keep serving until Ctrl-C.")] = False,
     out: Annotated[Path, typer.Option(help="Folder for the plot and demo.json.")] = Path("out"),
 ) -> None:
@@ -67,7 +70,8 @@ def demo(
 
     cfg = DemoConfig(
         events=events, rate=rate, slice_events=slice_events,
-        first_round_events=first_round_events, query_rps=query_rps, keep=keep, out=out,
+        first_round_events=first_round_events, query_rps=query_rps, live=live, keep=keep,
+        out=out,
     )  # fmt: skip
     try:
         run_demo(settings_of(ctx), cfg)

@@ -20,11 +20,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
+from services.click_model import ClickModel
+from services.demo_live import DemoClicks
 from services.demo_replay import Clock, Queries, run_replay, wait_tail
 from services.errors import ServiceError
 from services.settings import Settings
@@ -57,13 +59,29 @@ class DemoConfig(BaseModel):
         default=2000, ge=10, description="Events of a slice scored (seeded sample)."
     )
     query_rps: float = Field(default=20.0, ge=0, description="Live /recommend queries per second.")
+    live: Literal["off", "guard", "canary"] = Field(
+        default="guard",
+        description="rollout.live for this run: the demo shows live trials (guard: each new "
+        "champion's lineage interleaved with a baseline minutes older), which `up` runs only "
+        "when its settings ask for them.",
+    )
+    clicks: ClickModel = Field(
+        default_factory=ClickModel,
+        description="The simulated users' click model (fixed before the run and printed).",
+    )
+    click_delay_s: float = Field(
+        default=1.0, ge=0, description="Seconds from an answer to its simulated clicks."
+    )
     keep: bool = Field(default=False, description="Keep serving after the replay until Ctrl-C.")
     out: Path = Field(default=Path("out"), description="Folder for the plot and demo.json.")
 
 
-def demo_settings(s: Settings, run_dir: Path) -> Settings:
-    """The user's settings with this run's own buffer, registry and topics (broker shared)."""
+def demo_settings(s: Settings, run_dir: Path, live: str | None = None) -> Settings:
+    """The user's settings with this run's own buffer, registry and topics (broker shared), and
+    ``live`` as rollout.live if given."""
     d = s.model_dump()
+    if live is not None:
+        d["rollout"]["live"] = live
     d["state_dir"] = run_dir
     d["buffer"].pop("path")
     d["registry"].pop("path")  # its own registry: never gated against another run's champion
@@ -145,7 +163,7 @@ def _demo(
     t_start = time.time()
     root = settings.state_dir / "demo"
     shutil.rmtree(root, ignore_errors=True)  # each demo starts from an empty buffer and registry
-    s = demo_settings(settings, root / time.strftime("%Y%m%d-%H%M%S"))
+    s = demo_settings(settings, root / time.strftime("%Y%m%d-%H%M%S"), cfg.live)
     events = movielens_100k(DEFAULT_ML100K)[: cfg.events]
     if cfg.first_round_events >= len(events):
         raise ServiceError(
@@ -167,10 +185,16 @@ def _demo(
     assert running.controller is not None
     url = f"http://{s.serving.host}:{s.serving.port}"
     running.supervisor.add("rollout", running.controller.run)
-    queries = Queries(url, sorted({e.user_id for e in events}), cfg.query_rps)
+    clock = Clock()
+    clicks = None
+    if cfg.live != "off":
+        clicks = DemoClicks(events, cfg.clicks, s.kafka, s.topics.events, cfg.click_delay_s)
+        console.print(f"live trials ({cfg.live}); simulated clicks: {cfg.clicks.describe()}, "
+                      f"{cfg.click_delay_s:g} s after the answer")  # fmt: skip
+    users = sorted({e.user_id for e in events})
+    queries = Queries(url, users, cfg.query_rps, clicks, lambda: len(clock.times))
     if cfg.query_rps > 0:
         queries.thread.start()
-    clock = Clock()
     try:
         watch = run_replay(running, cfg, events, clock, queries, stop)
         if watch is None or not wait_tail(running, queries, watch, len(events), stop):

@@ -26,6 +26,7 @@ from streams.progress import working
 
 if TYPE_CHECKING:
     from services.demo import DemoConfig
+    from services.demo_live import DemoClicks
     from services.loop import ContinualLoop
     from services.running import Running
     from training.registry import LoadedVersion, Registry
@@ -57,32 +58,69 @@ class Clock:
 
 
 class Queries:
-    """A client hitting /recommend for random users, counting statuses and versions seen."""
+    """A client hitting /recommend, counting statuses, versions seen and interleaved answers.
 
-    def __init__(self, url: str, users: list[str], rps: float) -> None:
+    Without ``clicks`` it asks for random users; with them, the user whose event ``published()``
+    says comes next asks, and clicks on the answer as the click model says (``DemoClicks``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        users: list[str],
+        rps: float,
+        clicks: DemoClicks | None = None,
+        published: Callable[[], int] | None = None,
+    ) -> None:
         self.url, self.users, self.rps = url, users, rps
+        self.clicks, self._published = clicks, published or (lambda: 0)
         self.ok = self.failed = 0
+        self.interleaved = 0  # answers that interleaved a live trial's two versions
+        self.click_errors = 0
         self.first_seen: dict[int, float] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="queries", daemon=True)
 
     def _run(self) -> None:
         rng = random.Random(0)
-        with httpx.Client(timeout=10) as client:
-            while not self.stop.wait(1.0 / self.rps):
-                body = {"user_id": rng.choice(self.users), "k": 10}
-                try:
-                    r = client.post(f"{self.url}/recommend", json=body)
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                if not self.first_seen and not ok:
-                    continue  # nothing is deployed before the first version: not a failure
-                if not ok:
-                    self.failed += 1
-                    continue
-                self.ok += 1
-                self.first_seen.setdefault(int(r.json()["version"]), time.time())
+        try:
+            with httpx.Client(timeout=10) as client:
+                while not self.stop.wait(1.0 / self.rps):
+                    self._one(client, rng)
+        finally:
+            if self.clicks is not None:
+                self._send_clicks(flush_all=True)
+                self.clicks.close()
+
+    def _one(self, client: httpx.Client, rng: random.Random) -> None:
+        published = self._published()
+        user = self.clicks.asker(published) if self.clicks else rng.choice(self.users)
+        try:
+            r = client.post(f"{self.url}/recommend", json={"user_id": user, "k": 10})
+            ok = r.status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        if not self.first_seen and not ok:
+            return  # nothing is deployed before the first version: not a failure
+        if not ok:
+            self.failed += 1
+            return
+        self.ok += 1
+        answer = r.json()
+        self.first_seen.setdefault(int(answer["version"]), time.time())
+        self.interleaved += answer.get("trial") is not None
+        if self.clicks is not None:
+            self.clicks.answered(user, [it["item_id"] for it in answer["items"]], published)
+            self._send_clicks()
+
+    def _send_clicks(self, flush_all: bool = False) -> None:
+        assert self.clicks is not None
+        try:
+            self.clicks.send_due(flush_all)
+        except Exception as err:  # the broker stopping under the demo; the clicks are lost
+            self.click_errors += 1
+            if self.click_errors == 1:
+                log.warning("sending the simulated clicks failed: %s", err)
 
 
 class StreamWatch:
@@ -99,6 +137,8 @@ class StreamWatch:
         self.bounds: list[tuple[int, int]] = []
         self.ended = 0.0  # when the last event was published
         self.said = 0  # round records printed so far
+        self.trials: set[str] = set()  # live trials announced so far
+        self.decided = 0  # decision log lines looked at so far
         self._lock = threading.Lock()
 
     def marked(self, events: Iterator[Event], first: int, stop: threading.Event) -> Iterator[Event]:
@@ -132,6 +172,20 @@ class StreamWatch:
                 f" - {rec.get('reason', '')}"
             )
         self.said = len(records)
+        self._say_live()
+
+    def _say_live(self) -> None:
+        """A live trial as it starts, and its decision as the controller makes it."""
+        trial = self.registry.rollout_state().trial
+        if trial is not None and trial.id not in self.trials:
+            self.trials.add(trial.id)
+            console.print(f"live trial {trial.id} ({trial.mode}): v{trial.a} (a) against "
+                          f"v{trial.b} (b) on {trial.share:.0%} of the answers")  # fmt: skip
+        log_ = self.registry.decision_log()
+        for d in log_[self.decided :]:
+            if d.decision.startswith("live-"):
+                console.print(f"v{d.version} {d.decision}: {d.reason}")
+        self.decided = len(log_)
 
 
 def run_replay(
@@ -228,16 +282,19 @@ def wait_tail(
     (so every event trained on is attributed to a live version). False on ``stop``.
 
     A rejected last round's events wait in the carry for events that will not come: they are
-    reported as pending, as is whatever the loop has not trained within the bound.
+    reported as pending, as is whatever the loop has not trained within the bound. So do the
+    last few events when a round found too few of them to train on and the loop waits for more
+    (e.g. the simulated users' last clicks, landing after the replay's last round).
     """
     loop, reg = running.loop, running.registry
 
     def idle() -> bool:
         watch.poll()
         champion = reg.champion()
+        clicks = queries.clicks.sent if queries.clicks is not None else 0  # buffered as well
         return (
-            running.buffer.stats().rows >= total
-            and loop.pending() == 0
+            running.buffer.stats().rows >= total + clicks
+            and (loop.pending() == 0 or loop.retry_at_pending is not None)
             and champion is not None
             and (queries.rps == 0 or champion in queries.first_seen)
         )

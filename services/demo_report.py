@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt
 from rich.console import Console
 from rich.table import Table
 
+from services.demo_live import live_record
 from services.freshness import Ledger
 from streams.progress import working
 
@@ -95,6 +96,9 @@ def report(
     served = {"queries_ok": queries.ok, "queries_failed": queries.failed,
               "versions_served": sorted(queries.first_seen)}  # fmt: skip
     record = summary(rows, fates, first, ledger, watch.static_version, served, wall_s)
+    record["live"] = live_record(running.registry, cfg.live, queries.clicks)
+    record["live"]["interleaved_answers"] = queries.interleaved
+    say_live(record["live"])
     cfg.out.mkdir(parents=True, exist_ok=True)
     record["plot"] = str(plot(rows, cfg.out / "demo_quality.png"))
     (cfg.out / "demo.json").write_text(json.dumps(record, indent=2))
@@ -106,6 +110,26 @@ def report(
     )
     console.print(f"plot: {record['plot']}")
     return record
+
+
+def say_live(live: Mapping[str, Any]) -> None:
+    """The live trials in a few lines: each decision, and the trial still running."""
+    if live["mode"] == "off":
+        return
+    console.print(
+        f"live trials ({live['mode']}): {live['interleaved_answers']:,} interleaved answers, "
+        f"{live['clicks_sent'] or 0:,} simulated clicks sent; {len(live['decisions'])} decided"
+    )
+    for d in live["decisions"]:
+        console.print(f"  v{d['version']} {d['decision']}: {d['reason']}")
+    t = live["running"]
+    if t is not None:
+        console.print(
+            f"  running: trial {t['id']}, v{t['a']} (a) against the lineage v{t['b_versions'][0]}"
+            f"..v{t['b']} (b, {len(t['b_versions'])} versions pooled): {t['impressions']} "
+            f"impressions settled, b won {t['wins']}, a won {t['losses']}, {t['ties']} ties, "
+            f"log LR {t['log_lr']:.2f} ({t['decision']})"
+        )
 
 
 def places_of(buffered: pa.Table, events: list[Event]) -> tuple[list[tuple[str, int] | None], Any]:

@@ -21,7 +21,8 @@ def test_demo_watches_the_loops_rounds_into_serve_and_reports(
     kafka: KafkaConfig, tmp_path: Path
 ) -> None:
     """The demo publishes a backlog, runs `up`'s loop with its defaults on the rest of a live
-    replay, and reports each slice's champion against the static v1 and the events' freshness."""
+    replay, and reports each slice's champion against the static v1, the events' freshness, and
+    the live trial its simulated users' clicks fed."""
     env = {
         **os.environ,
         "STREAMTUNE_STATE_DIR": str(tmp_path / "state"),
@@ -59,6 +60,11 @@ def test_demo_watches_the_loops_rounds_into_serve_and_reports(
     assert isinstance(fresh, float) and math.isfinite(fresh) and fresh > 0, record
     assert record["freshness_p99_s"] >= fresh
     assert (out / "demo_quality.png").stat().st_size > 10_000
+    # Live trials are on in the demo (guard): simulated users click, answers are interleaved.
+    live = record["live"]
+    assert live["mode"] == "guard" and live["clicks_sent"] > 0, live
+    assert live["interleaved_answers"] > 0, live
+    assert live["decisions"] or (live["running"] and live["running"]["impressions"] > 0), live
     assert "NDCG@10 champion" in done.stdout and "curl -s -X POST" in done.stdout
 
 

@@ -16,7 +16,8 @@ interacted with anyway; clicks do not depend on each other (no cascade, no satis
 window counts events, not time. It judges a ranking by how much of the user's own near future it
 puts where the user looks, which is what next-slice NDCG measures with a different discount.
 
-Benchmark machinery (``bench.live``), not product: serving never imports it.
+The simulated user of `streamtune demo` and of the benchmarks (``bench.live``), never of the
+product's own path: serving never imports it.
 """
 
 from __future__ import annotations

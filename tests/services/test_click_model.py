@@ -1,5 +1,6 @@
-"""The benchmark's click model (``harness.click_model``): relevance only from the user's next N
-events, clicks only on relevant items, examination falling with position as configured."""
+"""The click model of the demo and the benchmarks (``services.click_model``): relevance only
+from the user's next N events, clicks only on relevant items, examination falling with position
+as configured."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from harness.click_model import ClickModel
+from services.click_model import ClickModel
 
 
 def test_relevance_is_the_next_window_events_only() -> None:
