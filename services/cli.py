@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -60,7 +60,8 @@ def demo(
     ] = 20_000,
     query_rps: Annotated[float, typer.Option(help="Live /recommend queries per second.")] = 20.0,
     live: Annotated[
-        str, typer.Option(help="rollout.live for the run (off, guard, canary): live trials.")
+        Literal["off", "guard", "canary"],
+        typer.Option(help="rollout.live for the run: live trials (guard), or none (off)."),
     ] = "guard",
     keep: Annotated[bool, typer.Option("--keep", help="Keep serving until Ctrl-C.")] = False,
     out: Annotated[Path, typer.Option(help="Folder for the plot and demo.json.")] = Path("out"),
