@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
+from pydantic import BaseModel
 
 from services import cli_loop, cli_stream, cli_tools
+from services.demo import DemoConfig
 from services.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -45,35 +47,33 @@ cli_loop.register(app, settings_of)
 cli_tools.register(app, settings_of)
 
 
+def _opt(model: type[BaseModel], field: str, *names: str) -> Any:
+    """A typer option for ``model``'s ``field``, its help and default read from the model (the one
+    place they are declared). The option itself defaults to None: only what is given reaches it."""
+    f = model.model_fields[field]
+    default = f.get_default(call_default_factory=True)
+    shown = "" if default is None or isinstance(default, bool) else f" (default {default})"
+    return typer.Option(*names, help=f"{f.description}{shown}", show_default=False)
+
+
 @app.command()
 def demo(
     ctx: typer.Context,
-    events: Annotated[
-        int | None, typer.Option(help="Replay only the first N MovieLens events (default all).")
-    ] = None,
-    rate: Annotated[float, typer.Option(help="Replay rate in events/s.")] = 300.0,
-    slice_events: Annotated[
-        int, typer.Option(help="Events per row of the report (a slice of the replay).")
-    ] = 12_000,
-    first_round_events: Annotated[
-        int, typer.Option(help="Events published as a backlog before the loop starts.")
-    ] = 20_000,
-    query_rps: Annotated[float, typer.Option(help="Live /recommend queries per second.")] = 20.0,
-    live: Annotated[
-        Literal["off", "guard", "canary"],
-        typer.Option(help="rollout.live for the run: live trials (guard), or none (off)."),
-    ] = "guard",
-    keep: Annotated[bool, typer.Option("--keep", help="Keep serving until Ctrl-C.")] = False,
-    out: Annotated[Path, typer.Option(help="Folder for the plot and demo.json.")] = Path("out"),
+    events: Annotated[int | None, _opt(DemoConfig, "events")] = None,
+    rate: Annotated[float | None, _opt(DemoConfig, "rate")] = None,
+    slice_events: Annotated[int | None, _opt(DemoConfig, "slice_events")] = None,
+    first_round_events: Annotated[int | None, _opt(DemoConfig, "first_round_events")] = None,
+    query_rps: Annotated[float | None, _opt(DemoConfig, "query_rps")] = None,
+    live: Annotated[Literal["off", "guard", "canary"] | None, _opt(DemoConfig, "live")] = None,
+    keep: Annotated[bool, _opt(DemoConfig, "keep", "--keep")] = False,
+    out: Annotated[Path | None, _opt(DemoConfig, "out")] = None,
 ) -> None:
     """The main job: broker + Ray + ingest + rounds + Serve on MovieLens-100K, replayed live."""
-    from services.demo import DemoConfig, DemoInterrupted, run_demo
+    from services.demo import DemoInterrupted, run_demo
 
-    cfg = DemoConfig(
-        events=events, rate=rate, slice_events=slice_events,
-        first_round_events=first_round_events, query_rps=query_rps, live=live, keep=keep,
-        out=out,
-    )  # fmt: skip
+    given = dict(events=events, rate=rate, slice_events=slice_events, live=live, out=out,
+                 first_round_events=first_round_events, query_rps=query_rps, keep=keep)  # fmt: skip
+    cfg = DemoConfig.model_validate({k: v for k, v in given.items() if v is not None})
     try:
         run_demo(settings_of(ctx), cfg)
     except DemoInterrupted as err:
