@@ -18,6 +18,7 @@ from rich.table import Table
 from services.loop_state import STATE_FILE
 from services.settings import Settings
 from serving.config import RolloutConfig
+from serving.live_trial import lineage
 from streams.buffer import EventBuffer
 from training.registry import Registry, RolloutState
 
@@ -247,11 +248,10 @@ def live_lines(state: RolloutState, cfg: RolloutConfig) -> list[str]:
     if t is None:
         out.append("  no live trial running")
         return out
-    lineage = ", ".join(f"v{v}" for v in t.b_versions)
     test = t.test
     out += [
         f"  trial {t.id} ({t.mode}, {t.share:.0%} of answers interleaved): a = v{t.a}, "
-        f"b = v{t.b} (lineage pooled: {lineage})",
+        f"b = v{t.b} (lineage pooled: {lineage(t.b_versions)})",
         f"  {test.impressions} impressions: b won {test.wins}, a won {test.losses}, "
         f"{test.ties} ties; log LR {test.log_lr:.2f} of {cfg.live_test.threshold:.2f} "
         f"to decide; {test.decision}",

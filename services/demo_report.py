@@ -24,6 +24,7 @@ from rich.table import Table
 
 from services.demo_live import live_record
 from services.freshness import Ledger
+from serving.live_trial import lineage
 from streams.progress import working
 
 if TYPE_CHECKING:
@@ -125,9 +126,9 @@ def say_live(live: Mapping[str, Any]) -> None:
     t = live["running"]
     if t is not None:
         console.print(
-            f"  running: trial {t['id']}, v{t['a']} (a) against the lineage v{t['b_versions'][0]}"
-            f"..v{t['b']} (b, {len(t['b_versions'])} versions pooled): {t['impressions']} "
-            f"impressions settled, b won {t['wins']}, a won {t['losses']}, {t['ties']} ties, "
+            f"  running: trial {t['id']}, v{t['a']} (a) against the lineage "
+            f"{lineage(t['b_versions'])} (b, pooled): {t['impressions']} impressions settled, "
+            f"b won {t['wins']}, a won {t['losses']}, {t['ties']} ties, "
             f"log LR {t['log_lr']:.2f} ({t['decision']})"
         )
 

@@ -85,12 +85,20 @@ def tally(trial: LiveTrial) -> dict[str, Any]:
             "a_won": t.losses, "ties": t.ties, "log_lr": round(t.log_lr, 3)}  # fmt: skip
 
 
+def lineage(versions: list[int], shown: int = 4) -> str:
+    """Team b's pooled versions in words: each of a few, else the first, the last and how many
+    (with rounds every second a trial pools hundreds)."""
+    if len(versions) <= shown:
+        return ", ".join(f"v{v}" for v in versions)
+    return f"v{versions[0]}, v{versions[1]}, ..., v{versions[-1]} ({len(versions)} versions)"
+
+
 def figures(trial: LiveTrial) -> str:
     t = trial.test
-    pooled = ", ".join(f"v{v}" for v in trial.b_versions)
     return (
         f"{t.impressions} impressions: b won {t.wins}, a won {t.losses}, {t.ties} ties; "
-        f"log LR {t.log_lr:.2f}; a = v{trial.a}, b = the lineage {pooled} (pooled)"
+        f"log LR {t.log_lr:.2f}; a = v{trial.a}, b = the lineage {lineage(trial.b_versions)} "
+        "(pooled)"
     )
 
 

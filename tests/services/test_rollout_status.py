@@ -29,3 +29,12 @@ def test_status_without_a_trial_says_so_and_an_expired_pause_is_not_shown() -> N
     state = RolloutState(serving=2, paused_until=time.time() - 1, paused_reason="old")
     lines = live_lines(state, RolloutConfig())
     assert lines == ["live evaluation: off", "  no live trial running"]
+
+
+def test_a_long_pooled_lineage_is_named_by_its_ends_and_count() -> None:
+    """Rounds every second pool hundreds of versions into one trial: the line stays one line."""
+    trial = LiveTrial(id="t", mode="guard", a=1, b=300, b_versions=list(range(2, 301)), share=0.2)
+    text = "\n".join(live_lines(RolloutState(serving=300, baseline=1, trial=trial),
+                                RolloutConfig(live="guard")))  # fmt: skip
+    assert "lineage pooled: v2, v3, ..., v300 (299 versions)" in text
+    assert "v150" not in text
