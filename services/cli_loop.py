@@ -253,8 +253,8 @@ def live_lines(state: RolloutState, cfg: RolloutConfig) -> list[str]:
         f"  trial {t.id} ({t.mode}, {t.share:.0%} of answers interleaved): a = v{t.a}, "
         f"b = v{t.b} (lineage pooled: {lineage(t.b_versions)})",
         f"  {test.impressions} impressions: b won {test.wins}, a won {test.losses}, "
-        f"{test.ties} ties; log LR {test.log_lr:.2f} of {cfg.live_test.threshold:.2f} "
-        f"to decide; {test.decision}",
+        f"{test.ties} ties; clicks credited: b {t.b_clicks}, a {t.a_clicks}; log LR "
+        f"{test.log_lr:.2f} of {cfg.live_test.threshold:.2f} to decide; {test.decision}",
     ]
     return out
 

@@ -128,8 +128,8 @@ def say_live(live: Mapping[str, Any]) -> None:
         console.print(
             f"  running: trial {t['id']}, v{t['a']} (a) against the lineage "
             f"{lineage(t['b_versions'])} (b, pooled): {t['impressions']} impressions settled, "
-            f"b won {t['wins']}, a won {t['losses']}, {t['ties']} ties, "
-            f"log LR {t['log_lr']:.2f} ({t['decision']})"
+            f"b won {t['wins']}, a won {t['losses']}, {t['ties']} ties (clicks credited: b "
+            f"{t['b_clicks']}, a {t['a_clicks']}), log LR {t['log_lr']:.2f} ({t['decision']})"
         )
 
 

@@ -39,6 +39,9 @@ class Gauges:
                            ("b_won", test.wins if test else 0),
                            ("tie", test.ties if test else 0)):  # fmt: skip
             m.gauge("live_trial", float(n), tags={"outcome": outcome})
+        for team in ("a", "b"):
+            n = getattr(state.trial, f"{team}_clicks") if state.trial is not None else 0
+            m.gauge("live_clicks", float(n), tags={"team": team})
         m.gauge("live_log_lr", test.log_lr if test else 0.0)
         paused = state.paused_until is not None and state.paused_until > time.time()
         m.gauge("paused", 1.0 if paused else 0.0)

@@ -98,6 +98,13 @@ SPECS: dict[str, Spec] = {
         "trial runs (rollout.live).",
         ("outcome",),
     ),
+    "live_clicks": Spec(
+        "gauge",
+        "streamtune_live_trial_clicks",
+        "The running live trial's clicks credited to each team's items (a, b) in its settled "
+        "impressions; 0 when no trial runs.",
+        ("team",),
+    ),
     "live_log_lr": Spec(
         "gauge",
         "streamtune_live_trial_log_lr",

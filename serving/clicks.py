@@ -31,6 +31,9 @@ SETTLE_S = 120.0
 # A replica reports what it served every 0.5 s, so a quick click can reach the shard first; such a
 # click is held this long for the answer it belongs to, then forgotten.
 EARLY_S = 5.0
+# What a trial's settled impressions add up to, per history shard: outcomes, and the clicks that
+# decided them by the team whose item was clicked.
+TALLY = ("a_won", "b_won", "ties", "a_clicks", "b_clicks")
 TRIALS_KEPT = 50  # trials whose tallies a shard keeps (the controller reads the running one)
 
 
@@ -72,7 +75,7 @@ class ClickBook:
         self.stats: dict[str, VersionStats] = {}
         # interleaved impressions not settled yet, oldest first
         self.unsettled: deque[_Impression] = deque()
-        # trial id -> [a wins, b wins, ties] of its settled impressions
+        # trial id -> [a wins, b wins, ties, clicks credited to a, to b] of its settled impressions
         self.trials: OrderedDict[str, list[int]] = OrderedDict()
         # engagement with items not (yet) known as served to the user: user -> [(item, at)],
         # and the same in arrival order, to let them go after EARLY_S
@@ -143,16 +146,18 @@ class ClickBook:
         outcome = credit(imp.served.teams, imp.clicked).outcome  # type: ignore[arg-type]
         tally = self.trials.get(trial)
         if tally is None:
-            tally = self.trials[trial] = [0, 0, 0]
+            tally = self.trials[trial] = [0] * len(TALLY)
             while len(self.trials) > TRIALS_KEPT:
                 self.trials.popitem(last=False)
         tally[{"a": 0, "b": 1, "tie": 2}[outcome]] += 1
+        for pos in imp.clicked:
+            tally[3 if imp.served.teams[pos] == "a" else 4] += 1
 
     def trial_counts(self, trial: str, now: float) -> list[int]:
-        """(a wins, b wins, ties) of ``trial``'s impressions settled so far; first settles the
-        ones served more than ``settle_s`` ago."""
+        """``TALLY`` of ``trial``'s impressions settled so far; first settles the ones served
+        more than ``settle_s`` ago."""
         self._settle_due(now)
-        return list(self.trials.get(trial, [0, 0, 0]))
+        return list(self.trials.get(trial, [0] * len(TALLY)))
 
     def _settle_due(self, now: float) -> None:
         while self.unsettled and self.unsettled[0].at < now - self.settle_s:

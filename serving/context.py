@@ -170,9 +170,10 @@ class ServingContext:
                 "ctr": clicked / served if served else 0.0}  # fmt: skip
 
     def trial_counts(self, trial: str) -> dict[str, list[int]]:
-        """Per answering shard, its running (a wins, b wins, ties) of ``trial``'s settled
-        impressions. Per shard, not summed: a restarted shard starts again from zero, and the
-        controller must tell that from no new impressions."""
+        """Per answering shard, its running tally of ``trial``'s settled impressions (a wins, b
+        wins, ties, clicks credited to a, to b: ``serving.clicks.TALLY``). Per shard, not
+        summed: a restarted shard starts again from zero, and the controller must tell that
+        from no new impressions."""
         out = self._ask_shards("trial_counts", trial)
         return {str(i): list(c) for i, c in enumerate(out) if c is not None}
 

@@ -182,7 +182,8 @@ class HistoryShard:
             self.clicks.record_served(served, time.time())
 
     def trial_counts(self, trial: str) -> list[int]:
-        """(a wins, b wins, ties) of the live trial's impressions settled here so far."""
+        """The live trial's impressions settled here so far: (a wins, b wins, ties, clicks
+        credited to a, to b), ``serving.clicks.TALLY``."""
         with self.lock:
             return self.clicks.trial_counts(trial, time.time())
 

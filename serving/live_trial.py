@@ -25,6 +25,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Literal
 
+from serving.clicks import TALLY
 from training.registry import LiveTrial
 from training.sequential import SequentialConfig
 
@@ -60,21 +61,28 @@ def count(ctl: RolloutController, trial: LiveTrial) -> bool:
 
 
 def add_counts(trial: LiveTrial, per_shard: dict[str, list[int]], cfg: SequentialConfig) -> bool:
-    """Each shard's running (a wins, b wins, ties) minus what was counted from it before, into
-    the test; True if anything was added."""
-    new = [0, 0, 0]
-    for shard, totals in per_shard.items():
-        before = trial.counted.get(shard, [0, 0, 0])
+    """Each shard's running tally (``serving.clicks.TALLY``) minus what was counted from it
+    before: the outcomes into the test, the clicks into the trial's credited clicks. True if
+    anything was added."""
+    new = [0] * len(TALLY)
+    for shard, got in per_shard.items():
+        # a shard or a record from before credited clicks were counted has the outcomes only
+        totals, before = _full(got), _full(trial.counted.get(shard, []))
         # a restarted shard counts from zero again: all it has now is new
         restarted = any(t < b for t, b in zip(totals, before, strict=True))
         delta = totals if restarted else [t - b for t, b in zip(totals, before, strict=True)]
         new = [n + d for n, d in zip(new, delta, strict=True)]
-        trial.counted[shard] = list(totals)
+        trial.counted[shard] = totals
     if not any(new):
         return False
-    a_wins, b_wins, ties = new
+    a_wins, b_wins, ties, a_clicks, b_clicks = new
     trial.test = trial.test.record_counts(b_wins, a_wins, ties, cfg)
+    trial.a_clicks, trial.b_clicks = trial.a_clicks + a_clicks, trial.b_clicks + b_clicks
     return True
+
+
+def _full(tally: list[int]) -> list[int]:
+    return [*tally, *[0] * (len(TALLY) - len(tally))]
 
 
 def tally(trial: LiveTrial) -> dict[str, Any]:
@@ -82,7 +90,8 @@ def tally(trial: LiveTrial) -> dict[str, Any]:
     t = trial.test
     return {"trial": trial.id, "a": trial.a, "b_versions": trial.b_versions,
             "impressions": t.impressions, "decided_at": t.decided_at, "b_won": t.wins,
-            "a_won": t.losses, "ties": t.ties, "log_lr": round(t.log_lr, 3)}  # fmt: skip
+            "a_won": t.losses, "ties": t.ties, "b_clicks": trial.b_clicks,
+            "a_clicks": trial.a_clicks, "log_lr": round(t.log_lr, 3)}  # fmt: skip
 
 
 def lineage(versions: list[int], shown: int = 4) -> str:
@@ -96,9 +105,9 @@ def lineage(versions: list[int], shown: int = 4) -> str:
 def figures(trial: LiveTrial) -> str:
     t = trial.test
     return (
-        f"{t.impressions} impressions: b won {t.wins}, a won {t.losses}, {t.ties} ties; "
-        f"log LR {t.log_lr:.2f}; a = v{trial.a}, b = the lineage {lineage(trial.b_versions)} "
-        "(pooled)"
+        f"{t.impressions} impressions: b won {t.wins}, a won {t.losses}, {t.ties} ties "
+        f"(clicks credited: b {trial.b_clicks}, a {trial.a_clicks}); log LR {t.log_lr:.2f}; "
+        f"a = v{trial.a}, b = the lineage {lineage(trial.b_versions)} (pooled)"
     )
 
 
@@ -205,4 +214,6 @@ def status(trial: LiveTrial | None) -> dict[str, Any] | None:
         "started_at": trial.started_at,
         **trial.test.model_dump(),
         "impressions": trial.test.impressions,
+        "a_clicks": trial.a_clicks,
+        "b_clicks": trial.b_clicks,
     }

@@ -122,8 +122,14 @@ class LiveTrial(BaseModel):
     )
     counted: dict[str, list[int]] = Field(
         default_factory=dict,
-        description="Per history shard, the (a wins, b wins, ties) already counted into the "
-        "test: a shard's running totals minus these are the impressions still to count.",
+        description="Per history shard, the (a wins, b wins, ties, clicks credited to a, to b) "
+        "already counted: a shard's running totals minus these are still to count.",
+    )
+    a_clicks: int = Field(
+        default=0, ge=0, description="Clicks credited to team a's items in settled impressions."
+    )
+    b_clicks: int = Field(
+        default=0, ge=0, description="Clicks credited to team b's items in settled impressions."
     )
 
 

@@ -14,14 +14,14 @@ def test_status_names_the_trial_its_pooled_lineage_the_test_and_a_pause() -> Non
     cfg = RolloutConfig(live="guard")
     test = SequentialState().record_counts(40, 20, 300, SequentialConfig())
     trial = LiveTrial(id="abc", mode="guard", a=3, b=9, b_versions=[7, 8, 9], share=0.2,
-                      test=test)  # fmt: skip
+                      test=test, a_clicks=25, b_clicks=47)  # fmt: skip
     state = RolloutState(serving=9, baseline=3, trial=trial, paused_until=time.time() + 600,
                          paused_reason="the baseline v3 won")  # fmt: skip
     text = "\n".join(live_lines(state, cfg))
     assert "live evaluation: guard" in text and "baseline (last live-verified): v3" in text
     assert "promotions paused for" in text and "the baseline v3 won" in text
     assert "a = v3, b = v9 (lineage pooled: v7, v8, v9)" in text
-    assert "360 impressions: b won 40, a won 20, 300 ties" in text
+    assert "360 impressions: b won 40, a won 20, 300 ties; clicks credited: b 47, a 25" in text
     assert f"of {cfg.live_test.threshold:.2f} to decide" in text
 
 

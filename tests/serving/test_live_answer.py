@@ -94,14 +94,15 @@ def test_an_impression_settles_once_into_team_drafts_outcome() -> None:
     book.on_event("v", "y", "click", now=2.0)
     # per-version click-through credits the contributing version
     assert book.totals(["3", "5"]) == {"3": (6, 1), "5": (6, 2)}
-    assert book.trial_counts("t1", now=1.0) == [0, 0, 0]  # nothing settled yet
+    assert book.trial_counts("t1", now=1.0) == [0, 0, 0, 0, 0]  # nothing settled yet
     book.record_served({"u": Served(["q"], "3")}, now=5.0)  # u moved on: settled
-    assert book.trial_counts("t1", now=5.0) == [0, 1, 0]
+    assert book.trial_counts("t1", now=5.0) == [0, 1, 0, 0, 1]  # b won, by one click on its item
     book.on_event("u", "w", "click", now=6.0)  # u's old answer is gone: no effect
     book.on_event("v", "z", "click", now=6.0)  # v's is still open: a leads 2-1
-    assert book.trial_counts("t1", now=SETTLE_S + 1) == [1, 1, 1]  # v: a 2-1; w: no click: tie
-    assert book.trial_counts("t1", now=SETTLE_S + 2) == [1, 1, 1]  # counted once
-    assert book.trial_counts("other", now=SETTLE_S + 2) == [0, 0, 0]
+    # v: a 2-1; w: no click: tie. Credited clicks: a's 2 (v), b's 2 (u and v).
+    assert book.trial_counts("t1", now=SETTLE_S + 1) == [1, 1, 1, 2, 2]
+    assert book.trial_counts("t1", now=SETTLE_S + 2) == [1, 1, 1, 2, 2]  # counted once
+    assert book.trial_counts("other", now=SETTLE_S + 2) == [0, 0, 0, 0, 0]
 
 
 def test_plain_answers_never_count_in_a_trial() -> None:
@@ -115,12 +116,23 @@ def test_plain_answers_never_count_in_a_trial() -> None:
 def test_shard_counts_add_only_what_is_new_and_survive_a_shard_restart() -> None:
     trial = TRIAL.model_copy(deep=True)
     cfg = SequentialConfig()
-    assert add_counts(trial, {"0": [2, 1, 5], "1": [0, 3, 1]}, cfg)
+    assert add_counts(trial, {"0": [2, 1, 5, 3, 1], "1": [0, 3, 1, 0, 4]}, cfg)
     assert (trial.test.losses, trial.test.wins, trial.test.ties) == (2, 4, 6)
-    assert not add_counts(trial, {"0": [2, 1, 5], "1": [0, 3, 1]}, cfg)  # nothing new
+    assert (trial.a_clicks, trial.b_clicks) == (3, 5)
+    assert not add_counts(trial, {"0": [2, 1, 5, 3, 1], "1": [0, 3, 1, 0, 4]}, cfg)  # none new
     # shard 1 restarted (its totals went down): what it has now is all new
-    assert add_counts(trial, {"0": [3, 1, 5], "1": [0, 1, 0]}, cfg)
+    assert add_counts(trial, {"0": [3, 1, 5, 4, 1], "1": [0, 1, 0, 0, 1]}, cfg)
     assert (trial.test.losses, trial.test.wins, trial.test.ties) == (3, 5, 6)
+    assert (trial.a_clicks, trial.b_clicks) == (4, 6)
+
+
+def test_a_shard_that_counts_outcomes_only_still_adds_them() -> None:
+    """A shard of a release before credited clicks (three counts), and a trial recorded then."""
+    trial = TRIAL.model_copy(deep=True)
+    trial.counted = {"0": [1, 1, 1]}
+    assert add_counts(trial, {"0": [2, 1, 5]}, SequentialConfig())
+    assert (trial.test.losses, trial.test.wins, trial.test.ties) == (1, 0, 4)
+    assert (trial.a_clicks, trial.b_clicks) == (0, 0) and trial.counted["0"] == [2, 1, 5, 0, 0]
 
 
 def test_b_s_lineage_pools_each_newer_version_once() -> None:
@@ -146,7 +158,7 @@ def test_a_click_that_arrives_before_the_served_report_is_credited_when_it_comes
     book.on_event("w", "x", "click", now=10.0)
     book.record_served({"u": _interleaved("xyzw", "abab")}, now=10.4)
     assert book.totals(["5"]) == {"5": (2, 1)}  # y was b's
-    assert book.trial_counts("t1", now=10.4 + SETTLE_S + 1) == [0, 1, 0]
+    assert book.trial_counts("t1", now=10.4 + SETTLE_S + 1) == [0, 1, 0, 0, 1]
     # held no longer than EARLY_S: w's click is let go, not credited to a later answer
     book.record_served({"w": _interleaved("xyzw", "abab")}, now=10.0 + EARLY_S + 1)
     assert book.totals(["3"])["3"][1] == 0 and "w" not in book.early
