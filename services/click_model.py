@@ -25,13 +25,15 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from streams.config_base import StrictConfig
 
 
-class ClickModel(BaseModel):
+class ClickModel(StrictConfig):
     """The click model's two parameters, fixed before measuring (the benchmark prints them)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)  # the strict base's, and fixed once made
 
     window: int = Field(
         default=10,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from rich.console import Console
 
 from services.click_model import ClickModel
@@ -30,6 +30,7 @@ from services.demo_live import DemoClicks
 from services.demo_replay import Clock, Queries, run_replay, wait_tail
 from services.errors import ServiceError
 from services.settings import Settings
+from streams.config_base import StrictConfig
 from streams.progress import working
 
 # Clock and Queries belong to the replay; the benchmarks import them from here.
@@ -38,10 +39,8 @@ __all__ = ["Clock", "DemoConfig", "DemoInterrupted", "Queries", "demo_settings",
 console = Console()
 
 
-class DemoConfig(BaseModel):
+class DemoConfig(StrictConfig):
     """Knobs of `streamtune demo` (the workload and the report; the loop keeps its defaults)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     events: int | None = Field(
         default=None, ge=1000, description="Replay only the first N events (default: all)."

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from kafka import KafkaProducer
 
     from streams.config import KafkaConfig
-    from training.registry import Registry
+    from training.registry import LiveTrial, Registry
 
 
 class DemoClicks:
@@ -107,9 +107,11 @@ class DemoClicks:
             self._producer = None
 
 
-def live_record(registry: Registry, mode: str, clicks: DemoClicks | None) -> dict[str, Any]:
+def live_record(
+    registry: Registry, mode: str, clicks: DemoClicks | None, trial: LiveTrial | None
+) -> dict[str, Any]:
     """The live trials of the run, for ``demo.json``: each decision with its figures, the trial
-    still running, and what the simulated users did."""
+    still running (``trial``, from the rollout state), and what the simulated users did."""
     from serving.live_trial import status
 
     decided = [d.model_dump() for d in registry.decision_log() if d.decision.startswith("live-")]
@@ -120,5 +122,5 @@ def live_record(registry: Registry, mode: str, clicks: DemoClicks | None) -> dic
         "clicks_made": clicks.clicked if clicks else None,
         "clicks_sent": clicks.sent if clicks else None,
         "decisions": decided,
-        "running": status(registry.rollout_state().trial),
+        "running": status(trial),
     }

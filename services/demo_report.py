@@ -24,7 +24,7 @@ from rich.table import Table
 
 from services.demo_live import live_record
 from services.freshness import Ledger
-from serving.live_trial import lineage
+from serving.live_trial import figures
 from streams.progress import working
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from services.demo_replay import Clock, Queries, StreamWatch
     from services.running import Running
     from streams.events import Event
-    from training.registry import LoadedVersion
+    from training.registry import LiveTrial, LoadedVersion
 
 console = Console()
 
@@ -97,9 +97,10 @@ def report(
     served = {"queries_ok": queries.ok, "queries_failed": queries.failed,
               "versions_served": sorted(queries.first_seen)}  # fmt: skip
     record = summary(rows, fates, first, ledger, watch.static_version, served, wall_s)
-    record["live"] = live_record(running.registry, cfg.live, queries.clicks)
+    trial = running.registry.rollout_state().trial  # read once: the record and the lines agree
+    record["live"] = live_record(running.registry, cfg.live, queries.clicks, trial)
     record["live"]["interleaved_answers"] = queries.interleaved
-    say_live(record["live"])
+    say_live(record["live"], trial)
     cfg.out.mkdir(parents=True, exist_ok=True)
     record["plot"] = str(plot(rows, cfg.out / "demo_quality.png"))
     (cfg.out / "demo.json").write_text(json.dumps(record, indent=2))
@@ -113,8 +114,9 @@ def report(
     return record
 
 
-def say_live(live: Mapping[str, Any]) -> None:
-    """The live trials in a few lines: each decision, and the trial still running."""
+def say_live(live: Mapping[str, Any], trial: LiveTrial | None) -> None:
+    """The live trials in a few lines: each decision, and the trial still running (in the
+    words of its decisions, ``serving.live_trial.figures``)."""
     if live["mode"] == "off":
         return
     console.print(
@@ -123,14 +125,8 @@ def say_live(live: Mapping[str, Any]) -> None:
     )
     for d in live["decisions"]:
         console.print(f"  v{d['version']} {d['decision']}: {d['reason']}")
-    t = live["running"]
-    if t is not None:
-        console.print(
-            f"  running: trial {t['id']}, v{t['a']} (a) against the lineage "
-            f"{lineage(t['b_versions'])} (b, pooled): {t['impressions']} impressions settled, "
-            f"b won {t['wins']}, a won {t['losses']}, {t['ties']} ties (clicks credited: b "
-            f"{t['b_clicks']}, a {t['a_clicks']}), log LR {t['log_lr']:.2f} ({t['decision']})"
-        )
+    if trial is not None:
+        console.print(f"  running: trial {trial.id}, {figures(trial)} ({trial.test.decision})")
 
 
 def places_of(buffered: pa.Table, events: list[Event]) -> tuple[list[tuple[str, int] | None], Any]:

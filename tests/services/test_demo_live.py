@@ -53,9 +53,9 @@ def test_live_record_reports_decisions_and_the_running_trial(tmp_path: Path) -> 
     reg.record(5, "live-verified", "live-verified by trial t1", impressions=40)
     trial = LiveTrial(id="t2", mode="guard", a=5, b=8, b_versions=[6, 8], share=0.2)
     reg.set_rollout_state(RolloutState(serving=8, trial=trial, baseline=5))
-    got = live_record(reg, "guard", _clicks())
+    got = live_record(reg, "guard", _clicks(), reg.rollout_state().trial)
     assert [d["decision"] for d in got["decisions"]] == ["live-verified"]
     assert got["decisions"][0]["impressions"] == 40
     assert got["running"]["id"] == "t2" and got["running"]["b_versions"] == [6, 8]
     assert got["click_model"] == {"window": 2, "eta": 0.0} and got["clicks_sent"] == 0
-    assert live_record(reg, "off", None)["answers"] is None  # not measured: null, not 0
+    assert live_record(reg, "off", None, None)["answers"] is None  # not measured: null, not 0
