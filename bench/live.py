@@ -20,8 +20,13 @@ Reported per pair: offline NDCG@10 of both versions, their relative difference a
 bootstrap p-value over users; for interleaving, the share of trials decided correctly within the
 issue's budget, the median impressions to a decision (undecided trials count at the cap), wrong
 decisions; for the A/B, the same run to 10x the interleaving median, with the trials that hit that
-cap; and interleaving / A/B. Progress goes to stderr; stdout gets the table and, last, exactly
-one JSON line. A figure that was not measured is null.
+cap; and interleaving / A/B. And the floor of each pair's budget goal (``floor_impressions``): the
+impressions that even a fixed-horizon, one-sided test told the direction and the effect in advance
+needs to decide right with the goal's probability at level alpha, given the win share and decisive
+rate the trials saw. A sequential test that met the goal within a budget would be such a test
+(stop at the budget), so a floor above the budget says no test on these outcomes can meet it.
+Progress goes to stderr; stdout gets the table and, last, exactly one JSON line. A figure that
+was not measured is null.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -198,6 +204,18 @@ def _summary(trials: list[Trial], pair: Pair, cap: int, budget: int | None) -> d
     }
 
 
+def floor_impressions(b_wins: float | None, decisive: float, alpha: float,
+                      share: float) -> int | None:  # fmt: skip
+    """Impressions a level-``alpha`` one-sided fixed-horizon test, knowing the effect, needs to
+    decide right with probability ``share`` (normal approximation) when b wins a decisive
+    impression with probability ``b_wins`` and ``decisive`` of the impressions are decisive;
+    None without an effect."""
+    if b_wins is None or b_wins == 0.5 or decisive <= 0:
+        return None
+    z = NormalDist().inv_cdf(1 - alpha) + NormalDist().inv_cdf(share)
+    return round(z**2 / (4 * (b_wins - 0.5) ** 2) / decisive)
+
+
 def _agreeing(trials: list[Trial], direction: str) -> float | None:
     """Of the interleaved trials that decided, the share whose decision is the offline one."""
     decided = [t for t in trials if t.decision != "continue"]
@@ -247,6 +265,8 @@ def run_pair(pair: Pair, i: int, scored: dict[str, Scored], replay: Replay,
                     "significant": significant, "direction": direction,
                     "in_issue_range": in_range},
         "interleaving": il, "ab": ab, "ratio": ratio, "ratio_at_most": ratio_at_most,
+        "floor_impressions": None if pair.expect == "continue" else floor_impressions(
+            il["b_win_share"], il["decisive_per_impression"], cfg.test.alpha, pair.share),
         "agrees": (il["modal_decision"] == direction) if significant else None,
         "decided_agreeing_share": _agreeing(il_trials, direction),
     }  # fmt: skip
@@ -293,7 +313,7 @@ def print_tables(results: list[dict[str, Any]]) -> None:
     OUT.print(off)
     live = Table(title="Live, replayed: impressions to a decision (IL = interleaving)")
     cols = ("pair", "budget", "IL right in budget", "IL median", "IL wrong", "IL undecided",
-            "P(b wins)", "A/B cap", "A/B median", "A/B wrong", "A/B at cap", "IL / A/B",
+            "P(b wins)", "floor", "A/B cap", "A/B median", "A/B wrong", "A/B at cap", "IL / A/B",
             "agrees")  # fmt: skip
     for c in cols:
         live.add_column(c, justify="left" if c == "pair" else "right", no_wrap=c == "pair")
@@ -303,7 +323,8 @@ def print_tables(results: list[dict[str, Any]]) -> None:
         right = (f"decided {il['decided_share']:.0%}" if r["expect"] == "continue"
                  else f"{il['within_budget_share']:.0%}")  # fmt: skip
         cells = (il["median_impressions"], il["wrong"], il["hit_cap"], il["b_win_share"],
-                 ab["cap"], ab["median_impressions"], ab["wrong"], ab["hit_cap"])  # fmt: skip
+                 r["floor_impressions"], ab["cap"], ab["median_impressions"], ab["wrong"],
+                 ab["hit_cap"])  # fmt: skip
         live.add_row(r["pair"], _fmt(r["budget"]), right, *map(_fmt, cells), ratio,
                      _fmt(r["agrees"]))  # fmt: skip
     OUT.print(live)
@@ -338,6 +359,13 @@ def report(cfg: LiveBenchConfig, res: dict[str, Any]) -> dict[str, Any]:
     g = goals(res["results"]) | {f"{name}_pair_built": False for name in res["missing"]}
     for name, ok in g.items():
         OUT.print(f"goal {name}: {'met' if ok else 'not measured' if ok is None else 'NOT met'}")
+    for r in res["results"]:
+        if r["floor_impressions"] is not None and r["floor_impressions"] > r["budget"]:
+            OUT.print(
+                f"{r['pair']}: no level-{cfg.test.alpha} test on these outcomes decides it "
+                f"right in {r['goal_share']:.0%} within {r['budget']:,} impressions (floor "
+                f"{r['floor_impressions']:,}): the clicks carry too little of the gap"
+            )
     OUT.print(f"total {res['seconds']} s")
     return {"bench": "live", "quick": cfg.quick, "click_model": cfg.clicks.model_dump(),
             "test": cfg.test.model_dump(), "trials": cfg.trials, "cap": cfg.cap,

@@ -34,6 +34,9 @@ EARLY_S = 5.0
 # What a trial's settled impressions add up to, per history shard: outcomes, and the clicks that
 # decided them by the team whose item was clicked.
 TALLY = ("a_won", "b_won", "ties", "a_clicks", "b_clicks")
+AT = {name: i for i, name in enumerate(TALLY)}  # a tally's place of each figure
+WON = {"a": "a_won", "b": "b_won", "tie": "ties"}  # an outcome's figure
+CLICKS = {"a": "a_clicks", "b": "b_clicks"}  # a team's credited clicks
 TRIALS_KEPT = 50  # trials whose tallies a shard keeps (the controller reads the running one)
 
 
@@ -149,9 +152,9 @@ class ClickBook:
             tally = self.trials[trial] = [0] * len(TALLY)
             while len(self.trials) > TRIALS_KEPT:
                 self.trials.popitem(last=False)
-        tally[{"a": 0, "b": 1, "tie": 2}[outcome]] += 1
+        tally[AT[WON[outcome]]] += 1
         for pos in imp.clicked:
-            tally[3 if imp.served.teams[pos] == "a" else 4] += 1
+            tally[AT[CLICKS[imp.served.teams[pos]]]] += 1
 
     def trial_counts(self, trial: str, now: float) -> list[int]:
         """``TALLY`` of ``trial``'s impressions settled so far; first settles the ones served

@@ -75,9 +75,10 @@ def add_counts(trial: LiveTrial, per_shard: dict[str, list[int]], cfg: Sequentia
         trial.counted[shard] = totals
     if not any(new):
         return False
-    a_wins, b_wins, ties, a_clicks, b_clicks = new
-    trial.test = trial.test.record_counts(b_wins, a_wins, ties, cfg)
-    trial.a_clicks, trial.b_clicks = trial.a_clicks + a_clicks, trial.b_clicks + b_clicks
+    add = dict(zip(TALLY, new, strict=True))
+    trial.test = trial.test.record_counts(add["b_won"], add["a_won"], add["ties"], cfg)
+    trial.a_clicks += add["a_clicks"]
+    trial.b_clicks += add["b_clicks"]
     return True
 
 

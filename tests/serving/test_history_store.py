@@ -107,4 +107,20 @@ def test_the_arrays_cost_about_four_bytes_per_item_kept() -> None:
     users = [f"u{k}" for k in range(20_000)]
     store.load(users * 3, [f"i{k % 500}" for k in range(60_000)])
     assert len(store) == 20_000 and store.get("u7") == ["i7", "i7", "i7"]
-    assert store.nbytes() / len(store) < 1.7 * 416  # at most one doubling of headroom
+    assert store.nbytes() / len(store) < 1.3 * 416  # at most a quarter of headroom
+
+
+def test_a_tail_with_new_users_after_a_load_grows_by_a_share() -> None:
+    """A rebuild loads the index, then its tail adds a few users: the arrays grow by a quarter,
+    not to twice the users held."""
+    store = HistoryStore(10)
+    n = 40_000
+    users = pa.array([f"u{k}" for k in range(n)])
+    store.load_coded(users, np.arange(n + 1), np.ones(n, dtype=np.int32), ["", "i1"])
+    before = store.nbytes()
+    store.extend(["new-1", "new-2", "u3"], ["i2", "i3", "i4"])
+    assert len(store) == n + 2 and store.get("u3") == ["i1", "i4"]
+    assert store.nbytes() <= 1.26 * before
+    for k in range(3, 200):  # live pushes of new users reuse that room: no copy per user
+        store.push(f"new-{k}", "i5")
+    assert store.nbytes() <= 1.26 * before
