@@ -383,8 +383,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, help="replayed requests (seeded subsample)")
     p.add_argument("--window", type=int, default=10, help="click model: next N events")
     p.add_argument("--eta", type=float, default=1.0, help="click model: 1/(i+1)^eta bias")
-    p.add_argument("--alpha", type=float, default=0.05)
-    p.add_argument("--prior-sd", type=float, default=0.1, help="the mSPRT's mixture sd")
+    p.add_argument("--alpha", type=float, default=SequentialConfig().alpha)
+    p.add_argument("--prior-sd", type=float, default=SequentialConfig().prior_sd,
+                   help="the mSPRT's mixture sd (default: the product's)")  # fmt: skip
     a = p.parse_args(argv)
     over: dict[str, Any] = {
         "seed": a.seed,

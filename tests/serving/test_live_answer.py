@@ -16,7 +16,7 @@ from serving.scoring import Ask, Loaded, Scored, as_loaded, score_asks
 from training.config import ModelConfig
 from training.model import Recommender
 from training.registry import LiveTrial
-from training.sequential import SequentialConfig
+from training.sequential import SequentialConfig, log_lr
 from training.vocab import ItemVocab
 
 ITEMS = [f"i{n}" for n in range(1, 60)]
@@ -145,11 +145,13 @@ def test_b_s_lineage_pools_each_newer_version_once() -> None:
 def test_a_losing_streak_decides_b_worse_at_alpha() -> None:
     trial = TRIAL.model_copy(deep=True)
     cfg = SequentialConfig()
-    for n in range(1, 40):
+    for n in range(1, 100):
         add_counts(trial, {"0": [n, 0, 0]}, cfg)
         if trial.test.decision != "continue":
             break
-    assert trial.test.decision == "b_worse" and trial.test.decided_at == 16
+    # the first losing streak whose likelihood ratio reaches 1/alpha (28 with the default prior)
+    first = next(n for n in range(1, 100) if log_lr(0, n, cfg) >= cfg.threshold)
+    assert trial.test.decision == "b_worse" and trial.test.decided_at == first
 
 
 def test_a_click_that_arrives_before_the_served_report_is_credited_when_it_comes() -> None:

@@ -22,8 +22,8 @@ from tests.serving.test_serving_live import add_version
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-# b loses every decisive impression: 16 decide at alpha 0.05 with the default prior
-USERS = 30
+# b loses every decisive impression: 28 decide at alpha 0.05 with the default prior
+USERS = 40
 
 
 def _answers(live: Live, users: list[str]) -> dict[str, dict[str, Any]]:

@@ -89,9 +89,9 @@ def test_state_records_sticky_decisions_and_round_trips_through_json() -> None:
 
 def test_batched_looks_agree_with_the_counts() -> None:
     cfg = SequentialConfig()
-    state = SequentialState().record_counts(40, 10, 100, cfg)
-    assert state.decision == decision_of(40, 10, cfg) == "b_better"
-    assert SequentialState().record_counts(10, 40, 0, cfg).decision == "b_worse"
+    state = SequentialState().record_counts(50, 10, 100, cfg)
+    assert state.decision == decision_of(50, 10, cfg) == "b_better"
+    assert SequentialState().record_counts(10, 50, 0, cfg).decision == "b_worse"
     assert SequentialState().record_counts(5, 5, 1000, cfg).decision == "continue"
 
 
