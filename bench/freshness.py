@@ -35,6 +35,7 @@ import multiprocessing
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -268,9 +269,11 @@ def model_freshness(
     rejected = [(r.get("after_watermark", {}), r["watermark"]) for r in records
                 if not r["promoted"]]  # fmt: skip
     lat, pending, never, carried = [], 0, 0, 0
+    why: Counter[str] = Counter()  # where the pending events stand
     for i, event in enumerate(steady):
-        if event.event_id not in where:  # not ingested yet
+        if event.event_id not in where:
             pending += 1
+            why["not in the buffer"] += 1
             continue
         tp, offset = where[event.event_id]
         v = ledger.first_trained_by(tp, offset)
@@ -279,11 +282,13 @@ def model_freshness(
             never += 1
         elif t is None:
             pending += 1
+            why["no promoted version trained on it" if v is None
+                else f"trained by v{v}, which no answer showed"] += 1  # fmt: skip
         else:
             lat.append(t - clock.published(i))
             carried += any(lo.get(tp, 0) <= offset < hi.get(tp, 0) for lo, hi in rejected)
     return {"s": lat, "pending": pending, "never_trained": never, "carried": carried,
-            "versions": len(first_seen)}  # fmt: skip
+            "pending_why": dict(why), "versions": len(first_seen)}  # fmt: skip
 
 
 def breakdown(running: Any, queries: Queries) -> list[dict[str, Any]]:
@@ -319,6 +324,7 @@ def report(res: dict[str, Any], rate: float) -> dict[str, Any]:
         f"{res['model']['carried']} events first in a rejected round, trained by a later one; "
         f"{res['model']['never_trained']} never trained on (let go from the carry); "
         f"{res['model']['pending']} not yet served by a version trained on them"
+        + (f" ({res['model']['pending_why']})" if res["model"]["pending"] else "")
     )
     phases = ["trigger_wait", "read", "prepare", "train", "gate", "register", "rollout", "total"]
     rounds = [r for r in res["breakdown"] if r["version"] > 1]  # the first version: setup
@@ -344,6 +350,7 @@ def report(res: dict[str, Any], rate: float) -> dict[str, Any]:
         "model_p99_s": pct(m, 99),
         "model_samples": len(m),
         "model_pending": res["model"]["pending"],
+        "model_pending_why": res["model"]["pending_why"],
         "model_never_trained": res["model"]["never_trained"],
         "model_carried": res["model"]["carried"],
         "rounds": res["rounds"],
