@@ -36,7 +36,6 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -59,7 +58,13 @@ from bench.live_models import (
     train_champion,
     tune_noise,
 )
-from bench.live_trials import Trial, ab_trial, interleave_all, interleaved_trial
+from bench.live_trials import (
+    Trial,
+    ab_trial,
+    floor_impressions,
+    interleave_all,
+    interleaved_trial,
+)
 from services.click_model import ClickModel
 from training.evaluation import encode, load_table
 from training.model import Recommender
@@ -202,18 +207,6 @@ def _summary(trials: list[Trial], pair: Pair, cap: int, budget: int | None) -> d
         "decisive_per_impression": round((wins + losses) / sum(t.impressions for t in trials), 4),
         "modal_decision": Counter(t.decision for t in trials).most_common(1)[0][0],
     }
-
-
-def floor_impressions(b_wins: float | None, decisive: float, alpha: float,
-                      share: float) -> int | None:  # fmt: skip
-    """Impressions a level-``alpha`` one-sided fixed-horizon test, knowing the effect, needs to
-    decide right with probability ``share`` (normal approximation) when b wins a decisive
-    impression with probability ``b_wins`` and ``decisive`` of the impressions are decisive;
-    None without an effect."""
-    if b_wins is None or b_wins == 0.5 or decisive <= 0:
-        return None
-    z = NormalDist().inv_cdf(1 - alpha) + NormalDist().inv_cdf(share)
-    return round(z**2 / (4 * (b_wins - 0.5) ** 2) / decisive)
 
 
 def _agreeing(trials: list[Trial], direction: str) -> float | None:

@@ -17,12 +17,17 @@ Bernoulli mSPRT (same alpha and prior) decides on the decisive pairs: under equa
 two sides of a pair are exchangeable, so P(b wins a decisive pair) = 1/2 exactly, as in the
 interleaved test. A pair costs two impressions. Splitting by request, not by user, spares the A/B
 the between-user variance a user split adds, so the comparison leans in the A/B's favour.
+
+**The floor** (``floor_impressions``): how many impressions any level-alpha test on such
+outcomes needs for a budget goal, for the report to tell "the test is slow" from "the clicks
+carry too little".
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -161,3 +166,15 @@ def ab_trial(tables: PairTables, clicks: ClickModel, cfg: SequentialConfig, cap:
             return Trial(decision, done + into, wins, losses, clicked_total, done + 2 * m)
         done += 2 * m
     return Trial("continue", cap, run.wins, run.losses, clicked_total, done)
+
+
+def floor_impressions(b_wins: float | None, decisive: float, alpha: float,
+                      share: float) -> int | None:  # fmt: skip
+    """Impressions a level-``alpha`` one-sided fixed-horizon test, knowing the effect, needs to
+    decide right with probability ``share`` (normal approximation) when b wins a decisive
+    impression with probability ``b_wins`` and ``decisive`` of the impressions are decisive;
+    None without an effect."""
+    if b_wins is None or b_wins == 0.5 or decisive <= 0:
+        return None
+    z = NormalDist().inv_cdf(1 - alpha) + NormalDist().inv_cdf(share)
+    return round(z**2 / (4 * (b_wins - 0.5) ** 2) / decisive)
