@@ -297,13 +297,25 @@ def breakdown(running: Any, queries: Queries) -> list[dict[str, Any]]:
     for rec in running.loop.state()["rounds"]:
         v = rec["version"]
         row = {"version": v, "kind": rec.get("kind", "incremental"), "promoted": rec["promoted"],
-               **rec.get("phases", {})}  # fmt: skip
+               "reason": rec.get("reason", ""), **rec.get("phases", {})}  # fmt: skip
         seen = queries.first_seen.get(v)
         if seen is not None and "registered_at" in rec:  # versions may be pruned: the record
             row["rollout"] = seen - rec["registered_at"]
         row["total"] = rec["seconds"] + row.get("trigger_wait", 0.0) + row.get("rollout", 0.0)
         out.append(row)
     return out
+
+
+def rejections(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many rounds the gate rejected, the longest run of them (the events of a run wait for
+    the next promotion), and which check each failed (the reason's first word: events, replay)."""
+    streak, longest, checks = 0, 0, Counter[str]()
+    for r in rounds:
+        streak = 0 if r["promoted"] else streak + 1
+        longest = max(longest, streak)
+        if not r["promoted"]:
+            checks[(r["reason"] or "unknown").split(" ", 1)[0]] += 1
+    return {"rejected": sum(checks.values()), "longest_streak": longest, "by_check": dict(checks)}
 
 
 def report(res: dict[str, Any], rate: float) -> dict[str, Any]:
@@ -335,6 +347,8 @@ def report(res: dict[str, Any], rate: float) -> dict[str, Any]:
         per.add_row(str(r["version"]), r["kind"], str(r["promoted"]),
                     *(f"{r[p]:.2f}" if p in r else "-" for p in phases))  # fmt: skip
     OUT.print(per)
+    rejected = rejections(rounds)
+    OUT.print(f"rejected rounds: {rejected}")
     breakdown = mean_phases(rounds, phases)
     return {
         "bench": "freshness",
@@ -356,6 +370,7 @@ def report(res: dict[str, Any], rate: float) -> dict[str, Any]:
         "rounds": res["rounds"],
         "consolidation_rounds": sum(r["kind"] == "consolidation" for r in rounds),
         "round_breakdown_s": breakdown,
+        "rejections": rejected,
         "settings_changed": res["settings_changed"],
         "goals": {
             "history_p99_under_100ms": bool(len(h) and pct(h, 99) <= 100),  # type: ignore[operator]
