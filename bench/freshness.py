@@ -308,13 +308,13 @@ def breakdown(running: Any, queries: Queries) -> list[dict[str, Any]]:
 
 def rejections(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """How many rounds the gate rejected, the longest run of them (the events of a run wait for
-    the next promotion), and which check each failed (the reason's first word: events, replay)."""
+    the next promotion), and which check each failed (the gate's reason up to its figures)."""
     streak, longest, checks = 0, 0, Counter[str]()
     for r in rounds:
         streak = 0 if r["promoted"] else streak + 1
         longest = max(longest, streak)
         if not r["promoted"]:
-            checks[(r["reason"] or "unknown").split(" ", 1)[0]] += 1
+            checks[(r["reason"] or "unknown").split(" NDCG@10", 1)[0].split(" (", 1)[0]] += 1
     return {"rejected": sum(checks.values()), "longest_streak": longest, "by_check": dict(checks)}
 
 
