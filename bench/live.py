@@ -374,8 +374,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--trials", type=int, help="trials per pair and mode")
     p.add_argument("--epochs", type=int, help="champion training epochs")
     p.add_argument("--requests", type=int, help="replayed requests (seeded subsample)")
-    p.add_argument("--window", type=int, default=10, help="click model: next N events")
-    p.add_argument("--eta", type=float, default=1.0, help="click model: 1/(i+1)^eta bias")
+    p.add_argument("--window", type=int, default=ClickModel().window,
+                   help="click model: next N events")  # fmt: skip
+    p.add_argument("--eta", type=float, default=ClickModel().eta,
+                   help="click model: 1/(i+1)^eta bias")  # fmt: skip
     p.add_argument("--alpha", type=float, default=SequentialConfig().alpha)
     p.add_argument("--prior-sd", type=float, default=SequentialConfig().prior_sd,
                    help="the mSPRT's mixture sd (default: the product's)")  # fmt: skip

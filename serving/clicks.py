@@ -34,9 +34,9 @@ EARLY_S = 5.0
 # What a trial's settled impressions add up to, per history shard: outcomes, and the clicks that
 # decided them by the team whose item was clicked.
 TALLY = ("a_won", "b_won", "ties", "a_clicks", "b_clicks")
-AT = {name: i for i, name in enumerate(TALLY)}  # a tally's place of each figure
-WON = {"a": "a_won", "b": "b_won", "tie": "ties"}  # an outcome's figure
-CLICKS = {"a": "a_clicks", "b": "b_clicks"}  # a team's credited clicks
+# A tally's place of an outcome's count, and of a team's credited clicks.
+WON_AT = {o: TALLY.index(name) for o, name in (("a", "a_won"), ("b", "b_won"), ("tie", "ties"))}
+CLICKS_AT = {team: TALLY.index(f"{team}_clicks") for team in ("a", "b")}
 TRIALS_KEPT = 50  # trials whose tallies a shard keeps (the controller reads the running one)
 
 
@@ -152,9 +152,9 @@ class ClickBook:
             tally = self.trials[trial] = [0] * len(TALLY)
             while len(self.trials) > TRIALS_KEPT:
                 self.trials.popitem(last=False)
-        tally[AT[WON[outcome]]] += 1
+        tally[WON_AT[outcome]] += 1
         for pos in imp.clicked:
-            tally[AT[CLICKS[imp.served.teams[pos]]]] += 1
+            tally[CLICKS_AT[imp.served.teams[pos]]] += 1
 
     def trial_counts(self, trial: str, now: float) -> list[int]:
         """``TALLY`` of ``trial``'s impressions settled so far; first settles the ones served

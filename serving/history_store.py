@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 FIRST_ROWS = 1024
 LOAD_BLOCK = 65_536  # users per block of load_coded: its temporaries stay a few MB
-GROWTH = 0.25  # headroom a full store adds: a doubling held 2x the users at 1M (bench.scale)
+GROWTH = 0.25  # headroom a full store adds (a doubling left room for as many users again)
 EVICT_SHARE = 0.01  # past max_users, drop this share of the least recently active at once
 
 

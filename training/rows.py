@@ -147,7 +147,7 @@ def gather_rows(grad: torch.Tensor | None, shape: torch.Size, group: Any = None)
     dist.all_gather(gathered, padded, group=group)
     id_bytes = rows.element_size()
     parts = [
-        (g[:n, :id_bytes].contiguous().view(torch.long).reshape(-1),
+        (g[:n, :id_bytes].contiguous().view(rows.dtype).reshape(-1),
          g[:n, id_bytes:].contiguous().view(values.dtype))
         for g, n in zip(gathered, counts, strict=True)
     ]  # fmt: skip
