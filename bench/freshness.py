@@ -31,31 +31,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
+import os
 import tempfile
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from bench.history_probe import probe_history_apart
 from services.demo import Clock, Queries
 from services.freshness import Ledger
 from services.runtime import init_ray, start
 from services.settings import Settings, load_settings
-from serving.http_guard import REPLICA_HEADER
 from streams.admin import ensure_topics
 from streams.broker import LocalBroker, free_port
-from streams.config import KafkaConfig
 from streams.datasets import DEFAULT_ML100K, movielens_100k
-from streams.events import Event, EventType
-from streams.producer import make_producer, replay
+from streams.events import Event
+from streams.producer import replay
 
 console = Console(stderr=True)
 OUT = Console(width=130)  # tables for logs, not an 80-column terminal
@@ -79,6 +76,17 @@ PLACES = {"state_dir", "broker.port", "broker.controller_port", "topics.events",
           "trainer.storage_path", "broker.state_dir", "kafka.bootstrap_servers"}  # fmt: skip
 
 
+def shipped() -> Settings:
+    """``up``'s defaults as shipped: without this process's STREAMTUNE_* variables, which
+    ``load_settings`` reads for the run's settings and would otherwise read for the defaults."""
+    prefix = Settings.model_config.get("env_prefix") or "STREAMTUNE_"
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.upper().startswith(prefix)}
+    try:
+        return load_settings()
+    finally:
+        os.environ.update(saved)
+
+
 def differences(s: Settings, places: set[str] = PLACES) -> dict[str, Any]:
     """Every setting of ``s`` that is not ``up``'s default, apart from ``places``."""
 
@@ -89,76 +97,9 @@ def differences(s: Settings, places: set[str] = PLACES) -> dict[str, Any]:
             out.update(flat(v, f"{key}.") if isinstance(v, dict) else {key: v})
         return out
 
-    mine, default = flat(s.model_dump(mode="json")), flat(load_settings().model_dump(mode="json"))
+    mine, default = flat(s.model_dump(mode="json")), flat(shipped().model_dump(mode="json"))
     placed = lambda k: any(k == p or k.startswith(f"{p}.") for p in places)  # noqa: E731
     return {k: v for k, v in mine.items() if default.get(k) != v and not placed(k)}
-
-
-def probe_history(
-    kafka: KafkaConfig, topic: str, url: str, n: int, items: tuple[str, str], replicas: int
-) -> dict[str, list[float]]:
-    """ms from publishing a click to the moment every replica has answered /recommend with it:
-    half the probes a new user's first click, half a second click by a user whose first one
-    every replica already shows. Answers name their replica (``REPLICA_HEADER``). ``first``:
-    the same probes, to the first answer with it from any replica (where the time goes: the
-    rest is the other replica's feed and finding it among the answers)."""
-    prod = make_producer(kafka)
-    out: dict[str, list[float]] = {"new": [], "earlier": [], "first": []}
-    with httpx.Client(timeout=5) as client:
-        for i in range(n):
-            user = f"probe-{time.time_ns()}-{i}"
-            kind = "earlier" if i % 2 else "new"
-            if kind == "earlier":  # its first click, untimed, everywhere before the timed one
-                _click(prod, topic, user, items[0], "first")
-                if _everywhere(client, url, user, 1, replicas) is None:
-                    continue
-            t0 = time.perf_counter()
-            _click(prod, topic, user, items[1], "timed")
-            done = _everywhere(client, url, user, 2 if kind == "earlier" else 1, replicas)
-            if done is not None:
-                out[kind].append((done[1] - t0) * 1000)
-                out["first"].append((done[0] - t0) * 1000)
-            time.sleep(0.3)
-    prod.close()
-    return out
-
-
-def _click(prod: Any, topic: str, user: str, item: str, tag: str) -> None:
-    event = Event(event_id=f"{user}-{tag}", user_id=user, item_id=item,
-                  event_type=EventType.CLICK, value=1.0, ts=int(time.time() * 1000))  # fmt: skip
-    prod.send(topic, key=event.key(), value=event.encode())
-    prod.flush()
-
-
-def _everywhere(
-    client: httpx.Client, url: str, user: str, length: int, replicas: int
-) -> tuple[float, float] | None:
-    """perf_counter times at which the first replica, and then ``replicas`` distinct replicas,
-    have answered for ``user`` with a history of ``length`` items; None after 10 s."""
-    seen: set[str] = set()
-    first: float | None = None
-    deadline = time.perf_counter() + 10
-    while time.perf_counter() < deadline:
-        r = client.post(url, json={"user_id": user, "k": 10})
-        if r.status_code == 200 and r.json()["history_len"] >= length:
-            now = time.perf_counter()
-            first = now if first is None else first
-            seen.add(r.headers.get(REPLICA_HEADER, ""))
-            if len(seen) >= replicas:
-                return first, now
-        time.sleep(0.01)
-    return None
-
-
-def probe_history_apart(s: Settings, n: int, items: tuple[str, str]) -> dict[str, list[float]]:
-    """``probe_history`` from a process of its own, as a user's client runs: in this one it
-    would share the interpreter lock with ingest and the loop's thread, and time them too."""
-    url = f"http://{s.serving.host}:{s.serving.port}/recommend"
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        job = pool.submit(
-            probe_history, s.kafka, s.topics.events, url, n, items, s.serving.replicas
-        )
-        return job.result()
 
 
 def run(seconds: float, rate: float, probes: int) -> dict[str, Any]:
@@ -326,8 +267,9 @@ def report(res: dict[str, Any], rate: float) -> dict[str, Any]:
     for col in ("path", "samples", "p50", "p99", "max"):
         table.add_column(col, justify="right")
     hf = np.asarray(res["history_ms"].get("first", []))
+    hk = np.asarray(res["history_ms"].get("kafka", []))
     for name, x in (("history (ms)", h), ("  new users", hn), ("  users with history", he),
-                    ("  to the first replica", hf)):  # fmt: skip
+                    ("  to the first replica", hf), ("  readable from Kafka", hk)):  # fmt: skip
         table.add_row(name, str(len(x)), str(pct(x, 50)), str(pct(x, 99)), str(pct(x, 100)))
     table.add_row("model (s)", str(len(m)), str(pct(m, 50)), str(pct(m, 99)), str(pct(m, 100)))
     OUT.print(table)
@@ -360,6 +302,8 @@ def report(res: dict[str, Any], rate: float) -> dict[str, Any]:
         "history_p99_ms_users_with_history": pct(he, 99),
         "history_first_replica_p50_ms": pct(hf, 50),
         "history_first_replica_p99_ms": pct(hf, 99),
+        "history_kafka_p50_ms": pct(hk, 50),
+        "history_kafka_p99_ms": pct(hk, 99),
         "model_p50_s": pct(m, 50),
         "model_p99_s": pct(m, 99),
         "model_samples": len(m),
