@@ -281,10 +281,11 @@ def wait_tail(
     """Until the loop has trained the whole stream and the newest promoted version answered live
     (so every event trained on is attributed to a live version). False on ``stop``.
 
-    A rejected last round's events wait in the carry for events that will not come: they are
-    reported as pending, as is whatever the loop has not trained within the bound. So do the
-    last few events when a round found too few of them to train on and the loop waits for more
-    (e.g. the simulated users' last clicks, landing after the replay's last round).
+    A rejected last round's events wait in the carry until the stream has been quiet for
+    ``loop.max_pending_s``; then the loop trains them alone (a few tries), and this waits for it.
+    What the loop has not trained within the bound is reported as pending. So are the last few
+    events when a round found too few of them to train on and the loop waits for more (e.g. the
+    simulated users' last clicks, landing after the replay's last round).
     """
     loop, reg = running.loop, running.registry
 
@@ -295,6 +296,7 @@ def wait_tail(
         return (
             running.buffer.stats().rows >= total + clicks
             and (loop.pending() == 0 or loop.retry_at_pending is not None)
+            and not loop.carry_waiting()
             and champion is not None
             and (queries.rps == 0 or champion in queries.first_seen)
         )

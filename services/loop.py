@@ -114,6 +114,11 @@ class ContinualLoop:
         quiet = time.monotonic() - self.last_round_at >= self.cfg.max_pending_s
         return quiet and self._carried() > 0
 
+    def carry_waiting(self) -> bool:
+        """The latest round was rejected and a round will still try its carried events alone
+        (``_carry_due``): the end of a stream is not trained yet."""
+        return self.carry_tries < CARRY_TRIES and self._carried() > 0
+
     def _carried(self) -> int:
         """Events waiting in the latest version's carry (0 without a champion to train on)."""
         latest = self.registry.latest()

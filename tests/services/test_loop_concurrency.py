@@ -354,14 +354,17 @@ def test_a_rejected_last_round_is_retrained_alone_once_the_stream_is_quiet(
 
     monkeypatch.setattr(loop_mod, "run_planned", run_planned)
     assert not loop.should_train()  # not quiet long enough yet
+    assert loop.carry_waiting()  # so a stream's end is not trained yet (the demo waits)
     for _ in range(CARRY_TRIES):
         time.sleep(0.25)
         assert loop.should_train()
         loop.run_once()
     time.sleep(0.25)
     assert planned == [0] * CARRY_TRIES and not loop.should_train()  # gave up: wait for events
+    assert not loop.carry_waiting()
     reg.register(_write, {"watermark": {}, "carry_events": 0}, promote=False, reason="rejected",
                  expect_latest=2)  # fmt: skip
     loop.carry_tries = 0
     time.sleep(0.25)
     assert not loop.should_train()  # nothing carried: nothing to do
+    assert not loop.carry_waiting()
