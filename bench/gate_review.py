@@ -28,9 +28,8 @@ from rich.table import Table
 from streams.buffer import EventBuffer
 from streams.config import BufferConfig
 from training.data import Holdout, round_examples, user_sequences
-from training.gate import clustered_se
 from training.histories import UserHistories
-from training.metrics import holdout_ranks
+from training.metrics import clustered_se, holdout_ranks
 from training.ranking import question_ndcg
 from training.registry import LoadedVersion, Registry
 

@@ -52,6 +52,9 @@ class Row:
     consolidation: int = 0  # of those rounds, consolidation rounds (training/round.py)
     ndcg_champion: float | None = None  # that champion, test-then-train on the slice's events
     ndcg_static: float | None = None  # the never-updated first promoted version, same events
+    gap: float | None = None  # champion - static v1, paired over the questions both were asked
+    gap_se: float | None = None  # its standard error, clustered by user
+    verdict: str | None = None  # "ahead", "behind" or "within noise" at 95%
     freshness_median_s: float | None = None
     freshness_events: int = 0  # events whose freshness was measured
     never_trained: int = 0  # let go from the carry: never trained on, by rule
@@ -93,7 +96,7 @@ def report(
     fill_rows(rows, fates, registered_at(records), windows)
     with working("scoring each slice's champion and the static v1"):
         score_rows(rows, buffered, index, watch.models, watch.static, cfg.eval_cases)
-    console.print(table(rows))
+    Console(width=max(console.width, 160)).print(table(rows))  # 12 columns
     served = {"queries_ok": queries.ok, "queries_failed": queries.failed,
               "versions_served": sorted(queries.first_seen)}  # fmt: skip
     record = summary(rows, fates, first, ledger, watch.static_version, served, wall_s)
@@ -110,6 +113,13 @@ def report(
         f"rejected); freshness p50 {'-' if fresh is None else f'{fresh:.1f} s'}; "
         f"{record['never_trained']:,} events never trained, {record['pending']:,} pending"
     )
+    if record["compared_slices"]:
+        console.print(
+            f"NDCG@10 on the next slice: champion {record['updated_ndcg10_next']} against "
+            f"static v1 {record['static_ndcg10_next']}; ahead on {record['slices_ahead']} of "
+            f"{record['compared_slices']} slices; beyond the noise (95%): ahead on "
+            f"{record['slices_ahead_95']}, behind on {record['slices_behind_95']}"
+        )
     console.print(f"plot: {record['plot']}")
     return record
 
@@ -154,11 +164,13 @@ def score_rows(
     cases: int,
 ) -> None:
     """Test-then-train: each slice's champion and the static v1 on the slice's events, given
-    every event buffered before the slice."""
+    every event buffered before the slice; and the champion's lead, paired question by question
+    with its 95% verdict (a slice of a few hundred users makes NDCG@10 noisy, so a lead or a lag
+    smaller than about two standard errors says nothing)."""
     import pyarrow as pa
 
     from training.data import next_slice_holdout
-    from training.metrics import evaluate
+    from training.metrics import holdout_ranks, ndcg_hr, paired_gap
 
     for k, r in enumerate(rows):
         champion = models.get(r.champion) if r.champion is not None else None
@@ -166,11 +178,18 @@ def score_rows(
             continue
         before = buffered.filter(pa.array((index >= 0) & (index < r.start)))
         new = buffered.filter(pa.array((index >= r.start) & (index < r.end)))
-        scores: list[float | None] = []
-        for lv in (champion, static):
-            hold = next_slice_holdout(before, new, lv.vocab, lv.model.cfg.max_len, cases, seed=k)
-            scores.append(float(evaluate(lv.model, hold)["ndcg10"]) if len(hold) else None)
-        r.ndcg_champion, r.ndcg_static = scores
+        c_hold, s_hold = (
+            next_slice_holdout(before, new, lv.vocab, lv.model.cfg.max_len, cases, seed=k)
+            for lv in (champion, static)
+        )
+        if not len(c_hold) or not len(s_hold):
+            continue
+        c_ranks = holdout_ranks(champion.model, c_hold)
+        s_ranks = holdout_ranks(static.model, s_hold)
+        r.ndcg_champion, r.ndcg_static = float(ndcg_hr(c_ranks)[0]), float(ndcg_hr(s_ranks)[0])
+        gap = paired_gap(s_ranks, s_hold, c_ranks, c_hold)
+        if gap.questions and champion.version != static.version:  # v1 against itself: no lead
+            r.gap, r.gap_se, r.verdict = gap.mean, gap.se, gap.verdict()
 
 
 def ledger_of(records: list[dict[str, Any]]) -> Ledger:
@@ -261,6 +280,12 @@ def fill_rows(
         r.consolidation = sum(c for _, c in during)
 
 
+def _lead(r: Row) -> str:
+    if r.gap is None or r.gap_se is None:
+        return "-"
+    return f"{r.gap:+.4f} ±{1.96 * r.gap_se:.4f} {r.verdict}"
+
+
 def _f(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
@@ -268,7 +293,8 @@ def _f(x: float | None, fmt: str) -> str:
 def table(rows: list[Row]) -> Table:
     t = Table(title="streamtune demo: one row per slice of the replay")
     for col in ("slice (events)", "rounds", "promoted", "rejected", "consolidating", "champion",
-                "NDCG@10 champion", "NDCG@10 static v1", "freshness p50 s", "never trained",
+                "NDCG@10 champion", "NDCG@10 static v1", "lead (95%)", "freshness p50 s",
+                "never trained",
                 "pending"):  # fmt: skip
         t.add_column(col, justify="right")
     for r in rows:
@@ -276,7 +302,8 @@ def table(rows: list[Row]) -> Table:
             f"{r.start:,}-{r.end:,}", str(r.rounds), str(r.promoted), str(r.rejected),
             str(r.consolidation),
             "-" if r.champion is None else f"v{r.champion}", _f(r.ndcg_champion, ".4f"),
-            _f(r.ndcg_static, ".4f"), _f(r.freshness_median_s, ".1f"), f"{r.never_trained:,}",
+            _f(r.ndcg_static, ".4f"), _lead(r), _f(r.freshness_median_s, ".1f"),
+            f"{r.never_trained:,}",
             f"{r.pending:,}",
         )  # fmt: skip
     t.caption = (
@@ -284,6 +311,8 @@ def table(rows: list[Row]) -> Table:
         "consolidation rounds, a large replay sample for more epochs). NDCG@10: the champion at "
         "the moment the slice's first event was published, test-then-train on the slice's events "
         "(it cannot have trained on them), beside the first promoted version, never updated. "
+        "lead: champion - static v1 over the questions both were asked, +- 1.96 standard errors "
+        "(clustered by user), and whether that interval lies above 0, below it, or across it. "
         "freshness: event published -> first live /recommend answer by the version that first "
         "trained on it or a later promoted one. never trained: let go from the carry; pending: "
         "trained by no promoted version by the end."
@@ -320,6 +349,11 @@ def summary(
         "ahead_of_static_every_slice": bool(scored)
         and all((r.ndcg_champion or 0.0) > (r.ndcg_static or 0.0) for r in scored),
         "compared_slices": len(scored),
+        # The same slices read at 95% (paired, clustered by user): how many leads and lags are
+        # larger than the noise of a slice's questions.
+        "slices_ahead": sum((r.ndcg_champion or 0.0) > (r.ndcg_static or 0.0) for r in scored),
+        "slices_ahead_95": sum(r.verdict == "ahead" for r in scored),
+        "slices_behind_95": sum(r.verdict == "behind" for r in scored),
         "static_version": static_version,
         "rounds": len(ledger.rounds),
         "promoted": promoted,

@@ -66,6 +66,9 @@ class Holdout:
     targets: np.ndarray  # [Q]
     seen: list[set[int]]  # rows each user already interacted with (excluded from ranking)
     users: np.ndarray | None = None  # [Q] int: which user asked each question
+    # [Q] int: which event of its source each question asks about, so two models' questions on
+    # the same events can be paired (``metrics.paired_gap``); None where nothing pairs them.
+    asked: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -194,6 +197,9 @@ def next_slice_holdout(
     subsample of at most ``max_cases`` events bounds the cost. A target the model's ``vocab`` does
     not know gets row ``len(vocab)`` (past its table), which ``evaluate`` counts as a miss: a
     model cannot recommend an item it has never seen, and that is part of what staleness costs.
+    The subsample, ``users`` (numbered by first appearance in the slice) and ``asked`` (the
+    event's position in the slice) depend on the slice and the seed alone, not on ``vocab``, so
+    two models' holdouts of the same slice pair up question by question.
     """
     seqs = user_sequences(before, vocab)
     users = slice_.column("user_id").to_pylist()
@@ -201,18 +207,24 @@ def next_slice_holdout(
     rng = np.random.default_rng(seed)
     keep = np.zeros(len(users), dtype=bool)
     keep[rng.choice(len(users), min(max_cases, len(users)), replace=False)] = True
-    hist, tgt, seen = [], [], []
+    code: dict[str, int] = {}
+    hist, tgt, seen, who, asked = [], [], [], [], []
     for j, (u, i) in enumerate(zip(users, items, strict=True)):
         row = vocab.index(i)
         prior = seqs.setdefault(u, [])
+        user = code.setdefault(u, len(code))
         if keep[j] and prior:
             hist.append(left_pad(prior, max_len))
             tgt.append(len(vocab) if row is None else row)
             seen.append(set(prior))
+            who.append(user)
+            asked.append(j)
         if row is not None:
             prior.append(row)
     return Holdout(
         np.stack(hist) if hist else np.zeros((0, max_len), dtype=np.int64),
         np.asarray(tgt, dtype=np.int64),
         seen,
+        users=np.asarray(who, dtype=np.int64),
+        asked=np.asarray(asked, dtype=np.int64),
     )

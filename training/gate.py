@@ -21,7 +21,7 @@ import numpy as np
 
 from training.config import GateConfig
 from training.data import Holdout
-from training.metrics import RowScorer, holdout_ranks, popularity_ndcg
+from training.metrics import RowScorer, clustered_se, holdout_ranks, popularity_ndcg
 from training.ranking import ndcg_hr, question_ndcg
 
 
@@ -40,21 +40,6 @@ def paired_drop(champion: np.ndarray, candidate: np.ndarray, hold: Holdout) -> t
     together, so treating them as independent would understate it."""
     diff = question_ndcg(champion) - question_ndcg(candidate)
     return float(diff.mean()), clustered_se(diff, hold.users)
-
-
-def clustered_se(x: np.ndarray, groups: np.ndarray | None) -> float:
-    """Standard error of ``x.mean()`` when the values of a group are correlated (the sandwich
-    estimator with the small-sample factor G/(G-1)); with one value per group it is the usual
-    ``std(ddof=1) / sqrt(n)``."""
-    n = len(x)
-    if groups is None:
-        groups = np.arange(n)
-    _, g = np.unique(groups, return_inverse=True)
-    n_groups = int(g.max()) + 1 if n else 0
-    if n_groups < 2:
-        return 0.0
-    sums = np.bincount(g, weights=x - x.mean(), minlength=n_groups)  # [G]
-    return float(np.sqrt(n_groups / (n_groups - 1) * (sums**2).sum()) / n)
 
 
 def question_sets(new_hold: Holdout, replay_hold: Holdout) -> list[tuple[str, Holdout]]:

@@ -7,7 +7,8 @@ model's scores for a ``Holdout`` into it; the gate, ``streamtune eval`` and the 
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -22,10 +23,13 @@ from training.ranking import (
 )
 
 __all__ = [
+    "PairedGap",
     "RowScorer",
+    "clustered_se",
     "evaluate",
     "holdout_ranks",
     "ndcg_hr",
+    "paired_gap",
     "popularity_ndcg",
     "question_ndcg",
 ]
@@ -67,3 +71,53 @@ def evaluate(model: RowScorer, hold: Holdout, k: int = 10, batch: int = 512) -> 
 def popularity_ndcg(counts: np.ndarray, hold: Holdout, k: int = 10) -> float:
     """NDCG@k of ranking by popularity (counts per row), same rules as ``evaluate``."""
     return ndcg_hr(popularity_ranks(counts, hold.targets, hold.seen), k)[0]
+
+
+def clustered_se(x: np.ndarray, groups: np.ndarray | None) -> float:
+    """Standard error of ``x.mean()`` when the values of a group are correlated (the sandwich
+    estimator with the small-sample factor G/(G-1)); with one value per group it is the usual
+    ``std(ddof=1) / sqrt(n)``."""
+    n = len(x)
+    if groups is None:
+        groups = np.arange(n)
+    _, g = np.unique(groups, return_inverse=True)
+    n_groups = int(g.max()) + 1 if n else 0
+    if n_groups < 2:
+        return 0.0
+    sums = np.bincount(g, weights=x - x.mean(), minlength=n_groups)  # [G]
+    return float(np.sqrt(n_groups / (n_groups - 1) * (sums**2).sum()) / n)
+
+
+@dataclass(frozen=True)
+class PairedGap:
+    """Model b's mean NDCG@k minus model a's over the questions both were asked, with its
+    standard error clustered by user (a user's questions share a history, so they rise and fall
+    together)."""
+
+    mean: float
+    se: float
+    questions: int
+
+    def verdict(self, z: float = 1.96) -> Literal["ahead", "behind", "within noise"]:
+        """Where b stands against a at ``z`` standard errors (1.96: a two-sided 95% interval)."""
+        if self.mean - z * self.se > 0:
+            return "ahead"
+        if self.mean + z * self.se < 0:
+            return "behind"
+        return "within noise"
+
+
+def paired_gap(
+    ranks_a: np.ndarray, hold_a: Holdout, ranks_b: np.ndarray, hold_b: Holdout, k: int = 10
+) -> PairedGap:
+    """Pair two models' answers by the event each question asks about (``Holdout.asked``; each
+    holdout built by ``data.next_slice_holdout`` from the same slice and seed). Each model was
+    asked with its own vocabulary, so a question one of them could not be asked (none of the
+    user's earlier items known to it) is left out of the pair."""
+    if hold_a.asked is None or hold_b.asked is None or hold_b.users is None:
+        raise ValueError("paired_gap needs holdouts that say which event each question asks")
+    _, ia, ib = np.intersect1d(hold_a.asked, hold_b.asked, return_indices=True)
+    if len(ia) == 0:
+        return PairedGap(0.0, 0.0, 0)
+    diff = question_ndcg(ranks_b[ib], k) - question_ndcg(ranks_a[ia], k)
+    return PairedGap(float(diff.mean()), clustered_se(diff, hold_b.users[ib]), len(ia))

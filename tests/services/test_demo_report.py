@@ -124,7 +124,8 @@ def test_registered_at_turns_the_loops_monotonic_stamps_into_wall_time() -> None
 def test_summary_table_and_plot(tmp_path: Path) -> None:
     rows = [Row(10, 20, champion=1, ndcg_champion=0.12, ndcg_static=0.10, rounds=3, promoted=2,
                 rejected=1, freshness_median_s=4.0),
-            Row(20, 30, champion=3, ndcg_champion=0.11, ndcg_static=0.09, freshness_median_s=5.0),
+            Row(20, 30, champion=3, ndcg_champion=0.11, ndcg_static=0.09, freshness_median_s=5.0,
+                gap=0.02, gap_se=0.004, verdict="ahead"),
             Row(30, 40)]  # fmt: skip
     fresh: list[float | None] = [None] * 10 + [float(i % 7) for i in range(30)]
     fates = Fates(fresh, [False] * 40, [False] * 39 + [True])
@@ -135,6 +136,7 @@ def test_summary_table_and_plot(tmp_path: Path) -> None:
     # v1 as the champion of a slice is no comparison: the updated champion's slices only
     assert rec["updated_ndcg10_next"] == 0.11 and rec["static_ndcg10_next"] == 0.09
     assert rec["ahead_of_static_every_slice"] is True and rec["compared_slices"] == 1
+    assert (rec["slices_ahead"], rec["slices_ahead_95"], rec["slices_behind_95"]) == (1, 1, 0)
     both = summary(rows, fates, 10, ledger, None, served, 1.0)
     assert both["updated_ndcg10_next"] == 0.115 and both["static_ndcg10_next"] == 0.095
     assert rec["pending"] == 1 and rec["never_trained"] == 0
@@ -150,6 +152,7 @@ def test_summary_table_and_plot(tmp_path: Path) -> None:
     console.print(table(rows))
     text = console.export_text()
     assert "10-20" in text and "0.1200" in text and "v3" in text
+    assert "+0.0200 ±0.0078 ahead" in text  # the lead, 1.96 standard errors, its verdict
     assert plot(rows, tmp_path / "q.png").stat().st_size > 10_000
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from training.config import GateConfig
 from training.data import Holdout, round_examples
-from training.gate import clustered_se, gate
+from training.gate import gate
+from training.metrics import PairedGap, clustered_se, paired_gap
 
 
 def test_each_user_holds_out_the_last_n_new_events_but_at_most_half() -> None:
@@ -44,6 +46,27 @@ def test_clustered_se_is_the_plain_se_for_singletons_and_wider_for_repeats() -> 
     groups = np.repeat(np.arange(200), 3)
     assert np.isclose(clustered_se(tripled, groups), plain, rtol=1e-9)
     assert tripled.std(ddof=1) / np.sqrt(len(tripled)) < 0.6 * plain
+
+
+def test_paired_gap_pairs_questions_by_event_and_reads_the_noise() -> None:
+    def hold(asked: list[int], users: list[int]) -> Holdout:
+        n = len(asked)
+        return Holdout(np.zeros((n, 3), dtype=np.int64), np.zeros(n, dtype=np.int64), [set()] * n,
+                       np.asarray(users), np.asarray(asked))  # fmt: skip
+
+    # a was asked events 0-3, b events 1-4 (event 0 had no history b knew): events 1-3 pair up.
+    a, b = hold([0, 1, 2, 3], [0, 0, 1, 2]), hold([1, 2, 3, 4], [0, 1, 2, 2])
+    gap = paired_gap(np.array([5, 0, 20, 20]), a, np.array([0, 0, 0, 1]), b)
+    assert gap.questions == 3
+    # b - a per event: 1: both rank 0 (1.0 - 1.0); 2 and 3: b's rank 0 against a's 20 (a miss)
+    assert np.isclose(gap.mean, ((1.0 - 1.0) + (1.0 - 0.0) + (1.0 - 0.0)) / 3)
+    assert PairedGap(0.02, 0.005, 100).verdict() == "ahead"
+    assert PairedGap(-0.02, 0.005, 100).verdict() == "behind"
+    assert PairedGap(-0.002, 0.005, 100).verdict() == "within noise"
+    assert paired_gap(np.array([1]), hold([7], [0]), np.array([1]), hold([8], [0])).questions == 0
+    with pytest.raises(ValueError, match="which event"):
+        paired_gap(np.array([1]), Holdout(np.zeros((1, 3)), np.zeros(1), [set()]), np.array([1]),
+                   hold([0], [0]))  # fmt: skip
 
 
 def test_min_eval_users_counts_users_not_questions() -> None:

@@ -175,6 +175,13 @@ def test_next_slice_holdout_asks_each_event_given_everything_before() -> None:
     assert evaluate(model, hold)["n"] == 3  # the unknown target is scored as a miss, not an error
     capped = next_slice_holdout(before, new, vocab, max_len=4, max_cases=2, seed=0)
     assert len(capped) <= 2
+    # Which event each question asks and who asked it, by position in the slice: a model that
+    # knows fewer items is asked fewer questions, and the rest pair up with the first model's.
+    assert hold.asked is not None and hold.users is not None
+    assert hold.asked.tolist() == [0, 2, 3] and hold.users.tolist() == [0, 0, 1]
+    older = next_slice_holdout(before, new, ItemVocab(["c"]), max_len=4, max_cases=10, seed=0)
+    assert older.asked is not None and older.users is not None
+    assert older.asked.tolist() == [2] and older.users.tolist() == [0]  # u1 knew only c
 
 
 def test_heldout_questions_round_trip_through_a_reservoir(tmp_path: Path) -> None:
