@@ -56,6 +56,12 @@ def test_demo_watches_the_loops_rounds_into_serve_and_reports(
     ]
     assert any(r["ndcg_champion"] is not None for r in rows), "no slice had a champion to score"
     assert all(r["ndcg_static"] is not None for r in rows if r["ndcg_champion"] is not None)
+    # Each updated champion's lead over v1 is read at 95%; v1 against itself has no lead.
+    for r in rows:
+        updated = r["ndcg_champion"] is not None and r["champion"] != record["static_version"]
+        assert (r["verdict"] in ("ahead", "behind", "within noise")) == updated, r
+        assert (r["gap_se"] is not None and r["gap_se"] >= 0) == updated, r
+    assert record["slices_ahead_95"] + record["slices_behind_95"] <= record["compared_slices"]
     fresh = record["freshness_median_s"]
     assert isinstance(fresh, float) and math.isfinite(fresh) and fresh > 0, record
     assert record["freshness_p99_s"] >= fresh
@@ -65,7 +71,9 @@ def test_demo_watches_the_loops_rounds_into_serve_and_reports(
     assert live["mode"] == "guard" and live["clicks_sent"] > 0, live
     assert live["interleaved_answers"] > 0, live
     assert live["decisions"] or (live["running"] and live["running"]["impressions"] > 0), live
-    assert "NDCG@10 champion" in done.stdout and "curl -s -X POST" in done.stdout
+    assert "NDCG@10 champion" in done.stdout and "lead (95%)" in done.stdout
+    assert ("beyond the noise (95%)" in done.stdout) == bool(record["compared_slices"])
+    assert "curl -s -X POST" in done.stdout
 
 
 def test_demo_keeps_all_its_state_under_its_run_dir(tmp_path: Path) -> None:
