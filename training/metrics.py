@@ -23,6 +23,7 @@ from training.ranking import (
 )
 
 __all__ = [
+    "Z95",
     "PairedGap",
     "RowScorer",
     "clustered_se",
@@ -88,6 +89,9 @@ def clustered_se(x: np.ndarray, groups: np.ndarray | None) -> float:
     return float(np.sqrt(n_groups / (n_groups - 1) * (sums**2).sum()) / n)
 
 
+Z95 = 1.96  # standard errors either side of a mean for a two-sided 95% interval
+
+
 @dataclass(frozen=True)
 class PairedGap:
     """Model b's mean NDCG@k minus model a's over the questions both were asked, with its
@@ -98,8 +102,8 @@ class PairedGap:
     se: float
     questions: int
 
-    def verdict(self, z: float = 1.96) -> Literal["ahead", "behind", "within noise"]:
-        """Where b stands against a at ``z`` standard errors (1.96: a two-sided 95% interval)."""
+    def verdict(self, z: float = Z95) -> Literal["ahead", "behind", "within noise"]:
+        """Where b stands against a at ``z`` standard errors (``Z95``: a 95% interval)."""
         if self.mean - z * self.se > 0:
             return "ahead"
         if self.mean + z * self.se < 0:
