@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,16 +97,28 @@ def test_every_local_ray_gets_the_ingress_and_the_local_settings(
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
 
 
-def _listener(port: int) -> str:
-    """Name and command line of the process of this test's local Ray that listens on ``port``."""
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if any(c.laddr.port == port and c.status == psutil.CONN_LISTEN
-                   for c in p.net_connections("tcp")):  # fmt: skip
-                return " ".join([p.name(), *p.cmdline()[:1]])
-        except psutil.Error:
-            continue
-    return "nobody"
+def _listener(port: int, wait_s: float = 10.0) -> str:
+    """Name and command line of the process of this test's local Ray that listens on ``port``.
+
+    Looked up system-wide by socket and then checked for descent, retried for a few seconds:
+    HAProxy reloads its configuration by starting a new process that takes the socket over, and a
+    walk of the process tree taken mid-reload can see the old one gone and the new one not yet.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        ours = {p.pid for p in psutil.Process().children(recursive=True)}
+        for c in psutil.net_connections("tcp"):
+            listens = c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
+            if listens and c.pid in ours:
+                pid = c.pid
+                try:
+                    p = psutil.Process(pid)
+                    return " ".join([p.name(), *p.cmdline()[:1]])
+                except psutil.NoSuchProcess:
+                    pass  # it exited between the two reads; the next pass sees its successor
+        if time.monotonic() > deadline:
+            return "nobody"
+        time.sleep(0.2)
 
 
 @pytest.mark.integration
