@@ -79,7 +79,7 @@ def _run_up(s: Settings, address: str | None, no_serve: bool) -> ComponentFailed
     """`up` until a signal or a stop; then everything it started is stopped. Returns the
     component failure that ended it, if one did."""
     from services.cli_stream import ensure_broker
-    from services.runtime import Running, init_ray, start
+    from services.runtime import Running, start, start_broker_and_ray
     from services.signals import reinstall, stop_on_signals
     from services.stopping import shutdown
     from streams.broker import LocalBroker
@@ -93,11 +93,9 @@ def _run_up(s: Settings, address: str | None, no_serve: bool) -> ComponentFailed
             # A broker `up` starts, `up` stops; one that already runs stays up.
             if s.embedded_broker and not LocalBroker(s.broker).status().answering:
                 broker = LocalBroker(s.broker)
-            ensure_broker(s)
-            if not stop.is_set():
-                init_ray(address, s)
-                reinstall(stop, seen)
-            if not stop.is_set():
+            started = start_broker_and_ray(address, s, stop, lambda: ensure_broker(s))
+            reinstall(stop, seen)
+            if started:
                 running = start(s, serve_http=not no_serve, stop=stop)
                 running.serve_forever()
                 pid_file.parent.mkdir(parents=True, exist_ok=True)

@@ -155,7 +155,7 @@ def _demo(
 ) -> dict[str, Any] | None:
     from services.cli_stream import ensure_broker
     from services.demo_report import report
-    from services.runtime import init_ray, start
+    from services.runtime import start, start_broker_and_ray
     from streams.broker import LocalBroker
     from streams.datasets import DEFAULT_ML100K, movielens_100k
 
@@ -173,11 +173,8 @@ def _demo(
         # A broker the demo starts, the demo stops; one the user already runs stays up.
         if s.embedded_broker and not LocalBroker(s.broker).status().answering:
             st.broker = LocalBroker(s.broker)
-        ensure_broker(s)
-        if stop.is_set():
-            return None
-        init_ray(None, s)  # from this thread Ray leaves the main thread's signal handlers alone
-        if stop.is_set():
+        # From this thread Ray leaves the main thread's signal handlers alone.
+        if not start_broker_and_ray(None, s, stop, lambda: ensure_broker(s)):
             return None
         st.running = running = start(s, serve_http=True, stop=stop)
         st.setup_done.set()

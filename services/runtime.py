@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from services import descendants
@@ -36,7 +37,15 @@ from training.registry import Registry
 from training.round import RoundConfig
 
 # Running and Gauges live in modules of their own; tests and benchmarks reach them through here.
-__all__ = ["Gauges", "Running", "init_ray", "round_config", "start", "started_local_ray"]
+__all__ = [
+    "Gauges",
+    "Running",
+    "init_ray",
+    "round_config",
+    "start",
+    "start_broker_and_ray",
+    "started_local_ray",
+]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +101,36 @@ def init_ray(address: str | None, s: Settings, dashboard: bool = True) -> None:
         log_to_driver=False,
     )
     descendants.track()
+
+
+def start_broker_and_ray(
+    address: str | None, s: Settings, stop: threading.Event, broker: Callable[[], None]
+) -> bool:
+    """``broker()`` (start the broker and its topics) beside ``init_ray``, not before it.
+
+    Both start processes that mostly wait for themselves (a JVM, Ray's GCS and raylet), so side
+    by side they are ready sooner than one after the other. The broker's process is its own
+    session's leader, so the thread that starts it may end. Returns False if ``stop`` was set
+    meanwhile (nothing more should start); raises the broker's error after Ray's, if any.
+    """
+    failed: list[BaseException] = []
+
+    def start_broker() -> None:
+        try:
+            broker()
+        except BaseException as err:  # raised in the caller's thread below
+            failed.append(err)
+
+    t = threading.Thread(target=start_broker, name="broker-start", daemon=True)
+    t.start()
+    try:
+        if not stop.is_set():
+            init_ray(address, s)
+    finally:
+        t.join()  # a stop must see the broker started, to stop it
+    if failed:
+        raise failed[0]
+    return not stop.is_set()
 
 
 def _init_from_a_lasting_thread(**init: Any) -> None:

@@ -44,3 +44,51 @@ def test_ray_started_from_a_thread_outlives_that_thread(
         assert ray.get(watcher.remote(), timeout=60) == "0"
     finally:
         ray.shutdown()
+
+
+class _Started:
+    """``init_ray`` for the start-up's order alone: records that it ran and waits for the
+    broker's start to be under way, which only a start side by side lets happen."""
+
+    def __init__(self) -> None:
+        self.broker_started = threading.Event()
+        self.ray_ran = False
+
+    def init_ray(self, address: str | None, s: Settings) -> None:
+        assert self.broker_started.wait(10), "the broker starts only after Ray"
+        self.ray_ran = True
+
+    def broker(self) -> None:
+        self.broker_started.set()
+
+
+def test_broker_starts_beside_ray_and_its_error_comes_after_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services import runtime
+
+    s = Settings(state_dir=tmp_path / "state")
+
+    def started() -> _Started:
+        got = _Started()
+        monkeypatch.setattr(runtime, "init_ray", got.init_ray)
+        return got
+
+    got = started()
+    assert runtime.start_broker_and_ray(None, s, threading.Event(), got.broker)
+    assert got.ray_ran
+
+    def broken() -> None:
+        got.broker_started.set()
+        raise RuntimeError("no jars")
+
+    got = started()
+    with pytest.raises(RuntimeError, match="no jars"):
+        runtime.start_broker_and_ray(None, s, threading.Event(), broken)
+    assert got.ray_ran  # Ray's start was not cut short: the stop that follows stops both
+
+    stop = threading.Event()
+    stop.set()  # a signal before the start: the broker is still started (and joined), Ray not
+    got = started()
+    assert not runtime.start_broker_and_ray(None, s, stop, got.broker)
+    assert got.broker_started.is_set() and not got.ray_ran
