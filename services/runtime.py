@@ -16,6 +16,7 @@ import math
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from services import descendants
@@ -113,23 +114,12 @@ def start_broker_and_ray(
     session's leader, so the thread that starts it may end. Returns False if ``stop`` was set
     meanwhile (nothing more should start); raises the broker's error after Ray's, if any.
     """
-    failed: list[BaseException] = []
-
-    def start_broker() -> None:
-        try:
-            broker()
-        except BaseException as err:  # raised in the caller's thread below
-            failed.append(err)
-
-    t = threading.Thread(target=start_broker, name="broker-start", daemon=True)
-    t.start()
-    try:
+    # Leaving the pool waits for the broker's start: a stop must see the broker, to stop it.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker-start") as pool:
+        started = pool.submit(broker)
         if not stop.is_set():
             init_ray(address, s)
-    finally:
-        t.join()  # a stop must see the broker started, to stop it
-    if failed:
-        raise failed[0]
+        started.result()  # the broker's error, raised here
     return not stop.is_set()
 
 

@@ -110,9 +110,8 @@ def _listener(port: int, wait_s: float = 10.0) -> str:
         for c in psutil.net_connections("tcp"):
             listens = c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
             if listens and c.pid in ours:
-                pid = c.pid
                 try:
-                    p = psutil.Process(pid)
+                    p = psutil.Process(c.pid)
                     return " ".join([p.name(), *p.cmdline()[:1]])
                 except psutil.NoSuchProcess:
                     pass  # it exited between the two reads; the next pass sees its successor
