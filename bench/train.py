@@ -35,6 +35,7 @@ from streams.datasets import DEFAULT_ML100K, movielens_100k
 from training.config import ModelConfig, TrainerConfig
 from training.data import Examples, round_examples, user_sequences
 from training.model import Recommender
+from training.round_train import set_poll_interval
 from training.vocab import ItemVocab
 
 console = Console(stderr=True)
@@ -149,6 +150,7 @@ def run_engine(engine: str, ex: Examples, n_rows: int, tcfg: TrainerConfig) -> d
 
     use_gpu = ray.cluster_resources().get("GPU", 0) >= tcfg.num_workers
     data_ref = ray.put({"inputs": ex.inputs, "targets": ex.targets, "n_rows": n_rows})
+    set_poll_interval(tcfg)  # as the product's runs
     trainer = TorchTrainer(
         bench_loop,
         train_loop_config={

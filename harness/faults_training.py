@@ -94,7 +94,10 @@ class WorkerKiller:
 
     storage: Path
     seed: int = 0
-    delay_s: tuple[float, float] = (0.2, 2.0)  # a random moment after the registered checkpoint
+    # A random moment after the registered checkpoint, with epochs of the round still to train:
+    # the controller registers a checkpoint at its next poll (trainer.poll_s, 0.5 s), and a
+    # kill after the last epoch proves no resume (the restart trains nothing).
+    delay_s: tuple[float, float] = (0.1, 1.0)
     timeout_s: float = 480.0
     killed_pid: int | None = None
     killed_at: float | None = None
@@ -178,7 +181,7 @@ def _worker_kill_row(tmp: Path, quick: bool) -> dict[str, Any]:
     reg = Registry(tmp / "registry")
     storage = tmp / "ray"
     table = stream_table(2500 if quick else 5000, seed=4)
-    cfg = small_round(storage, epochs=4 if quick else 6, max_failures=2)
+    cfg = small_round(storage, epochs=10 if quick else 12, max_failures=2)  # ~0.5 s each
     killer = WorkerKiller(storage, seed=int(time.time()) if not quick else 0).start()
     error = None
     metrics: dict[str, float] = {}

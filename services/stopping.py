@@ -137,8 +137,9 @@ def _end_round(steps: _Steps, running: Running, started: list[Any]) -> None:
 def _close_training_session(steps: _Steps, running: Running, started: list[Any]) -> None:
     if running.loop.session is not None:
         # Its run's controller waits on Ray from a thread of this process, as a round does. A
-        # healthy run ends ~3 s after its feeder stops (Ray Train's 2 s health check); past
-        # SESSION_GRACE_S its controller (local Ray) is killed, as a round's is.
+        # healthy run ends ~1 s after its feeder stops (its controller's poll, trainer.poll_s),
+        # a round in flight finished first; past SESSION_GRACE_S its controller (local Ray) is
+        # killed, as a round's is.
         # Not cut short by the stop: Ray must not go down under it (its waits are bounded).
         limit = max(1.0, min(10.0, steps.remaining(8.0)))
         grace = 0.5 if local_ray_gone(started) else SESSION_GRACE_S  # it cannot end by itself

@@ -8,6 +8,7 @@ long-lived run of ``training.session``, which trains rounds on workers kept up b
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,16 @@ def scaling_config(cfg: RoundConfig) -> Any:
     )
 
 
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+def set_poll_interval(trainer: TrainerConfig) -> None:
+    """``trainer.poll_s`` for the next Ray Train run this process starts. Ray Train reads its
+    controller's poll interval from the environment of the process that calls ``fit()`` (which
+    passes it on to the controller, on whatever node that runs), and from nowhere else."""
+    os.environ[POLL_ENV] = repr(trainer.poll_s)
+
+
 def run_config(cfg: RoundConfig, name: str, max_failures: int) -> Any:
     """Ray Train's run settings: checkpoints under ``trainer.storage_path`` (a local path or an
     object-store URI every node reaches), the last one kept."""
@@ -154,6 +165,7 @@ def train(
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
     data, job_config = round_job(init, teacher, examples, cfg, cold)
+    set_poll_interval(cfg.trainer)
     default_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}"
     trainer = TorchTrainer(
         train_loop_per_worker,

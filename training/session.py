@@ -37,7 +37,7 @@ from training.errors import RoundFailedError
 from training.feeder import Outcome, RoundFeeder
 from training.model import Recommender
 from training.round_config import RoundConfig
-from training.round_train import round_job, run_config, scaling_config
+from training.round_train import round_job, run_config, scaling_config, set_poll_interval
 from training.worker import rounds_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ class TrainingSession:
         feeder = feeder_cls.remote()
         self._feeder, self._error = feeder, None
         self.run_name = f"session-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        set_poll_interval(cfg.trainer)
         trainer = TorchTrainer(
             rounds_loop_per_worker,
             train_loop_config={

@@ -96,7 +96,7 @@ def test_worker_killed_from_outside_resumes_from_checkpoint(tmp_path: Path) -> N
 def test_worker_death_without_retries_fails_cleanly(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "registry")
     table = synthetic_table(2500, seed=5)
-    cfg = small_round(tmp_path / "ray", epochs=4, max_failures=0)
+    cfg = small_round(tmp_path / "ray", epochs=8, max_failures=0)  # the kill lands mid-round
     killer = WorkerKiller(tmp_path / "ray", seed=1).start()
     try:
         with pytest.raises(RoundFailedError, match="training job failed"):
