@@ -74,7 +74,7 @@ def bench_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from training.fit import fit
-    from training.worker import deepspeed_config
+    from training.worker import deepspeed_config, skip_inference_kernel
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -87,6 +87,7 @@ def bench_loop(config: dict[str, Any]) -> None:
     first_step: list[float] = []
 
     if config["engine"] == "deepspeed":
+        skip_inference_kernel()  # as the product's workers
         optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr)
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(tcfg, on_gpu)

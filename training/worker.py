@@ -55,6 +55,24 @@ def deepspeed_config(tcfg: TrainerConfig, on_gpu: bool) -> dict[str, Any]:
     }
 
 
+SHM_KERNEL = "deepspeed_shm_comm"  # DeepSpeed's op name (``ShareMemCommBuilder.NAME``)
+
+
+def skip_inference_kernel() -> None:
+    """Keep DeepSpeed from building its shared-memory all-reduce kernel in this process.
+
+    DeepSpeed's CPU backend compiles it at a process's first ``deepspeed.initialize`` (33-53 s on
+    2 cores the first time per install, and again whenever another environment's build is the
+    one cached), yet only ``inference_all_reduce`` uses it: training's collectives go through
+    torch.distributed (gloo). DeepSpeed reads whether an op may be built from its table of
+    compatible ops, and keeps edits to it (``deepspeed.ops.__getattr__``).
+    """
+    import deepspeed.ops
+
+    ops: dict[str, bool] = deepspeed.ops.__compatible_ops__
+    ops[SHM_KERNEL] = False
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One round per Ray Train run (``training.round_train.train``); its data in ``config``."""
     import ray
@@ -160,6 +178,7 @@ def _take(
 
 
 def _setup(config: dict[str, Any]) -> None:
+    skip_inference_kernel()
     tcfg = TrainerConfig(**config["trainer_config"])
     if tcfg.nice:  # batch work: a request or an ingest poll waiting on this CPU goes first
         os.nice(tcfg.nice)
@@ -174,10 +193,10 @@ class _Cadence:
     A run per round checkpoints every epoch: its last checkpoint is its result. A long-lived run
     hands its result to the feeder, so a round's last epoch needs none, and an earlier one only
     once ``trainer.checkpoint_every_s`` of training has passed since the last checkpoint: Ray
-    Train's controller takes one report per worker every 2 s and a report waits while the one
-    before it is queued, so a checkpoint per small round cost every round up to 2 s, more than
-    training it again after a worker died. Every rank must agree (``ray.train.report`` is a
-    barrier), so the ranks take the longest of their clocks.
+    Train's controller takes one report per worker per poll (``trainer.poll_s``; Ray's own 2 s
+    then) and a report waits while the one before it is queued, so a checkpoint per small round
+    cost every round up to 2 s, more than training it again after a worker died. Every rank must
+    agree (``ray.train.report`` is a barrier), so the ranks take the longest of their clocks.
     """
 
     def __init__(self, every_epoch: bool) -> None:
