@@ -30,6 +30,7 @@ from services.settings import Settings
 from services.supervisor import Run, Supervisor
 from serving.config import ServingConfig
 from serving.context import start_context
+from serving.heap import freeze_startup
 from serving.ingress import choose_for_local_ray
 from serving.rollout import RolloutController
 from streams.buffer import EventBuffer
@@ -196,6 +197,9 @@ def start(
     if context is not None:
         sup.add("history", HistoryWatch(running).run)
     sup.add("gauges", Gauges(running).run)
+    # Everything started: what this process imported and built stays out of later full
+    # collections, which would stall ingest and rounds (serving.heap).
+    freeze_startup()
     return running
 
 

@@ -21,6 +21,7 @@ import ray
 
 from serving.config import ServingConfig
 from serving.errors import ServingError
+from serving.heap import freeze_startup
 from serving.history_shard import FEED_THREADS, HistoryShard
 from serving.shards import find_shard, shard_name, shard_of
 from serving.version_stats import (
@@ -74,6 +75,7 @@ class ServingContext:
         # Rollout announcements: a counter the replicas' followers wait on (see ``announce``).
         self._announced = threading.Condition()
         self.announcements = 0
+        freeze_startup()  # serving.heap
 
     # -- the shards -----------------------------------------------------------------------
     def _shard(self, i: int) -> Any:

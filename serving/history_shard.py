@@ -31,6 +31,7 @@ import ray
 
 from serving.clicks import ClickBook, Served
 from serving.config import ServingConfig
+from serving.heap import freeze_startup
 from serving.history_feed import ChangeLog, Changes, Read
 from serving.history_store import HistoryStore
 from serving.shards import shard_codes, shard_of
@@ -81,6 +82,7 @@ class HistoryShard:
             start, self.rebuilt_from = self._rebuild(EventBuffer(BufferConfig(**buffer)), registry)
         self.rebuild_s = time.monotonic() - t0
         give_back_memory()
+        freeze_startup()  # the shard's start-up heap, before it follows the stream (serving.heap)
         log.info("history shard %d/%d: %d users from %s in %.1f s", index, shards,
                  len(self.history), self.rebuilt_from, self.rebuild_s)  # fmt: skip
         self._stop = threading.Event()
