@@ -13,10 +13,15 @@ it to the interpreter's permanent generation (``gc.freeze``): later collections 
 created since. Frozen objects are still freed by reference counting when dropped; only garbage in
 a reference cycle among them would never be collected, which is why the start-up's own garbage is
 collected first.
+
+At exit they go back to the collector: extension modules that count their objects still alive at
+interpreter shutdown (nanobind's, in triton, which torch imports) would otherwise print every
+frozen one they own as leaked.
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
 
 
@@ -24,4 +29,6 @@ def freeze_startup() -> int:
     """Collect, then freeze every object tracked now; returns how many are frozen."""
     gc.collect()
     gc.freeze()
+    atexit.unregister(gc.unfreeze)  # once, however often a process calls this
+    atexit.register(gc.unfreeze)
     return gc.get_freeze_count()
