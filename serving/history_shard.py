@@ -81,8 +81,10 @@ class HistoryShard:
         if buffer is not None:
             start, self.rebuilt_from = self._rebuild(EventBuffer(BufferConfig(**buffer)), registry)
         self.rebuild_s = time.monotonic() - t0
-        give_back_memory()
+        # Freeze first: its full collection frees the rebuild's garbage, and the collection in
+        # give_back_memory then walks only what is younger than the freeze.
         freeze_startup()  # the shard's start-up heap, before it follows the stream (serving.heap)
+        give_back_memory()
         log.info("history shard %d/%d: %d users from %s in %.1f s", index, shards,
                  len(self.history), self.rebuilt_from, self.rebuild_s)  # fmt: skip
         self._stop = threading.Event()
