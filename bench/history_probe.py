@@ -1,11 +1,12 @@
 """The history path's probe for ``bench.freshness``: publish a click, then poll that user's
 /recommend until every replica answers with it.
 
-Three clocks per probe, all from the publish: when a consumer of the events topic in the
-probe's own process sees the click (``kafka``: the broker's share, the same kind of consumer the
-history shards run), when the first replica answers with it (``first``), and when every replica
-has (the probe's figure, ``new`` or ``earlier``). What lies between ``kafka`` and ``first`` is the
-shard and the replicas' caches; between ``first`` and every replica, the other replicas' feeds.
+Three clocks per probe, all from the publish: when a consumer of the events topic in a process
+of its own sees the click (``kafka``: the broker's share, the same kind of consumer the history
+shards run; ``bench.arrival_clock``), when the first replica answers with it (``first``), and
+when every replica has (the probe's figure, ``new`` or ``earlier``). What lies between ``kafka``
+and ``first`` is the shard and the replicas' caches; between ``first`` and every replica, the
+other replicas' feeds.
 
     python -m bench.history_probe [--probes N] [--rate R]
 
@@ -31,6 +32,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from bench.arrival_clock import ArrivalClock
 from services.settings import Settings
 from serving.heap import freeze_startup
 from serving.http_guard import REPLICA_HEADER
@@ -40,36 +42,6 @@ from streams.config import KafkaConfig, TopicsConfig
 from streams.datasets import DEFAULT_ML100K, movielens_100k
 from streams.events import Event, EventType
 from streams.producer import make_producer, replay
-from streams.tail import EventTail
-
-
-class ArrivalClock:
-    """A thread that notes when each probe click becomes readable from the topic."""
-
-    def __init__(self, kafka: KafkaConfig, topics: TopicsConfig) -> None:
-        self._tail = EventTail(kafka, topics, f"bench-probe-{uuid.uuid4().hex[:8]}", None)
-        self.seen: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for e in self._tail.poll(timeout_ms=100):
-                if e.event_id.endswith("-timed"):
-                    self.seen[e.event_id] = time.perf_counter()
-
-    def at(self, event_id: str, timeout: float = 1.0) -> float | None:
-        """When ``event_id`` was seen; waits up to ``timeout`` s for it (None: not seen)."""
-        deadline = time.perf_counter() + timeout
-        while event_id not in self.seen and time.perf_counter() < deadline:
-            time.sleep(0.005)
-        return self.seen.get(event_id)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._tail.close()
 
 
 def probe_history(
@@ -85,7 +57,7 @@ def probe_history(
     # what the benchmark's does, ~300 ms a collection) would be timed as the system's latency.
     freeze_startup()
     prod = warm_producer(kafka, topics.events)
-    arrivals = ArrivalClock(kafka, topics)
+    arrivals = ArrivalClock(kafka, topics, _group())
     out: dict[str, list[float]] = {"new": [], "earlier": [], "first": [], "kafka": []}
     with httpx.Client(timeout=5) as client:
         for i in range(n):
@@ -108,6 +80,10 @@ def probe_history(
     arrivals.close()
     prod.close()
     return out
+
+
+def _group() -> str:
+    return f"bench-probe-{uuid.uuid4().hex[:8]}"
 
 
 def warm_producer(kafka: KafkaConfig, topic: str) -> Any:
@@ -172,7 +148,8 @@ def kafka_only(probes: int, rate: float) -> dict[str, Any]:
             daemon=True,
         )  # fmt: skip
         stream.start()
-        prod, arrivals = warm_producer(s.kafka, s.topics.events), ArrivalClock(s.kafka, s.topics)
+        prod = warm_producer(s.kafka, s.topics.events)
+        arrivals = ArrivalClock(s.kafka, s.topics, _group())
         acked, readable = [], []
         for i in range(probes):
             user = f"probe-{time.time_ns()}-{i}"

@@ -291,13 +291,18 @@ class TuneConfig(StrictConfig):
         default=None,
         gt=0,
         description="CPU minutes the whole search may take, summed over its trials' processes "
-        "(the same work on a loaded machine as on an idle one); None = "
-        "cpu_minutes_per_100k_events scaled to the data, within the min and max below.",
+        "(the same work on a loaded machine as on an idle one); None = budget_trainings "
+        "trainings of the fixed recipe on the data, within the min and max below.",
     )
-    # On MovieLens-100K (100k events) one training of the fixed recipe takes ~41 s on 2 cores;
-    # 4 CPU minutes over 2 trials side by side is ~120 s of wall time on an idle machine.
-    cpu_minutes_per_100k_events: float = Field(
-        default=4.0, gt=0, description="The default budget per 100,000 training events."
+    # Scaled by what a training costs on the data, not by its events alone: an epoch over a
+    # 16k-item catalog costs ~10x one over MovieLens-100K's 1.7k items per event, and a budget
+    # per event gave such a search a quarter of one training (docs/design-tune.md).
+    budget_trainings: float = Field(
+        default=3.0,
+        gt=0,
+        description="The default budget, in trainings of the fixed recipe: max_epochs epochs each, "
+        "an epoch's CPU time (validation included) measured on a sample of the data at one "
+        "thread before the search starts.",
     )
     min_budget_cpu_minutes: float = Field(
         default=1.0, gt=0, description="The default budget never goes below this."
@@ -336,14 +341,18 @@ class TuneConfig(StrictConfig):
         description="Ray Tune's trial results and the winner's weights (a local folder).",
     )
 
-    def budget_cpu_s(self, events: int) -> float:
-        """CPU seconds of the search (all trials together) on ``events`` training events."""
+    def budget_cpu_s(self, epoch_cpu_s: float | None) -> float:
+        """CPU seconds of the search (all trials together), where one epoch of the fixed recipe
+        costs ``epoch_cpu_s`` (needed unless ``budget_cpu_minutes`` is set)."""
         minutes = self.budget_cpu_minutes
         if minutes is None:
-            scaled = self.cpu_minutes_per_100k_events * events / 100_000
+            if epoch_cpu_s is None:
+                raise ValueError("the default budget needs the cost of an epoch on the data")
+            scaled = self.budget_trainings * self.max_epochs * epoch_cpu_s / 60.0
             minutes = min(self.max_budget_cpu_minutes, max(self.min_budget_cpu_minutes, scaled))
         return 60.0 * minutes
 
-    def wall_limit_s(self, events: int) -> float:
-        """Wall-clock seconds after which the search ends whatever CPU time it has used."""
-        return self.wall_factor * self.budget_cpu_s(events) / self.cpus
+    def wall_limit_s(self, budget_cpu_s: float) -> float:
+        """Wall-clock seconds after which a search of ``budget_cpu_s`` ends whatever CPU time it
+        has used."""
+        return self.wall_factor * budget_cpu_s / self.cpus

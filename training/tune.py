@@ -24,7 +24,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from training.tune_space import Recipe, search_space
 from training.vocab import ItemVocab
 
 WEIGHTS = "model.safetensors"
+log = logging.getLogger(__name__)
 Report = Callable[[dict[str, float], dict[str, torch.Tensor] | None], None]
 
 
@@ -194,6 +195,33 @@ def load_winner(result: SearchResult) -> Recommender:
     return Recommender.from_file(Path(result.best.checkpoint) / WEIGHTS, result.model)
 
 
+def epoch_cpu_s(
+    data: SearchData, model_cfg: ModelConfig, trainer: TrainerConfig, sample: int = 4096
+) -> float:
+    """CPU seconds of one epoch of the fixed recipe on ``data`` at one thread (as a trial runs),
+    its validation included: one epoch over a seeded sample of ``sample`` examples and the same
+    share of the validation questions, scaled up to the whole."""
+    share = min(1.0, sample / len(data.examples))
+    rng = np.random.default_rng(0)
+    picked = np.sort(rng.choice(len(data.examples), max(1, round(share * len(data.examples))),
+                                replace=False))  # fmt: skip
+    questions = max(1, round(share * len(data.valid_histories)))
+    part = replace(data, examples=data.examples.take(picked),
+                   valid_histories=data.valid_histories[:questions],
+                   valid_targets=data.valid_targets[:questions])  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        c0 = time.process_time()
+        run_trial(Recipe.of(model_cfg, trainer), part, model_cfg, trainer, 1, 1)
+        spent = time.process_time() - c0
+    finally:
+        torch.set_num_threads(threads)
+    log.info("one epoch of the fixed recipe: ~%.1f CPU s (timed on %.1f%% of the data)",
+             spent / share, 100 * share)  # fmt: skip
+    return spent / share
+
+
 def _start_ray(cpus: int) -> bool:
     """A local Ray of ``cpus`` CPUs unless this process is already connected; True if started."""
     import ray
@@ -224,7 +252,8 @@ def search(
     if "num_negatives" in space:
         first["num_negatives"] = model_cfg.num_negatives
     trainer = trainer.model_copy(update={"seed": cfg.seed})
-    budget = cfg.budget_cpu_s(data.events)
+    epoch_s = epoch_cpu_s(data, model_cfg, trainer) if cfg.budget_cpu_minutes is None else None
+    budget = cfg.budget_cpu_s(epoch_s)
     name = name or time.strftime("search-%Y%m%d-%H%M%S")
     # Trials the budget never started have no results: Tune warns once per trial.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
@@ -250,7 +279,7 @@ def search(
                 ),
                 num_samples=cfg.max_trials,
                 max_concurrent_trials=cfg.cpus,
-                time_budget_s=cfg.wall_limit_s(data.events),
+                time_budget_s=cfg.wall_limit_s(budget),
                 reuse_actors=True,
             ),
             run_config=tune.RunConfig(

@@ -7,12 +7,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from tests.training.data_gen import synthetic_table
 from training.config import ModelConfig, TrainerConfig, TuneConfig
 from training.evaluation import Interactions, encode, leave_one_out
-from training.tune import SearchData, SearchError, load_winner, run_trial, search, trial_resources
+from training.tune import (
+    SearchData,
+    SearchError,
+    epoch_cpu_s,
+    load_winner,
+    run_trial,
+    search,
+    trial_resources,
+)
 from training.tune_space import Recipe, search_space
 
 MODEL = ModelConfig(max_len=20, text_init=False)
@@ -108,8 +117,8 @@ def test_budget_ends_the_search(inter: Interactions, ray_local: None, tmp_path: 
     # 0.2 CPU minutes (12 CPU s, 18 s of wall time at most) for 100 trials of up to 200 epochs.
     cfg = TuneConfig(max_trials=100, max_epochs=200, grace_epochs=200, patience=200,
                      budget_cpu_minutes=0.2, storage_path=tmp_path)  # fmt: skip
-    assert cfg.budget_cpu_s(data.events) == pytest.approx(12.0)
-    assert cfg.wall_limit_s(data.events) == pytest.approx(18.0)
+    assert cfg.budget_cpu_s(None) == pytest.approx(12.0)  # set: no epoch needs timing
+    assert cfg.wall_limit_s(cfg.budget_cpu_s(None)) == pytest.approx(18.0)
     try:
         result = search(data, MODEL, TRAINER, cfg, name="b")
     except SearchError:
@@ -120,13 +129,29 @@ def test_budget_ends_the_search(inter: Interactions, ray_local: None, tmp_path: 
     assert result.cpu_s < 12.0 + sum(t.cpu_s / max(t.epochs, 1) for t in result.trials) * 2
 
 
-def test_default_budget_scales_with_the_data() -> None:
+def test_default_budget_is_trainings_of_the_fixed_recipe() -> None:
     cfg = TuneConfig()
-    assert cfg.budget_cpu_s(100_000) == pytest.approx(240.0)  # 4 CPU minutes
-    assert cfg.wall_limit_s(100_000) == pytest.approx(360.0)  # 3 x 240 / 2 CPUs
-    assert cfg.budget_cpu_s(1_000_000) == pytest.approx(10 * cfg.budget_cpu_s(100_000))
-    assert cfg.budget_cpu_s(10) == pytest.approx(60.0)  # the 1 CPU minute floor
-    assert cfg.budget_cpu_s(10**9) == pytest.approx(3600.0)  # the 60 CPU minute cap
+    # 3 trainings of 40 epochs of 2 CPU s: 240 CPU s, 360 s of wall time at most on 2 CPUs
+    assert cfg.budget_cpu_s(2.0) == pytest.approx(3 * 40 * 2.0)
+    assert cfg.wall_limit_s(cfg.budget_cpu_s(2.0)) == pytest.approx(3 * 240 / 2)
+    assert cfg.budget_cpu_s(0.001) == pytest.approx(60.0)  # the 1 CPU minute floor
+    assert cfg.budget_cpu_s(1000.0) == pytest.approx(3600.0)  # the 60 CPU minute cap
+    with pytest.raises(ValueError, match="cost of an epoch"):
+        cfg.budget_cpu_s(None)
+
+
+def test_an_epoch_over_a_larger_catalog_is_timed_dearer(inter: Interactions) -> None:
+    """The default budget follows what training costs on the data: the same events over a
+    catalog ~13x as large cost more per epoch (the full softmax), where a budget per event
+    would not move."""
+    table = synthetic_table(3000, users=60)
+    split = [f"{item}-{n % 40}" for n, item in enumerate(table.column("item_id").to_pylist())]
+    big = encode(table.set_column(table.schema.get_field_index("item_id"), "item_id",
+                                  pa.array(split)))  # fmt: skip
+    assert big.n_items > 10 * inter.n_items and len(big.items) == len(inter.items)
+    cost_small = epoch_cpu_s(data_of(inter), MODEL, TRAINER)
+    cost_big = epoch_cpu_s(data_of(big), MODEL, TRAINER)
+    assert 0 < cost_small < cost_big
 
 
 def test_trials_go_where_the_rounds_train() -> None:
