@@ -18,7 +18,12 @@ from multiprocessing.synchronize import Event as StopEvent
 
 from streams.config import KafkaConfig, TopicsConfig
 
-TIMED = "-timed"  # the suffix of the event ids the clock notes
+TIMED = "timed"  # the tag of the clicks the clock notes: their event id is ``timed_id(user)``
+
+
+def timed_id(user: str) -> str:
+    """The event id of ``user``'s timed click (the probe tags its event ids ``{user}-{tag}``)."""
+    return f"{user}-{TIMED}"
 
 
 def _watch(kafka: KafkaConfig, topics: TopicsConfig, group: str, out: multiprocessing.Queue,
@@ -30,14 +35,14 @@ def _watch(kafka: KafkaConfig, topics: TopicsConfig, group: str, out: multiproce
     try:
         while not stop.is_set():
             for e in tail.poll(timeout_ms=100):
-                if e.event_id.endswith(TIMED):
+                if e.event_id.endswith(f"-{TIMED}"):
                     out.put((e.event_id, time.perf_counter()))
     finally:
         tail.close()
 
 
 class ArrivalClock:
-    """A child process that notes when each ``...-timed`` click becomes readable."""
+    """A child process that notes when each timed click (``timed_id``) becomes readable."""
 
     def __init__(self, kafka: KafkaConfig, topics: TopicsConfig, group: str) -> None:
         ctx = multiprocessing.get_context("spawn")

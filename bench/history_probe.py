@@ -32,7 +32,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from bench.arrival_clock import ArrivalClock
+from bench.arrival_clock import TIMED, ArrivalClock, timed_id
 from services.settings import Settings
 from serving.heap import freeze_startup
 from serving.http_guard import REPLICA_HEADER
@@ -68,12 +68,12 @@ def probe_history(
                 if _everywhere(client, url, user, 1, replicas) is None:
                     continue
             t0 = time.perf_counter()
-            _click(prod, topics.events, user, items[1], "timed")
+            _click(prod, topics.events, user, items[1], TIMED)
             done = _everywhere(client, url, user, 2 if kind == "earlier" else 1, replicas)
             if done is not None:
                 out[kind].append((done[1] - t0) * 1000)
                 out["first"].append((done[0] - t0) * 1000)
-                seen = arrivals.at(f"{user}-timed")
+                seen = arrivals.at(timed_id(user))
                 if seen is not None:
                     out["kafka"].append((seen - t0) * 1000)
             time.sleep(0.3)
@@ -154,9 +154,9 @@ def kafka_only(probes: int, rate: float) -> dict[str, Any]:
         for i in range(probes):
             user = f"probe-{time.time_ns()}-{i}"
             t0 = time.perf_counter()
-            _click(prod, s.topics.events, user, "1", "timed")  # returns once the broker acked
+            _click(prod, s.topics.events, user, "1", TIMED)  # returns once the broker acked
             t_ack = time.perf_counter()
-            seen = arrivals.at(f"{user}-timed", timeout=10)
+            seen = arrivals.at(timed_id(user), timeout=10)
             if seen is not None:
                 acked.append((t_ack - t0) * 1000)
                 readable.append((seen - t0) * 1000)
