@@ -50,6 +50,18 @@ log = logging.getLogger(__name__)
 Report = Callable[[dict[str, float], dict[str, torch.Tensor] | None], None]
 
 
+class _FrequentSnapshots(logging.Filter):
+    """Drops Tune's warning that it snapshots its state often: each trial's improving epoch is a
+    checkpoint, and with ``num_to_keep=1`` each forces a snapshot of a small local folder; on a
+    large data set it was most of a search's log. Tune's warning of a slow snapshot stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Experiment state snapshotting")
+
+
+logging.getLogger("ray.tune.execution.experiment_state").addFilter(_FrequentSnapshots())
+
+
 class SearchError(TrainingError):
     """The recipe search could not run or produced no scored trial."""
 

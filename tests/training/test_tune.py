@@ -183,3 +183,17 @@ def test_trials_score_a_seeded_sample_of_many_questions(inter: Interactions) -> 
     assert set(got) <= pairs and len(set(got)) == 20
     assert [h.tolist() for h in a.valid_histories] != [h.tolist() for h in c.valid_histories]
     assert a.examples is data.examples  # training examples are never sampled
+
+
+def test_tunes_frequent_snapshot_warning_is_dropped_and_the_slow_one_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    import training.tune  # noqa: F401  (installs the filter)
+
+    state = logging.getLogger("ray.tune.execution.experiment_state")
+    with caplog.at_level(logging.WARNING, logger=state.name):
+        state.warning("Experiment state snapshotting has been triggered multiple times ...")
+        state.warning("Saving the experiment state ... took ~6.00 seconds")
+    assert [r.getMessage()[:6] for r in caplog.records] == ["Saving"]
