@@ -335,15 +335,6 @@ class TuneConfig(StrictConfig):
         "(budget / cpus): on a machine busy with other work it gets its CPU time, but not "
         "forever.",
     )
-    # On 30,000 users x 20,000 items, scoring every user's question took ~40% of an epoch; the
-    # standard error of NDCG@10 over 10,000 questions is already ~0.003 (docs/design-tune.md).
-    valid_questions: int = Field(
-        default=10_000,
-        ge=100,
-        description="Validation questions each trial is scored on after every epoch, at most: a "
-        "seeded sample of the users' questions where there are more (each ranks the whole "
-        "catalog).",
-    )
     seed: int = Field(default=0, description="Seeds the sampled recipes and every trial's init.")
     storage_path: Path = Field(
         default=Path("state/tune"),

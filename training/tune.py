@@ -116,18 +116,6 @@ class SearchData:
                 ranks.append(rank_full(scores, self.valid_targets[s : s + batch], hists))
         return ndcg_hr(np.concatenate(ranks))[0]
 
-    def sampled(self, questions: int, seed: int) -> SearchData:
-        """At most ``questions`` validation questions, a seeded sample of them where there are
-        more: every trial ranks the whole catalog for each after every epoch, which on a large
-        data set costs as much as the epoch's training, while a sample of this size already
-        tells recipes apart."""
-        n = len(self.valid_histories)
-        if n <= questions:
-            return self
-        keep = np.sort(np.random.default_rng(seed).choice(n, questions, replace=False))
-        return replace(self, valid_histories=[self.valid_histories[i] for i in keep],
-                       valid_targets=self.valid_targets[keep])  # fmt: skip
-
 
 @dataclass(frozen=True)
 class TrialOutcome:
@@ -276,7 +264,6 @@ def search(
     if "num_negatives" in space:
         first["num_negatives"] = model_cfg.num_negatives
     trainer = trainer.model_copy(update={"seed": cfg.seed})
-    data = data.sampled(cfg.valid_questions, cfg.seed)
     epoch_s = epoch_cpu_s(data, model_cfg, trainer) if cfg.budget_cpu_minutes is None else None
     budget = cfg.budget_cpu_s(epoch_s)
     name = name or time.strftime("search-%Y%m%d-%H%M%S")
@@ -332,7 +319,7 @@ def search(
     m, t = recipe.apply(model_cfg, trainer)
     path = cfg.storage_path.resolve() / name
     return SearchResult(best, m, t, rows, budget, time.perf_counter() - t0, path,
-                        len(results) - len(rows), len(data.valid_histories))  # fmt: skip
+                        len(results) - len(rows))  # fmt: skip
 
 
 def search_events(

@@ -56,7 +56,6 @@ class SearchResult:
     seconds: float
     path: Path
     unstarted: int = 0
-    valid_questions: int = 0  # the validation questions every trial was scored on
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,7 +67,6 @@ class SearchResult:
             "cpu_s": round(self.cpu_s, 1),
             "seconds": round(self.seconds, 1),
             "unstarted_trials": self.unstarted,
-            "valid_questions": self.valid_questions,
         }
 
     @property
@@ -106,8 +104,7 @@ def search_table(result: SearchResult) -> Any:
     from rich.table import Table
 
     table = Table(title=f"Recipe search: {len(result.trials)} trials in {result.seconds:.0f} s, "
-                  f"{result.cpu_s:.0f} CPU s (budget {result.budget_cpu_s:.0f}), "
-                  f"{result.valid_questions} validation questions")  # fmt: skip
+                  f"{result.cpu_s:.0f} CPU s (budget {result.budget_cpu_s:.0f})")  # fmt: skip
     cols = ("trial", "width", "blocks", "heads", "dropout", "lr", "batch", "negatives",
             "valid NDCG@10", "best epoch", "epochs", "s", "CPU s")  # fmt: skip
     for col in cols:

@@ -167,24 +167,6 @@ def test_trials_go_where_the_rounds_train() -> None:
     assert worker_resources(TrainerConfig(), use_gpu=True) is None
 
 
-def test_trials_score_a_seeded_sample_of_many_questions(inter: Interactions) -> None:
-    """Above ``valid_questions`` a trial is scored on a seeded sample: the same one for every
-    trial of a search, distinct questions, in their order; fewer are all kept."""
-    data = data_of(inter)
-    n = len(data.valid_histories)
-    assert data.sampled(n, seed=0) is data
-    a, b, c = data.sampled(20, seed=0), data.sampled(20, seed=0), data.sampled(20, seed=1)
-    assert len(a.valid_histories) == len(a.valid_targets) == 20
-    assert np.array_equal(a.valid_targets, b.valid_targets)
-    pairs = {(tuple(h.tolist()), int(t)) for h, t in zip(data.valid_histories, data.valid_targets,
-                                                          strict=True)}  # fmt: skip
-    got = [(tuple(h.tolist()), int(t)) for h, t in zip(a.valid_histories, a.valid_targets,
-                                                        strict=True)]  # fmt: skip
-    assert set(got) <= pairs and len(set(got)) == 20
-    assert [h.tolist() for h in a.valid_histories] != [h.tolist() for h in c.valid_histories]
-    assert a.examples is data.examples  # training examples are never sampled
-
-
 def test_tunes_frequent_snapshot_warning_is_dropped_and_the_slow_one_kept(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
