@@ -18,12 +18,12 @@ from multiprocessing.synchronize import Event as StopEvent
 
 from streams.config import KafkaConfig, TopicsConfig
 
-TIMED = "timed"  # the tag of the clicks the clock notes: their event id is ``timed_id(user)``
+TIMED = "-timed"  # the suffix of the event ids the clock notes
 
 
 def timed_id(user: str) -> str:
-    """The event id of ``user``'s timed click (the probe tags its event ids ``{user}-{tag}``)."""
-    return f"{user}-{TIMED}"
+    """The event id of ``user``'s timed click, the one the clock notes."""
+    return f"{user}{TIMED}"
 
 
 def _watch(kafka: KafkaConfig, topics: TopicsConfig, group: str, out: multiprocessing.Queue,
@@ -35,7 +35,7 @@ def _watch(kafka: KafkaConfig, topics: TopicsConfig, group: str, out: multiproce
     try:
         while not stop.is_set():
             for e in tail.poll(timeout_ms=100):
-                if e.event_id.endswith(f"-{TIMED}"):
+                if e.event_id.endswith(TIMED):
                     out.put((e.event_id, time.perf_counter()))
     finally:
         tail.close()

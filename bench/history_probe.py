@@ -32,7 +32,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from bench.arrival_clock import TIMED, ArrivalClock, timed_id
+from bench.arrival_clock import ArrivalClock, timed_id
 from services.settings import Settings
 from serving.heap import freeze_startup
 from serving.http_guard import REPLICA_HEADER
@@ -64,11 +64,11 @@ def probe_history(
             user = f"probe-{time.time_ns()}-{i}"
             kind = "earlier" if i % 2 else "new"
             if kind == "earlier":  # its first click, untimed, everywhere before the timed one
-                _click(prod, topics.events, user, items[0], "first")
+                _click(prod, topics.events, user, items[0], f"{user}-first")
                 if _everywhere(client, url, user, 1, replicas) is None:
                     continue
             t0 = time.perf_counter()
-            _click(prod, topics.events, user, items[1], TIMED)
+            _click(prod, topics.events, user, items[1], timed_id(user))
             done = _everywhere(client, url, user, 2 if kind == "earlier" else 1, replicas)
             if done is not None:
                 out[kind].append((done[1] - t0) * 1000)
@@ -90,12 +90,13 @@ def warm_producer(kafka: KafkaConfig, topic: str) -> Any:
     """A producer that has sent once: its first send fetches the topic's metadata and an
     idempotent producer id (~150-180 ms here), which no probe should be timed with."""
     prod = make_producer(kafka)
-    _click(prod, topic, f"probe-warm-{time.time_ns()}", "1", "warm")
+    user = f"probe-warm-{time.time_ns()}"
+    _click(prod, topic, user, "1", f"{user}-warm")
     return prod
 
 
-def _click(prod: Any, topic: str, user: str, item: str, tag: str) -> None:
-    event = Event(event_id=f"{user}-{tag}", user_id=user, item_id=item,
+def _click(prod: Any, topic: str, user: str, item: str, event_id: str) -> None:
+    event = Event(event_id=event_id, user_id=user, item_id=item,
                   event_type=EventType.CLICK, value=1.0, ts=int(time.time() * 1000))  # fmt: skip
     prod.send(topic, key=event.key(), value=event.encode())
     prod.flush()
@@ -154,7 +155,8 @@ def kafka_only(probes: int, rate: float) -> dict[str, Any]:
         for i in range(probes):
             user = f"probe-{time.time_ns()}-{i}"
             t0 = time.perf_counter()
-            _click(prod, s.topics.events, user, "1", TIMED)  # returns once the broker acked
+            # returns once the broker acked
+            _click(prod, s.topics.events, user, "1", timed_id(user))
             t_ack = time.perf_counter()
             seen = arrivals.at(timed_id(user), timeout=10)
             if seen is not None:

@@ -59,7 +59,14 @@ class _FrequentSnapshots(logging.Filter):
         return not record.getMessage().startswith("Experiment state snapshotting")
 
 
-logging.getLogger("ray.tune.execution.experiment_state").addFilter(_FrequentSnapshots())
+_FREQUENT_SNAPSHOTS = _FrequentSnapshots()  # one instance: adding it again is a no-op
+
+
+def quiet_tune_logs() -> None:
+    """Tune's warnings that say nothing about a search here, out of its log."""
+    logging.getLogger("ray.tune.execution.experiment_state").addFilter(_FREQUENT_SNAPSHOTS)
+    # Trials the budget never started have no results: Tune warns once per trial.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
 
 class SearchError(TrainingError):
@@ -267,8 +274,7 @@ def search(
     epoch_s = epoch_cpu_s(data, model_cfg, trainer) if cfg.budget_cpu_minutes is None else None
     budget = cfg.budget_cpu_s(epoch_s)
     name = name or time.strftime("search-%Y%m%d-%H%M%S")
-    # Trials the budget never started have no results: Tune warns once per trial.
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    quiet_tune_logs()
     started = _start_ray(cfg.cpus)
     t0 = time.perf_counter()
     try:

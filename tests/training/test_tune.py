@@ -18,6 +18,7 @@ from training.tune import (
     SearchError,
     epoch_cpu_s,
     load_winner,
+    quiet_tune_logs,
     run_trial,
     search,
     trial_resources,
@@ -172,9 +173,10 @@ def test_tunes_frequent_snapshot_warning_is_dropped_and_the_slow_one_kept(
 ) -> None:
     import logging
 
-    import training.tune  # noqa: F401  (installs the filter)
-
+    quiet_tune_logs()
+    quiet_tune_logs()  # a second search adds nothing
     state = logging.getLogger("ray.tune.execution.experiment_state")
+    assert [type(f).__name__ for f in state.filters].count("_FrequentSnapshots") == 1
     with caplog.at_level(logging.WARNING, logger=state.name):
         state.warning("Experiment state snapshotting has been triggered multiple times ...")
         state.warning("Saving the experiment state ... took ~6.00 seconds")
