@@ -19,7 +19,8 @@ from training.config import GateConfig, ModelConfig, ReplayConfig, TrainerConfig
 from training.errors import RoundFailedError
 from training.gate import GateResult
 from training.registry import Registry
-from training.round import RoundConfig, run_round
+from training.round import RoundConfig, RoundResult, TrainFn, run_round
+from training.session import TrainingSession
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -42,10 +43,21 @@ def config(tmp: Path, **trainer: object) -> RoundConfig:
 
 
 def test_two_rounds_register_warm_start_and_grow(tmp_path: Path) -> None:
+    """Warm starts, a growing catalog and a rejected round, through the long-lived run that
+    ``up`` keeps (a run per round, the other way, is what the tests below exercise)."""
+    session = TrainingSession()
+    try:
+        results = rounds_through(session.train, tmp_path)
+    finally:
+        session.close()
+    assert len({r.metrics["train_pid"] for r in results}) == 1  # one run trained all four
+
+
+def rounds_through(trainer: TrainFn, tmp_path: Path) -> list[RoundResult]:
     reg = Registry(tmp_path / "registry")
     cfg = config(tmp_path, nice=10, epochs=1)  # the warm rounds' quality is not asserted
     first = synthetic_table(3000, seed=2)
-    r1 = run_round(first, first.slice(0, 0), watermark_of(first), reg, cfg)
+    r1 = run_round(first, first.slice(0, 0), watermark_of(first), reg, cfg, trainer=trainer)
     assert r1.version == 1 and r1.promoted, r1.reason
     loaded = reg.load(1)
     assert loaded.meta["watermark"] == watermark_of(first) == {"events:0": 3000}
@@ -56,7 +68,7 @@ def test_two_rounds_register_warm_start_and_grow(tmp_path: Path) -> None:
     assert loaded.model.n_rows == len(loaded.vocab)
 
     second = synthetic_table(2000, seed=2, start=3000)
-    r2 = run_round(second, first, watermark_of(second), reg, cfg)
+    r2 = run_round(second, first, watermark_of(second), reg, cfg, trainer=trainer)
     assert r2.version == 2 and r2.items_added > 0
     meta2 = reg.meta(2)
     assert meta2["parent"] == 1 and meta2["watermark"] == {"events:0": 5000}
@@ -74,14 +86,15 @@ def test_two_rounds_register_warm_start_and_grow(tmp_path: Path) -> None:
     third = synthetic_table(1500, seed=2, start=5000)
     with pytest.MonkeyPatch.context() as mp:  # a gate that rejects whatever it is shown
         mp.setattr(round_module, "gate", lambda *a, **k: GateResult(False, "rejected", {}))
-        r3 = run_round(third, second, {"events:0": 6500}, reg, cfg)
+        r3 = run_round(third, second, {"events:0": 6500}, reg, cfg, trainer=trainer)
     assert not r3.promoted and reg.champion() == champion
     fourth = synthetic_table(1500, seed=2, start=6500)
-    r4 = run_round(fourth, third, {"events:0": 8000}, reg, cfg)
+    r4 = run_round(fourth, third, {"events:0": 8000}, reg, cfg, trainer=trainer)
     v3, v4 = reg.load(3), reg.load(4)
     assert v4.vocab.items()[: v3.vocab.n_items] == v3.vocab.items()
     assert v4.model.n_rows == len(v4.vocab) and v4.meta["parent"] == champion
     assert r4.version == 4
+    return [r1, r2, r3, r4]
 
 
 def test_worker_killed_from_outside_resumes_from_checkpoint(tmp_path: Path) -> None:
