@@ -17,6 +17,8 @@ app = typer.Typer(
     help="Continual-learning recommendations from a live Kafka event stream.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    # Help text is reflowed to the terminal (docstrings wrap at 100 columns in the source).
+    rich_markup_mode="markdown",
 )
 
 

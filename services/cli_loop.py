@@ -57,7 +57,8 @@ def _up(settings_of: SettingsOf) -> Command:
         """Start broker (embedded), Ray, ingest, history, the loop and Serve; Ctrl-C stops.
 
         Components run supervised (restarted with backoff when they die); one that keeps dying
-        ends `up` with exit status 1, naming it. Ctrl-C or SIGTERM stops everything `up` started.
+        ends `streamtune up` with exit status 1, naming it. Ctrl-C or SIGTERM stops everything it
+        started.
         """
         failure = _run_up(_up_settings(settings_of(ctx), address), address, no_serve)
         if failure is not None:
@@ -121,7 +122,8 @@ def _run_up(s: Settings, address: str | None, no_serve: bool) -> ComponentFailed
 
 def _down(settings_of: SettingsOf) -> Command:
     def down(ctx: typer.Context) -> None:
-        """Stop what `up` started: the loop process (gracefully) and the embedded broker."""
+        """Stop what `streamtune up` started: the loop process (gracefully) and the embedded
+        broker."""
         from streams.broker import LocalBroker
 
         s = settings_of(ctx)
@@ -259,7 +261,8 @@ def live_lines(state: RolloutState, cfg: RolloutConfig) -> list[str]:
 
 def _rollout_promote(settings_of: SettingsOf) -> Command:
     def rollout_promote(ctx: typer.Context, version: int) -> None:
-        """Make VERSION the champion; a running `up` rolls Serve to it within a second."""
+        """Make VERSION the champion; a running `streamtune up` rolls Serve to it within a
+        second."""
 
         reg = settings_of(ctx).open_registry()
         reg.set_champion(version, "manual promote", decision="manual-promote")
@@ -270,7 +273,7 @@ def _rollout_promote(settings_of: SettingsOf) -> Command:
 
 def _rollout_rollback(settings_of: SettingsOf) -> Command:
     def rollout_rollback(ctx: typer.Context) -> None:
-        """Point the champion back at its parent; a running `up` rolls Serve back."""
+        """Point the champion back at its parent; a running `streamtune up` rolls Serve back."""
 
         reg = settings_of(ctx).open_registry()
         champ = reg.champion()

@@ -93,8 +93,10 @@ def _register_tune(app: typer.Typer, settings_of: SettingsOf) -> None:
             typer.Option(min=0.1, help="CPU minutes for the search (default: tune's setting)."),
         ] = None,
     ) -> None:
-        """Search the first version's recipe (size, schedule) with Ray Tune; print and save the
-        table of trials. Runs its own local Ray (tune.cpus CPUs), beside any running `up`."""
+        """Search the first version's recipe (size, schedule) with Ray Tune.
+
+        Prints and saves the table of trials. Runs its own local Ray (tune.cpus CPUs), beside
+        any running `streamtune up`."""
         from streams.buffer import EventBuffer
         from training.evaluation import load_table
         from training.tune import SearchError, search_events

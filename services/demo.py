@@ -61,8 +61,8 @@ class DemoConfig(StrictConfig):
     live: Literal["off", "guard", "canary"] = Field(
         default="guard",
         description="rollout.live for this run: the demo shows live trials (guard: each new "
-        "champion's lineage interleaved with a baseline minutes older), which `up` runs only "
-        "when its settings ask for them.",
+        "champion's lineage interleaved with a baseline minutes older), which `streamtune up` "
+        "runs only when its settings ask for them.",
     )
     clicks: ClickModel = Field(
         default_factory=ClickModel,
