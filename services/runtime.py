@@ -33,6 +33,7 @@ from serving.context import start_context
 from serving.heap import freeze_startup
 from serving.ingress import choose_for_local_ray
 from serving.rollout import RolloutController
+from serving.streak import Streak
 from streams.buffer import EventBuffer
 from streams.ingest import Ingestor
 from training.registry import Registry
@@ -171,6 +172,9 @@ def start(
     registry = s.open_registry()
     context, controller, control = _start_serving(s, serve_http, registry, metrics)
 
+    nudges = Streak(log, "nudging the rollout after a promotion")
+    round_metrics = Streak(log, "updating a round's metrics")
+
     def record(result: Any, rec: dict[str, Any]) -> None:
         try:
             if result.promoted:  # roll it out now, not at the controller's next poll
@@ -178,13 +182,17 @@ def start(
                     controller.nudge()
                 elif control is not None:  # a rollout actor of an older release has no nudge:
                     control.nudge.remote()  # it still finds the version at its next poll
-        except Exception:
-            log.debug("rollout nudge failed", exc_info=True)
+        except Exception as err:
+            nudges.failed(err, "the rollout finds the version at its next poll")
+        else:
+            nudges.ok()
         try:
             metrics.on_round(result, rec["seconds"], registry.champion(), rec.get("phases"))
             metrics.gauge("never_trained", float(loop.never_trained()))
-        except Exception:
-            log.debug("metrics update failed", exc_info=True)
+        except Exception as err:
+            round_metrics.failed(err, "the dashboards miss those rounds")
+        else:
+            round_metrics.ok()
         if on_round is not None:
             on_round(result, rec)
 
@@ -227,6 +235,8 @@ def _start_serving(
 def _controller(
     registry: Registry, s: Settings, context: Any, metrics: StreamMetrics
 ) -> RolloutController:
+    updates = Streak(log, "updating the rollout metrics")
+
     def on_event(event: Any) -> None:
         try:
             metrics.on_rollout(event)
@@ -234,18 +244,24 @@ def _controller(
             metrics.freshness(meta.get("data_max_ts"))
             if event.kind == "rollout":
                 metrics.on_live(meta.get("spans", []), event.at)
-        except Exception:
-            log.debug("metrics update failed", exc_info=True)
+        except Exception as err:
+            updates.failed(err, "the dashboards miss those rollout events")
+        else:
+            updates.ok()
 
     return RolloutController(registry, s.serving, s.rollout, context, on_event=on_event)
 
 
 def _new_ingestor(s: Settings, buffer: EventBuffer, metrics: StreamMetrics) -> Ingestor:
+    updates = Streak(log, "updating the ingest metrics")
+
     def on_flush(seg: Any, stats: Any) -> None:
         try:
             metrics.on_flush(seg, stats, member=ingestor.member)
-        except Exception:  # metrics must never stop ingest
-            log.debug("metrics update failed", exc_info=True)
+        except Exception as err:  # metrics must never stop ingest
+            updates.failed(err, "ingest goes on; the dashboards miss those segments")
+        else:
+            updates.ok()
 
     ingestor = Ingestor(s.kafka, s.topics, s.ingest, buffer, on_flush=on_flush)
     return ingestor

@@ -103,8 +103,9 @@ class Supervisor:
             if self.on_restart is not None:
                 try:
                     self.on_restart(name, err)
-                except Exception:  # reporting must never stop supervision
-                    log.debug("restart report failed", exc_info=True)
+                except Exception as e:  # reporting must never stop supervision
+                    log.warning("counting %s's restart failed (%s: %s); the dashboards miss it",
+                                name, type(e).__name__, e)  # fmt: skip
 
     def join(self, timeout: float) -> list[str]:
         """Wait up to ``timeout`` s in all for the threads to end; returns those still running."""

@@ -7,6 +7,7 @@ process, or in a wrapper script for the `up` subprocess), or the history actor k
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -60,6 +61,34 @@ def test_a_crashed_component_is_restarted_with_backoff_and_counted() -> None:
     assert sup.errors["flaky"] == ["RuntimeError: crash 1", "RuntimeError: crash 2"]
     sup.stop.set()
     assert sup.join(5) == []
+
+
+def test_a_failing_restart_report_is_logged_and_supervision_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls: list[int] = []
+
+    def flaky(stop: threading.Event) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("crash")
+        stop.wait()
+
+    def report(name: str, err: BaseException) -> None:
+        raise ValueError("metrics away")
+
+    sup = Supervisor(FAST, on_restart=report)
+    with caplog.at_level(logging.WARNING, logger="services.supervisor"):
+        sup.add("flaky", flaky)
+        deadline = time.time() + 10
+        while len(calls) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        sup.stop.set()
+        assert sup.join(5) == []
+    assert len(calls) == 2 and sup.restarts["flaky"] == 1  # restarted although the report failed
+    said = [r.getMessage() for r in caplog.records if "counting" in r.getMessage()]
+    assert said == ["counting flaky's restart failed (ValueError: metrics away); the dashboards "
+                    "miss it"], caplog.text  # fmt: skip
 
 
 def test_too_many_restarts_stop_everything_and_name_the_component() -> None:
