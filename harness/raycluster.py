@@ -1,9 +1,9 @@
 """A real multi-node Ray cluster on one machine: a head and worker nodes from `ray start`.
 
-Each node is its own `ray start --block` process group with its own resources, temp dir and
-ports, so killing one (SIGKILL to its group: raylet, object store, its workers) is a lost node as
-Ray sees it. Used by the cluster test and ``bench.cluster``; nothing here is a fake of Ray.
-Every node, driver and probe binds and announces 127.0.0.1 (``harness.loopback``).
+Each node is its own `ray start --block` process with its own resources, temp dir and ports, so
+killing one (SIGKILL to every process under it: raylet, object store, its workers and theirs) is
+a lost node as Ray sees it. Used by the cluster test and ``bench.cluster``; nothing here is a
+fake of Ray. Every node, driver and probe binds and announces 127.0.0.1 (``harness.loopback``).
 
 Topology (what the README's "scaling out" section describes): the head carries the control
 resource and no CPUs for training, the workers carry ``streamtune_train`` (training) and
@@ -12,6 +12,7 @@ resource and no CPUs for training, the workers carry ``streamtune_train`` (train
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+import psutil
 import yaml
 
 from harness import loopback
@@ -174,13 +176,28 @@ class LocalCluster:
                 raise RuntimeError(f"serve deploy failed:\n{done.stdout}{done.stderr}")
             time.sleep(2.0)
 
-    def kill(self, node: Node) -> None:
-        """SIGKILL the node's whole process group: as abrupt as a machine going away.
+    def kill(self, node: Node) -> list[str]:
+        """SIGKILL every process of the node: as abrupt as a machine going away. Returns the
+        names of the processes under its ``ray start`` that it ended.
 
+        Its process group is not all of it: Ray gives each worker a group of its own, and a
+        worker's children (Serve's HAProxy) would outlive the node, still bound to its ports.
         The node leaves ``nodes`` (a node that dies on its own stays, and fails later waits)."""
+        tree = _tree(node)
+        names = []
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                names.append(p.name())
         os.killpg(node.proc.pid, signal.SIGKILL)
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
         node.proc.wait()
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        if alive:
+            raise RuntimeError(f"node {node.name}: {alive} outlived SIGKILL")
         self.nodes.remove(node)
+        return names
 
     def _wait_nodes(self, n: int, timeout_s: float = 180.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -208,6 +225,8 @@ class LocalCluster:
             return 0
 
     def stop(self) -> None:
+        """Stop every node; then whatever of theirs outlived them (``kill`` says why some do)."""
+        trees = [p for node in self.nodes for p in _tree(node)]
         for node in reversed(self.nodes):
             if node.alive:
                 os.killpg(node.proc.pid, signal.SIGTERM)
@@ -217,6 +236,11 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(node.proc.pid, signal.SIGKILL)
                 node.proc.wait()
+        _, left = psutil.wait_procs(trees, timeout=10)
+        for p in left:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(left, timeout=10)
 
     def __enter__(self) -> LocalCluster:
         return self
@@ -225,6 +249,14 @@ class LocalCluster:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _tree(node: Node) -> list[psutil.Process]:
+    """Every live process under the node's ``ray start`` process, however grouped."""
+    try:
+        return psutil.Process(node.proc.pid).children(recursive=True)
+    except psutil.Error:  # gone already
+        return []
 
 
 # Counted in a child process: this process may not be connected to the cluster (yet).

@@ -161,7 +161,9 @@ def test_cluster_rounds_on_workers_state_on_s3_a_separate_serve_app_and_a_lost_n
                 victim = _pick_victim(workers, runner, moved_on)
                 killed_id = victim.node_id()
                 task_lost = killed_id in _round_task_nodes()  # the round's task went with it
-                cluster.kill(victim)
+                ended = cluster.kill(victim)
+                print(f"node-kill ended: {sorted(set(ended))}")
+                assert "raylet" in ended  # the node's processes, not only its `ray start`
                 runner.join(timeout=900)
                 assert not runner.is_alive(), "the round did not finish after the node was lost"
                 dead = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
