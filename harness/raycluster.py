@@ -32,6 +32,7 @@ import yaml
 
 from harness import loopback
 from harness.s3server import S3Server
+from services.descendants import reap
 from serving.config import ServingConfig
 from serving.ingress import node_env
 from streams.broker import ephemeral_range, free_port
@@ -236,11 +237,7 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(node.proc.pid, signal.SIGKILL)
                 node.proc.wait()
-        _, left = psutil.wait_procs(trees, timeout=10)
-        for p in left:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(left, timeout=10)
+        reap(trees, time.monotonic() + 10)
 
     def __enter__(self) -> LocalCluster:
         return self
