@@ -5,10 +5,11 @@ sequential test (``training.sequential``).
 **Interleaving.** An impression: a request drawn uniformly with replacement from the replayed
 requests, both versions' top-k for it (ranked once, ``bench.live_models``), team-draft
 interleaved, clicked by the click model, credited, and fed to the test after every impression.
-Team draft with two full top-k lists draws exactly ``ceil(k/2)`` coins, so each request has
-``2 ** ceil(k/2)`` equally likely answers; ``interleave_all`` runs ``team_draft`` once for each
-(request, coin pattern), and a trial draws the pattern uniformly, which is the same distribution
-as drawing the coins per impression at a fraction of the cost.
+Team draft with two full top-k lists draws at most ``ceil(k/2)`` coins (none in a round of a
+shared pick), so each request has at most ``2 ** ceil(k/2)`` distinct answers; ``interleave_all``
+runs ``team_draft`` once for each (request, coin pattern), and a trial draws the pattern
+uniformly, which is the same distribution as drawing the coins per impression (bits a draft does
+not use are ignored) at a fraction of the cost.
 
 **A/B.** The same requests and click model, each request answered by one version alone: a 50/50
 split done as matched pairs, two requests drawn independently, one answered by a and the other by

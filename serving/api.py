@@ -63,7 +63,8 @@ class ScoredItem(BaseModel):
     score: float = Field(description="The score of the version that ranked this item.")
     version: int | None = Field(
         default=None,
-        description="Interleaved answers only: the version that contributed this item.",
+        description="Interleaved answers only: the version that contributed this item; none "
+        "where both versions picked it (its clicks credit neither).",
     )
 
 

@@ -46,7 +46,7 @@ class Served:
 
     Not interleaved: ``version`` ranked every item. Interleaved (``trial`` set): ``teams[i]``
     ("a" or "b") says which of ``version`` (team a) and ``other`` (team b) contributed
-    ``items[i]``.
+    ``items[i]``; "=" that both did (a shared pick).
     """
 
     items: list[str]
@@ -55,10 +55,13 @@ class Served:
     teams: str = ""
     other: str | None = None
 
-    def version_at(self, pos: int) -> str:
-        if self.teams and self.teams[pos] == "b" and self.other is not None:
-            return self.other
-        return self.version
+    def versions_at(self, pos: int) -> tuple[str, ...]:
+        """The versions that showed ``items[pos]``: both for a shared pick, which each would
+        have shown there."""
+        team = self.teams[pos] if self.teams else "a"
+        if self.other is None or team == "a":
+            return (self.version,)
+        return (self.other,) if team == "b" else (self.version, self.other)
 
 
 @dataclass(eq=False)
@@ -103,7 +106,8 @@ class ClickBook:
             if answer.trial is not None:
                 self.unsettled.append(imp)
             for pos in range(len(answer.items)):
-                self._stats(answer.version_at(pos)).add_served(1, at=now)
+                for version in answer.versions_at(pos):
+                    self._stats(version).add_served(1, at=now)
             for item, _ in self.early.pop(user, []):  # clicks that came before this report
                 self._credit(imp, item)
         if now - self._forgot_at > FORGET_EVERY_S:
@@ -135,7 +139,8 @@ class ClickBook:
         if item not in imp.unclicked:
             return
         pos = imp.served.items.index(item)
-        self._stats(imp.served.version_at(pos)).add_click(served_at=imp.at)
+        for version in imp.served.versions_at(pos):
+            self._stats(version).add_click(served_at=imp.at)
         imp.unclicked.discard(item)  # one click per served item
         if not imp.settled:
             imp.clicked.add(pos)
@@ -154,7 +159,9 @@ class ClickBook:
                 self.trials.popitem(last=False)
         tally[WON_AT[outcome]] += 1
         for pos in imp.clicked:
-            tally[CLICKS_AT[imp.served.teams[pos]]] += 1
+            team = imp.served.teams[pos]
+            if team in CLICKS_AT:  # a shared pick's click credits neither version
+                tally[CLICKS_AT[team]] += 1
 
     def trial_counts(self, trial: str, now: float) -> list[int]:
         """``TALLY`` of ``trial``'s impressions settled so far; first settles the ones served

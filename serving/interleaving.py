@@ -12,6 +12,13 @@ better positions equally often, so under equal rankers neither version is favour
 bias. The coins come from a caller-given ``random.Random`` so serving can seed it per request and
 benchmarks can replay it.
 
+Shared picks: when, in a round, both versions' best unshown item is the same, it is shown once,
+as team "=" (both), with no coin drawn, and a click on it credits neither. Which version the coin
+would have named is pure chance there, so crediting it adds a coin flip's noise to the outcome and
+nothing about which version ranks better; the clicks that decide come from the positions where
+the two rankings differ. Two equal rankings give an answer of shared picks only: every impression
+a tie, never a decision.
+
 Pure Python (no numpy, torch or Ray): serving calls it once per interleaved request. Rankings are
 the caller's, best first, with seen items already excluded; items are anything hashable (catalog
 codes in benchmarks, item ids in serving). If one ranking runs out, the other fills the rest.
@@ -30,7 +37,8 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
-Team = Literal["a", "b"]
+Team = Literal["a", "b", "="]  # "=": both versions' pick in the same round (a shared pick)
+SHARED: Team = "="
 Outcome = Literal["a", "b", "tie"]
 Item = TypeVar("Item", bound=Hashable)
 
@@ -82,18 +90,27 @@ def team_draft(
 ) -> Interleaved[Item]:
     """Interleave two rankings (best first) into at most ``k`` positions by team draft.
 
-    Each round draws one coin (``rng.random() < 0.5``: "a" picks first); a version whose ranking
-    is exhausted skips its turn, so the other fills. Fewer than ``k`` items come back only when
-    the two rankings together hold fewer distinct items.
+    Each round draws one coin (``rng.random() < 0.5``: "a" picks first), unless both versions'
+    best unshown item is the same: then that item is a shared pick ("=") and no coin is drawn. A
+    version whose ranking is exhausted skips its turn, so the other fills. Fewer than ``k`` items
+    come back only when the two rankings together hold fewer distinct items.
     """
     if k < 0:
         raise ValueError(f"k={k}: ask for zero or more positions")
     items: list[Item] = []
     teams: list[Team] = []
     shown: set[Item] = set()
-    rankings: dict[Team, Sequence[Item]] = {"a": ranking_a, "b": ranking_b}
-    cursor: dict[Team, int] = {"a": 0, "b": 0}
+    rankings = {"a": ranking_a, "b": ranking_b}
+    cursor = {"a": 0, "b": 0}
     while len(items) < k:
+        for team in cursor:
+            cursor[team] = _next_unshown(rankings[team], cursor[team], shown)
+        at_a, at_b = cursor["a"], cursor["b"]
+        if at_a < len(ranking_a) and at_b < len(ranking_b) and ranking_a[at_a] == ranking_b[at_b]:
+            items.append(ranking_a[at_a])
+            teams.append(SHARED)
+            shown.add(ranking_a[at_a])
+            continue
         order: tuple[Team, Team] = ("a", "b") if rng.random() < 0.5 else ("b", "a")
         picked = False
         for team in order:
@@ -116,8 +133,9 @@ def team_draft(
 
 def credit(teams: Sequence[Team], clicked_positions: Iterable[int]) -> Credit:
     """Credit each clicked position (0-based; repeats count once) to the team that contributed
-    it; the team with more clicked items wins the impression (team-draft's rule)."""
-    wins = {"a": 0, "b": 0}
+    it, a shared pick to neither; the team with more clicked items wins the impression
+    (team-draft's rule)."""
+    wins = {"a": 0, "b": 0, SHARED: 0}
     for pos in set(clicked_positions):
         if not 0 <= pos < len(teams):
             raise ValueError(f"clicked position {pos} outside the answer's {len(teams)} positions")

@@ -49,11 +49,13 @@ def interleave(
     """The interleaved answer and what the click side must know of it."""
     a, b = (mine, other) if mine.m.version == trial.a else (other, mine)
     by_a, by_b = ranked(a, k, diversity, tag=True), ranked(b, k, diversity, tag=True)
-    items_a = {it.item_id: it for it in by_a}
-    items_b = {it.item_id: it for it in by_b}
+    picks = {"a": {it.item_id: it for it in by_a}, "b": {it.item_id: it for it in by_b}}
     merged = team_draft([it.item_id for it in by_a], [it.item_id for it in by_b], k, rng)
+    # a shared pick names no version: both put it there, and its clicks credit neither
     answer = [
-        (items_a if team == "a" else items_b)[item]
+        picks[team][item]
+        if team in picks
+        else picks["a"][item].model_copy(update={"version": None})
         for item, team in zip(merged.items, merged.teams, strict=True)
     ]
     served = Served(

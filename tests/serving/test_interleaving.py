@@ -52,18 +52,50 @@ def test_first_pick_is_a_fair_coin() -> None:
     assert abs(firsts - n / 2) < 5 * (n / 4) ** 0.5
 
 
-def test_identical_rankings_share_positions_evenly() -> None:
+def test_disjoint_rankings_share_positions_evenly() -> None:
     rng = random.Random(3)
-    ranking = list(range(20))
+    a, b = list(range(10)), list(range(10, 20))
     counts = {"a": [0] * 10, "b": [0] * 10}
     n = 4000
     for _ in range(n):
-        out = team_draft(ranking, ranking, 10, rng)
-        assert list(out.items) == ranking[:10]  # equal rankings interleave to the same list
+        out = team_draft(a, b, 10, rng)
         for i, t in enumerate(out.teams):
             counts[t][i] += 1
     for i in range(10):
         assert abs(counts["a"][i] - n / 2) < 5 * (n / 4) ** 0.5
+
+
+class _CountingCoin(random.Random):
+    """ "a" picks first every round; counts the coins drawn."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.drawn = 0
+
+    def random(self) -> float:
+        self.drawn += 1
+        return 0.0
+
+
+def test_identical_rankings_are_shared_picks_only_and_never_decide() -> None:
+    ranking = list(range(20))
+    coin = _CountingCoin()
+    out = team_draft(ranking, ranking, 10, coin)
+    assert list(out.items) == ranking[:10]
+    assert out.teams == ("=",) * 10
+    assert coin.drawn == 0
+    assert credit(out.teams, range(10)).outcome == "tie"  # whatever is clicked
+
+
+def test_a_shared_pick_draws_no_coin_and_credits_neither() -> None:
+    coin = _CountingCoin()
+    out = team_draft([1, 2, 3, 9], [1, 4, 3, 8], 6, coin)
+    # round 1: both pick 1 (shared); round 2: 2 and 4 by the coin; round 3: both pick 3 (shared)
+    assert out.items == (1, 2, 4, 3, 9, 8)
+    assert out.teams == ("=", "a", "b", "=", "a", "b")
+    assert coin.drawn == 2
+    assert credit(out.teams, [0, 3]) == Credit(0, 0)
+    assert credit(out.teams, [0, 2, 3]).outcome == "b"
 
 
 def test_exhausted_ranking_is_filled_by_the_other() -> None:
@@ -76,12 +108,8 @@ def test_exhausted_ranking_is_filled_by_the_other() -> None:
 
 
 def test_overlapping_items_go_to_the_team_that_picks_them_first() -> None:
-    class AFirst(random.Random):
-        def random(self) -> float:
-            return 0.0  # "a" picks first every round
-
-    out = team_draft([1, 2, 3], [1, 4, 5], 4, AFirst())
-    assert out.items == (1, 4, 2, 5)
+    out = team_draft([1, 2, 3], [2, 4, 5], 4, _CountingCoin())
+    assert out.items == (1, 2, 3, 4)  # b's best, 2, is a's second: b picked it first
     assert out.teams == ("a", "b", "a", "b")
 
 

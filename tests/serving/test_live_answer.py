@@ -74,6 +74,17 @@ def test_interleaved_answer_keeps_k_exclusion_and_each_versions_own_order(
         assert positions == sorted(positions)
     counts = {t: served.teams.count(t) for t in "ab"}
     assert abs(counts["a"] - counts["b"]) <= 1  # team draft keeps the teams even
+    shared = [it for it, t in zip(answer, served.teams, strict=True) if t == "="]
+    assert all(it.version is None for it in shared)
+
+
+def test_two_versions_that_rank_alike_answer_with_shared_picks_only() -> None:
+    a, b = _version(3, 0), _version(5, 0)  # the same weights, two versions
+    got_a, got_b = _scored(a, ITEMS[:6], 10), _scored(b, ITEMS[:6], 10)
+    answer, served = interleave(TRIAL, got_a, got_b, 10, 0.0, random.Random(7))
+    assert served.teams == "=" * 10
+    assert [it.item_id for it in answer] == [it.item_id for it in ranked(got_a, 10, 0.0)]
+    assert all(it.version is None for it in answer)
 
 
 def test_the_plain_answer_names_no_version_per_item() -> None:
@@ -103,6 +114,17 @@ def test_an_impression_settles_once_into_team_drafts_outcome() -> None:
     assert book.trial_counts("t1", now=SETTLE_S + 1) == [1, 1, 1, 2, 2]
     assert book.trial_counts("t1", now=SETTLE_S + 2) == [1, 1, 1, 2, 2]  # counted once
     assert book.trial_counts("other", now=SETTLE_S + 2) == [0, 0, 0, 0, 0]
+
+
+def test_a_click_on_a_shared_pick_credits_neither_version() -> None:
+    book = ClickBook()
+    book.record_served({"u": _interleaved("xyz", "=ab"), "v": _interleaved("xyz", "=ab")}, now=0)
+    book.on_event("u", "x", "click", now=1.0)  # shared: a tie, no credited click
+    book.on_event("v", "x", "click", now=1.0)
+    book.on_event("v", "z", "click", now=1.0)  # b's
+    assert book.trial_counts("t1", now=SETTLE_S + 1) == [0, 1, 1, 0, 1]
+    # both versions showed x: it counts in both click-throughs (3 items and 2 clicks each)
+    assert book.totals(["3", "5"]) == {"3": (4, 2), "5": (4, 3)}
 
 
 def test_plain_answers_never_count_in_a_trial() -> None:

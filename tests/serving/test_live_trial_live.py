@@ -7,6 +7,7 @@ every decisive impression: canary discards b, guard rolls back to the baseline a
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from typing import Any
@@ -18,7 +19,7 @@ from serving.rollout import RolloutController
 from streams.events import Event, EventType
 from streams.producer import replay
 from tests.serving.conftest import LOOSE, Live, drive
-from tests.serving.test_serving_live import add_version
+from tests.serving.test_serving_live import ITEMS, add_version
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -27,10 +28,13 @@ USERS = 40
 
 
 def _answers(live: Live, users: list[str]) -> dict[str, dict[str, Any]]:
+    """Each user's answer over a history of its own: with none, both versions would answer by
+    popularity alike, every pick shared and no impression decisive."""
     out = {}
     with httpx.Client(timeout=10) as c:
         for u in users:
-            r = c.post(f"{live.url}/recommend", json={"user_id": u, "k": 6})
+            history = random.Random(u).sample(ITEMS, 3)
+            r = c.post(f"{live.url}/recommend", json={"user_id": u, "history": history, "k": 6})
             assert r.status_code == 200, r.text
             out[u] = r.json()
     return out
@@ -67,7 +71,8 @@ def _play(live: Live, ctl: RolloutController, trial: str, a: int) -> None:
     users = [f"{tag}-{i}" for i in range(USERS)]
     first = _answers(live, users)
     assert all(ans["trial"] == trial for ans in first.values())
-    assert all(it["version"] in (a, ctl.trial.b if ctl.trial else None)
+    # an item names the version that contributed it, none where both picked it (shared)
+    assert all(it["version"] in (a, ctl.trial.b if ctl.trial else None, None)
                for ans in first.values() for it in ans["items"])  # fmt: skip
     time.sleep(1.0)  # replicas report what they served every 0.5 s
     assert _click_team_a(live, first, a) == USERS
