@@ -61,17 +61,12 @@ demo: install kafka-jars
 
 # The whole suite: unit tests, then integration tests against a real Kafka
 # broker, a local Ray instance and Ray Serve. Nothing is skipped.
-# TEST_WORKERS pytest processes (pytest-xdist) share the modules, each module whole
-# in one of them (--dist loadfile): a module's Ray session and Serve stack are its
-# own fixtures. Most of an integration test's time is a component starting or a
-# fault being waited out, so two workers overlap that even on 2 cores.
 # The multi-node cluster test gets a fresh Python process: its driver joins a
 # `ray start` cluster, which a Ray session started earlier in the same process
 # would stand in the way of.
-TEST_WORKERS ?= 2
 ISOLATED    := tests/services/test_cluster.py
 test: install kafka-jars s3-server schema-registry prometheus lint typecheck
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) $(addprefix --ignore=,$(ISOLATED))
+	$(BIN)/python -m pytest $(PYTEST_ARGS) $(addprefix --ignore=,$(ISOLATED))
 	@for t in $(ISOLATED); do $(BIN)/python -m pytest $(PYTEST_ARGS) $$t || exit 1; done
 
 test-fast: install
