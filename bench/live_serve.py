@@ -51,6 +51,7 @@ from bench.live import PAIRS, LiveBenchConfig, Pair, build_models
 from bench.live import run_pair as offline_pair
 from bench.live_models import Catalog, Replay, replay_of, score
 from bench.serving_load import load
+from harness.sigterm import exit_on_sigterm
 from serving.config import RolloutConfig, ServingConfig
 from serving.rollout import RolloutController
 from streams.admin import ensure_topics
@@ -140,6 +141,7 @@ def stack(test: Any) -> Iterator[Stack]:
     cfg = ServingConfig(replicas=2, port=free_port(), settle_s=SETTLE_S)
     local_ray_environ(cfg)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    exit_on_sigterm()  # Ray's handler would end us with no clean-up
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
         ctx = start_context(kafka, topics, None, cfg)
@@ -149,6 +151,7 @@ def stack(test: Any) -> Iterator[Stack]:
         yield Stack(reg, ctl, f"http://127.0.0.1:{cfg.port}", kafka, topics.events)
         ctl.close(timeout_s=60.0)
     finally:
+        serve.shutdown()  # its proxies stop their HAProxy; ray.shutdown alone can orphan it
         ray.shutdown()
         broker.down()
 

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from harness.rounds import small_round
+from harness.sigterm import exit_on_sigterm
 from services.config import LoopConfig
 from services.loop import ContinualLoop
 from streams.buffer import EventBuffer
@@ -171,6 +172,7 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    exit_on_sigterm()  # Ray's handler would end us with no clean-up
     server = None
     rows = []
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.round_cost import append
+from harness.sigterm import exit_on_sigterm
 from streams.buffer import EventBuffer
 from streams.config import BufferConfig
 from training.config import TrainerConfig
@@ -47,6 +48,7 @@ def catalog_row(items: int, events: int, seed: int, row_wise: bool = True) -> di
 
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-scale-catalog-{items}-"))
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    exit_on_sigterm()  # Ray's handler would end us with no clean-up
     try:
         trainer = TrainerConfig(storage_path=tmp / "ray", row_wise_table=row_wise)
         cfg = RoundConfig(trainer=trainer)

@@ -13,6 +13,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from harness.sigterm import exit_on_sigterm
 from streams.buffer import EventBuffer
 from streams.config import BufferConfig
 from streams.events import ARROW_SCHEMA
@@ -172,6 +173,7 @@ def _serve_and_measure(tmp: Path, bcfg: BufferConfig, registry: Any, users: int,
         cfg = ServingConfig(port=free_port(), history_shards=shards)
         local_ray_environ(cfg)
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        exit_on_sigterm()  # Ray's handler would end us with no clean-up
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
             t0 = time.monotonic()
@@ -204,6 +206,7 @@ def _serve_and_measure(tmp: Path, bcfg: BufferConfig, registry: Any, users: int,
                 "errors": lat[1]["errors"] + lat[8]["errors"],
             }
         finally:
+            serve.shutdown()  # its proxies stop their HAProxy
             ray.shutdown()
     finally:
         broker.down()

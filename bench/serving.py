@@ -41,6 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.serving_load import Loader, load, merge
+from harness.sigterm import exit_on_sigterm
 from serving.config import RolloutConfig, ServingConfig
 from streams.admin import ensure_topics
 from streams.broker import LocalBroker, free_port
@@ -176,6 +177,7 @@ def _session(
     cfg = cfg.model_copy(update={"port": free_port()})
     local_ray_environ(cfg)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    exit_on_sigterm()  # Ray's handler would end us with no clean-up
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
         ctx = start_context(kafka, topics, None, cfg)
@@ -188,7 +190,8 @@ def _session(
         _wait_history(ctx, users)
         yield f"http://127.0.0.1:{cfg.port}", ctl, topics.events
     finally:
-        ray.shutdown()  # takes Serve down with it (a local Ray)
+        serve.shutdown()  # its proxies stop their HAProxy; ray.shutdown alone can orphan it
+        ray.shutdown()
 
 
 def _counters(ctx: Any) -> dict[str, int]:

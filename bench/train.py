@@ -31,6 +31,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from harness.sigterm import exit_on_sigterm
 from streams.datasets import DEFAULT_ML100K, movielens_100k
 from training.config import ModelConfig, TrainerConfig
 from training.data import Examples, round_examples, user_sequences
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray
 
     ray.init(num_cpus=max(a.workers, 2), include_dashboard=False, log_to_driver=False)
+    exit_on_sigterm()  # Ray's handler would end us with no clean-up
     ex, n_rows = examples()
     if a.quick:
         ex = Examples(ex.inputs[: len(ex) // 3], ex.targets[: len(ex) // 3])

@@ -34,6 +34,7 @@ from rich.table import Table
 
 from bench.quality_common import log, mean_std
 from harness.prequential import StreamConfig, ndcg_on
+from harness.sigterm import exit_on_sigterm
 from harness.strategies import item_titles, train_from_scratch, train_selected
 from streams.events import Event, EventType, RowBatch
 from training.config import TuneConfig
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
 
     t = time.perf_counter()
     ray.init(address="local", num_cpus=tcfg.cpus, include_dashboard=False, log_to_driver=False)
+    exit_on_sigterm()  # Ray's handler would end us with no clean-up
     ray_start_s = time.perf_counter() - t
     console = Console(width=150)
     try:
